@@ -1,0 +1,1 @@
+"""Triton GPU kernels (installed as ``mlpot.kernels``); each has a torch reference in mlpot.o3."""

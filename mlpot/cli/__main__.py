@@ -1,0 +1,5 @@
+import sys
+
+from mlpot.cli.main import main
+
+sys.exit(main())

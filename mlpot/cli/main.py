@@ -1,0 +1,75 @@
+"""`mlpot` command line: one sub-command per module in :mod:`mlpot.cli`.
+
+Each sub-command module defines ``add_arguments(parser)`` and ``run(args) -> int``.
+Modules are imported lazily so that ``mlpot --help`` stays fast and a broken optional
+dependency of one command never breaks the others.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("mlpot.cli.train", "train a potential from a YAML config"),
+    "eval": ("mlpot.cli.evaluate", "evaluate a model file on a dataset (MAE/RMSE per config_type)"),
+    "relax": ("mlpot.cli.relax", "relax structures (positions and optionally the cell)"),
+    "md": ("mlpot.cli.md", "run molecular dynamics (NVE, NVT, NPT) with ASE integrators"),
+    "bench": ("mlpot.cli.bench", "benchmarks: kernels, model, neighbors"),
+    "import-mace": ("mlpot.cli.import_mace", "convert an exported mace-torch model into an mlpot model file"),
+    "export-lammps": ("mlpot.cli.export_lammps", "write a model for LAMMPS `pair_style mliap unified`"),
+    "data": ("mlpot.cli.data", "dataset tools: statistics, conversion to the lazy on-disk format"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mlpot",
+        description="mlpot: E(3)-equivariant machine-learning interatomic potentials.",
+    )
+    from mlpot import __version__
+
+    parser.add_argument("--version", action="version", version=f"mlpot {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.set_defaults(_module=module)
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+            p.set_defaults(_missing=True)
+            continue
+        mod.add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 0
+    if getattr(args, "_missing", False):
+        print(f"mlpot {args.command}: not available in this build", file=sys.stderr)
+        return 2
+    mod = importlib.import_module(args._module)
+    try:
+        return int(mod.run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # user-facing errors: one clear line, no torch traceback
+        from mlpot.errors import is_user_error
+
+        if args.debug or not is_user_error(exc):
+            raise
+        print(f"mlpot {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
