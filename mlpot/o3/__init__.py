@@ -3,5 +3,32 @@
 Each helper module exports its public names here (one block per module).
 """
 # -- spherical harmonics, Wigner-D, edge frames, SO(2) (spherical_harmonics.py, wigner.py, so2.py)
+from mlpot.o3.spherical_harmonics import SphericalHarmonics, sh_dim, spherical_harmonics  # noqa: F401
+from mlpot.o3.wigner import (  # noqa: F401
+    angles_to_matrix,
+    edge_rotation,
+    wigner_D,
+    wigner_D_blocks,
+    wigner_D_list,
+)
+from mlpot.o3.so2 import (  # noqa: F401
+    SO2Convolution,
+    SO2MessageTP,
+    SO2Plan,
+    cg_message_reference,
+    mul_ir_to_sph_channels,
+    so2_conv,
+    so2_weights_from_cg,
+    sph_channels_to_mul_ir,
+)
 # -- Gaunt products (gaunt.py)
+from mlpot.o3.s2grid import S2Grid, TorusFourierGrid  # noqa: E402,F401
+from mlpot.o3.gaunt import (  # noqa: E402,F401
+    GauntMessageTP,
+    GauntProductBasis,
+    GauntTensorProduct,
+    gaunt_paths,
+    gaunt_product,
+    weighted_gaunt_product,
+)
 # -- channelwise CG tensor product, symmetric contraction (tensor_product.py, symmetric_contraction.py)

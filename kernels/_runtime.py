@@ -1,0 +1,126 @@
+"""Launch helpers shared by the kernels.
+
+Triton decides at decoration time whether a ``@triton.jit`` function runs compiled (GPU) or on its
+CPU interpreter (``TRITON_INTERPRET=1``). :class:`LazyKernel` delays the decoration to the first
+launch, so importing ``mlpot.kernels`` before the environment variable is set (by a test module, in
+any process order) still gives interpreter kernels later. On a GPU it wraps the kernel in
+``triton.autotune`` over the given configs; under the interpreter it launches the first config only
+(autotuning there would only burn CPU time).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def interpret_mode() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _interpreted_stdlib() -> None:
+    """Make triton.language's own ``@jit`` helpers (``tl.sum``, ``tl.zeros``, ...) interpretable.
+
+    They are decorated when ``triton.language`` is first imported; if that happened before
+    ``TRITON_INTERPRET=1`` was set (e.g. a library imported triton first), they are compiled-mode
+    ``JITFunction`` objects that the interpreter refuses to call. Rebind them, once, to interpreted
+    wrappers of the same Python functions. Only done when kernels run on the interpreter.
+    """
+    import triton.language as tl_
+    import triton.language.standard as std
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    mods = [tl_, std, tl_.core]
+    if not any(isinstance(v, JITFunction) for m in mods for v in vars(m).values()):
+        return
+    wrapped: dict[int, object] = {}
+    for mod in mods:
+        for name, val in list(vars(mod).items()):
+            if isinstance(val, JITFunction):
+                if id(val) not in wrapped:
+                    wrapped[id(val)] = InterpretedFunction(val.fn)
+                setattr(mod, name, wrapped[id(val)])
+
+
+class LazyKernel:
+    """``LazyKernel(fn, configs, key)[grid](*args)``: a jit-on-first-use Triton kernel.
+
+    ``configs`` is a list of ``(meta: dict, num_warps, num_stages)``; ``meta`` holds the constexpr
+    block sizes chosen by autotuning. ``grid`` may be a callable of ``meta``.
+    """
+
+    def __init__(self, fn, configs=None, key=()):
+        self.fn = fn
+        self.configs = configs or [({}, 4, 2)]
+        self.key = list(key)
+        self._built: dict[bool, object] = {}
+
+    def _build(self, interp: bool):
+        import triton
+
+        if interp:
+            _interpreted_stdlib()
+        if interp not in self._built:
+            jitted = triton.jit(self.fn)
+            if not interp and len(self.configs) > 1:
+                cfgs = [triton.Config(dict(m), num_warps=w, num_stages=s) for m, w, s in self.configs]
+                jitted = triton.autotune(configs=cfgs, key=self.key)(jitted)
+            self._built[interp] = jitted
+        return self._built[interp]
+
+    def __getitem__(self, grid):
+        interp = interpret_mode()
+        kernel = self._build(interp)
+        if interp or len(self.configs) == 1:
+            meta, warps, stages = self.configs[0]
+
+            def launch(*args, **kwargs):
+                g = grid(meta) if callable(grid) else grid
+                extra = {} if interp else {"num_warps": warps, "num_stages": stages}
+                return kernel[g](*args, **meta, **kwargs, **extra)
+
+            return launch
+
+        def launch_tuned(*args, **kwargs):
+            return kernel[grid](*args, **kwargs)
+
+        return launch_tuned
+
+
+def check_device(*tensors: torch.Tensor) -> None:
+    """Kernels run on CUDA tensors, or on CPU tensors under the interpreter."""
+    for t in tensors:
+        if t is None:
+            continue
+        if t.device.type != "cuda" and not interpret_mode():
+            raise RuntimeError(
+                "Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter); "
+                f"got a tensor on {t.device}"
+            )
+
+
+def next_pow2(n: int) -> int:
+    p = 1
+    while p < n:
+        p *= 2
+    return p
+
+
+def channel_block(C: int, cap: int = 128) -> int:
+    return max(1, min(cap, next_pow2(C)))
+
+
+try:
+    import triton.language as tl
+except Exception:  # noqa: BLE001  # pragma: no cover - without triton the kernels are defined but never launched
+
+    class _NoTriton:
+        constexpr = object
+
+    tl = _NoTriton()
+
+
+def as_grad_input(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when it is part of a graph (so results stay differentiable w.r.t. it), else a leaf."""
+    return t if t.requires_grad else t.detach().requires_grad_()

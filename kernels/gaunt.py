@@ -1,0 +1,145 @@
+"""Gaunt tensor product on an S2 grid, fused per channel block: to-grid, pointwise product, from-grid.
+
+Math. Features ``x1`` (N, C, D1) and ``x2`` (N, C, D2), ``D = (lmax+1)^2`` in e3nn's SH order
+(channel-major: one row of spherical coefficients per channel). With a quadrature grid
+``{(s_g, w_g)}`` on the sphere, ``B1[d, g] = Y_d(s_g)``, ``B2[d, g] = Y_d(s_g)`` (to-grid) and
+``P[g, k] = w_g Y_k(s_g) / (4 pi)`` (from-grid projection, component normalization)::
+
+    out[n, c, k] = sum_g P[g, k] * (sum_i x1[n, c, i] B1[i, g]) * (sum_j x2[n, c, j] B2[j, g])
+
+i.e. ``out_k = sum_{ij} G_{ijk} x1_i x2_j`` with ``G_{ijk} = (1/4pi) int Y_i Y_j Y_k`` (the real
+Gaunt coefficients in component normalization) whenever the grid integrates degree
+``l1 + l2 + l_out`` exactly. The kernel takes the three matrices as inputs, so any grid and
+normalization (e.g. the one of :func:`mlpot.o3.gaunt_product`) can be used.
+
+One program = one node and a block of channels; it loops over grid chunks of ``BLOCK_G`` points
+with three ``tl.dot`` (tensor cores on GPU), so the grid values never go to global memory.
+
+Gradients: with ``K(X, MX, Z, MZ, MO) = ((X MX) * (Z MZ)) MO``,
+``dL/dX = K(g, MO^T, Z, MZ, MX^T)`` and ``dL/dZ = K(g, MO^T, X, MX, MZ^T)``, the same kernel; so
+backward and double backward are kernels too.
+"""
+import functools
+import math
+
+import numpy as np
+import torch
+from e3nn import o3
+
+from ._runtime import LazyKernel, check_device, next_pow2, tl
+
+
+def _grid_product_kernel(out_ptr, x_ptr, z_ptr, mx_ptr, mz_ptr, mo_ptr,
+                         C, DX, DZ, G, DO,
+                         BLOCK_C: tl.constexpr, DXP: tl.constexpr, DZP: tl.constexpr,
+                         DOP: tl.constexpr, BLOCK_G: tl.constexpr):
+    n = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = c < C
+    ix = tl.arange(0, DXP)
+    iz = tl.arange(0, DZP)
+    io = tl.arange(0, DOP)
+    X = tl.load(x_ptr + (n * C + c[:, None]) * DX + ix[None, :], mask=cm[:, None] & (ix[None, :] < DX), other=0.0)
+    Z = tl.load(z_ptr + (n * C + c[:, None]) * DZ + iz[None, :], mask=cm[:, None] & (iz[None, :] < DZ), other=0.0)
+    acc = tl.zeros([BLOCK_C, DOP], dtype=out_ptr.dtype.element_ty)
+    for g0 in range(0, G, BLOCK_G):
+        gg = g0 + tl.arange(0, BLOCK_G)
+        gm = gg < G
+        MX = tl.load(mx_ptr + ix[:, None] * G + gg[None, :], mask=(ix[:, None] < DX) & gm[None, :], other=0.0)
+        MZ = tl.load(mz_ptr + iz[:, None] * G + gg[None, :], mask=(iz[:, None] < DZ) & gm[None, :], other=0.0)
+        MO = tl.load(mo_ptr + gg[:, None] * DO + io[None, :], mask=gm[:, None] & (io[None, :] < DO), other=0.0)
+        FX = tl.dot(X, MX, input_precision="ieee")
+        FZ = tl.dot(Z, MZ, input_precision="ieee")
+        acc += tl.dot(FX * FZ, MO, input_precision="ieee")
+    tl.store(out_ptr + (n * C + c[:, None]) * DO + io[None, :], acc, mask=cm[:, None] & (io[None, :] < DO))
+
+
+_CFG = [({"BLOCK_C": bc, "BLOCK_G": bg}, w, s)
+        for bc, bg, w, s in ((16, 32, 4, 2), (32, 32, 4, 2), (64, 32, 4, 3), (32, 64, 4, 2), (64, 64, 8, 3))]
+_KERNEL = LazyKernel(_grid_product_kernel, _CFG, key=["C", "DX", "DZ", "G", "DO"])
+
+
+def _launch(X, Z, MX, MZ, MO):
+    N, C, DX = X.shape
+    DZ, G, DO = Z.shape[2], MX.shape[1], MO.shape[1]
+    out = torch.empty(N, C, DO, device=X.device, dtype=X.dtype)
+    if N == 0 or C == 0:
+        return out.zero_()
+    p = lambda d: max(16, next_pow2(d))
+    grid = lambda m: (N, (C + m["BLOCK_C"] - 1) // m["BLOCK_C"])
+    _KERNEL[grid](out, X, Z, MX, MZ, MO, C, DX, DZ, G, DO, DXP=p(DX), DZP=p(DZ), DOP=p(DO))
+    return out
+
+
+class _GridProduct(torch.autograd.Function):
+    """``((X MX) * (Z MZ)) MO``; differentiable w.r.t. X and Z to any order (matrices are constants)."""
+
+    @staticmethod
+    def forward(ctx, X, Z, MX, MZ, MO):
+        X, Z = X.contiguous(), Z.contiguous()
+        ctx.save_for_backward(X, Z)
+        ctx.mats = (MX, MZ, MO)
+        return _launch(X, Z, MX, MZ, MO)
+
+    @staticmethod
+    def backward(ctx, g):
+        X, Z = ctx.saved_tensors
+        MX, MZ, MO = ctx.mats
+        MOt = MO.t().contiguous()
+        gX = gZ = None
+        if ctx.needs_input_grad[0]:
+            gX = _GridProduct.apply(g, Z, MOt, MZ, MX.t().contiguous())
+        if ctx.needs_input_grad[1]:
+            gZ = _GridProduct.apply(g, X, MOt, MX, MZ.t().contiguous())
+        return gX, gZ, None, None, None
+
+
+@functools.cache
+def _grid_matrices_f64(lmax1: int, lmax2: int, lmax_out: int):
+    """Gauss-Legendre (in cos theta) x uniform (phi) grid, exact for degree l1 + l2 + l_out."""
+    deg = lmax1 + lmax2 + lmax_out
+    n_theta = deg // 2 + 1
+    n_phi = deg + 1
+    ct, wt = np.polynomial.legendre.leggauss(n_theta)
+    phi = 2 * np.pi * np.arange(n_phi) / n_phi
+    st = np.sqrt(1 - ct ** 2)
+    # e3nn's polar axis is y: s = (sin t sin p, cos t, sin t cos p)
+    pts = np.stack([np.outer(st, np.sin(phi)), np.outer(ct, np.ones_like(phi)), np.outer(st, np.cos(phi))], -1)
+    pts = torch.tensor(pts.reshape(-1, 3), dtype=torch.float64)
+    w = torch.tensor(np.outer(wt, np.full(n_phi, 2 * np.pi / n_phi)).reshape(-1), dtype=torch.float64)
+    Y = lambda L: o3.spherical_harmonics(list(range(L + 1)), pts, False, normalization="component")
+    B1 = Y(lmax1).t().contiguous()
+    B2 = Y(lmax2).t().contiguous()
+    P = (w[:, None] * Y(lmax_out) / (4 * math.pi)).contiguous()
+    return B1, B2, P
+
+
+def grid_matrices(lmax1: int, lmax2: int, lmax_out: int, device=None, dtype=torch.float64):
+    """Default ``(B1 (D1, G), B2 (D2, G), P (G, D_out))`` for :func:`gaunt_product`."""
+    return tuple(m.to(device=device, dtype=dtype) for m in _grid_matrices_f64(lmax1, lmax2, lmax_out))
+
+
+def gaunt_product(x1: torch.Tensor, x2: torch.Tensor, lmax_out: int, matrices=None) -> torch.Tensor:
+    """``x1`` (N, C, D1), ``x2`` (N, C, D2) -> (N, C, (lmax_out+1)^2) via the fused grid kernel."""
+    check_device(x1, x2)
+    if x1.dtype != x2.dtype:
+        raise TypeError(f"dtype mismatch {x1.dtype} vs {x2.dtype}")
+    l1 = math.isqrt(x1.shape[-1]) - 1
+    l2 = math.isqrt(x2.shape[-1]) - 1
+    if matrices is None:
+        matrices = grid_matrices(l1, l2, lmax_out, x1.device, x1.dtype)
+    MX, MZ, MO = (m.to(device=x1.device, dtype=x1.dtype).contiguous() for m in matrices)
+    return _GridProduct.apply(x1, x2, MX, MZ, MO)
+
+
+def reference_gaunt_product(x1, x2, lmax_out, matrices=None):
+    """Torch reference of the same three-matrix product (differentiable)."""
+    l1 = math.isqrt(x1.shape[-1]) - 1
+    l2 = math.isqrt(x2.shape[-1]) - 1
+    if matrices is None:
+        matrices = grid_matrices(l1, l2, lmax_out, x1.device, x1.dtype)
+    MX, MZ, MO = (m.to(device=x1.device, dtype=x1.dtype) for m in matrices)
+    return ((x1 @ MX) * (x2 @ MZ)) @ MO
+
+
+__all__ = ["gaunt_product", "grid_matrices", "reference_gaunt_product"]

@@ -1,0 +1,317 @@
+r"""Force-call time of whole models through the ASE calculator, side by side with mace-torch.
+
+What is timed: one ``atoms.get_forces()`` on an ASE calculator, i.e. neighbor list + graph +
+model + autograd forces (``mlpot.calculators.MLPotCalculator`` for mlpot, or ``model.predict``
+when the calculator is missing; ``mace.calculators.MACECalculator`` for mace-torch). Before
+every call the positions are rattled by 1e-3 Å so no result is cached. One untimed warm-up call,
+then the median of ``--repeats`` calls.
+
+Systems: ``aspirin`` (21 atoms, first frame of rMD17 aspirin from the shared data folder, else
+a stand-in molecule of the same composition), ``si64`` (diamond Si, 2x2x2 conventional cells,
+64 atoms), ``cu864`` (fcc Cu, 6x6x6 conventional cells, 864 atoms).
+
+Models (random weights, same hyperparameters on both sides): MACE with hidden irreps
+``128x0e + 128x1o``, ``max_ell 3``, correlation 3, 2 interactions, ``r_max 5``, 8 Bessel
+functions, radial MLP ``[64, 64, 64]``; the Gaunt / SO(2) MACE variants; and an eSCN
+(``lmax 6``, ``mmax 2``, 2 layers; channels given in the table). mace-torch runs in its own
+virtual environment (``--mace-python``, default ``.venv-mace/bin/python`` under the project
+root) as a subprocess on the same structures, in the same run; the ratio
+``mlpot / mace-torch`` is printed for each MACE row.
+
+    python scripts/bench_model.py --systems aspirin,si64 --dtypes float64 --repeats 3
+    mlpot bench model --profile si64          # which ops dominate an mlpot force call
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+SYSTEMS = ("aspirin", "si64", "cu864")
+
+MACE_HYPER = dict(
+    r_max=5.0,
+    num_bessel=8,
+    num_polynomial_cutoff=5,
+    max_ell=3,
+    num_interactions=2,
+    hidden_irreps="128x0e + 128x1o",
+    MLP_irreps="16x0e",
+    correlation=3,
+    radial_MLP=[64, 64, 64],
+    avg_num_neighbors=20.0,
+)
+
+ESCN_HYPER = dict(
+    r_max=5.0, num_layers=2, lmax=6, mmax=2, sphere_channels=32, hidden_channels=64, edge_channels=32,
+    num_bessel=8, avg_num_neighbors=20.0,
+)
+
+# mlpot model variants: (registered name, extra config); MACE keys follow mlpot.models.mace
+MODEL_VARIANTS = {
+    "mace": ("MACE", {}),
+    "mace_gaunt_tp": ("MACE", {"interaction_tp": "gaunt"}),
+    "mace_gaunt_product": ("MACE", {"product": "gaunt"}),
+    "mace_so2_tp": ("MACE", {"interaction_tp": "so2"}),
+    "escn": ("ESCN", {}),
+}
+
+
+def shared_data() -> Path:
+    return Path(os.environ.get("MLPOT_SHARED", ROOT.parent / "shared")) / "data"
+
+
+def make_system(name: str):
+    """The benchmark structures (ASE Atoms), deterministic."""
+    from ase import Atoms
+    from ase.build import bulk
+
+    if name == "aspirin":
+        path = shared_data() / "rmd17" / "rmd17_aspirin_train_01.npz"
+        if path.exists():
+            raw = np.load(path)
+            return Atoms(numbers=raw["nuclear_charges"], positions=raw["coords"][0]), "rMD17 aspirin frame 0"
+        from mlpot.testing.model_checks import random_molecule
+
+        atoms = random_molecule([6] * 9 + [1] * 8 + [8] * 4, n=21, seed=0, radius=3.5, min_dist=1.0)
+        atoms.numbers[:] = [6] * 9 + [1] * 8 + [8] * 4
+        return atoms, "stand-in C9H8O4 (rMD17 not found)"
+    if name == "si64":
+        atoms = bulk("Si", "diamond", a=5.43, cubic=True).repeat((2, 2, 2))
+        atoms.rattle(0.01, seed=0)
+        return atoms, "diamond Si 2x2x2 cubic"
+    if name == "cu864":
+        atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((6, 6, 6))
+        atoms.rattle(0.01, seed=0)
+        return atoms, "fcc Cu 6x6x6 cubic"
+    raise SystemExit(f"unknown system {name!r}; choose from {', '.join(SYSTEMS)}")
+
+
+def mlpot_config(variant: str, species: list[int]) -> tuple[str, dict]:
+    name, extra = MODEL_VARIANTS[variant]
+    if name == "ESCN":
+        cfg = dict(ESCN_HYPER, atomic_numbers=species, seed=0)
+    else:
+        cfg = dict(MACE_HYPER, atomic_numbers=species)
+    cfg.update(extra)
+    return name, cfg
+
+
+def _time_calls(atoms, calc, repeats: int) -> float:
+    atoms = atoms.copy()
+    atoms.calc = calc
+    rng = np.random.default_rng(0)
+    base = atoms.get_positions()
+    atoms.get_forces()  # warm-up (and first-call setup)
+    times = []
+    for _ in range(repeats):
+        atoms.set_positions(base + 1e-3 * rng.standard_normal(base.shape))
+        t0 = time.perf_counter()
+        atoms.get_forces()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+class _PredictCalculator:
+    """Minimal ASE calculator on ``model.predict`` (used only when MLPotCalculator is missing)."""
+
+    def __new__(cls, model):
+        from ase.calculators.calculator import Calculator, all_changes
+
+        class _Calc(Calculator):
+            implemented_properties = ["energy", "forces"]
+
+            def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+                super().calculate(atoms, properties, system_changes)
+                out = model.predict([atoms], compute_stress=False)
+                self.results = {"energy": float(out["energy"][0]), "forces": out["forces"][0]}
+
+        return _Calc()
+
+
+def _mlpot_calculator(model, dtype: str):
+    try:
+        from mlpot.calculators import MLPotCalculator
+    except ImportError:
+        return _PredictCalculator(model), "model.predict"
+    return MLPotCalculator(model, device="cpu", dtype=dtype), "MLPotCalculator"
+
+
+def build_mlpot_model(variant: str, species: list[int], dtype: str):
+    import torch
+
+    from mlpot.models import build_model
+    from mlpot.testing.model_checks import randomize_parameters
+
+    name, cfg = mlpot_config(variant, species)
+    torch.manual_seed(0)
+    model = build_model(name, **cfg)
+    randomize_parameters(model, seed=0, scale=0.05)
+    return model.to(torch.float64 if dtype == "float64" else torch.float32).eval()
+
+
+def run_mlpot(variant: str, atoms, dtype: str, repeats: int) -> tuple[float, str]:
+    species = sorted(set(int(z) for z in atoms.numbers))
+    model = build_mlpot_model(variant, species, dtype)
+    calc, how = _mlpot_calculator(model, dtype)
+    return _time_calls(atoms, calc, repeats), how
+
+
+# Runs inside the mace-torch environment: reads a JSON job on stdin, prints JSON results.
+_MACE_SCRIPT = r"""
+import json, statistics, sys, time
+import numpy as np, torch
+from ase.io import read
+from e3nn import o3
+from mace import modules
+from mace.calculators import MACECalculator
+
+job = json.loads(sys.stdin.read())
+h = job["hyper"]
+out = []
+for sysname, path in job["systems"]:
+    atoms0 = read(path)
+    species = sorted(set(int(z) for z in atoms0.numbers))
+    for dtype in job["dtypes"]:
+        torch.set_default_dtype(torch.float64 if dtype == "float64" else torch.float32)
+        torch.manual_seed(0)
+        model = modules.ScaleShiftMACE(
+            r_max=h["r_max"], num_bessel=h["num_bessel"], num_polynomial_cutoff=h["num_polynomial_cutoff"],
+            max_ell=h["max_ell"], interaction_cls=modules.interaction_classes["RealAgnosticResidualInteractionBlock"],
+            interaction_cls_first=modules.interaction_classes["RealAgnosticResidualInteractionBlock"],
+            num_interactions=h["num_interactions"], num_elements=len(species),
+            hidden_irreps=o3.Irreps(h["hidden_irreps"]), MLP_irreps=o3.Irreps(h["MLP_irreps"]),
+            atomic_energies=np.zeros(len(species)), avg_num_neighbors=h["avg_num_neighbors"],
+            atomic_numbers=species, correlation=h["correlation"], gate=torch.nn.functional.silu,
+            radial_MLP=h["radial_MLP"], atomic_inter_scale=1.0, atomic_inter_shift=0.0,
+        )
+        model = model.to(torch.float64 if dtype == "float64" else torch.float32)
+        calc = MACECalculator(models=model, device="cpu", default_dtype=dtype)
+        atoms = atoms0.copy(); atoms.calc = calc
+        rng = np.random.default_rng(0); base = atoms.get_positions()
+        atoms.get_forces()
+        times = []
+        for _ in range(job["repeats"]):
+            atoms.set_positions(base + 1e-3 * rng.standard_normal(base.shape))
+            t0 = time.perf_counter(); atoms.get_forces(); times.append(time.perf_counter() - t0)
+        out.append({"system": sysname, "dtype": dtype, "seconds": statistics.median(times)})
+        print(json.dumps(out[-1]), file=sys.stderr, flush=True)
+print(json.dumps(out))
+"""
+
+
+def run_mace_torch(python: str, systems: dict, dtypes: list[str], repeats: int, timeout: float) -> dict:
+    """Time mace-torch in its own environment; returns ``{(system, dtype): seconds}``."""
+    from ase.io import write
+
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = []
+        for name, atoms in systems.items():
+            p = Path(tmp) / f"{name}.extxyz"
+            write(p, atoms, format="extxyz")
+            paths.append((name, str(p)))
+        job = json.dumps({"hyper": MACE_HYPER, "systems": paths, "dtypes": dtypes, "repeats": repeats})
+        env = dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1")
+        proc = subprocess.run(
+            [python, "-c", _MACE_SCRIPT], input=job, capture_output=True, text=True, env=env, timeout=timeout
+        )
+    if proc.returncode != 0:
+        raise RuntimeError(f"mace-torch run failed:\n{proc.stderr[-3000:]}")
+    return {(r["system"], r["dtype"]): r["seconds"] for r in json.loads(proc.stdout.strip().splitlines()[-1])}
+
+
+def profile(variant: str, system: str, dtype: str, top: int = 15) -> str:
+    """Top ops by self CPU time in one mlpot force call (torch.profiler)."""
+    import torch
+
+    atoms, _ = make_system(system)
+    species = sorted(set(int(z) for z in atoms.numbers))
+    model = build_mlpot_model(variant, species, dtype)
+    calc, _ = _mlpot_calculator(model, dtype)
+    atoms.calc = calc
+    atoms.get_forces()
+    atoms.positions += 1e-3
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        atoms.get_forces()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(prog="mlpot bench model", description=__doc__.split("\n")[0])
+    parser.add_argument("--systems", default="aspirin,si64,cu864")
+    parser.add_argument("--dtypes", default="float64,float32")
+    parser.add_argument("--models", default="mace,mace_gaunt_tp,mace_gaunt_product,mace_so2_tp,escn",
+                        help=f"comma list from {', '.join(MODEL_VARIANTS)}")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--mace-python", default=str(ROOT / ".venv-mace" / "bin" / "python"))
+    parser.add_argument("--no-mace-torch", action="store_true", help="skip the mace-torch side")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads for both sides (0: default)")
+    parser.add_argument("--timeout", type=float, default=3600.0, help="limit for the mace-torch subprocess (s)")
+    parser.add_argument("--profile", metavar="SYSTEM", help="print the op profile of one mlpot force call")
+    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    variants = [m.strip() for m in args.models.split(",") if m.strip()]
+    for v in variants:
+        if v not in MODEL_VARIANTS:
+            raise SystemExit(f"unknown model {v!r}; choose from {', '.join(MODEL_VARIANTS)}")
+    if args.profile:
+        for dtype in dtypes:
+            print(f"# profile: {variants[0]} on {args.profile}, {dtype}")
+            print(profile(variants[0], args.profile, dtype))
+        return []
+
+    structures = {}
+    for s in systems:
+        structures[s], desc = make_system(s)
+        print(f"# {s}: {len(structures[s])} atoms, {desc}", flush=True)
+    mace_times: dict = {}
+    if not args.no_mace_torch and any(MODEL_VARIANTS[v][0] == "MACE" for v in variants):
+        if Path(args.mace_python).exists():
+            print("# running mace-torch ...", flush=True)
+            mace_times = run_mace_torch(args.mace_python, structures, dtypes, args.repeats, args.timeout)
+        else:
+            print(f"# mace-torch python not found at {args.mace_python}; skipping the comparison")
+
+    rows = []
+    print(f"{'system':8s} {'dtype':8s} {'model':20s} {'mlpot s':>9s} {'mace-torch s':>13s} {'ratio':>6s}")
+    for s in systems:
+        for dtype in dtypes:
+            ref = mace_times.get((s, dtype))
+            for v in variants:
+                try:
+                    t, how = run_mlpot(v, structures[s], dtype, args.repeats)
+                except Exception as exc:  # noqa: BLE001 - one broken variant must not stop the table
+                    print(f"{s:8s} {dtype:8s} {v:20s} failed: {type(exc).__name__}: {exc}", flush=True)
+                    continue
+                ratio = t / ref if ref and MODEL_VARIANTS[v][0] == "MACE" else None
+                rows.append({"system": s, "atoms": len(structures[s]), "dtype": dtype, "model": v,
+                             "mlpot_s": t, "mace_torch_s": ref, "ratio": ratio, "via": how})
+                print(
+                    f"{s:8s} {dtype:8s} {v:20s} {t:9.4f} {ref if ref else float('nan'):13.4f} "
+                    f"{ratio if ratio else float('nan'):6.2f}",
+                    flush=True,
+                )
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

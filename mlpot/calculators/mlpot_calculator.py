@@ -1,0 +1,210 @@
+"""ASE calculator for any mlpot :class:`~mlpot.models.base.PotentialModel`.
+
+Energies, per-atom energies, forces and (for fully periodic cells) stress, in eV, eV/Å and
+eV/Å^3 with ASE's sign and Voigt order (xx, yy, zz, yz, xz, xy).
+
+Neighbour-list reuse (Verlet skin)
+----------------------------------
+With ``skin > 0`` the neighbour list is built with the cutoff ``r_max + skin`` and kept while
+no atom has moved more than ``skin / 2`` since that build (and the cell, pbc, atomic numbers
+and atom count are unchanged). On every call the stored candidate pairs are **filtered by
+length** (``|D| < r_max``), so the model sees exactly the edges a fresh build would give;
+results equal a rebuild up to the order of floating-point sums. Any change of cell, pbc,
+species or atom count forces a rebuild.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
+
+from mlpot.errors import ConfigError, UnknownElementError
+
+__all__ = ["MLPotCalculator", "resolve_device", "resolve_dtype"]
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, None: None}
+
+
+def resolve_device(device) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype):
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r}; use float32 or float64")
+    return _DTYPES[dtype]
+
+
+def _load(model, device, dtype):
+    from mlpot.models.base import PotentialModel
+
+    if isinstance(model, (str, Path)):
+        from mlpot.models.io import load_model
+
+        return load_model(model, device=device, dtype=dtype)
+    if not isinstance(model, PotentialModel):
+        raise ConfigError(f"model must be a path or a PotentialModel, got {type(model).__name__}")
+    model = model.to(device)
+    if dtype is not None:
+        model = model.to(dtype)
+    model.eval()
+    return model
+
+
+class MLPotCalculator(Calculator):
+    """ASE calculator driving an mlpot model.
+
+    Parameters
+    ----------
+    model: a model file path or a :class:`PotentialModel` instance.
+    device: "auto" (CUDA when available), "cpu", "cuda", ...
+    dtype: None (the model's own / trained dtype), "float32" or "float64".
+    compile: wrap the model in ``torch.compile`` (falls back to eager with a warning).
+    skin: Verlet skin in Å for neighbour-list reuse (0 = rebuild every call).
+    """
+
+    implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]
+
+    def __init__(self, model, device="auto", dtype=None, compile=False, skin=0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.device = resolve_device(device)
+        self.model = _load(model, self.device, resolve_dtype(dtype))
+        p = next(self.model.parameters(), None)
+        self.dtype = p.dtype if p is not None else (resolve_dtype(dtype) or torch.float64)
+        self.r_max = float(self.model.r_max)
+        self.skin = float(skin)
+        if self.skin < 0:
+            raise ConfigError(f"skin must be >= 0, got {skin}")
+        self._forward = self.model
+        self.compiled = False
+        if compile:
+            try:
+                self._forward = torch.compile(self.model, dynamic=True)
+                self.compiled = True
+            except Exception as exc:  # noqa: BLE001 - optional speed-up only
+                warnings.warn(f"torch.compile unavailable ({exc}); running eagerly", stacklevel=2)
+        self._nl = None  # cached neighbour list state
+        self.nl_builds = 0  # number of neighbour-list builds (for tests / diagnostics)
+
+    # ---- neighbour list -------------------------------------------------------------------
+    def _check_species(self, numbers: np.ndarray) -> None:
+        known = set(self.model.atomic_numbers)
+        bad = sorted({int(z) for z in numbers} - known)
+        if bad:
+            from ase.data import chemical_symbols
+
+            names = ", ".join(f"{chemical_symbols[z]} (Z={z})" for z in bad)
+            trained = ", ".join(chemical_symbols[z] for z in self.model.atomic_numbers)
+            raise UnknownElementError(f"element(s) {names} not known to this model (trained on {trained})")
+
+    def _needs_rebuild(self, atoms) -> bool:
+        nl = self._nl
+        if nl is None or self.skin <= 0:
+            return True
+        if len(atoms) != len(nl["numbers"]) or not np.array_equal(atoms.numbers, nl["numbers"]):
+            return True
+        if not np.array_equal(atoms.pbc, nl["pbc"]) or not np.array_equal(atoms.cell.array, nl["cell"]):
+            return True
+        disp = atoms.positions - nl["positions"]
+        return float(np.max(np.einsum("ij,ij->i", disp, disp), initial=0.0)) > (0.5 * self.skin) ** 2
+
+    def _neighbors(self, atoms):
+        """(i, j, S) with |D| < r_max for the current positions (reusing the list when allowed)."""
+        from mlpot.data.neighbors import neighbor_list
+
+        cell = atoms.cell.array
+        pbc = np.asarray(atoms.pbc, dtype=bool)
+        if self._needs_rebuild(atoms):
+            i, j, S = neighbor_list(
+                atoms.positions, self.r_max + self.skin, cell=cell if pbc.any() else None, pbc=pbc
+            )
+            self._nl = {
+                "i": i.numpy(), "j": j.numpy(), "S": S.numpy(),
+                "positions": atoms.positions.copy(), "numbers": atoms.numbers.copy(),
+                "cell": cell.copy(), "pbc": pbc.copy(),
+            }
+            self.nl_builds += 1
+            if self.skin <= 0:
+                return self._nl["i"], self._nl["j"], self._nl["S"]
+        nl = self._nl
+        i, j, S = nl["i"], nl["j"], nl["S"]
+        pos = atoms.positions
+        D = pos[j] - pos[i] + S @ cell
+        keep = np.einsum("ij,ij->i", D, D) < self.r_max**2
+        return i[keep], j[keep], S[keep]
+
+    def build_graph(self, atoms) -> dict:
+        """The graph dict of ``atoms`` (one structure) on the calculator's device and dtype."""
+        numbers = np.asarray(atoms.numbers)
+        self._check_species(numbers)
+        i, j, S = self._neighbors(atoms)
+        dev, dt = self.device, self.dtype
+        n = len(atoms)
+        pbc = np.asarray(atoms.pbc, dtype=bool)
+        cell = atoms.cell.array if pbc.any() else np.zeros((3, 3))
+        return {
+            "positions": torch.tensor(atoms.positions, dtype=dt, device=dev),
+            "atomic_numbers": torch.tensor(numbers, dtype=torch.long, device=dev),
+            "cell": torch.tensor(cell, dtype=dt, device=dev)[None],
+            "pbc": torch.tensor(pbc, device=dev)[None],
+            "edge_index": torch.from_numpy(np.stack([i, j]).astype(np.int64)).to(dev),
+            "unit_shifts": torch.from_numpy(np.asarray(S, dtype=np.float64)).to(device=dev, dtype=dt),
+            "batch": torch.zeros(n, dtype=torch.long, device=dev),
+            "ptr": torch.tensor([0, n], dtype=torch.long, device=dev),
+            "num_atoms": torch.tensor([n], dtype=torch.long, device=dev),
+        }
+
+    # ---- ASE interface --------------------------------------------------------------------
+    def _run(self, graph, compute_force, compute_stress):
+        try:
+            return self._forward(graph, compute_force=compute_force, compute_stress=compute_stress)
+        except UnknownElementError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            if not self.compiled:
+                raise
+            warnings.warn(f"compiled model failed ({type(exc).__name__}: {exc}); running eagerly", stacklevel=3)
+            self._forward = self.model
+            self.compiled = False
+            return self.model(graph, compute_force=compute_force, compute_stress=compute_stress)
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)
+        atoms = self.atoms
+        periodic = bool(np.all(atoms.pbc))
+        if "stress" in properties and not periodic:
+            raise PropertyNotImplementedError("stress needs a cell periodic in all three directions")
+        compute_stress = periodic
+        graph = self.build_graph(atoms)
+        out = self._run(graph, compute_force=True, compute_stress=compute_stress)
+        energy = float(out["energy"].detach().sum().cpu())
+        self.results = {
+            "energy": energy,
+            "free_energy": energy,
+            "energies": out["node_energy"].detach().cpu().double().numpy(),
+            "forces": out["forces"].detach().cpu().double().numpy(),
+        }
+        if compute_stress:
+            s = out["stress"].detach()[0].cpu().double().numpy()
+            self.results["stress"] = np.array([s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]])
+
+    def get_descriptors(self, atoms=None) -> np.ndarray:
+        """Invariant per-atom features (N, F): the model's ``node_features`` output."""
+        atoms = self.atoms if atoms is None else atoms
+        if atoms is None:
+            raise ValueError("get_descriptors needs an Atoms object")
+        graph = self.build_graph(atoms)
+        with torch.no_grad():
+            out = self.model(graph, compute_force=False, compute_stress=False)
+        if "node_features" not in out:
+            raise PropertyNotImplementedError(
+                f"model {type(self.model).__name__} does not return node_features (descriptors)"
+            )
+        return out["node_features"].detach().cpu().double().numpy()

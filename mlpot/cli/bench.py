@@ -1,0 +1,39 @@
+"""``mlpot bench kernels|model|neighbors|o3|md [args...]``: run one benchmark module.
+
+Each benchmark lives in ``mlpot.bench.<name>`` and exposes ``main(argv)``; everything after the
+benchmark name is passed to it unchanged (``mlpot bench kernels --help`` shows its options).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+
+from mlpot.errors import ConfigError
+
+BENCHMARKS = {
+    "kernels": "Triton kernels against e3nn / torch references",
+    "model": "model force-call time against mace-torch",
+    "neighbors": "neighbor-list construction",
+    "o3": "equivariant products: scaling with L",
+    "md": "molecular-dynamics throughput",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("benchmark", choices=sorted(BENCHMARKS), help="which benchmark to run")
+    parser.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
+
+
+def run(args) -> int:
+    name = args.benchmark
+    module = f"mlpot.bench.{name}"
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name != module:
+            raise
+        raise ConfigError(f"benchmark {name!r} is not available in this build ({module} is missing)") from None
+    if not hasattr(mod, "main"):
+        raise ConfigError(f"benchmark module {module} has no main(argv)")
+    mod.main(list(args.bench_args))
+    return 0

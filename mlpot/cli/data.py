@@ -1,0 +1,93 @@
+"""``mlpot data``: dataset tools.
+
+    mlpot data convert IN OUT.h5 [--format F] [--energy-key K] [--forces-key K] [--stress-key K]
+                                 [--energy-unit U] [--cutoff R]
+    mlpot data stats FILE [--r-max 5.0] [--e0s auto|fit|isolated] [--json OUT.json]
+
+``convert`` streams any readable file (extxyz, ASE formats, rMD17 npz, mlearn JSON) into the
+lazy HDF5 dataset format (optionally with neighbor lists for ``--cutoff``). ``stats`` prints
+E0s, average number of neighbours, mean/std interaction energy per atom and force RMS (the
+definitions of mace-torch) and can save them as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _reader_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--format", default=None, help="input format (default: from the suffix)")
+    p.add_argument("--energy-key", default=None, help="info key of the energy (default: REF_energy, energy)")
+    p.add_argument("--forces-key", default=None, help="arrays key of the forces (default: REF_forces, forces)")
+    p.add_argument("--stress-key", default=None, help="info key of the stress (default: REF_stress, stress)")
+    p.add_argument("--energy-unit", default=None, help="eV (default), meV, kcal/mol (npz default), kJ/mol, Hartree")
+    p.add_argument("--length-unit", default=None, help="Å (default), Bohr, nm")
+    p.add_argument("--stress-unit", default=None, help="eV/Å^3 (default), GPa, kbar")
+    p.add_argument("--no-require-energy", action="store_true", help="accept frames without an energy")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="data_command", metavar="ACTION")
+    c = sub.add_parser("convert", help="convert a dataset file to the lazy HDF5 format")
+    c.add_argument("input")
+    c.add_argument("output", help="output .h5 file")
+    c.add_argument("--cutoff", type=float, default=None, help="also store neighbor lists for this cutoff (Å)")
+    _reader_args(c)
+    s = sub.add_parser("stats", help="dataset statistics (E0s, avg. neighbours, energy/force scales)")
+    s.add_argument("input")
+    s.add_argument("--r-max", type=float, default=5.0, help="cutoff for the neighbour count (Å)")
+    s.add_argument("--e0s", default="auto", help="auto (isolated atoms if present, else fit), fit, isolated")
+    s.add_argument("--json", default=None, help="save the statistics to this JSON file")
+    _reader_args(s)
+
+
+def _read_kwargs(args) -> dict:
+    return dict(
+        format=args.format,
+        energy_key=args.energy_key,
+        forces_key=args.forces_key,
+        stress_key=args.stress_key,
+        energy_unit=args.energy_unit,
+        length_unit=args.length_unit,
+        stress_unit=args.stress_unit,
+        require=() if args.no_require_energy else ("energy",),
+    )
+
+
+def run(args) -> int:
+    from mlpot.data.readers import iread
+
+    cmd = getattr(args, "data_command", None)
+    if cmd == "convert":
+        from mlpot.data.hdf5 import write_hdf5
+
+        n = write_hdf5(iread(args.input, **_read_kwargs(args)), args.output, cutoff=args.cutoff)
+        print(f"wrote {n} frames to {args.output}")
+        return 0
+    if cmd == "stats":
+        from ase.data import chemical_symbols
+
+        from mlpot.data.statistics import compute_statistics
+
+        if str(args.input).lower().endswith((".h5", ".hdf5")):
+            from mlpot.data.dataset import LazyDataset
+
+            data = LazyDataset(args.input, cutoff=args.r_max)
+        else:
+            data = list(iread(args.input, **_read_kwargs(args)))
+        st = compute_statistics(data, r_max=args.r_max, e0s=args.e0s)
+        print(f"file                      {args.input}")
+        print(f"configurations            {st.num_configs} ({st.num_atoms} atoms, isolated atoms excluded)")
+        print(f"E0s ({st.e0s_source})")
+        for z, e in sorted(st.e0s.items()):
+            print(f"  {chemical_symbols[z]:<3} (Z={z:<3})            {e:.6f} eV")
+        print(f"avg_num_neighbors (r_max={st.r_max:g})  {st.avg_num_neighbors:.4f}")
+        print(f"mean interaction E/atom   {st.mean_interaction_energy:.6f} eV")
+        print(f"std interaction E/atom    {st.std_interaction_energy:.6f} eV")
+        print(f"forces RMS                {st.forces_rms:.6f} eV/Å")
+        if args.json:
+            st.save(args.json)
+            print(f"saved {args.json}")
+        return 0
+    print("usage: mlpot data {convert,stats} ... (see mlpot data -h)", file=sys.stderr)
+    return 2

@@ -1,0 +1,34 @@
+"""`mlpot export-lammps`: write a model for LAMMPS `pair_style mliap unified OUT 0`."""
+from __future__ import annotations
+
+
+def add_arguments(p) -> None:
+    p.add_argument("model", help="mlpot model file")
+    p.add_argument("output", help="output file: *.pt (torch.save) or any other name (pickle)")
+    p.add_argument("--device", default="cpu", help="device LAMMPS runs the model on (cpu, cuda)")
+    p.add_argument("--dtype", default="float64", choices=["float32", "float64"])
+    p.add_argument("--mode", default="auto", choices=["auto", "fold", "local"],
+                   help="graph from LAMMPS pairs: fold ghosts into owners (exact, one MPI rank), "
+                        "local (one-layer models, any number of ranks), or auto")
+
+
+def run(args) -> int:
+    from mlpot.lammps import export_mliap
+    from mlpot.lammps.mliap import message_passing_layers
+    from mlpot.models.io import load_model
+
+    model = load_model(args.model, device="cpu")
+    export_mliap(model, args.output, device=args.device, dtype=args.dtype, mode=args.mode)
+    from ase.data import chemical_symbols
+
+    elements = " ".join(chemical_symbols[z] for z in model.atomic_numbers)
+    print(f"wrote {args.output} ({type(model).__name__}, r_max={model.r_max} Å, elements {elements}, "
+          f"{message_passing_layers(model) or '?'} message-passing layer(s))")
+    print("LAMMPS input:")
+    print("  units metal\n  atom_style atomic\n  newton on")
+    print(f"  pair_style mliap unified {args.output} 0")
+    print(f"  pair_coeff * * {elements}")
+    if args.output.endswith((".pt", ".pth")):
+        print("  (torch >= 2.6 loads .pt with weights_only=True: set TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1, "
+              "or export to a non-.pt name, read with pickle)")
+    return 0

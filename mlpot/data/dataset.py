@@ -1,0 +1,156 @@
+"""torch Datasets of graphs and the DataLoader that batches them with :func:`collate`.
+
+* :class:`AtomicDataset` wraps a list of ``ase.Atoms``; graphs are built on access, or all
+  at once with ``precompute=True``.
+* :class:`LazyDataset` reads frames of an HDF5 dataset file (:mod:`mlpot.data.hdf5`) on
+  access, so a dataset larger than memory trains. The file is opened once per process (the
+  handle is dropped when pickled, so every DataLoader worker opens its own). Stored neighbor
+  lists are reused when the requested cutoff is not larger than the stored one (edges beyond
+  the requested cutoff are filtered out); otherwise they are recomputed.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from mlpot.data.graph import AtomicGraph, atoms_to_graph, collate, frame_to_graph
+from mlpot.errors import DataError
+
+__all__ = ["AtomicDataset", "LazyDataset", "make_dataloader"]
+
+
+class AtomicDataset(Dataset):
+    """Graphs of a list of ``ase.Atoms`` for a given cutoff (Å) and float dtype."""
+
+    def __init__(self, atoms_list: Sequence, cutoff: float, dtype: torch.dtype = torch.float64,
+                 precompute: bool = False):
+        self.atoms_list = list(atoms_list)
+        self.cutoff = float(cutoff)
+        self.dtype = dtype
+        self._graphs = None
+        if precompute:
+            self._graphs = [atoms_to_graph(a, self.cutoff, dtype) for a in self.atoms_list]
+
+    def __len__(self) -> int:
+        return len(self.atoms_list)
+
+    def __getitem__(self, idx: int) -> AtomicGraph:
+        if self._graphs is not None:
+            return self._graphs[idx]
+        return atoms_to_graph(self.atoms_list[idx], self.cutoff, self.dtype)
+
+    def atoms(self, idx: int):
+        return self.atoms_list[idx]
+
+
+class LazyDataset(Dataset):
+    """Graphs read lazily from an HDF5 dataset file written by :func:`mlpot.data.write_hdf5`."""
+
+    def __init__(self, path, cutoff: float | None = None, dtype: torch.dtype = torch.float64):
+        import h5py
+
+        from mlpot.data.hdf5 import check_file
+
+        self.path = str(path)
+        if not Path(self.path).exists():
+            raise FileNotFoundError(f"no such file: {self.path}")
+        with h5py.File(self.path, "r") as f:
+            check_file(f, self.path)
+            self._len = int(f.attrs["n_frames"])
+            stored = float(f.attrs.get("cutoff", np.nan))
+        self.stored_cutoff = stored if np.isfinite(stored) else None
+        if cutoff is None:
+            if self.stored_cutoff is None:
+                raise DataError(f"{self.path}: no neighbor lists stored; give a cutoff")
+            cutoff = self.stored_cutoff
+        self.cutoff = float(cutoff)
+        self.dtype = dtype
+        self._file = None
+        self._pid = None
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_file"] = None
+        state["_pid"] = None
+        return state
+
+    def _handle(self):
+        if self._file is None or self._pid != os.getpid():
+            import h5py
+
+            self._file = h5py.File(self.path, "r")
+            self._pid = os.getpid()
+        return self._file
+
+    def __len__(self) -> int:
+        return self._len
+
+    def frame(self, idx: int) -> dict:
+        from mlpot.data.hdf5 import read_hdf5_frame
+
+        if idx < 0:
+            idx += self._len
+        if not 0 <= idx < self._len:
+            raise IndexError(f"{self.path}: frame {idx} out of range ({self._len} frames)")
+        return read_hdf5_frame(self._handle(), idx)
+
+    def atoms(self, idx: int):
+        from mlpot.data.hdf5 import frame_to_atoms
+
+        return frame_to_atoms(self.frame(idx))
+
+    def __getitem__(self, idx: int) -> AtomicGraph:
+        fr = self.frame(int(idx))
+        edges = fr.get("edges")
+        if edges is not None and self.stored_cutoff is not None and self.cutoff <= self.stored_cutoff:
+            if self.cutoff < self.stored_cutoff:
+                i, j, S = edges
+                pbc = np.asarray(fr["pbc"], dtype=bool)
+                cell = fr["cell"] * pbc[:, None]
+                D = fr["positions"][j] - fr["positions"][i] + S @ cell
+                keep = np.einsum("ij,ij->i", D, D) < self.cutoff**2
+                edges = (i[keep], j[keep], S[keep])
+        else:
+            edges = None
+        return frame_to_graph(
+            fr["positions"], fr["numbers"], fr["cell"], fr["pbc"], self.cutoff,
+            energy=fr["energy"], forces=fr["forces"], stress=fr["stress"],
+            weight=fr["weight"], energy_weight=fr["energy_weight"],
+            forces_weight=fr["forces_weight"], stress_weight=fr["stress_weight"],
+            config_type=fr["config_type"], dtype=self.dtype, edges=edges,
+        )
+
+    def close(self):
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def make_dataloader(
+    dataset: Dataset,
+    batch_size: int,
+    shuffle: bool = False,
+    num_workers: int = 0,
+    sampler=None,
+    drop_last: bool = False,
+    **kwargs,
+) -> DataLoader:
+    """A ``torch.utils.data.DataLoader`` yielding batched graphs (:func:`collate`)."""
+    if sampler is not None:
+        shuffle = False
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        sampler=sampler,
+        drop_last=drop_last,
+        collate_fn=collate,
+        persistent_workers=False,
+        **kwargs,
+    )

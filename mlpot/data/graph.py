@@ -1,0 +1,235 @@
+"""Atoms -> graph dict, and batching (see the graph table in docs/architecture.md).
+
+A graph is a plain ``dict`` (:data:`AtomicGraph`). One structure gives ``B = 1``;
+:func:`collate` concatenates ``B`` graphs: atom-wise tensors are concatenated, ``edge_index``
+is offset by each structure's first atom (``ptr[b]``), ``batch``/``ptr``/``num_atoms`` are
+rebuilt, per-structure tensors are stacked.
+
+Edge vectors are *not* stored; the model computes them as
+``vec = pos[j] - pos[i] + unit_shifts @ cell[batch[i]]`` (``i = edge_index[0]``).
+
+Targets (``energy``, ``forces``, ``stress``, ``virials``) appear only when known; the weights
+``energy_weight``/``forces_weight``/``stress_weight`` are 0 where a target is absent. When
+graphs with and without a target are collated, the missing values are filled with zeros
+(their weights are already 0). ``virials = -stress * V`` (eV); for a structure without a 3D
+cell there is no stress target.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import torch
+
+from mlpot.data.neighbors import neighbor_list
+from mlpot.errors import DataError
+
+AtomicGraph = dict  # dict[str, Any]; keys listed in docs/architecture.md
+
+__all__ = ["AtomicGraph", "atoms_to_graph", "collate", "frame_to_graph", "graphs_from_atoms"]
+
+PER_ATOM_KEYS = ("positions", "atomic_numbers", "forces", "batch")
+PER_GRAPH_KEYS = (
+    "cell",
+    "pbc",
+    "num_atoms",
+    "energy",
+    "stress",
+    "virials",
+    "weight",
+    "energy_weight",
+    "forces_weight",
+    "stress_weight",
+)
+TARGET_SHAPES = {"energy": (), "forces": (3,), "stress": (3, 3), "virials": (3, 3)}
+
+
+def _voigt_to_3x3(s: np.ndarray) -> np.ndarray:
+    s = np.asarray(s, dtype=float)
+    if s.shape == (3, 3):
+        return s
+    xx, yy, zz, yz, xz, xy = s.reshape(6)
+    return np.array([[xx, xy, xz], [xy, yy, yz], [xz, yz, zz]])
+
+
+def frame_to_graph(
+    positions: np.ndarray,
+    numbers: np.ndarray,
+    cell: np.ndarray,
+    pbc: np.ndarray,
+    cutoff: float | None,
+    *,
+    energy=None,
+    forces=None,
+    stress=None,
+    weight: float = 1.0,
+    energy_weight: float | None = None,
+    forces_weight: float | None = None,
+    stress_weight: float | None = None,
+    config_type: str = "Default",
+    dtype: torch.dtype = torch.float64,
+    edges: tuple | None = None,
+    neighbor_backend: str = "auto",
+) -> AtomicGraph:
+    """Build a one-structure graph from arrays (``stress`` in ASE Voigt or 3x3, eV/Å^3).
+
+    ``edges = (i, j, S)`` reuses a precomputed neighbor list; otherwise it is computed with
+    :func:`mlpot.data.neighbor_list` for ``cutoff``.
+    """
+    positions = np.asarray(positions, dtype=np.float64)
+    numbers = np.asarray(numbers, dtype=np.int64)
+    pbc = np.asarray(pbc, dtype=bool).reshape(3)
+    cell = np.asarray(cell, dtype=np.float64).reshape(3, 3)
+    if not pbc.any():
+        cell_g = np.zeros((3, 3))
+    else:
+        cell_g = cell
+    n = len(numbers)
+    if edges is None:
+        if cutoff is None:
+            raise DataError("a cutoff is needed to build the graph's edges")
+        i, j, S = neighbor_list(positions, float(cutoff), cell, pbc, backend=neighbor_backend)
+    else:
+        i, j, S = (torch.as_tensor(np.asarray(x)) for x in edges)
+    g: AtomicGraph = {
+        "positions": torch.as_tensor(positions, dtype=dtype),
+        "atomic_numbers": torch.as_tensor(numbers, dtype=torch.long),
+        "cell": torch.as_tensor(cell_g, dtype=dtype)[None],
+        "pbc": torch.as_tensor(pbc)[None],
+        "edge_index": torch.stack([i.long(), j.long()]) if len(i) else torch.zeros(2, 0, dtype=torch.long),
+        "unit_shifts": S.to(dtype).reshape(-1, 3),
+        "batch": torch.zeros(n, dtype=torch.long),
+        "ptr": torch.tensor([0, n], dtype=torch.long),
+        "num_atoms": torch.tensor([n], dtype=torch.long),
+    }
+    if energy is not None:
+        g["energy"] = torch.tensor([float(energy)], dtype=dtype)
+    if forces is not None:
+        g["forces"] = torch.as_tensor(np.asarray(forces, dtype=np.float64), dtype=dtype).reshape(n, 3)
+    volume = abs(float(np.linalg.det(cell))) if pbc.all() else 0.0
+    if stress is not None:
+        s3 = _voigt_to_3x3(stress)
+        g["stress"] = torch.as_tensor(s3, dtype=dtype)[None]
+        if volume > 0:
+            g["virials"] = torch.as_tensor(-s3 * volume, dtype=dtype)[None]
+    g["weight"] = torch.tensor([float(weight)], dtype=dtype)
+    ew = (1.0 if energy is not None else 0.0) if energy_weight is None else float(energy_weight)
+    fw = (1.0 if forces is not None else 0.0) if forces_weight is None else float(forces_weight)
+    sw = (1.0 if stress is not None else 0.0) if stress_weight is None else float(stress_weight)
+    g["energy_weight"] = torch.tensor([ew if energy is not None else 0.0], dtype=dtype)
+    g["forces_weight"] = torch.tensor([fw if forces is not None else 0.0], dtype=dtype)
+    g["stress_weight"] = torch.tensor([sw if stress is not None else 0.0], dtype=dtype)
+    g["config_type"] = [str(config_type)]
+    return g
+
+
+def atoms_to_graph(
+    atoms,
+    cutoff: float,
+    dtype: torch.dtype = torch.float64,
+    *,
+    energy_key: str = "energy",
+    forces_key: str = "forces",
+    stress_key: str = "stress",
+    neighbor_backend: str = "auto",
+) -> AtomicGraph:
+    """``ase.Atoms`` -> one-structure graph.
+
+    Targets are read from ``atoms.calc.results`` (what :func:`mlpot.data.read` produces),
+    falling back to ``atoms.info``/``atoms.arrays`` under the given keys; weights and
+    ``config_type`` from ``atoms.info`` (defaults 1 and ``"Default"``).
+    """
+    results = dict(getattr(atoms.calc, "results", {}) or {}) if atoms.calc is not None else {}
+    energy = results.get("energy", atoms.info.get(energy_key))
+    forces = results.get("forces", atoms.arrays.get(forces_key))
+    stress = results.get("stress", atoms.info.get(stress_key))
+    info = atoms.info
+    return frame_to_graph(
+        atoms.positions,
+        atoms.numbers,
+        atoms.cell.array,
+        atoms.pbc,
+        cutoff,
+        energy=energy,
+        forces=forces,
+        stress=stress,
+        weight=float(info.get("weight", info.get("config_weight", 1.0))),
+        energy_weight=info.get("energy_weight", info.get("config_energy_weight")),
+        forces_weight=info.get("forces_weight", info.get("config_forces_weight")),
+        stress_weight=info.get("stress_weight", info.get("config_stress_weight")),
+        config_type=str(info.get("config_type", "Default")),
+        dtype=dtype,
+        neighbor_backend=neighbor_backend,
+    )
+
+
+def collate(graphs: Sequence[AtomicGraph]) -> AtomicGraph:
+    """Batch graphs: concatenate atoms and edges (edge_index offset by ``ptr``), stack
+    per-structure tensors, rebuild ``batch``, ``ptr`` and ``num_atoms``."""
+    graphs = list(graphs)
+    if not graphs:
+        raise DataError("cannot collate an empty list of graphs")
+    if len(graphs) == 1 and int(graphs[0]["num_atoms"].shape[0]) == 1:
+        return dict(graphs[0])
+    num_atoms = torch.cat([g["num_atoms"] for g in graphs])
+    ptr = torch.zeros(len(num_atoms) + 1, dtype=torch.long)
+    ptr[1:] = torch.cumsum(num_atoms, 0)
+    B = len(num_atoms)
+    # offsets of each graph's atoms / structures
+    atom_off = []
+    graph_off = []
+    na, nb = 0, 0
+    for g in graphs:
+        atom_off.append(na)
+        graph_off.append(nb)
+        na += int(g["positions"].shape[0])
+        nb += int(g["num_atoms"].shape[0])
+    out: AtomicGraph = {
+        "positions": torch.cat([g["positions"] for g in graphs]),
+        "atomic_numbers": torch.cat([g["atomic_numbers"] for g in graphs]),
+        "cell": torch.cat([g["cell"] for g in graphs]),
+        "pbc": torch.cat([g["pbc"] for g in graphs]),
+        "edge_index": torch.cat([g["edge_index"] + o for g, o in zip(graphs, atom_off)], dim=1),
+        "unit_shifts": torch.cat([g["unit_shifts"] for g in graphs]),
+        "batch": torch.repeat_interleave(torch.arange(B), num_atoms),
+        "ptr": ptr,
+        "num_atoms": num_atoms,
+    }
+    dtype = out["positions"].dtype
+    for key in ("energy", "forces", "stress", "virials"):
+        if not any(key in g for g in graphs):
+            continue
+        parts = []
+        for g in graphs:
+            if key in g:
+                parts.append(g[key])
+            else:
+                lead = int(g["positions"].shape[0]) if key == "forces" else int(g["num_atoms"].shape[0])
+                parts.append(torch.zeros((lead, *TARGET_SHAPES[key]), dtype=dtype))
+        out[key] = torch.cat(parts)
+    for key in ("weight", "energy_weight", "forces_weight", "stress_weight"):
+        out[key] = torch.cat([g[key] for g in graphs])
+    out["config_type"] = [c for g in graphs for c in g["config_type"]]
+    for g in graphs:  # any extra keys: keep them when every graph has them per structure
+        for key in g:
+            if key not in out and all(key in h for h in graphs):
+                vals = [h[key] for h in graphs]
+                if all(isinstance(v, torch.Tensor) for v in vals):
+                    try:
+                        out[key] = torch.cat(vals)
+                    except RuntimeError:
+                        pass
+                elif all(isinstance(v, list) for v in vals):
+                    out[key] = [x for v in vals for x in v]
+    return out
+
+
+def graphs_from_atoms(
+    atoms_list: Iterable, cutoff: float, dtype: torch.dtype = torch.float64, **kwargs
+) -> AtomicGraph:
+    """Many ``ase.Atoms`` -> one batched graph (``collate`` of :func:`atoms_to_graph`)."""
+    from ase import Atoms
+
+    if isinstance(atoms_list, Atoms):
+        atoms_list = [atoms_list]
+    return collate([atoms_to_graph(a, cutoff, dtype, **kwargs) for a in atoms_list])

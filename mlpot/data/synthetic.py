@@ -1,0 +1,216 @@
+"""A small built-in dataset: fcc Cu, Ni and Cu-Ni alloy cells labelled with ASE's EMT potential.
+
+It lets anyone train, evaluate and relax without downloading DFT data (``make quickstart``).
+EMT is a cheap analytic many-body potential; here it plays the role of the "reference
+method" that a model learns. Three kinds of structures, each tagged by ``config_type``:
+
+* ``rattled``  - equilibrium fcc cells with Gaussian displacements (sigma 0.03-0.12 Å);
+* ``strained`` - cells under a random symmetric strain (up to ±4 %), lightly rattled;
+* ``md``       - snapshots of a short velocity-Verlet run started at 300-1500 K.
+
+Cells hold 4-32 atoms (the cubic 4-atom fcc cell repeated 1-2 times along each axis), with a
+random Cu fraction in the alloy cells. Targets are written to extxyz under ``REF_energy``
+(eV), ``REF_forces`` (eV/Å) and ``REF_stress`` (eV/Å^3, ASE sign, Voigt order), as with
+mace-torch's ``--energy_key REF_energy`` convention.
+
+Everything is deterministic given ``seed``. Files are written atomically into a cache folder
+together with a ``manifest.json`` of the generation parameters; a later call with the same
+parameters reuses them.
+
+In a training config::
+
+    data:
+      synthetic: {system: cu-ni, n_train: 200, n_valid: 40, n_test: 60, seed: 0}
+
+writes ``train.xyz``, ``valid.xyz``, ``test.xyz`` and ``relax_start.xyz`` (one rattled and
+strained cell to relax) into ``<output>/data/`` unless ``cache_dir`` says otherwise.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from mlpot.errors import ConfigError
+
+__all__ = ["SYSTEMS", "generate_emt_dataset", "emt_structures", "default_cache_dir"]
+
+#: system name -> elements it mixes
+SYSTEMS = {"cu-ni": ("Cu", "Ni"), "cu": ("Cu",), "ni": ("Ni",)}
+_LATTICE = {"Cu": 3.61, "Ni": 3.52}
+_REPEATS = [(1, 1, 1), (2, 1, 1), (1, 2, 1), (2, 2, 1), (2, 1, 2), (2, 2, 2)]
+_KINDS = ("rattled", "strained", "md")
+GENERATOR_VERSION = 1
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("MLPOT_CACHE", Path.home() / ".cache" / "mlpot")) / "synthetic"
+
+
+def _random_cell(rng: np.random.Generator, elements: tuple[str, ...]):
+    from ase.build import bulk
+
+    rep = _REPEATS[rng.integers(len(_REPEATS))]
+    if len(elements) == 1:
+        frac = {elements[0]: 1.0}
+    else:
+        x = float(rng.uniform(0.0, 1.0))
+        frac = {elements[0]: x, elements[1]: 1.0 - x}
+    # Vegard's law for the alloy lattice constant
+    a = sum(_LATTICE[e] * f for e, f in frac.items())
+    atoms = bulk(elements[0], "fcc", a=a, cubic=True).repeat(rep)
+    if len(elements) > 1:
+        symbols = rng.choice(list(elements), size=len(atoms), p=[frac[e] for e in elements])
+        atoms.set_chemical_symbols(list(symbols))
+    return atoms
+
+
+def _symmetric_strain(rng: np.random.Generator, magnitude: float) -> np.ndarray:
+    e = rng.uniform(-magnitude, magnitude, size=(3, 3))
+    return 0.5 * (e + e.T)
+
+
+def _label(atoms, kind: str):
+    from ase.calculators.emt import EMT
+
+    atoms = atoms.copy()
+    atoms.calc = EMT()
+    energy = float(atoms.get_potential_energy())
+    forces = np.array(atoms.get_forces())
+    stress = np.array(atoms.get_stress(voigt=True))
+    atoms.calc = None
+    atoms.info["REF_energy"] = energy
+    atoms.info["REF_stress"] = stress
+    atoms.arrays["REF_forces"] = forces
+    atoms.info["config_type"] = kind
+    return atoms
+
+
+def _make_one(rng: np.random.Generator, elements, kind: str):
+    atoms = _random_cell(rng, elements)
+    if kind == "rattled":
+        sigma = float(rng.uniform(0.03, 0.12))
+        atoms.positions += rng.normal(0.0, sigma, size=atoms.positions.shape)
+    elif kind == "strained":
+        eps = _symmetric_strain(rng, 0.04)
+        atoms.set_cell(atoms.cell.array @ (np.eye(3) + eps), scale_atoms=True)
+        atoms.positions += rng.normal(0.0, 0.03, size=atoms.positions.shape)
+    elif kind == "md":
+        from ase import units
+        from ase.calculators.emt import EMT
+        from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+        from ase.md.verlet import VelocityVerlet
+
+        eps = _symmetric_strain(rng, 0.02)
+        atoms.set_cell(atoms.cell.array @ (np.eye(3) + eps), scale_atoms=True)
+        temperature = float(rng.uniform(300.0, 1500.0))
+        atoms.calc = EMT()
+        MaxwellBoltzmannDistribution(atoms, temperature_K=2 * temperature, rng=rng)
+        dyn = VelocityVerlet(atoms, timestep=2.0 * units.fs)
+        dyn.run(int(rng.integers(10, 40)))
+        atoms.calc = None
+        del atoms.arrays["momenta"]
+    else:  # pragma: no cover - internal
+        raise ValueError(kind)
+    atoms.wrap()
+    return _label(atoms, kind)
+
+
+def emt_structures(n: int, seed: int = 0, system: str = "cu-ni") -> list:
+    """``n`` labelled structures, kinds cycling rattled / strained / md; deterministic in ``seed``."""
+    if system not in SYSTEMS:
+        raise ConfigError(f"data.synthetic.system: unknown system {system!r}; choose from {sorted(SYSTEMS)}")
+    elements = SYSTEMS[system]
+    out = []
+    for k in range(n):
+        rng = np.random.default_rng([int(seed), k])
+        out.append(_make_one(rng, elements, _KINDS[k % len(_KINDS)]))
+    return out
+
+
+def _relax_start(seed: int, system: str):
+    """A 2x2x2 (32-atom) cell, 3 % strained and rattled by 0.1 Å: something to relax."""
+    from ase.build import bulk
+
+    elements = SYSTEMS[system]
+    rng = np.random.default_rng([int(seed), 10**6])
+    atoms = bulk(elements[0], "fcc", a=_LATTICE[elements[0]], cubic=True).repeat((2, 2, 2))
+    if len(elements) > 1:
+        atoms.set_chemical_symbols(["Cu" if k % 2 == 0 else "Ni" for k in range(len(atoms))])
+        atoms.set_cell(atoms.cell.array * (0.5 * (_LATTICE["Cu"] + _LATTICE["Ni"]) / _LATTICE["Cu"]),
+                       scale_atoms=True)
+    atoms.set_cell(atoms.cell.array * 1.03, scale_atoms=True)
+    atoms.positions += rng.normal(0.0, 0.1, size=atoms.positions.shape)
+    atoms.info["config_type"] = "relax_start"
+    return atoms
+
+
+def _atomic_write(path: Path, images) -> None:
+    from ase.io import write
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp, images, format="extxyz")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def generate_emt_dataset(
+    out_dir=None,
+    n_train: int = 200,
+    n_valid: int = 40,
+    n_test: int = 60,
+    seed: int = 0,
+    system: str = "cu-ni",
+) -> dict[str, Path]:
+    """Write (or reuse) ``train.xyz``, ``valid.xyz``, ``test.xyz``, ``relax_start.xyz`` in ``out_dir``.
+
+    The three splits are disjoint: they are drawn from independent seeds. Returns
+    ``{"train": path, "valid": path, "test": path, "relax_start": path}``.
+    """
+    for name, n in (("n_train", n_train), ("n_valid", n_valid), ("n_test", n_test)):
+        if not isinstance(n, int) or n < 0:
+            raise ConfigError(f"data.synthetic.{name} must be a non-negative integer, got {n!r}")
+    if n_train < 1:
+        raise ConfigError("data.synthetic.n_train must be at least 1")
+    if system not in SYSTEMS:
+        raise ConfigError(f"data.synthetic.system: unknown system {system!r}; choose from {sorted(SYSTEMS)}")
+    out_dir = Path(out_dir) if out_dir is not None else default_cache_dir() / f"{system}-seed{seed}"
+    params = {
+        "generator": "emt", "version": GENERATOR_VERSION, "system": system, "seed": int(seed),
+        "n_train": n_train, "n_valid": n_valid, "n_test": n_test,
+    }
+    paths = {k: out_dir / f"{k}.xyz" for k in ("train", "valid", "test", "relax_start")}
+    manifest = out_dir / "manifest.json"
+    if manifest.exists() and all(p.exists() for p in paths.values()):
+        try:
+            if json.loads(manifest.read_text()) == params:
+                return paths
+        except (OSError, json.JSONDecodeError):
+            pass
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # independent streams per split: seed offsets far apart
+    splits = {"train": (n_train, 0), "valid": (n_valid, 1), "test": (n_test, 2)}
+    for name, (n, offset) in splits.items():
+        images = emt_structures(n, seed=int(seed) * 1000 + offset, system=system)
+        _atomic_write(paths[name], images)
+    _atomic_write(paths["relax_start"], [_relax_start(seed, system)])
+    fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".tmp", dir=out_dir)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(params, fh, indent=1)
+    os.replace(tmp, manifest)
+    return paths
+
+
+if __name__ == "__main__":  # pragma: no cover - manual use
+    import sys
+
+    print(generate_emt_dataset(sys.argv[1] if len(sys.argv) > 1 else None))

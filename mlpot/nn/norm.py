@@ -1,0 +1,53 @@
+r"""Equivariant layer normalisation of spherical-harmonic features.
+
+Input ``x`` of shape ``(N, (L+1)^2, C)`` (degrees ``l = 0..L``, e3nn order, channels last).
+Per node and per degree ``l``:
+
+* ``l = 0`` (scalars): mean-centred over channels, then RMS-normalised,
+  :math:`y_{0c} = g_{0c}\,(x_{0c} - \bar x_0)/\sqrt{\overline{(x_0 - \bar x_0)^2} + \epsilon} + b_c`;
+* ``l >= 1``: RMS over the :math:`2l+1` components and the channels (a rotation invariant,
+  since :math:`\sum_m x_{lm}^2` is), no centring (a mean of vectors is not invariant),
+  :math:`y_{lmc} = g_{lc}\, x_{lmc} / \sqrt{\frac{1}{C(2l+1)} \sum_{m,c} x_{lmc}^2 + \epsilon}`.
+
+Every operation is a scalar (rotation- and reflection-invariant) rescaling of whole
+:math:`(2l+1)`-blocks, so the map is exactly O(3)-equivariant. A zero block stays zero.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["EquivariantLayerNorm"]
+
+
+class EquivariantLayerNorm(nn.Module):
+    """Per-degree RMS norm, scalars mean-centred, learned per-(l, channel) gains and scalar bias."""
+
+    def __init__(self, lmax: int, channels: int, eps: float = 1e-5, affine: bool = True):
+        super().__init__()
+        self.lmax, self.channels, self.eps = int(lmax), int(channels), float(eps)
+        if affine:
+            self.weight = nn.Parameter(torch.ones(self.lmax + 1, self.channels))
+            self.bias = nn.Parameter(torch.zeros(self.channels))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        degree = torch.cat([torch.full((2 * l + 1,), l, dtype=torch.long) for l in range(self.lmax + 1)])
+        self.register_buffer("degree", degree, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x0 = x[:, :1, :]
+        x0 = x0 - x0.mean(dim=-1, keepdim=True)
+        x0 = x0 * torch.rsqrt(x0.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        parts = [x0]
+        for l in range(1, self.lmax + 1):
+            xl = x[:, l * l : (l + 1) ** 2, :]
+            parts.append(xl * torch.rsqrt(xl.pow(2).mean(dim=(-2, -1), keepdim=True) + self.eps))
+        y = torch.cat(parts, 1)
+        if self.weight is not None:
+            y = y * self.weight[self.degree].to(y.dtype)
+            y = torch.cat([y[:, :1, :] + self.bias.to(y.dtype), y[:, 1:, :]], 1)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"lmax={self.lmax}, channels={self.channels}, eps={self.eps}"

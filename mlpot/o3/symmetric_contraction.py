@@ -1,0 +1,382 @@
+r"""MACE's product basis: element-weighted symmetric contractions of the atomic basis.
+
+Math
+----
+On each node the atomic basis :math:`A_{c, i}` (channel :math:`c`, component :math:`i` of the
+coupling irreps ``l_1 + l_2 + ...`` each of multiplicity 1, dimension :math:`D`) is raised to
+body order :math:`\nu + 1` and coupled back to an output irrep :math:`L`:
+
+.. math::
+
+    B_{c, K} = \sum_{\nu=1}^{\nu_{max}} \sum_{k} W^{(\nu)}_{z, k, c}
+               \sum_{i_1 \dots i_\nu} U^{(\nu)}_{K, i_1 \dots i_\nu, k}\, A_{c, i_1} \cdots A_{c, i_\nu}
+
+where :math:`z` is the element of the node and the columns :math:`U^{(\nu)}_{\cdot, k}` are
+equivariant couplings :math:`(V^{\otimes \nu}) \to V_L` (generalized Clebsch–Gordan
+coefficients). Only the part of :math:`U` symmetric in :math:`(i_1 \dots i_\nu)` matters,
+since the product of the :math:`A` is symmetric.
+
+Coupling tensors
+----------------
+The ``U`` are persistent buffers ``contractions.{k}.U_matrix_{nu}`` of shape
+``(2L+1, D, ..., D, n_nu)``, so a model file carries the exact couplings it was trained with
+(an imported mace-torch model keeps mace's own ``U``, whatever e3nn's sign conventions were).
+New models get :func:`coupling_basis`: all chains of CG couplings
+``((i_1 x i_2) -> l_12 x i_3) -> ... -> L``, symmetrized over the :math:`\nu` slots and
+reduced to an orthogonal basis of their span (Gram–Schmidt), scaled by :math:`\sqrt{2L+1}`
+("component" normalization) — the smallest set of weights with the full expressive power.
+``basis_sizes`` forces the number of columns (an imported model's); extra columns are zero.
+
+Algorithm
+---------
+Instead of contracting :math:`U` with :math:`A` one index at a time for every node (mace-torch;
+:math:`O(D^\nu)` per node and channel), the weights are first folded into the symmetrized
+couplings, once per call and element,
+:math:`T_{z, c, K, m} = \sum_k \bar U_{K, m, k} W_{z, k, c}`, over the *distinct* monomials
+:math:`m = (i_1 \le \dots \le i_\nu)` whose coupling is nonzero (parity and the triangle rule
+remove most). The monomials are built incrementally, :math:`A^{(\nu)}_m = A^{(\nu-1)}_{m'} A_{i_\nu}`,
+and the node output is one batched matmul per element, ``(C, n_z, M) @ (C, M, K)``.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from functools import lru_cache
+
+import torch
+from e3nn import o3
+from torch import nn
+
+__all__ = ["SymmetricContraction", "Contraction", "coupling_basis", "coupling_paths"]
+
+
+def _coupling_irreps(irreps_in) -> o3.Irreps:
+    return o3.Irreps([ir for _, ir in o3.Irreps(irreps_in)])
+
+
+def _chains(irreps: o3.Irreps, correlation: int, filter_ir_mid=None):
+    """CG chains as compact blocks: ``(ir_out, (j_1..j_nu), tensor (ir_out.dim, d_j1, ..., d_jnu))``."""
+    dtype = torch.float64
+    chains = [(ir, (j,), torch.eye(ir.dim, dtype=dtype)) for j, (_, ir) in enumerate(irreps)]
+    for _ in range(1, correlation):
+        new = []
+        for ir_left, js, t_left in chains:
+            for j, (_, ir) in enumerate(irreps):
+                for ir_mid in ir_left * ir:
+                    if filter_ir_mid is not None and ir_mid not in filter_ir_mid:
+                        continue
+                    C = o3.wigner_3j(ir_mid.l, ir_left.l, ir.l, dtype=dtype) * math.sqrt(ir_mid.dim)
+                    new.append((ir_mid, js + (j,), torch.einsum("mlj,l...->m...j", C, t_left)))
+        chains = new
+    return chains
+
+
+def coupling_paths(irreps, correlation: int, ir_out, filter_ir_mid=None) -> list[torch.Tensor]:
+    r"""All CG chains ``(((i_1 x i_2) -> l_12) x i_3 -> ...) -> ir_out`` as dense tensors.
+
+    ``irreps``: the coupling irreps (multiplicity 1 each), dimension ``D``. Returns a list of
+    tensors of shape ``(ir_out.dim, D, ..., D)`` (``correlation`` times ``D``), each built from
+    e3nn's ``wigner_3j`` with "component" normalization (each coupling scaled by
+    :math:`\sqrt{2l+1}`), in the spirit of mace-torch's ``U_matrix_real``.
+    """
+    irreps = o3.Irreps(irreps)
+    ir_out = o3.Irrep(ir_out)
+    D = irreps.dim
+    out = []
+    for ir, js, t in _chains(irreps, correlation, filter_ir_mid):
+        if ir != ir_out:
+            continue
+        full = torch.zeros((ir.dim,) + (D,) * correlation, dtype=t.dtype)
+        full[(slice(None),) + tuple(irreps.slices()[j] for j in js)] = t
+        out.append(full)
+    return out
+
+
+@lru_cache(maxsize=16)
+def _monomial_index(D: int, nu: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Distinct monomials of order nu over D variables: padded flat indices of their orderings,
+    validity mask, and the number of distinct orderings of each."""
+    monos = _monomials(D, nu)
+    index = [_distinct_permutations_flat(m, D) for m in monos]
+    width = max(len(ix) for ix in index)
+    flat_idx = torch.tensor([ix + [ix[0]] * (width - len(ix)) for ix in index], dtype=torch.long)
+    valid = torch.tensor([[1.0] * len(ix) + [0.0] * (width - len(ix)) for ix in index], dtype=torch.float64)
+    count = torch.tensor([len(ix) for ix in index], dtype=torch.float64)
+    return flat_idx, valid, count
+
+
+def _sum_over_orderings(U: torch.Tensor, D: int, nu: int) -> torch.Tensor:
+    """``U (d, D^nu..., n)`` -> ``(d, M, n)``: sum of U over the distinct orderings of each monomial."""
+    flat_idx, valid, _ = _monomial_index(D, nu)
+    d, n = U.shape[0], U.shape[-1]
+    Uf = U.reshape(d, D**nu, n)
+    return (Uf[:, flat_idx, :] * valid.to(U.dtype)[None, :, :, None]).sum(2)
+
+
+@lru_cache(maxsize=16)
+def _monomial_table(D: int, nu: int) -> torch.Tensor:
+    """For every flat index ``(i_1..i_nu)`` the position of the sorted monomial in ``_monomials``."""
+    flat_idx, valid, _ = _monomial_index(D, nu)
+    table = torch.empty(D**nu, dtype=torch.long)
+    ids = torch.arange(flat_idx.shape[0])[:, None].expand_as(flat_idx)
+    mask = valid.bool()
+    table[flat_idx[mask]] = ids[mask]
+    return table
+
+
+@lru_cache(maxsize=64)
+def _coupling_basis_cached(irreps_str: str, correlation: int, ir_out_str: str) -> torch.Tensor:
+    irreps = o3.Irreps(irreps_str)
+    ir_out = o3.Irrep(ir_out_str)
+    D = irreps.dim
+    nu = correlation
+    shape = (ir_out.dim,) + (D,) * nu
+    filt = None
+    if nu >= 4:  # keep natural-parity intermediates, as mace-torch does for nu = 4
+        filt = [o3.Irrep(l, (-1) ** l) for l in range(12)]
+    flat_idx, _, count = _monomial_index(D, nu)
+    table = _monomial_table(D, nu)
+    M = flat_idx.shape[0]
+    offsets = [sl.start for sl in irreps.slices()]
+    vecs = []
+    for ir, js, t in _chains(irreps, nu, filt):
+        if ir != ir_out:
+            continue
+        # global flat index of every entry of the block, then its monomial
+        grids = torch.meshgrid(*[torch.arange(irreps[j].ir.dim) + offsets[j] for j in js], indexing="ij")
+        flat = torch.zeros_like(grids[0])
+        for g in grids:
+            flat = flat * D + g
+        ids = table[flat.reshape(-1)]
+        v = torch.zeros(ir_out.dim, M, dtype=torch.float64).index_add_(1, ids, t.reshape(ir_out.dim, -1))
+        vecs.append((v / count.sqrt()[None, :]).reshape(-1))  # weighted coordinates: norm = Frobenius
+    if not vecs:
+        return torch.zeros(*shape, 0, dtype=torch.float64)
+    basis: list[torch.Tensor] = []
+    for v0 in vecs:
+        v = v0.clone()
+        for _ in range(2):  # modified Gram-Schmidt, twice for stability
+            for b in basis:
+                v = v - (b @ v) * b
+        n = v.norm()
+        if n > 1e-9 * max(1.0, v0.norm().item()):
+            basis.append(v / n)
+    if not basis:
+        return torch.zeros(*shape, 0, dtype=torch.float64)
+    B = torch.stack(basis, dim=-1).reshape(ir_out.dim, M, len(basis))
+    S = B / count.sqrt()[None, :, None]  # entries of the symmetric tensor
+    U = torch.zeros(ir_out.dim, D**nu, len(basis), dtype=torch.float64)
+    for w in range(flat_idx.shape[1]):
+        U[:, flat_idx[:, w], :] = S
+    return (U * math.sqrt(ir_out.dim)).reshape(*shape, len(basis))
+
+
+def coupling_basis(irreps_in, correlation: int, ir_out) -> torch.Tensor:
+    """Orthogonal basis of the symmetric equivariant couplings ``Sym^nu(V) -> ir_out``.
+
+    Shape ``(ir_out.dim, D, ..., D, n)``; each column has Frobenius norm ``sqrt(ir_out.dim)``.
+    """
+    irreps = _coupling_irreps(irreps_in)
+    return _coupling_basis_cached(str(irreps), int(correlation), str(o3.Irrep(ir_out))).clone()
+
+
+# ------------------------------------------------------------------------------------------------
+def _monomials(D: int, nu: int) -> list[tuple[int, ...]]:
+    return list(itertools.combinations_with_replacement(range(D), nu))
+
+
+def _distinct_permutations_flat(m: tuple[int, ...], D: int) -> list[int]:
+    flat = set()
+    for p in set(itertools.permutations(m)):
+        f = 0
+        for i in p:
+            f = f * D + i
+        flat.add(f)
+    return sorted(flat)
+
+
+class Contraction(nn.Module):
+    """One output irrep of :class:`SymmetricContraction`: buffers ``U_matrix_{nu}``, weights ``weights_{nu}``."""
+
+    def __init__(self, D: int, ir_out: o3.Irrep, correlation: int, num_elements: int, num_channels: int,
+                 U_list: list[torch.Tensor]):
+        super().__init__()
+        self.ir_out = ir_out
+        self.correlation = correlation
+        for nu, U in enumerate(U_list, start=1):
+            self.register_buffer(f"U_matrix_{nu}", U.contiguous())
+            n = U.shape[-1]
+            w = torch.randn(num_elements, n, num_channels, dtype=torch.get_default_dtype()) / max(n, 1)
+            self.register_parameter(f"weights_{nu}", nn.Parameter(w))
+
+    def U(self, nu: int) -> torch.Tensor:
+        return getattr(self, f"U_matrix_{nu}")
+
+    def W(self, nu: int) -> torch.Tensor:
+        return getattr(self, f"weights_{nu}")
+
+
+class SymmetricContraction(nn.Module):
+    r"""Product basis :math:`A \mapsto B` (module doc), mace-torch's call convention.
+
+    Args:
+        irreps_in: the atomic basis, ``C x l_1 + C x l_2 + ...`` (one multiplicity ``C``).
+        irreps_out: output irreps, each of multiplicity ``C`` (e.g. ``"128x0e+128x1o"``).
+        correlation: body order minus one, :math:`\nu_{max}` (1..4).
+        num_elements: number of species (one weight set each).
+        basis_sizes: optional ``[[n_1, ..., n_corr] per output irrep]``: number of coupling columns
+            (to hold an imported model's ``U``); default: the reduced basis of :func:`coupling_basis`.
+
+    ``forward(node_feats (N, C, D), node_attrs (N, S) one-hot) -> (N, irreps_out.dim)``.
+    """
+
+    def __init__(self, irreps_in, irreps_out, correlation: int, num_elements: int,
+                 basis_sizes=None, backend: str = "reference"):
+        super().__init__()
+        self.irreps_in = o3.Irreps(irreps_in)
+        self.irreps_out = o3.Irreps(irreps_out)
+        self.correlation = int(correlation)
+        self.num_elements = int(num_elements)
+        self.backend = str(backend)
+        if not 1 <= self.correlation <= 4:
+            raise ValueError(f"correlation must be 1..4, got {correlation}")
+        muls = {mul for mul, _ in self.irreps_in} | {mul for mul, _ in self.irreps_out}
+        if len(muls) != 1:
+            raise ValueError(
+                f"SymmetricContraction needs one multiplicity everywhere, got {self.irreps_in} -> {self.irreps_out}"
+            )
+        self.num_channels = muls.pop()
+        self.coupling_irreps = _coupling_irreps(self.irreps_in)
+        self.D = self.coupling_irreps.dim
+        self.contractions = nn.ModuleList()
+        for k, (_, ir) in enumerate(self.irreps_out):
+            U_list = []
+            for nu in range(1, self.correlation + 1):
+                U = coupling_basis(self.coupling_irreps, nu, ir)
+                if basis_sizes is not None:
+                    n = int(basis_sizes[k][nu - 1])
+                    if n != U.shape[-1]:
+                        V = torch.zeros(*U.shape[:-1], n, dtype=U.dtype)
+                        r = min(n, U.shape[-1])
+                        V[..., :r] = U[..., :r]
+                        U = V
+                U_list.append(U.to(torch.get_default_dtype()))
+            self.contractions.append(
+                Contraction(self.D, ir, self.correlation, self.num_elements, self.num_channels, U_list)
+            )
+        self._build_plan()
+        self.register_load_state_dict_post_hook(lambda module, incompatible: module._build_plan())
+
+    @property
+    def basis_sizes(self) -> list[list[int]]:
+        return [[int(c.U(nu).shape[-1]) for nu in range(1, self.correlation + 1)] for c in self.contractions]
+
+    def extra_repr(self) -> str:
+        return (f"{self.irreps_in} -> {self.irreps_out}, correlation={self.correlation}, "
+                f"elements={self.num_elements}, basis={self.basis_sizes}, monomials={self._num_monomials}")
+
+    # ---- plan: which monomials, symmetrized couplings -----------------------------------------
+    @torch.no_grad()
+    def _build_plan(self) -> None:
+        """Distinct monomials with a nonzero coupling, their build order, and the symmetrized U.
+
+        Called at construction and after every ``load_state_dict`` (the U buffers may change).
+        """
+        D = self.D
+        dev = self.contractions[0].U(1).device
+        keep: dict[int, list[tuple[int, ...]]] = {}
+        usym: dict[tuple[int, int], torch.Tensor] = {}
+        for nu in range(1, self.correlation + 1):
+            monos = _monomials(D, nu)
+            nz = torch.zeros(len(monos), dtype=torch.bool)
+            per_k = []
+            for c in self.contractions:
+                # Us[K, m, j] = sum of U over the distinct orderings of monomial m
+                Us = _sum_over_orderings(c.U(nu).detach().to("cpu", torch.float64), D, nu)
+                per_k.append(Us)
+                scale = Us.abs().max().item() if Us.numel() else 0.0
+                if scale > 0:
+                    nz |= (Us.abs() > 1e-12 * scale).any(0).any(-1)
+            kept = [m for m, z in zip(monos, nz.tolist()) if z]
+            keep[nu] = kept
+            sel = torch.tensor([i for i, z in enumerate(nz.tolist()) if z], dtype=torch.long)
+            for k, Us in enumerate(per_k):
+                usym[(k, nu)] = Us[:, sel, :]  # (d, M_nu, n)
+        # build levels: level nu must contain the prefixes of level nu + 1
+        levels: dict[int, list[tuple[int, ...]]] = {}
+        need = set()
+        for nu in range(self.correlation, 1, -1):
+            lv = sorted(set(keep[nu]) | need)
+            levels[nu] = lv
+            need = {m[:-1] for m in lv}
+        levels[1] = [(i,) for i in range(D)]
+        self._levels = levels
+        self._num_monomials = sum(len(keep[nu]) for nu in keep)
+        parents, lasts, sels = [], [], []
+        for nu in range(2, self.correlation + 1):
+            pos = {m: i for i, m in enumerate(levels[nu - 1])}
+            parents.append(torch.tensor([pos[m[:-1]] for m in levels[nu]], dtype=torch.long, device=dev))
+            lasts.append(torch.tensor([m[-1] for m in levels[nu]], dtype=torch.long, device=dev))
+        for nu in range(1, self.correlation + 1):
+            pos = {m: i for i, m in enumerate(levels[nu])}
+            sel = [pos[m] for m in keep[nu]]
+            identity = sel == list(range(len(levels[nu])))
+            sels.append(None if identity else torch.tensor(sel, dtype=torch.long, device=dev))
+        self._parents, self._lasts, self._sels = parents, lasts, sels
+        # symmetrized couplings of all outputs, stacked: (sum_k d_k, M_total, n) per (k, nu) block
+        self._usym = {key: v.to(device=dev) for key, v in usym.items()}
+
+    def _fold_weights(self, dtype, device) -> torch.Tensor:
+        """T[s, c, m, K] = sum_j Ubar[K, m, j] W[s, j, c] for all outputs K and monomials m."""
+        blocks_k = []
+        for k, c in enumerate(self.contractions):
+            blocks_nu = []
+            for nu in range(1, self.correlation + 1):
+                Us = self._usym[(k, nu)].to(dtype=dtype, device=device)
+                if Us.shape[1] == 0:
+                    continue
+                blocks_nu.append(torch.einsum("Kmj,sjc->scmK", Us, c.W(nu)))
+            blocks_k.append(torch.cat(blocks_nu, dim=2))
+        return torch.cat(blocks_k, dim=3)
+
+    def monomials(self, x: torch.Tensor) -> torch.Tensor:
+        """``x (..., D)`` -> the kept monomials of all orders ``(..., M)`` (order nu = 1, 2, ...)."""
+        cur = x
+        out = [x if self._sels[0] is None else x.index_select(-1, self._sels[0])]
+        for nu in range(2, self.correlation + 1):
+            cur = cur.index_select(-1, self._parents[nu - 2]) * x.index_select(-1, self._lasts[nu - 2])
+            sel = self._sels[nu - 1]
+            out.append(cur if sel is None else cur.index_select(-1, sel))
+        return torch.cat(out, dim=-1) if len(out) > 1 else out[0]
+
+    def forward(self, node_feats: torch.Tensor, node_attrs: torch.Tensor) -> torch.Tensor:
+        N, C, D = node_feats.shape
+        if D != self.D or C != self.num_channels:
+            raise ValueError(f"node_feats must be (N, {self.num_channels}, {self.D}), got {tuple(node_feats.shape)}")
+        T = self._fold_weights(node_feats.dtype, node_feats.device)  # (S, C, M, K)
+        S = T.shape[0]
+        x = node_feats.transpose(0, 1)  # (C, N, D)
+        if S == 1:
+            out = torch.bmm(self.monomials(x), T[0])  # (C, N, K)
+        else:
+            species = node_attrs.argmax(dim=-1)
+            order = torch.argsort(species, stable=True)
+            counts = torch.bincount(species, minlength=S).tolist()
+            xs = x.index_select(1, order)
+            mono = self.monomials(xs)
+            parts, start = [], 0
+            for s, n in enumerate(counts):
+                if n:
+                    parts.append(torch.bmm(mono[:, start : start + n], T[s]))
+                start += n
+            out_sorted = torch.cat(parts, dim=1)
+            inv = torch.empty_like(order)
+            inv[order] = torch.arange(N, device=order.device)
+            out = out_sorted.index_select(1, inv)
+        # (C, N, K) -> mul_ir (N, sum_k C * d_k)
+        res, off = [], 0
+        for c in self.contractions:
+            d = c.ir_out.dim
+            res.append(out[:, :, off : off + d].permute(1, 0, 2).reshape(N, C * d))
+            off += d
+        return torch.cat(res, dim=-1)

@@ -1,0 +1,1 @@
+"""Simulation drivers: relaxation (ASE optimizers and batched FIRE in torch), molecular dynamics."""

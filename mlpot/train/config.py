@@ -1,0 +1,415 @@
+"""Training configs: the schema, defaults, validation and ``--set`` overrides.
+
+A config is one YAML file with sections ``data``, ``model``, ``training`` and the top-level
+keys ``output``, ``seed``, ``device``, ``dtype``. :func:`load_config` reads it, applies
+``--set key.sub=value`` overrides, checks every key and value against :data:`SCHEMA`
+and fills in defaults. Any problem is one :class:`~mlpot.errors.ConfigError` naming the key
+(with a "did you mean" hint for typos), raised before anything runs.
+
+The ``model`` section is open: besides ``name`` and the keys the trainer fills in
+(``r_max``, ``avg_num_neighbors``, ``e0s``, ``scale``, ``shift``, ``atomic_numbers``), its
+keys are the model class's constructor arguments, checked against its signature.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import inspect
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mlpot.errors import ConfigError
+
+__all__ = ["SCHEMA", "load_config", "validate_config", "apply_override", "dump_config", "default_config"]
+
+
+@dataclasses.dataclass
+class Field:
+    types: tuple
+    default: Any = None
+    choices: tuple | None = None
+    doc: str = ""
+    required: bool = False
+
+
+def F(types, default=None, choices=None, doc="", required=False) -> Field:
+    if not isinstance(types, tuple):
+        types = (types,)
+    return Field(types, default, choices, doc, required)
+
+
+NoneType = type(None)
+_num = (int, float)
+
+DATA_SCHEMA: dict[str, Any] = {
+    "train": F((str, list, NoneType), None, doc="training file(s); filled in by `synthetic`"),
+    "valid": F((str, float, NoneType), 0.1, doc="validation file, or a fraction of `train` held out"),
+    "test": F((str, list, dict, NoneType), None, doc="test file, list of files, or {name: file}"),
+    "format": F((str, NoneType), None, doc="file format (default: from the suffix)"),
+    "keys": {
+        "energy": F((str, NoneType), None),
+        "forces": F((str, NoneType), None),
+        "stress": F((str, NoneType), None),
+        "virials": F((str, NoneType), None),
+        "config_type": F(str, "config_type"),
+    },
+    "units": {
+        "energy": F((str, float, NoneType), None),
+        "length": F((str, float, NoneType), None),
+        "stress": F((str, float, NoneType), None),
+    },
+    "isolated_atoms": F((str, NoneType), None, doc="file of isolated-atom energies (for model.e0s: isolated)"),
+    "max_train": F((int, NoneType), None, doc="use only the first N training frames"),
+    "synthetic": F((dict, NoneType), None, doc="generate the built-in EMT Cu-Ni dataset (mlpot.data.synthetic)"),
+}
+
+SYNTHETIC_SCHEMA: dict[str, Any] = {
+    "system": F(str, "cu-ni", choices=("cu-ni", "cu", "ni")),
+    "n_train": F(int, 200),
+    "n_valid": F(int, 40),
+    "n_test": F(int, 60),
+    "seed": F(int, 0),
+    "cache_dir": F((str, NoneType), None, doc="where to write the files (default: <output>/data)"),
+}
+
+STAGE_TWO_SCHEMA: dict[str, Any] = {
+    "start": F(_num, 0.75, doc="epoch (int >= 1) or fraction of `epochs` (0 < x < 1)"),
+    "energy_weight": F(_num, 1000.0),
+    "forces_weight": F(_num, 100.0),
+    "stress_weight": F((int, float, NoneType), None, doc="default: unchanged"),
+    "lr": F(_num, 1e-3),
+}
+
+TRAINING_SCHEMA: dict[str, Any] = {
+    "epochs": F(int, 100),
+    "batch_size": F(int, 5),
+    "valid_batch_size": F((int, NoneType), None, doc="default: 2 x batch_size"),
+    "lr": F(_num, 1e-2),
+    "optimizer": F(str, "adam", choices=("adam", "adamw")),
+    "amsgrad": F(bool, True),
+    "weight_decay": F(_num, 0.0),
+    "scheduler": F(str, "plateau", choices=("plateau", "cosine", "none")),
+    "scheduler_params": F(dict, {}, doc="plateau: factor, patience, threshold, min_lr; cosine: eta_min, t_max"),
+    "clip_grad": F((int, float, NoneType), 10.0),
+    "ema": F(bool, True),
+    "ema_decay": F(_num, 0.99),
+    "loss": F(str, "mse", choices=("mse", "huber", "universal")),
+    "huber_delta": F(_num, 0.01),
+    "energy_weight": F(_num, 1.0),
+    "forces_weight": F(_num, 100.0),
+    "stress_weight": F(_num, 1.0),
+    "config_type_weights": F(dict, {}, doc="{config_type: weight}"),
+    "stage_two": F((dict, NoneType), None, doc="MACE's second stage (SWA): higher energy weight, new lr"),
+    "patience": F((int, NoneType), None, doc="early stopping: epochs without validation improvement"),
+    "eval_every": F(int, 1, doc="validate every N epochs"),
+    "checkpoint_every": F(int, 1),
+    "num_workers": F(int, 0),
+    "time_limit": F((int, float, NoneType), None, doc="minutes of training; then stop cleanly and evaluate"),
+    "progress": F((bool, NoneType), None, doc="progress bar (default: when stderr is a terminal)"),
+    "tensorboard": F(bool, False),
+}
+
+SCHEDULER_PARAMS = {
+    "plateau": {"factor": _num, "patience": int, "threshold": _num, "min_lr": _num},
+    "cosine": {"eta_min": _num, "t_max": int},
+    "none": {},
+}
+
+MODEL_RESERVED: dict[str, Any] = {
+    "name": F(str, "MACE"),
+    "r_max": F(_num, 5.0),
+    "atomic_numbers": F((list, NoneType), None, doc="default: the elements of the training data"),
+    "avg_num_neighbors": F((int, float, str), "auto"),
+    "e0s": F((str, dict, list), "average", doc="average (least squares) | isolated | {element: eV}"),
+    "scale": F((int, float, str), "auto", doc="auto: RMS of training forces"),
+    "shift": F((int, float, str), "auto", doc="auto: mean interaction energy per atom"),
+}
+
+SCHEMA: dict[str, Any] = {
+    "output": F(str, "runs/default", doc="run directory"),
+    "seed": F(int, 0),
+    "device": F(str, "auto", choices=("auto", "cpu", "cuda")),
+    "dtype": F(str, "float64", choices=("float64", "float32")),
+    "data": DATA_SCHEMA,
+    "model": MODEL_RESERVED,
+    "training": TRAINING_SCHEMA,
+}
+
+
+def _type_name(types) -> str:
+    names = {str: "string", int: "integer", float: "number", bool: "true/false", list: "list",
+             dict: "mapping", NoneType: "null"}
+    return " or ".join(dict.fromkeys(names.get(t, t.__name__) for t in types))
+
+
+def _check_type(key: str, value, field: Field):
+    types = field.types
+    ok = False
+    for t in types:
+        if t is bool:
+            ok = ok or isinstance(value, bool)
+        elif t is int:
+            ok = ok or (isinstance(value, int) and not isinstance(value, bool))
+        elif t is float:
+            ok = ok or (isinstance(value, (int, float)) and not isinstance(value, bool))
+        else:
+            ok = ok or isinstance(value, t)
+    if not ok:
+        raise ConfigError(f"config key `{key}`: expected {_type_name(types)}, got {value!r} ({type(value).__name__})")
+    if field.choices is not None and value not in field.choices:
+        hint = difflib.get_close_matches(str(value), [str(c) for c in field.choices], n=1)
+        msg = f"config key `{key}`: {value!r} is not one of {list(field.choices)}"
+        raise ConfigError(msg + (f"; did you mean {hint[0]!r}?" if hint else ""))
+    if isinstance(value, float) and field.types == (float,) and value != value:
+        raise ConfigError(f"config key `{key}`: NaN")
+
+
+def _unknown(key: str, known) -> ConfigError:
+    leaf = key.rsplit(".", 1)[-1]
+    prefix = key[: -len(leaf)]
+    hint = difflib.get_close_matches(leaf, list(known), n=1, cutoff=0.6)
+    msg = f"unknown config key `{key}`"
+    if hint:
+        msg += f"; did you mean `{prefix}{hint[0]}`?"
+    else:
+        msg += f" (known keys here: {', '.join(sorted(known))})"
+    return ConfigError(msg)
+
+
+def _fill(schema: dict, given: dict | None, prefix: str) -> dict:
+    given = {} if given is None else given
+    if not isinstance(given, dict):
+        raise ConfigError(f"config key `{prefix.rstrip('.')}` must be a mapping, got {given!r}")
+    for k in given:
+        if not isinstance(k, str):
+            raise ConfigError(f"config key `{prefix}{k}`: keys must be strings")
+        if k not in schema:
+            raise _unknown(prefix + k, schema)
+    out = {}
+    for k, spec in schema.items():
+        key = prefix + k
+        if isinstance(spec, dict):
+            out[k] = _fill(spec, given.get(k), key + ".")
+            continue
+        if k in given:
+            value = given[k]
+            _check_type(key, value, spec)
+            out[k] = copy.deepcopy(value)
+        else:
+            if spec.required:
+                raise ConfigError(f"config key `{key}` is required")
+            out[k] = copy.deepcopy(spec.default)
+    return out
+
+
+def _model_signature(name: str):
+    """Constructor parameter names of the model class, or None when it takes **kwargs."""
+    from mlpot.models.base import get_model_class
+
+    cls = get_model_class(name)
+    params = inspect.signature(cls.__init__).parameters
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return None
+    return [p for p in params if p != "self"]
+
+
+def _validate_model(model: dict | None) -> dict:
+    model = {} if model is None else model
+    if not isinstance(model, dict):
+        raise ConfigError(f"config key `model` must be a mapping, got {model!r}")
+    out = {}
+    for k, spec in MODEL_RESERVED.items():
+        if k in model:
+            _check_type(f"model.{k}", model[k], spec)
+            out[k] = copy.deepcopy(model[k])
+        else:
+            out[k] = copy.deepcopy(spec.default)
+    for k in ("avg_num_neighbors", "scale", "shift"):
+        if isinstance(out[k], str) and out[k] != "auto":
+            raise ConfigError(f"config key `model.{k}`: use a number or 'auto', got {out[k]!r}")
+    if isinstance(out["e0s"], str) and out["e0s"] not in ("average", "isolated", "fit"):
+        hint = difflib.get_close_matches(out["e0s"], ["average", "isolated"], n=1)
+        raise ConfigError(
+            f"config key `model.e0s`: {out['e0s']!r} is not 'average', 'isolated' or a mapping"
+            + (f"; did you mean {hint[0]!r}?" if hint else "")
+        )
+    try:
+        allowed = _model_signature(out["name"])
+    except ConfigError as exc:
+        raise ConfigError(f"config key `model.name`: {exc}") from None
+    extra = {k: v for k, v in model.items() if k not in MODEL_RESERVED}
+    if allowed is not None:
+        for k in extra:
+            if k not in allowed or k == "dtype":
+                raise _unknown(f"model.{k}", [a for a in allowed if a != "dtype"] + list(MODEL_RESERVED))
+    out.update(copy.deepcopy(extra))
+    return out
+
+
+def validate_config(raw: dict, base_dir: Path | None = None, check_files: bool = True) -> dict:
+    """Check a raw config dict and return it completed with defaults (a new dict)."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError("a config must be a YAML mapping at the top level")
+    top = {k: v for k, v in SCHEMA.items() if k != "model"}
+    for k in raw:
+        if k not in SCHEMA:
+            raise _unknown(str(k), SCHEMA)
+    cfg = _fill(top, {k: v for k, v in raw.items() if k != "model"}, "")
+    cfg["model"] = _validate_model(raw.get("model"))
+    tr, data = cfg["training"], cfg["data"]
+
+    # sub-sections
+    if data["synthetic"] is not None:
+        data["synthetic"] = _fill(SYNTHETIC_SCHEMA, data["synthetic"], "data.synthetic.")
+        if data["train"] is not None:
+            raise ConfigError("config: give either `data.train` or `data.synthetic`, not both")
+    elif data["train"] is None:
+        raise ConfigError("config key `data.train` is required (a file, or use `data.synthetic`)")
+    if tr["stage_two"] is not None:
+        tr["stage_two"] = _fill(STAGE_TWO_SCHEMA, tr["stage_two"], "training.stage_two.")
+        s = tr["stage_two"]["start"]
+        if isinstance(s, float) and not 0.0 < s < 1.0:
+            raise ConfigError(f"config key `training.stage_two.start`: a fraction must be in (0, 1), got {s}")
+        if isinstance(s, int) and s < 1:
+            raise ConfigError(f"config key `training.stage_two.start`: epoch must be >= 1, got {s}")
+    allowed = SCHEDULER_PARAMS[tr["scheduler"]]
+    for k, v in tr["scheduler_params"].items():
+        if k not in allowed:
+            raise _unknown(f"training.scheduler_params.{k}", allowed)
+        _check_type(f"training.scheduler_params.{k}", v, F(allowed[k]))
+    for k, v in tr["config_type_weights"].items():
+        _check_type(f"training.config_type_weights.{k}", v, F(_num))
+
+    # value ranges
+    positive = {
+        "training.epochs": tr["epochs"], "training.batch_size": tr["batch_size"], "training.lr": tr["lr"],
+        "training.eval_every": tr["eval_every"], "training.checkpoint_every": tr["checkpoint_every"],
+        "model.r_max": cfg["model"]["r_max"],
+    }
+    if tr["valid_batch_size"] is not None:
+        positive["training.valid_batch_size"] = tr["valid_batch_size"]
+    if tr["time_limit"] is not None:
+        positive["training.time_limit"] = tr["time_limit"]
+    for k, v in positive.items():
+        if not v > 0:
+            raise ConfigError(f"config key `{k}` must be > 0, got {v}")
+    if not 0.0 <= tr["ema_decay"] < 1.0:
+        raise ConfigError(f"config key `training.ema_decay` must be in [0, 1), got {tr['ema_decay']}")
+    if tr["num_workers"] < 0:
+        raise ConfigError(f"config key `training.num_workers` must be >= 0, got {tr['num_workers']}")
+    if isinstance(data["valid"], float) and not 0.0 <= data["valid"] < 1.0:
+        raise ConfigError(f"config key `data.valid`: a fraction must be in [0, 1), got {data['valid']}")
+
+    if check_files:
+        _check_files(cfg, base_dir)
+    return cfg
+
+
+def _resolve(path: str, base_dir: Path | None) -> str:
+    p = Path(os.path.expandvars(os.path.expanduser(path)))
+    if not p.is_absolute() and base_dir is not None and not p.exists() and (base_dir / p).exists():
+        p = base_dir / p
+    return str(p)
+
+
+def _check_files(cfg: dict, base_dir: Path | None) -> None:
+    data = cfg["data"]
+
+    def check(key, value):
+        resolved = _resolve(value, base_dir)
+        if not Path(resolved).exists():
+            raise ConfigError(f"config key `{key}`: file not found: {value}")
+        return resolved
+
+    if isinstance(data["train"], str):
+        data["train"] = check("data.train", data["train"])
+    elif isinstance(data["train"], list):
+        data["train"] = [check(f"data.train[{k}]", v) for k, v in enumerate(data["train"])]
+    if isinstance(data["valid"], str):
+        data["valid"] = check("data.valid", data["valid"])
+    if isinstance(data["test"], str):
+        data["test"] = check("data.test", data["test"])
+    elif isinstance(data["test"], list):
+        data["test"] = [check(f"data.test[{k}]", v) for k, v in enumerate(data["test"])]
+    elif isinstance(data["test"], dict):
+        data["test"] = {n: check(f"data.test.{n}", v) for n, v in data["test"].items()}
+    if data["isolated_atoms"] is not None:
+        data["isolated_atoms"] = check("data.isolated_atoms", data["isolated_atoms"])
+
+
+def apply_override(cfg: dict, assignment: str) -> None:
+    """Apply one ``key.sub=value`` (value parsed as YAML) to a raw config dict, in place."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected key.sub=value")
+    key, _, text = assignment.partition("=")
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {assignment!r}: empty key")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: cannot parse value {text!r}: {exc}") from None
+    parts = key.split(".")
+    node = cfg
+    for k, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: `{'.'.join(parts[:k + 1])}` is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def load_config(path=None, overrides: list[str] | None = None, check_files: bool = True) -> dict:
+    """Read a YAML config file, apply ``--set`` overrides, validate and complete it."""
+    raw: dict = {}
+    base_dir = None
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        base_dir = path.parent
+    for o in overrides or []:
+        apply_override(raw, o)
+    return validate_config(raw, base_dir=base_dir, check_files=check_files)
+
+
+def default_config() -> dict:
+    """The defaults of every key (``data.train`` left empty)."""
+    top = {k: v for k, v in SCHEMA.items() if k != "model"}
+    cfg = _fill(top, {}, "")
+    cfg["model"] = {k: copy.deepcopy(f.default) for k, f in MODEL_RESERVED.items()}
+    return cfg
+
+
+def dump_config(cfg: dict, path) -> None:
+    """Write the resolved config as YAML, atomically."""
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as fh:
+        yaml.safe_dump(_plain(cfg), fh, sort_keys=False)
+    os.replace(tmp, path)
+
+
+def _plain(x):
+    if isinstance(x, dict):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if hasattr(x, "item") and callable(x.item):
+        return x.item()
+    return x

@@ -1,0 +1,49 @@
+"""Learning curves (matplotlib, Agg backend: no display needed)."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+__all__ = ["plot_learning_curve"]
+
+
+def plot_learning_curve(history: list[dict], path) -> None:
+    """Loss (log scale) and validation MAEs against epoch, written atomically to ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    epochs = [r["epoch"] for r in history]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    ax = axes[0]
+    ax.semilogy(epochs, [r["train_loss"] for r in history], label="train")
+    v = [(r["epoch"], r["valid_loss"]) for r in history if r.get("valid_loss") is not None]
+    if v:
+        ax.semilogy(*zip(*v), "o-", ms=3, label="valid")
+    stage2 = [r["epoch"] for r in history if r.get("stage") == 2]
+    for a in axes:
+        if stage2:
+            a.axvline(stage2[0], color="grey", ls="--", lw=0.8)
+        a.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.legend()
+    for ax, key, label in ((axes[1], "valid_e_mae", "valid E MAE (meV/atom)"),
+                           (axes[2], "valid_f_mae", "valid F MAE (meV/Å)")):
+        pts = [(r["epoch"], r[key]) for r in history if r.get(key) is not None]
+        if pts:
+            ax.semilogy(*zip(*pts), "o-", ms=3)
+        ax.set_ylabel(label)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)

@@ -1,0 +1,516 @@
+"""The training loop: one function, :func:`train`, driven by a validated config.
+
+Per epoch: shuffle with a generator seeded by ``(seed, epoch)`` (a
+:class:`~torch.utils.data.DistributedSampler`, also for one process), for each batch compute
+energies, forces (and stress) with ``create_graph=True``, the weighted loss of
+:mod:`mlpot.train.losses`, backward, sum gradients over ranks, clip, step, update the EMA.
+Then validate with the EMA weights, step the LR scheduler, keep the best model (lowest
+validation loss), stop early after ``patience`` epochs without improvement, write
+``log.csv`` and, every ``checkpoint_every`` epochs, an atomic checkpoint.
+
+Stage two (mace-torch's "SWA" stage): from ``stage_two.start`` the loss weights and the
+learning rate switch to the stage-two values and the LR scheduler stops. The best-model
+bookkeeping restarts (losses with other weights are not comparable), so the final model comes
+from stage two. Early stopping in stage one jumps to stage two when one is configured.
+
+Resume (``--resume``) restores model, optimizer, scheduler, EMA, RNG states (python, numpy,
+torch), epoch, stage and best-so-far from ``<output>/checkpoint.pt``; since the data order
+only depends on ``(seed, epoch)``, the resumed run reproduces an uninterrupted one.
+``time_limit`` (minutes, per invocation) stops cleanly between batches; the last complete
+epoch's checkpoint stays on disk, the best model is kept and evaluated.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mlpot.errors import ConfigError
+from mlpot.models.io import atomic_torch_save
+from mlpot.train import distributed as ddp
+from mlpot.train.config import dump_config
+from mlpot.train.ema import ExponentialMovingAverage
+from mlpot.train.losses import WeightedLoss
+from mlpot.train.metrics import evaluate_loader, format_table
+
+__all__ = ["train", "Trainer"]
+
+_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+CHECKPOINT = "checkpoint.pt"
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def _resolve_device(name: str, info: ddp.DistInfo) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("config key `device` is 'cuda' but no CUDA device is available")
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", info.local_rank if info.enabled else torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+class _StridedSampler(torch.utils.data.Sampler):
+    """Frames ``rank, rank + R, ...`` in order (evaluation shards; no padding)."""
+
+    def __init__(self, n: int, rank: int, world: int):
+        self.idx = list(range(rank, n, world))
+
+    def __iter__(self):
+        return iter(self.idx)
+
+    def __len__(self):
+        return len(self.idx)
+
+
+class Trainer:
+    def __init__(self, cfg: dict, resume: bool = False, log=None):
+        self.cfg = cfg
+        self.tr = cfg["training"]
+        self.resume = resume
+        self.info = ddp.setup(cfg["device"])
+        self.out = Path(cfg["output"])
+        self._log = log or (lambda msg: print(msg, flush=True))
+        self.device = _resolve_device(cfg["device"], self.info)
+        self.dtype = _DTYPES[cfg["dtype"]]
+
+    # ---- helpers ----------------------------------------------------------------------------
+    def log(self, msg: str) -> None:
+        if self.info.is_main:
+            self._log(msg)
+
+    def _barrier(self):
+        if self.info.enabled:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def _seed_everything(self, seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+
+    # ---- setup ------------------------------------------------------------------------------
+    def setup(self) -> None:
+        from mlpot.data import AtomicDataset, make_dataloader
+        from mlpot.models.base import build_model
+        from mlpot.train.setup import prepare_data, resolve_model_config
+
+        cfg, tr = self.cfg, self.tr
+        if self.info.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            if cfg["data"]["synthetic"] is not None:
+                from mlpot.train.setup import synthetic_paths
+
+                synthetic_paths(cfg)  # rank 0 writes the files, the others wait and read them
+        self._barrier()
+        self._seed_everything(cfg["seed"])
+        t0 = time.perf_counter()
+        self.splits = prepare_data(cfg)
+        name, kwargs, stats = resolve_model_config(cfg, self.splits)
+        self.statistics = stats
+        self.model_name, self.model_kwargs = name, kwargs
+        torch.manual_seed(cfg["seed"])
+        model = build_model(name, **kwargs)
+        self.model = model.to(device=self.device, dtype=self.dtype)
+        ddp.broadcast_parameters(self.model, self.info)
+        self.log(
+            f"data: {len(self.splits.train)} train, {len(self.splits.valid)} valid, "
+            + ", ".join(f"{len(v)} {k}" for k, v in self.splits.tests.items())
+            + f" structures ({time.perf_counter() - t0:.1f} s)"
+        )
+        self.log(
+            f"model: {name}, {sum(p.numel() for p in self.model.parameters())} parameters, "
+            f"r_max {kwargs['r_max']} Å, avg_num_neighbors {kwargs.get('avg_num_neighbors', '-')}, "
+            f"E0s {kwargs['e0s']}, scale {kwargs.get('scale', '-')}, shift {kwargs.get('shift', '-')}"
+        )
+        if self.info.is_main:
+            resolved = dict(cfg)
+            resolved["model"] = {"name": name, **kwargs}
+            dump_config(resolved, self.out / "config.yaml")
+
+        r_max = float(kwargs["r_max"])
+        self.train_set = AtomicDataset(self.splits.train, r_max, self.dtype, precompute=True)
+        self.valid_set = AtomicDataset(self.splits.valid, r_max, self.dtype, precompute=True) if self.splits.valid else None
+        self.sampler = torch.utils.data.DistributedSampler(
+            self.train_set, num_replicas=self.info.world_size, rank=self.info.rank, shuffle=True,
+            seed=cfg["seed"], drop_last=False,
+        )
+        self.train_loader = make_dataloader(self.train_set, tr["batch_size"], sampler=self.sampler,
+                                            num_workers=tr["num_workers"])
+        self.has_stress = any("stress" in g for g in self.train_set._graphs)
+        self.loss_fn = WeightedLoss(tr["loss"], tr["energy_weight"], tr["forces_weight"], tr["stress_weight"],
+                                    tr["huber_delta"])
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        opt_cls = torch.optim.AdamW if tr["optimizer"] == "adamw" else torch.optim.Adam
+        self.optimizer = opt_cls(params, lr=tr["lr"], amsgrad=tr["amsgrad"], weight_decay=tr["weight_decay"])
+        sp = dict(tr["scheduler_params"])
+        if tr["scheduler"] == "plateau":
+            self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                self.optimizer, mode="min", factor=sp.get("factor", 0.8), patience=sp.get("patience", 50),
+                threshold=sp.get("threshold", 1e-4), min_lr=sp.get("min_lr", 0.0),
+            )
+        elif tr["scheduler"] == "cosine":
+            self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+                self.optimizer, T_max=sp.get("t_max", tr["epochs"]), eta_min=sp.get("eta_min", 0.0)
+            )
+        else:
+            self.scheduler = None
+        self.ema = ExponentialMovingAverage(self.model, tr["ema_decay"]) if tr["ema"] else None
+        st = tr["stage_two"]
+        if st is None:
+            self.stage_two_start = None
+        elif isinstance(st["start"], float):
+            self.stage_two_start = int(st["start"] * tr["epochs"]) + 1
+        else:
+            self.stage_two_start = int(st["start"])
+
+        # state
+        self.epoch = 0
+        self.stage = 1
+        self.best_loss = math.inf
+        self.best_epoch = 0
+        self.best_state = None
+        self.bad_epochs = 0
+        self.history: list[dict] = []
+        self.force_stage_two = False
+
+    def eval_loader(self, dataset, batch_size=None):
+        from mlpot.data import make_dataloader
+
+        bs = batch_size or self.tr["valid_batch_size"] or 2 * self.tr["batch_size"]
+        sampler = _StridedSampler(len(dataset), self.info.rank, self.info.world_size)
+        return make_dataloader(dataset, bs, sampler=sampler, num_workers=self.tr["num_workers"])
+
+    # ---- checkpoints ------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        state = {
+            "format": "mlpot-checkpoint",
+            "epoch": self.epoch,
+            "stage": self.stage,
+            "force_stage_two": self.force_stage_two,
+            "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "loss_weights": [self.loss_fn.energy_weight, self.loss_fn.forces_weight, self.loss_fn.stress_weight],
+            "best": {"loss": self.best_loss, "epoch": self.best_epoch, "state": self.best_state},
+            "bad_epochs": self.bad_epochs,
+            "history": self.history,
+            "rng": {
+                "python": random.getstate(),
+                "numpy": np.random.get_state(),
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            },
+            "model_name": self.model_name,
+            "model_kwargs": self.model_kwargs,
+        }
+        return state
+
+    def save_checkpoint(self) -> None:
+        if self.info.is_main:
+            atomic_torch_save(self.state_dict(), self.out / CHECKPOINT)
+
+    def load_checkpoint(self, path: Path) -> None:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if not isinstance(state, dict) or state.get("format") != "mlpot-checkpoint":
+            raise ConfigError(f"{path}: not an mlpot training checkpoint")
+        if state["model_name"] != self.model_name:
+            raise ConfigError(f"{path}: checkpoint is of model {state['model_name']}, config says {self.model_name}")
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as exc:
+            raise ConfigError(f"{path}: checkpoint does not match the configured model: {exc}") from None
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state["scheduler"] is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.epoch = int(state["epoch"])
+        self.stage = int(state["stage"])
+        self.force_stage_two = bool(state.get("force_stage_two", False))
+        ew, fw, sw = state["loss_weights"]
+        self.loss_fn.energy_weight, self.loss_fn.forces_weight, self.loss_fn.stress_weight = ew, fw, sw
+        self.best_loss = float(state["best"]["loss"])
+        self.best_epoch = int(state["best"]["epoch"])
+        self.best_state = state["best"]["state"]
+        self.bad_epochs = int(state["bad_epochs"])
+        self.history = list(state["history"])
+        rng = state["rng"]
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if rng.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
+    # ---- one epoch --------------------------------------------------------------------------
+    def _time_up(self) -> bool:
+        limit = self.tr["time_limit"]
+        if limit is None:
+            return False
+        return ddp.broadcast_flag(time.monotonic() - self.t_start > 60.0 * limit, self.info)
+
+    def train_epoch(self, epoch: int) -> tuple[dict, bool]:
+        from mlpot.train.metrics import _to_device
+
+        self.model.train()
+        self.sampler.set_epoch(epoch)
+        tr = self.tr
+        show = tr["progress"] if tr["progress"] is not None else sys.stderr.isatty()
+        loader = self.train_loader
+        bar = None
+        if show and self.info.is_main:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(loader), desc=f"epoch {epoch}", leave=False, dynamic_ncols=True)
+        sums = {"loss": 0.0, "energy": 0.0, "forces": 0.0, "stress": 0.0}
+        n_batches = 0
+        stopped = False
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        for graph in loader:
+            if self._time_up():
+                stopped = True
+                break
+            graph = _to_device(graph, self.device)
+            self.optimizer.zero_grad(set_to_none=True)
+            out = self.model(graph, compute_force=True, compute_stress=self.has_stress, create_graph=True)
+            loss, parts = self.loss_fn(out, graph, world_size=self.info.world_size)
+            loss.backward()
+            ddp.allreduce_gradients(params, self.info)
+            if tr["clip_grad"] is not None:
+                torch.nn.utils.clip_grad_norm_(params, max_norm=tr["clip_grad"])
+            self.optimizer.step()
+            if self.ema is not None:
+                self.ema.update(self.model)
+            sums["loss"] += float(loss.detach())
+            for k, v in parts.items():
+                sums[k] += v
+            n_batches += 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{sums['loss'] / n_batches * self.info.world_size:.4g}")
+        if bar is not None:
+            bar.close()
+        if self.info.enabled:
+            import torch.distributed as dist
+
+            t = torch.tensor([sums[k] for k in ("loss", "energy", "forces", "stress")], dtype=torch.float64,
+                             device=self.device)
+            dist.all_reduce(t)
+            sums = dict(zip(("loss", "energy", "forces", "stress"), t.cpu().tolist()))
+        n = max(n_batches, 1)
+        return {k: v / n for k, v in sums.items()}, stopped
+
+    def validate(self) -> dict:
+        ctx = self.ema.average_parameters(self.model) if self.ema is not None else _nullcontext(self.model)
+        with ctx:
+            if self.valid_set is None:
+                return {}
+            metrics = evaluate_loader(self.model, self.eval_loader(self.valid_set), self.device, self.loss_fn,
+                                      self.info)
+            return metrics
+
+    def _current_weights(self) -> dict:
+        ctx = self.ema.average_parameters(self.model) if self.ema is not None else _nullcontext(self.model)
+        with ctx:
+            return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+
+    def _enter_stage_two(self, epoch: int) -> None:
+        st = self.tr["stage_two"]
+        self.stage = 2
+        self.loss_fn.energy_weight = float(st["energy_weight"])
+        self.loss_fn.forces_weight = float(st["forces_weight"])
+        if st["stress_weight"] is not None:
+            self.loss_fn.stress_weight = float(st["stress_weight"])
+        for g in self.optimizer.param_groups:
+            g["lr"] = float(st["lr"])
+        self.best_loss, self.best_state, self.best_epoch, self.bad_epochs = math.inf, None, 0, 0
+        self.log(f"epoch {epoch}: stage two (energy_weight {st['energy_weight']}, "
+                 f"forces_weight {st['forces_weight']}, lr {st['lr']})")
+
+    # ---- main loop --------------------------------------------------------------------------
+    def fit(self) -> dict:
+        cfg, tr = self.cfg, self.tr
+        self.setup()
+        ckpt = self.out / CHECKPOINT
+        if self.resume:
+            if ckpt.exists():
+                self.load_checkpoint(ckpt)
+                self.log(f"resumed from {ckpt} at epoch {self.epoch} (stage {self.stage})")
+            else:
+                self.log(f"--resume: no checkpoint in {self.out}, starting a new run")
+        elif ckpt.exists():
+            self.log(f"note: {ckpt} exists; starting a new run over it (use --resume to continue)")
+        self.t_start = time.monotonic()
+        writer = self._tensorboard()
+        stop_reason = "epochs"
+        epoch = self.epoch
+        while epoch < tr["epochs"]:
+            if self._time_up():
+                stop_reason = "time_limit"
+                self.log(f"time limit of {tr['time_limit']} min reached; stopping")
+                break
+            epoch += 1
+            if self.stage == 1 and self.stage_two_start is not None and (
+                epoch >= self.stage_two_start or self.force_stage_two
+            ):
+                self._enter_stage_two(epoch)
+            t0 = time.perf_counter()
+            train_stats, stopped = self.train_epoch(epoch)
+            last = epoch == tr["epochs"] or stopped
+            row = {"epoch": epoch, "stage": self.stage, "lr": self.optimizer.param_groups[0]["lr"],
+                   "train_loss": train_stats["loss"], "train_e": train_stats["energy"],
+                   "train_f": train_stats["forces"], "train_s": train_stats["stress"]}
+            valid = {}
+            if epoch % tr["eval_every"] == 0 or last:
+                valid = self.validate()
+                score = valid.get("loss", train_stats["loss"])
+                if self.scheduler is not None and self.stage == 1:
+                    if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                        self.scheduler.step(score)
+                if score < self.best_loss:
+                    self.best_loss, self.best_epoch, self.bad_epochs = score, epoch, 0
+                    self.best_state = self._current_weights()
+                else:
+                    self.bad_epochs += tr["eval_every"]
+                row.update({"valid_loss": valid.get("loss"), "valid_e_mae": valid.get("e_mae"),
+                            "valid_f_mae": valid.get("f_mae"), "valid_s_mae": valid.get("s_mae")})
+            if isinstance(self.scheduler, torch.optim.lr_scheduler.CosineAnnealingLR) and self.stage == 1:
+                self.scheduler.step()
+            row["time"] = time.perf_counter() - t0
+            if stopped:
+                row["partial"] = True
+            self.history.append(row)
+            self.epoch = epoch
+            self._report(row, writer)
+            if stopped:
+                stop_reason = "time_limit"
+                self.log(f"time limit of {tr['time_limit']} min reached during epoch {epoch}; stopping")
+                break
+            self._write_log()
+            if epoch % tr["checkpoint_every"] == 0 or epoch == tr["epochs"]:
+                self.save_checkpoint()
+            if tr["patience"] is not None and self.valid_set is not None and self.bad_epochs >= tr["patience"]:
+                if self.stage == 1 and self.stage_two_start is not None and epoch < tr["epochs"]:
+                    self.force_stage_two = True
+                    self.log(f"no validation improvement for {self.bad_epochs} epochs: moving to stage two")
+                else:
+                    stop_reason = "early_stopping"
+                    self.log(f"early stopping at epoch {epoch} (best epoch {self.best_epoch})")
+                    break
+        self._write_log()
+        if writer is not None:
+            writer.close()
+        return self.finish(stop_reason)
+
+    def _report(self, row: dict, writer) -> None:
+        msg = f"epoch {row['epoch']:4d}  loss {row['train_loss']:.4g}"
+        if row.get("valid_loss") is not None:
+            msg += f"  valid loss {row['valid_loss']:.4g}"
+        if row.get("valid_e_mae") is not None:
+            msg += f"  E {row['valid_e_mae']:.2f} meV/atom"
+        if row.get("valid_f_mae") is not None:
+            msg += f"  F {row['valid_f_mae']:.1f} meV/Å"
+        if row.get("valid_s_mae") is not None:
+            msg += f"  S {row['valid_s_mae']:.3f} meV/Å^3"
+        msg += f"  lr {row['lr']:.2e}  {row['time']:.1f} s"
+        self.log(msg)
+        if writer is not None and self.info.is_main:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k != "epoch" and v is not None:
+                    writer.add_scalar(k, v, row["epoch"])
+
+    def _tensorboard(self):
+        if not self.tr["tensorboard"] or not self.info.is_main:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except Exception:  # noqa: BLE001 - optional dependency
+            self.log("tensorboard requested but not installed; skipping")
+            return None
+        return SummaryWriter(log_dir=str(self.out / "tensorboard"))
+
+    def _write_log(self) -> None:
+        if not self.info.is_main:
+            return
+        cols = ["epoch", "stage", "lr", "train_loss", "train_e", "train_f", "train_s", "valid_loss",
+                "valid_e_mae", "valid_f_mae", "valid_s_mae", "time"]
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        for row in self.history:
+            w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in cols})
+        _atomic_write_text(self.out / "log.csv", buf.getvalue())
+
+    def finish(self, stop_reason: str) -> dict:
+        if self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
+        elif self.ema is not None:
+            self.ema.copy_to(self.model)
+        self.model.eval()
+        metadata = {
+            "trained_with": "mlpot train",
+            "epochs": self.epoch,
+            "best_epoch": self.best_epoch,
+            "stop_reason": stop_reason,
+            "statistics": self.statistics,
+        }
+        if self.info.is_main:
+            from mlpot.models.io import save_model
+
+            save_model(self.model, self.out / "model.pt", metadata=metadata)
+        results = {}
+        sets = {"train": self.train_set, "valid": self.valid_set}
+        from mlpot.data import AtomicDataset
+
+        for name, atoms in self.splits.tests.items():
+            sets[name] = AtomicDataset(atoms, self.model.r_max, self.dtype, precompute=False)
+        for name, ds in sets.items():
+            if ds is None or len(ds) == 0:
+                continue
+            results[name] = evaluate_loader(self.model, self.eval_loader(ds), self.device, None, self.info)
+        if self.info.is_main:
+            _atomic_write_text(self.out / "metrics.json", json.dumps(results, indent=2) + "\n")
+            self.log("\n" + format_table(results))
+            self.log(f"best epoch {self.best_epoch}; stopped by {stop_reason}; model: {self.out / 'model.pt'}")
+            try:
+                from mlpot.train.plot import plot_learning_curve
+
+                plot_learning_curve(self.history, self.out / "learning_curve.png")
+            except Exception as exc:  # noqa: BLE001 - a plot must never fail a run
+                self.log(f"could not draw the learning curve: {exc}")
+        self._barrier()
+        ddp.teardown(self.info)
+        return results
+
+
+class _nullcontext:
+    def __init__(self, value):
+        self.value = value
+
+    def __enter__(self):
+        return self.value
+
+    def __exit__(self, *exc):
+        return False
+
+
+def train(cfg: dict, resume: bool = False, log=None) -> dict:
+    """Train from a validated config (see :func:`mlpot.train.config.load_config`); returns metrics."""
+    return Trainer(cfg, resume=resume, log=log).fit()
