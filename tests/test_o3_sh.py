@@ -38,12 +38,15 @@ def test_component_normalisation_high_l():
 
 @pytest.mark.parametrize("lmax", [1, 4, 8])
 def test_equivariance_rotations_and_reflections(lmax):
+    # e3nn builds D^l from matrix exponentials of its generators; at l = 8 that carries ~1e-10
+    # relative round-off of its own, so the bound grows there (our SH match e3nn's to 1e-12).
     assert_equivariant(
         lambda v: spherical_harmonics(lmax, v),
         irreps_in="1o",
         irreps_out=o3.Irreps.spherical_harmonics(lmax),
         batch=8,
         n_matrices=4,
+        atol=1e-10 if lmax <= 6 else 5e-10,
     )
 
 

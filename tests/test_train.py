@@ -292,3 +292,13 @@ def test_resume_after_kill9_matches_uninterrupted(tmp_path, emt_cache):
     lb = (run / "log.csv").read_text().splitlines()
     assert len(la) == len(lb) == epochs + 1
     assert [r.split(",")[:4] for r in la] == [r.split(",")[:4] for r in lb]  # epoch, stage, lr, train loss
+
+
+def test_time_limit_stops_cleanly(tmp_path, emt_cache):
+    from mlpot.train import train
+
+    raw = toy_config(tmp_path / "run", cache_dir=emt_cache, epochs=50, time_limit=1e-4)
+    metrics = train(validate_config(raw), log=lambda m: None)
+    meta = torch.load(tmp_path / "run" / "model.pt", weights_only=True)["metadata"]
+    assert meta["stop_reason"] == "time_limit" and meta["epochs"] < 50
+    assert metrics["test"]["n_configs"] == 4 and (tmp_path / "run" / "metrics.json").exists()

@@ -66,7 +66,10 @@ def _chains(irreps: o3.Irreps, correlation: int, filter_ir_mid=None):
                     if filter_ir_mid is not None and ir_mid not in filter_ir_mid:
                         continue
                     C = o3.wigner_3j(ir_mid.l, ir_left.l, ir.l, dtype=dtype) * math.sqrt(ir_mid.dim)
-                    new.append((ir_mid, js + (j,), torch.einsum("mlj,l...->m...j", C, t_left)))
+                    dm, dl, d = C.shape
+                    rest = t_left.shape[1:]
+                    t = (C.permute(0, 2, 1).reshape(dm * d, dl) @ t_left.reshape(dl, -1)).reshape(dm, d, -1)
+                    new.append((ir_mid, js + (j,), t.transpose(1, 2).reshape(dm, *rest, d)))
         chains = new
     return chains
 

@@ -241,6 +241,8 @@ def _validate_model(model: dict | None) -> dict:
         allowed = _model_signature(out["name"])
     except ConfigError as exc:
         raise ConfigError(f"config key `model.name`: {exc}") from None
+    except ImportError as exc:
+        raise ConfigError(f"config key `model.name`: model {out['name']!r} is not available ({exc})") from None
     extra = {k: v for k, v in model.items() if k not in MODEL_RESERVED}
     if allowed is not None:
         for k in extra:

@@ -144,9 +144,10 @@ def evaluate_loader(model, loader, device, loss_fn=None, info=None, predictions:
         for graph in loader:
             graph = _to_device(graph, device)
             want_stress = "stress" in graph and bool((graph["stress_weight"] != 0).any())
+            if predictions is not None:  # predictions: stress of every periodic cell
+                want_stress = want_stress or bool(graph["pbc"].all(dim=1).any())
             with torch.enable_grad():
-                out = model(graph, compute_force=True, compute_stress=want_stress or predictions is not None
-                            and bool(graph["pbc"].all(dim=1).any()), create_graph=False)
+                out = model(graph, compute_force=True, compute_stress=want_stress, create_graph=False)
             acc.add(out, graph)
             if loss_fn is not None:
                 acc.add_loss_terms(loss_fn.terms(out, graph))

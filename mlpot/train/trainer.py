@@ -153,7 +153,7 @@ class Trainer:
         )
         self.train_loader = make_dataloader(self.train_set, tr["batch_size"], sampler=self.sampler,
                                             num_workers=tr["num_workers"])
-        self.has_stress = any("stress" in g for g in self.train_set._graphs)
+        self.has_stress = any("stress" in self.train_set[k] for k in range(len(self.train_set)))
         self.loss_fn = WeightedLoss(tr["loss"], tr["energy_weight"], tr["forces_weight"], tr["stress_weight"],
                                     tr["huber_delta"])
         params = [p for p in self.model.parameters() if p.requires_grad]

@@ -1,0 +1,286 @@
+r"""MACE (Batatia et al., NeurIPS 2022), numerically identical to mace-torch 0.3.16.
+
+Per-atom energy of atom :math:`i` with species :math:`z_i`:
+
+.. math::
+
+    E_i = E_0(z_i) + \text{scale} \sum_{t=1}^{T} R_t\big(h_i^{(t)}\big) + \text{shift}
+
+with :math:`h^{(0)}_i = W_{emb}\, \text{onehot}(z_i)` and, for each of the ``num_interactions``
+layers, an atomic basis :math:`A^{(t)}` (the interaction block: radial MLP weights times the CG
+product of :math:`h^{(t-1)}_j` with the spherical harmonics :math:`Y(\hat r_{ij})`, summed over
+neighbours within ``r_max``), the symmetric product basis of body order ``correlation + 1``
+(:class:`~mlpot.o3.symmetric_contraction.SymmetricContraction`) and a linear update plus the
+species-dependent self connection. Linear readouts :math:`R_t` for all layers but the last,
+which has a gated MLP (``MLP_irreps``). The last layer keeps only scalars.
+
+Hyperparameters are mace-torch's (``r_max``, ``num_bessel``, ``num_polynomial_cutoff``,
+``max_ell``, ``hidden_irreps`` or ``num_channels`` + ``max_L``, ``correlation`` (int or one per
+layer), ``num_interactions``, ``MLP_irreps``, ``gate``, ``radial_MLP``, ``avg_num_neighbors``,
+``atomic_numbers``, ``e0s``, ``scale``, ``shift``, ``interaction_cls``,
+``interaction_cls_first``) plus mlpot's:
+
+* ``interaction_tp``: ``"cg"`` (mace-torch's channelwise CG product) | ``"gaunt"`` | ``"so2"``;
+* ``product``: ``"symmetric"`` (generalized CG) | ``"gaunt"``;
+* ``backend``: ``"reference"`` | ``"triton"`` | ``"auto"``;
+* ``zbl``: add the ZBL pair repulsion (see :class:`mlpot.models.base.ZBLRepulsion`);
+* ``product_basis_sizes``: per layer, per output irrep, per body order, the number of coupling
+  columns of the product basis (set by :mod:`mlpot.models.mace_import` to hold mace-torch's
+  own ``U`` matrices; new models use the reduced basis);
+* ``seed``: seed for the weight initialisation (None: torch's global RNG); ``dtype``.
+
+``MACE`` with ``scale=1, shift=0`` is mace-torch's ``MACE``; ``ScaleShiftMACE`` is the same
+class (an alias kept for mace-torch users and imported models).
+"""
+from __future__ import annotations
+
+import torch
+from e3nn import o3
+from torch import nn
+
+from mlpot.errors import ConfigError
+from mlpot.models.base import PotentialModel, register_model
+from mlpot.nn.blocks import (
+    GATES,
+    EquivariantProductBasisBlock,
+    LinearNodeEmbeddingBlock,
+    LinearReadoutBlock,
+    NonLinearReadoutBlock,
+    ScaleShiftBlock,
+    interaction_block_class,
+)
+from mlpot.nn.radial import RadialEmbeddingBlock
+
+__all__ = ["MACE", "ScaleShiftMACE", "mace_hidden_irreps"]
+
+INTERACTION_TPS = ("cg", "gaunt", "so2")
+PRODUCTS = ("symmetric", "gaunt")
+
+
+def mace_hidden_irreps(num_channels: int, max_L: int) -> str:
+    """mace-torch's ``hidden_irreps`` from ``--num_channels`` and ``--max_L``: ``C x 0e + C x 1o + ...``."""
+    irreps = (int(num_channels) * o3.Irreps.spherical_harmonics(int(max_L))).sort().irreps.simplify()
+    return str(irreps)
+
+
+def _irreps_str(x) -> str:
+    return str(o3.Irreps(str(x)))
+
+
+@register_model("MACE")
+class MACE(PotentialModel):
+    """MACE interatomic potential (see the module docstring for the math and parameters)."""
+
+    def __init__(
+        self,
+        r_max: float = 5.0,
+        atomic_numbers=None,
+        num_bessel: int = 8,
+        num_polynomial_cutoff: int = 5,
+        max_ell: int = 3,
+        hidden_irreps: str | None = None,
+        num_channels: int | None = None,
+        max_L: int | None = None,
+        correlation=3,
+        num_interactions: int = 2,
+        MLP_irreps: str = "16x0e",
+        gate: str | None = "silu",
+        radial_MLP=(64, 64, 64),
+        avg_num_neighbors: float = 1.0,
+        e0s=None,
+        scale: float = 1.0,
+        shift: float = 0.0,
+        interaction_cls: str = "RealAgnosticResidualInteractionBlock",
+        interaction_cls_first: str = "RealAgnosticResidualInteractionBlock",
+        interaction_tp: str = "cg",
+        product: str = "symmetric",
+        backend: str = "reference",
+        zbl: bool = False,
+        product_basis_sizes=None,
+        seed: int | None = None,
+        dtype: str = "float64",
+    ):
+        if atomic_numbers is None:
+            raise ConfigError("MACE: `atomic_numbers` is required (the species the model knows)")
+        if hidden_irreps is None:
+            if num_channels is not None or max_L is not None:
+                hidden_irreps = mace_hidden_irreps(
+                    128 if num_channels is None else num_channels, 1 if max_L is None else max_L
+                )
+            else:
+                hidden_irreps = "128x0e+128x1o"
+        num_interactions = int(num_interactions)
+        if num_interactions < 1:
+            raise ConfigError(f"MACE: num_interactions must be >= 1, got {num_interactions}")
+        if isinstance(correlation, (int, float)):
+            correlation = [int(correlation)] * num_interactions
+        correlation = [int(c) for c in correlation]
+        if len(correlation) != num_interactions:
+            raise ConfigError(
+                f"MACE: correlation has {len(correlation)} values for {num_interactions} interactions"
+            )
+        gate_key = "none" if gate is None else str(gate).lower()
+        if gate_key not in GATES:
+            raise ConfigError(f"MACE: gate {gate!r} unknown; choose one of {', '.join(GATES)}")
+        if str(interaction_tp).lower() not in INTERACTION_TPS:
+            raise ConfigError(f"MACE: interaction_tp {interaction_tp!r} unknown; choose one of {INTERACTION_TPS}")
+        if str(product).lower() not in PRODUCTS:
+            raise ConfigError(f"MACE: product {product!r} unknown; choose one of {PRODUCTS}")
+        if backend not in ("reference", "triton", "auto"):
+            raise ConfigError(f"MACE: backend must be reference, triton or auto, got {backend!r}")
+        if float(avg_num_neighbors) <= 0:
+            raise ConfigError(f"MACE: avg_num_neighbors must be > 0, got {avg_num_neighbors}")
+        config = dict(
+            r_max=float(r_max),
+            atomic_numbers=[int(z) for z in atomic_numbers],
+            num_bessel=int(num_bessel),
+            num_polynomial_cutoff=int(num_polynomial_cutoff),
+            max_ell=int(max_ell),
+            hidden_irreps=_irreps_str(hidden_irreps),
+            correlation=correlation,
+            num_interactions=num_interactions,
+            MLP_irreps=_irreps_str(MLP_irreps),
+            gate=None if gate_key == "none" else gate_key,
+            radial_MLP=[int(h) for h in radial_MLP],
+            avg_num_neighbors=float(avg_num_neighbors),
+            e0s=e0s,
+            scale=float(scale),
+            shift=float(shift),
+            interaction_cls=str(interaction_cls).split(".")[-1].strip("'<>"),
+            interaction_cls_first=str(interaction_cls_first).split(".")[-1].strip("'<>"),
+            interaction_tp=str(interaction_tp).lower(),
+            product=str(product).lower(),
+            backend=str(backend),
+            zbl=bool(zbl),
+            product_basis_sizes=product_basis_sizes,
+            seed=seed,
+            dtype=str(dtype),
+        )
+        if isinstance(e0s, dict):
+            config["e0s"] = {str(k): float(v) for k, v in e0s.items()}
+        elif e0s is not None:
+            config["e0s"] = [float(v) for v in e0s]
+        super().__init__(config)
+        if config["dtype"] not in ("float32", "float64"):
+            raise ConfigError(f"MACE: dtype must be float32 or float64, got {dtype!r}")
+        dt = torch.float32 if config["dtype"] == "float32" else torch.float64
+        old_dtype = torch.get_default_dtype()
+        rng_state = torch.random.get_rng_state() if seed is not None else None
+        torch.set_default_dtype(dt)
+        try:
+            if seed is not None:
+                torch.manual_seed(int(seed))
+            self._build(config)
+        finally:
+            torch.set_default_dtype(old_dtype)
+            if rng_state is not None:
+                torch.random.set_rng_state(rng_state)
+        self.to(dt)
+
+    # ------------------------------------------------------------------------------------------
+    def _build(self, c: dict) -> None:
+        hidden_irreps = o3.Irreps(c["hidden_irreps"])
+        S = self.num_elements
+        max_ell = c["max_ell"]
+        num_inter = c["num_interactions"]
+        node_attr_irreps = o3.Irreps([(S, (0, 1))])
+        num_features = hidden_irreps.count(o3.Irrep(0, 1))
+        if num_features == 0:
+            raise ConfigError(f"MACE: hidden_irreps {hidden_irreps} has no 0e channels")
+        if any(mul != num_features for mul, _ in hidden_irreps):
+            raise ConfigError(f"MACE: all irreps of hidden_irreps need the same multiplicity, got {hidden_irreps}")
+        node_feats_irreps = o3.Irreps([(num_features, (0, 1))])
+        sh_irreps = o3.Irreps.spherical_harmonics(max_ell)
+        self.num_features = num_features
+        self.hidden_irreps = hidden_irreps
+        self.sh_irreps = sh_irreps
+
+        sh_inter = sh_irreps
+        if hidden_irreps.count(o3.Irrep(0, -1)) > 0:
+            sh_inter = o3.Irreps("+".join(f"1x{l}e+1x{l}o" for l in range(max_ell + 1)))
+        interaction_irreps = (sh_inter * num_features).sort()[0].simplify()
+        interaction_irreps_first = (sh_irreps * num_features).sort()[0].simplify()
+
+        self.node_embedding = LinearNodeEmbeddingBlock(node_attr_irreps, node_feats_irreps)
+        self.radial_embedding = RadialEmbeddingBlock(self.r_max, c["num_bessel"], c["num_polynomial_cutoff"])
+        edge_feats_irreps = o3.Irreps(f"{c['num_bessel']}x0e")
+        self.spherical_harmonics = o3.SphericalHarmonics(sh_irreps, normalize=True, normalization="component")
+
+        gate = GATES["none" if c["gate"] is None else c["gate"]]
+        cls_first = interaction_block_class(c["interaction_cls_first"])
+        cls = interaction_block_class(c["interaction_cls"])
+        sizes = c["product_basis_sizes"]
+        common = dict(
+            avg_num_neighbors=c["avg_num_neighbors"],
+            radial_MLP=c["radial_MLP"],
+            interaction_tp=c["interaction_tp"],
+            backend=c["backend"],
+        )
+        self.interactions = nn.ModuleList()
+        self.products = nn.ModuleList()
+        self.readouts = nn.ModuleList()
+        for t in range(num_inter):
+            last = t == num_inter - 1
+            hidden_out = o3.Irreps(str(hidden_irreps[0])) if last else hidden_irreps
+            block_cls = cls_first if t == 0 else cls
+            inter = block_cls(
+                node_attrs_irreps=node_attr_irreps,
+                node_feats_irreps=node_feats_irreps if t == 0 else hidden_irreps,
+                edge_attrs_irreps=sh_irreps,
+                edge_feats_irreps=edge_feats_irreps,
+                target_irreps=interaction_irreps_first if t == 0 else interaction_irreps,
+                hidden_irreps=hidden_out,
+                **common,
+            )
+            self.interactions.append(inter)
+            use_sc = block_cls.residual if t == 0 else True
+            self.products.append(
+                EquivariantProductBasisBlock(
+                    node_feats_irreps=inter.target_irreps,
+                    target_irreps=hidden_out,
+                    correlation=c["correlation"][t],
+                    num_elements=S,
+                    use_sc=use_sc,
+                    product=c["product"],
+                    basis_sizes=None if sizes is None else sizes[t],
+                    backend=c["backend"],
+                )
+            )
+            if last:
+                self.readouts.append(NonLinearReadoutBlock(hidden_out, c["MLP_irreps"], gate, o3.Irreps("0e")))
+            else:
+                self.readouts.append(LinearReadoutBlock(hidden_out, o3.Irreps("0e")))
+        self.scale_shift = ScaleShiftBlock(c["scale"], c["shift"])
+
+    @property
+    def product_basis_sizes(self) -> list:
+        """Number of coupling columns per layer / output irrep / body order (symmetric product only)."""
+        out = []
+        for p in self.products:
+            sc = p.symmetric_contractions
+            out.append(sc.basis_sizes if hasattr(sc, "basis_sizes") else None)
+        return out
+
+    # ------------------------------------------------------------------------------------------
+    def compute_node_energies(self, graph: dict, vectors: torch.Tensor) -> dict[str, torch.Tensor]:
+        node_attrs = self.node_attrs(graph)
+        node_e0 = self.node_e0(graph)
+        sender, receiver = graph["edge_index"][0], graph["edge_index"][1]
+        lengths = torch.linalg.norm(vectors, dim=-1, keepdim=True)
+        edge_attrs = self.spherical_harmonics(vectors)
+        edge_feats = self.radial_embedding(lengths)
+        node_feats = self.node_embedding(node_attrs)
+        node_inter = torch.zeros_like(node_e0)
+        invariants = []
+        for interaction, product, readout in zip(self.interactions, self.products, self.readouts):
+            node_feats, sc = interaction(node_attrs, node_feats, edge_attrs, edge_feats, sender, receiver, vectors)
+            node_feats = product(node_feats, sc, node_attrs)
+            invariants.append(node_feats[:, : self.num_features])
+            node_inter = node_inter + readout(node_feats).squeeze(-1)
+        node_energy = node_e0 + self.scale_shift(node_inter)
+        return {"node_energy": node_energy, "node_features": torch.cat(invariants, dim=-1)}
+
+
+@register_model("ScaleShiftMACE")
+class ScaleShiftMACE(MACE):
+    """mace-torch's name for MACE with an energy scale and shift; the same model as :class:`MACE`."""

@@ -1,0 +1,264 @@
+r"""The blocks of MACE, named for what they compute (mace-torch's names and weight layout).
+
+Feature layout: e3nn ``mul_ir`` between blocks; the product basis takes the atomic basis as
+``(N, C, (l_max+1)^2)`` (channels, then all components), as in mace-torch.
+
+* :class:`LinearNodeEmbeddingBlock`: one-hot species -> ``C x 0e`` (an ``o3.Linear``).
+* :class:`RealAgnosticResidualInteractionBlock` (MACE's default) and
+  :class:`RealAgnosticInteractionBlock`: the atomic basis
+  :math:`A_{i} = \frac{1}{\bar n} W \sum_{j \in N(i)} R(r_{ij}) \otimes_{CG} Y(\hat r_{ij})
+  \otimes (W_{up} h_j)` — a linear "up" projection, the channelwise tensor product with the
+  spherical harmonics of the edge and weights from the radial MLP, the sum over neighbours, a
+  linear mixing and the division by the average number of neighbours. The residual block also
+  returns the element-dependent self connection ``sc = FCTP(h_i, onehot_i)``; the non-residual
+  one applies that species-dependent product to the message instead.
+* :class:`EquivariantProductBasisBlock`: the symmetric contraction (body order
+  ``correlation + 1``), a linear mixing and ``+ sc``.
+* :class:`LinearReadoutBlock`, :class:`NonLinearReadoutBlock` (``Linear -> gate -> Linear`` on
+  ``MLP_irreps`` scalars): per-atom energies from the invariant channels.
+* :class:`ScaleShiftBlock`: ``scale * E + shift``.
+
+The message tensor product is ``interaction_tp`` = ``"cg"`` (:class:`ChannelwiseTensorProduct`,
+mace-torch's) or a variant from :mod:`mlpot.nn.variants`; the product basis is
+``"symmetric"`` (:class:`SymmetricContraction`) or a variant.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from e3nn import nn as enn
+from e3nn import o3
+from torch import nn
+
+from mlpot.errors import ConfigError
+from mlpot.nn.radial import radial_mlp
+from mlpot.o3.symmetric_contraction import SymmetricContraction
+from mlpot.o3.tensor_product import ChannelwiseTensorProduct
+
+__all__ = [
+    "GATES",
+    "LinearNodeEmbeddingBlock",
+    "LinearReadoutBlock",
+    "NonLinearReadoutBlock",
+    "InteractionBlock",
+    "RealAgnosticInteractionBlock",
+    "RealAgnosticResidualInteractionBlock",
+    "INTERACTION_BLOCKS",
+    "EquivariantProductBasisBlock",
+    "ScaleShiftBlock",
+    "irreps_to_channels",
+]
+
+GATES: dict[str, Callable | None] = {
+    "silu": torch.nn.functional.silu,
+    "tanh": torch.tanh,
+    "abs": torch.abs,
+    "none": None,
+}
+
+
+def irreps_to_channels(x: torch.Tensor, irreps: o3.Irreps) -> torch.Tensor:
+    """mace-torch's ``reshape_irreps``: ``(N, irreps.dim)`` -> ``(N, C, D)`` (uniform multiplicity ``C``)."""
+    N = x.shape[0]
+    out, ix = [], 0
+    for mul, ir in irreps:
+        out.append(x[:, ix : ix + mul * ir.dim].reshape(N, mul, ir.dim))
+        ix += mul * ir.dim
+    return torch.cat(out, dim=-1)
+
+
+class LinearNodeEmbeddingBlock(nn.Module):
+    """One-hot species (``S x 0e``) -> initial node features (``C x 0e``)."""
+
+    def __init__(self, irreps_in, irreps_out):
+        super().__init__()
+        self.linear = o3.Linear(irreps_in=o3.Irreps(irreps_in), irreps_out=o3.Irreps(irreps_out))
+
+    def forward(self, node_attrs: torch.Tensor) -> torch.Tensor:
+        return self.linear(node_attrs)
+
+
+class LinearReadoutBlock(nn.Module):
+    """Node features -> per-atom energy (a linear map onto ``0e``)."""
+
+    def __init__(self, irreps_in, irrep_out="0e"):
+        super().__init__()
+        self.linear = o3.Linear(irreps_in=o3.Irreps(irreps_in), irreps_out=o3.Irreps(irrep_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
+
+
+class NonLinearReadoutBlock(nn.Module):
+    """Node features -> ``MLP_irreps`` scalars -> gate -> per-atom energy."""
+
+    def __init__(self, irreps_in, MLP_irreps, gate: Callable | None, irrep_out="0e"):
+        super().__init__()
+        self.hidden_irreps = o3.Irreps(MLP_irreps)
+        self.linear_1 = o3.Linear(irreps_in=o3.Irreps(irreps_in), irreps_out=self.hidden_irreps)
+        self.non_linearity = enn.Activation(irreps_in=self.hidden_irreps, acts=[gate])
+        self.linear_2 = o3.Linear(irreps_in=self.hidden_irreps, irreps_out=o3.Irreps(irrep_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.non_linearity(self.linear_1(x)))
+
+
+def _make_message_tp(kind: str, irreps_in, sh_irreps, target_irreps, backend: str) -> nn.Module:
+    if kind == "cg":
+        return ChannelwiseTensorProduct(irreps_in, sh_irreps, target_irreps, backend=backend)
+    from mlpot.nn.variants import make_message_tp
+
+    return make_message_tp(kind, irreps_in, sh_irreps.lmax, target_irreps, backend=backend)
+
+
+class InteractionBlock(nn.Module):
+    """Common part of the interaction blocks: ``linear_up``, ``conv_tp``, ``conv_tp_weights``, ``linear``.
+
+    ``forward(node_attrs, node_feats, edge_attrs, edge_feats, sender, receiver, vectors)``
+    returns ``(A (N, C, D), sc (N, hidden.dim) or None)``.
+    """
+
+    residual = False
+
+    def __init__(
+        self,
+        node_attrs_irreps,
+        node_feats_irreps,
+        edge_attrs_irreps,
+        edge_feats_irreps,
+        target_irreps,
+        hidden_irreps,
+        avg_num_neighbors: float,
+        radial_MLP: list[int],
+        interaction_tp: str = "cg",
+        backend: str = "reference",
+    ):
+        super().__init__()
+        self.node_attrs_irreps = o3.Irreps(node_attrs_irreps)
+        self.node_feats_irreps = o3.Irreps(node_feats_irreps)
+        self.edge_attrs_irreps = o3.Irreps(edge_attrs_irreps)
+        self.edge_feats_irreps = o3.Irreps(edge_feats_irreps)
+        self.target_irreps = o3.Irreps(target_irreps)
+        self.hidden_irreps = o3.Irreps(hidden_irreps)
+        self.avg_num_neighbors = float(avg_num_neighbors)
+        self.interaction_tp = interaction_tp
+        self.linear_up = o3.Linear(self.node_feats_irreps, self.node_feats_irreps)
+        self.conv_tp = _make_message_tp(
+            interaction_tp, self.node_feats_irreps, self.edge_attrs_irreps, self.target_irreps, backend
+        )
+        irreps_mid = o3.Irreps(self.conv_tp.irreps_out)
+        self.conv_tp_weights = radial_mlp(self.edge_feats_irreps.num_irreps, radial_MLP, self.conv_tp.weight_numel)
+        self.irreps_out = self.target_irreps
+        self.linear = o3.Linear(irreps_mid, self.irreps_out)
+        self._setup_skip()
+
+    def _setup_skip(self) -> None:
+        raise NotImplementedError
+
+    def _message(self, node_feats, edge_attrs, edge_feats, sender, receiver, vectors):
+        """``sum_j TP(W_up h_j, Y_ij, R(r_ij))``, then the linear mixing and ``1 / avg_num_neighbors``."""
+        node_feats = self.linear_up(node_feats)
+        tp_weights = self.conv_tp_weights(edge_feats)
+        N = node_feats.shape[0]
+        if hasattr(self.conv_tp, "message_passing"):
+            message = self.conv_tp.message_passing(node_feats, edge_attrs, tp_weights, sender, receiver, N)
+        else:
+            mji = self.conv_tp(node_feats.index_select(0, sender), edge_attrs, tp_weights, edge_vectors=vectors)
+            message = mji.new_zeros(N, mji.shape[1]).index_add(0, receiver, mji)
+        return self.linear(message) / self.avg_num_neighbors
+
+
+class RealAgnosticResidualInteractionBlock(InteractionBlock):
+    """Atomic basis; the species-dependent self connection ``sc`` is returned for the product block."""
+
+    residual = True
+
+    def _setup_skip(self) -> None:
+        self.skip_tp = o3.FullyConnectedTensorProduct(self.node_feats_irreps, self.node_attrs_irreps, self.hidden_irreps)
+
+    def forward(self, node_attrs, node_feats, edge_attrs, edge_feats, sender, receiver, vectors=None):
+        sc = self.skip_tp(node_feats, node_attrs)
+        message = self._message(node_feats, edge_attrs, edge_feats, sender, receiver, vectors)
+        return irreps_to_channels(message, self.irreps_out), sc
+
+
+class RealAgnosticInteractionBlock(InteractionBlock):
+    """Atomic basis with a species-dependent product applied to the message; no self connection."""
+
+    residual = False
+
+    def _setup_skip(self) -> None:
+        self.skip_tp = o3.FullyConnectedTensorProduct(self.irreps_out, self.node_attrs_irreps, self.irreps_out)
+
+    def forward(self, node_attrs, node_feats, edge_attrs, edge_feats, sender, receiver, vectors=None):
+        message = self._message(node_feats, edge_attrs, edge_feats, sender, receiver, vectors)
+        message = self.skip_tp(message, node_attrs)
+        return irreps_to_channels(message, self.irreps_out), None
+
+
+INTERACTION_BLOCKS = {
+    "RealAgnosticResidualInteractionBlock": RealAgnosticResidualInteractionBlock,
+    "RealAgnosticInteractionBlock": RealAgnosticInteractionBlock,
+}
+
+
+def interaction_block_class(name: str) -> type[InteractionBlock]:
+    key = str(name).split(".")[-1].strip("'<>")
+    if key not in INTERACTION_BLOCKS:
+        raise ConfigError(
+            f"interaction block {name!r} is not supported; supported: {', '.join(INTERACTION_BLOCKS)}"
+        )
+    return INTERACTION_BLOCKS[key]
+
+
+class EquivariantProductBasisBlock(nn.Module):
+    """Symmetric contraction of the atomic basis (body order ``correlation + 1``), linear, ``+ sc``."""
+
+    def __init__(
+        self,
+        node_feats_irreps,
+        target_irreps,
+        correlation: int,
+        num_elements: int,
+        use_sc: bool = True,
+        product: str = "symmetric",
+        basis_sizes=None,
+        backend: str = "reference",
+    ):
+        super().__init__()
+        self.use_sc = use_sc
+        target_irreps = o3.Irreps(target_irreps)
+        if product == "symmetric":
+            self.symmetric_contractions = SymmetricContraction(
+                node_feats_irreps, target_irreps, correlation, num_elements, basis_sizes=basis_sizes, backend=backend
+            )
+        else:
+            from mlpot.nn.variants import make_product_basis
+
+            self.symmetric_contractions = make_product_basis(
+                product, node_feats_irreps, target_irreps, correlation, num_elements, backend=backend
+            )
+        self.linear = o3.Linear(target_irreps, target_irreps)
+
+    def forward(self, node_feats: torch.Tensor, sc: torch.Tensor | None, node_attrs: torch.Tensor) -> torch.Tensor:
+        out = self.linear(self.symmetric_contractions(node_feats, node_attrs))
+        if self.use_sc and sc is not None:
+            return out + sc
+        return out
+
+
+class ScaleShiftBlock(nn.Module):
+    """``scale * x + shift`` (buffers, as mace-torch's)."""
+
+    def __init__(self, scale: float, shift: float):
+        super().__init__()
+        dtype = torch.get_default_dtype()
+        self.register_buffer("scale", torch.tensor(float(scale), dtype=dtype))
+        self.register_buffer("shift", torch.tensor(float(shift), dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * x + self.shift
+
+    def extra_repr(self) -> str:
+        return f"scale={float(self.scale):.6g}, shift={float(self.shift):.6g}"

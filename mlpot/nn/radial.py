@@ -1,0 +1,89 @@
+r"""Radial features of an edge: Bessel basis, polynomial cutoff, radial MLP (MACE's).
+
+* :class:`BesselBasis`: :math:`b_n(r) = \sqrt{2/r_{max}}\, \sin(n \pi r / r_{max}) / r`,
+  :math:`n = 1..N` (the zeroth spherical Bessel functions vanishing at :math:`r_{max}`).
+* :class:`PolynomialCutoff`: :math:`f(x) = 1 - \tfrac{(p+1)(p+2)}{2} x^p + p(p+2) x^{p+1}
+  - \tfrac{p(p+1)}{2} x^{p+2}` for :math:`x = r / r_{max} < 1`, else 0; :math:`f`, :math:`f'`
+  and :math:`f''` vanish at :math:`r_{max}` (p = 5 in MACE).
+* :class:`RadialEmbeddingBlock`: :math:`b_n(r) f(r)`, the edge features.
+* :func:`radial_mlp`: e3nn's ``FullyConnectedNet`` ``[N] + hidden + [out]`` with SiLU, exactly
+  mace-torch's ``conv_tp_weights``: each layer is :math:`x W / \sqrt{\text{fan-in}}` and the
+  activation is normalized to unit second moment under a standard normal input
+  (``normalize2mom``); no biases, no activation on the output layer.
+
+The buffer names (``bessel_weights``, ``prefactor``, ``r_max``, ``p``) are mace-torch's, so a
+mace-torch state dict maps onto these modules key for key.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+__all__ = ["BesselBasis", "PolynomialCutoff", "RadialEmbeddingBlock", "radial_mlp"]
+
+
+class BesselBasis(nn.Module):
+    r""":math:`\sqrt{2/r_{max}} \sin(n \pi r / r_{max}) / r`, ``(E, 1) -> (E, num_basis)``."""
+
+    def __init__(self, r_max: float, num_basis: int = 8):
+        super().__init__()
+        dtype = torch.get_default_dtype()
+        w = math.pi / r_max * torch.linspace(1.0, num_basis, num_basis, dtype=dtype)
+        self.register_buffer("bessel_weights", w)
+        self.register_buffer("r_max", torch.tensor(float(r_max), dtype=dtype))
+        self.register_buffer("prefactor", torch.tensor(math.sqrt(2.0 / r_max), dtype=dtype))
+        self.num_basis = num_basis
+
+    def forward(self, r: torch.Tensor) -> torch.Tensor:
+        return self.prefactor * (torch.sin(self.bessel_weights * r) / r)
+
+    def extra_repr(self) -> str:
+        return f"r_max={float(self.r_max)}, num_basis={self.num_basis}"
+
+
+class PolynomialCutoff(nn.Module):
+    """Smooth envelope, 1 at r = 0 and 0 (with two derivatives) at ``r_max``; ``(E, 1) -> (E, 1)``."""
+
+    def __init__(self, r_max: float, p: int = 5):
+        super().__init__()
+        self.register_buffer("r_max", torch.tensor(float(r_max), dtype=torch.get_default_dtype()))
+        self.register_buffer("p", torch.tensor(int(p), dtype=torch.int))
+
+    @staticmethod
+    def envelope(r: torch.Tensor, r_max, p) -> torch.Tensor:
+        x = r / r_max
+        env = (
+            1.0
+            - ((p + 1.0) * (p + 2.0) / 2.0) * torch.pow(x, p)
+            + p * (p + 2.0) * torch.pow(x, p + 1)
+            - (p * (p + 1.0) / 2) * torch.pow(x, p + 2)
+        )
+        return env * (r < r_max)
+
+    def forward(self, r: torch.Tensor) -> torch.Tensor:
+        return self.envelope(r, self.r_max, self.p.to(torch.int))
+
+    def extra_repr(self) -> str:
+        return f"r_max={float(self.r_max)}, p={int(self.p)}"
+
+
+class RadialEmbeddingBlock(nn.Module):
+    """Edge lengths ``(E, 1)`` -> Bessel features times the cutoff envelope ``(E, num_bessel)``."""
+
+    def __init__(self, r_max: float, num_bessel: int, num_polynomial_cutoff: int):
+        super().__init__()
+        self.bessel_fn = BesselBasis(r_max=r_max, num_basis=num_bessel)
+        self.cutoff_fn = PolynomialCutoff(r_max=r_max, p=num_polynomial_cutoff)
+        self.out_dim = num_bessel
+
+    def forward(self, lengths: torch.Tensor) -> torch.Tensor:
+        return self.bessel_fn(lengths) * self.cutoff_fn(lengths)
+
+
+def radial_mlp(num_in: int, hidden: list[int], num_out: int) -> nn.Module:
+    """mace-torch's radial MLP: ``e3nn.nn.FullyConnectedNet([num_in, *hidden, num_out], silu)``."""
+    from e3nn import nn as enn
+
+    return enn.FullyConnectedNet([int(num_in)] + [int(h) for h in hidden] + [int(num_out)], torch.nn.functional.silu)
