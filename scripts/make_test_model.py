@@ -1,4 +1,4 @@
-"""Train the small test model `tests/fixtures/models/emt_cu_mace.pt` (about a minute on 2 cores).
+"""Train the small test model `tests/fixtures/models/emt_cu_mace.pt` (40 epochs, about a minute on 2 cores).
 
 A MACE with hidden irreps ``8x0e + 8x1o``, ``max_ell 2``, correlation 2, one interaction,
 ``r_max 4.5`` Å, fitted to energies and forces of fcc Cu cells labelled by ASE's EMT
@@ -9,7 +9,7 @@ set to the mean energy per atom of the training set. Deterministic given ``--see
 The MD and relaxation tests use it as a smooth, physically sensible Cu potential; it is not
 meant to be accurate. Its file stays well below 1 MB.
 
-    python scripts/make_test_model.py [--out tests/fixtures/models/emt_cu_mace.pt] [--seconds 60]
+    python scripts/make_test_model.py [--out tests/fixtures/models/emt_cu_mace.pt] [--max-epochs 40]
 """
 from __future__ import annotations
 
@@ -40,8 +40,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=str(ROOT / "tests" / "fixtures" / "models" / "emt_cu_mace.pt"))
     p.add_argument("--n-train", type=int, default=120)
-    p.add_argument("--seconds", type=float, default=60.0, help="training time budget")
-    p.add_argument("--max-epochs", type=int, default=400)
+    p.add_argument("--seconds", type=float, default=600.0, help="training time limit (stops early)")
+    p.add_argument("--max-epochs", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 

@@ -26,6 +26,8 @@ _MACE_SMALL = dict(
     num_interactions=2,
     num_bessel=4,
     avg_num_neighbors=4.0,
+    # mace-torch's standard first layer (no residual): an atom without neighbours gets exactly E0
+    interaction_cls_first="RealAgnosticInteractionBlock",
 )
 _ESCN_SMALL = dict(
     r_max=R_MAX,

@@ -27,6 +27,9 @@ layer), ``num_interactions``, ``MLP_irreps``, ``gate``, ``radial_MLP``, ``avg_nu
 * ``product_basis_sizes``: per layer, per output irrep, per body order, the number of coupling
   columns of the product basis (set by :mod:`mlpot.models.mace_import` to hold mace-torch's
   own ``U`` matrices; new models use the reduced basis);
+* ``subtract_isolated``: subtract the interaction energy of a lone atom of the same species, so
+  that an isolated atom has exactly the energy ``E_0 + shift`` (default True; an imported
+  mace-torch model sets it False, as mace-torch has no such term);
 * ``seed``: seed for the weight initialisation (None: torch's global RNG); ``dtype``.
 
 ``MACE`` with ``scale=1, shift=0`` is mace-torch's ``MACE``; ``ScaleShiftMACE`` is the same
@@ -97,6 +100,7 @@ class MACE(PotentialModel):
         backend: str = "reference",
         zbl: bool = False,
         product_basis_sizes=None,
+        subtract_isolated: bool = True,
         seed: int | None = None,
         dtype: str = "float64",
     ):
@@ -153,6 +157,7 @@ class MACE(PotentialModel):
             backend=str(backend),
             zbl=bool(zbl),
             product_basis_sizes=product_basis_sizes,
+            subtract_isolated=bool(subtract_isolated),
             seed=seed,
             dtype=str(dtype),
         )
@@ -262,21 +267,51 @@ class MACE(PotentialModel):
         return out
 
     # ------------------------------------------------------------------------------------------
-    def compute_node_energies(self, graph: dict, vectors: torch.Tensor) -> dict[str, torch.Tensor]:
-        node_attrs = self.node_attrs(graph)
-        node_e0 = self.node_e0(graph)
-        sender, receiver = graph["edge_index"][0], graph["edge_index"][1]
+    def _interaction_energy(self, node_attrs, vectors, sender, receiver):
+        """Sum of the readouts of all layers (before scale/shift) and the invariant features."""
         lengths = torch.linalg.norm(vectors, dim=-1, keepdim=True)
         edge_attrs = self.spherical_harmonics(vectors)
         edge_feats = self.radial_embedding(lengths)
         node_feats = self.node_embedding(node_attrs)
-        node_inter = torch.zeros_like(node_e0)
+        node_inter = node_attrs.new_zeros(node_attrs.shape[0])
         invariants = []
         for interaction, product, readout in zip(self.interactions, self.products, self.readouts):
             node_feats, sc = interaction(node_attrs, node_feats, edge_attrs, edge_feats, sender, receiver, vectors)
             node_feats = product(node_feats, sc, node_attrs)
             invariants.append(node_feats[:, : self.num_features])
             node_inter = node_inter + readout(node_feats).squeeze(-1)
+        return node_inter, invariants
+
+    def isolated_interaction_energy(self, dtype=None, device=None) -> torch.Tensor:
+        """Readout sum of a lone atom of each species (no neighbours), shape ``(S,)``."""
+        p = self.node_embedding.linear.weight
+        dtype = dtype or p.dtype
+        device = device or p.device
+        attrs = torch.eye(self.num_elements, dtype=dtype, device=device)
+        empty = torch.zeros(0, dtype=torch.long, device=device)
+        vectors = torch.zeros(0, 3, dtype=dtype, device=device)
+        return self._interaction_energy(attrs, vectors, empty, empty)[0]
+
+    def _isolated_cached(self, dtype, device) -> torch.Tensor:
+        # depends on the weights only: recompute when any of them changed (or in training)
+        if self.training and torch.is_grad_enabled():
+            return self.isolated_interaction_energy(dtype, device)
+        key = (dtype, device) + tuple((id(t), t._version) for t in (*self.parameters(), *self.buffers()))
+        cache = getattr(self, "_iso_cache", None)
+        if cache is None or cache[0] != key:
+            with torch.no_grad():
+                cache = (key, self.isolated_interaction_energy(dtype, device))
+            self._iso_cache = cache
+        return cache[1]
+
+    def compute_node_energies(self, graph: dict, vectors: torch.Tensor) -> dict[str, torch.Tensor]:
+        node_attrs = self.node_attrs(graph)
+        node_e0 = self.node_e0(graph)
+        sender, receiver = graph["edge_index"][0], graph["edge_index"][1]
+        node_inter, invariants = self._interaction_energy(node_attrs, vectors, sender, receiver)
+        if self.config["subtract_isolated"]:
+            species = self.species_index(graph["atomic_numbers"])
+            node_inter = node_inter - self._isolated_cached(vectors.dtype, vectors.device)[species]
         node_energy = node_e0 + self.scale_shift(node_inter)
         return {"node_energy": node_energy, "node_features": torch.cat(invariants, dim=-1)}
 

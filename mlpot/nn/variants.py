@@ -101,6 +101,9 @@ class _MessageTPAdapter(nn.Module):
         self._takes_vectors = _accepts(tp.forward, "edge_vectors")
 
     def forward(self, x: torch.Tensor, edge_attrs: torch.Tensor, weights: torch.Tensor, edge_vectors=None):
+        if x.shape[0] == 0:
+            # no edges (isolated atoms): some grid/FFT paths cannot take an empty batch
+            return x.new_zeros(0, self.irreps_out.dim) + 0.0 * weights.sum()
         if self.needs_vectors:
             if edge_vectors is None:
                 raise ConfigError(f"message tensor product {self.kind!r} needs edge_vectors= (edge frames)")
