@@ -165,7 +165,7 @@ def _check_supported(model) -> None:
         problems.append("embeddings of extra inputs (embedding_specs)")
     n = len(model.interactions)
     for k, ro in enumerate(model.readouts):
-        want = "NonLinearReadoutBlock" if k == n - 1 else "LinearReadoutBlock"
+        want = "NonLinearReadoutBlock" if (k == n - 1 and n > 1) else "LinearReadoutBlock"
         if _class_name(ro) != want:
             problems.append(f"readout {k} is {_class_name(ro)} (expected {want})")
     if len(model.readouts) != n:
@@ -179,9 +179,9 @@ def _check_supported(model) -> None:
         sc = prod.symmetric_contractions
         if _class_name(sc) != "SymmetricContraction" or not hasattr(sc, "contractions"):
             problems.append(f"product basis {_class_name(sc)} (layer {k}; only e3nn SymmetricContraction)")
-    ae = model.atomic_energies_fn.atomic_energies
-    if ae.dim() > 1 and ae.shape[-1] > 1 and ae.shape[0] != len(model.atomic_numbers):
-        problems.append("per-head atomic energies")
+    ae = model.atomic_energies_fn.atomic_energies  # (S,) or (heads, S)
+    if ae.dim() > 1 and ae.shape[0] > 1:
+        problems.append(f"per-head atomic energies ({ae.shape[0]} heads)")
     for name in ("scale", "shift"):
         if hasattr(model, "scale_shift"):
             v = getattr(model.scale_shift, name)
@@ -226,7 +226,8 @@ def hyperparameters(model) -> dict:
     if hasattr(model, "scale_shift"):
         scale = float(model.scale_shift.scale.reshape(-1)[0])
         shift = float(model.scale_shift.shift.reshape(-1)[0])
-    ae = model.atomic_energies_fn.atomic_energies.detach().cpu().reshape(len(model.atomic_numbers), -1)[:, 0]
+    ae = model.atomic_energies_fn.atomic_energies.detach().cpu()
+    ae = ae.reshape(-1, len(model.atomic_numbers))[0]  # (S,) or (1 head, S)
     # the CG coefficients every message / skip product uses, from *this* e3nn
     triples = set()
     conv = []
@@ -257,7 +258,7 @@ def hyperparameters(model) -> dict:
         "num_polynomial_cutoff": int(model.radial_embedding.cutoff_fn.p),
         "max_ell": sh_lmax,
         "hidden_irreps": str(hidden_irreps),
-        "MLP_irreps": str(o3.Irreps(str(model.readouts[-1].hidden_irreps))),
+        "MLP_irreps": str(o3.Irreps(str(getattr(model.readouts[-1], "hidden_irreps", "16x0e")))),
         "gate": _gate_name(model.readouts[-1]),
         "num_interactions": len(interactions),
         "correlation": correlation,
@@ -276,6 +277,12 @@ def hyperparameters(model) -> dict:
     }
 
 
+def compact_json(obj: dict) -> str:
+    """One top-level key per line, values compact (valid JSON, diff-friendly, small)."""
+    lines = [f" {json.dumps(k)}: {json.dumps(v, separators=(',', ':'))}" for k, v in obj.items()]
+    return "{\n" + ",\n".join(lines) + "\n}\n"
+
+
 def export(model, out_dir) -> Path:
     """Write ``hyperparameters.json`` and ``weights.safetensors`` for ``model`` into ``out_dir``."""
     import torch
@@ -288,7 +295,7 @@ def export(model, out_dir) -> Path:
     state = {k: v for k, v in model.state_dict().items()}
     write_safetensors(state, out / "weights.safetensors", metadata={"format": FORMAT})
     tmp = out / "hyperparameters.json.tmp"
-    tmp.write_text(json.dumps(hp, indent=1) + "\n")
+    tmp.write_text(compact_json(hp))
     tmp.replace(out / "hyperparameters.json")
     return out
 

@@ -42,24 +42,24 @@ def build_model(seed: int = 7, hidden_irreps: str = "8x0e + 8x1o", max_ell: int 
     from mace import modules
 
     torch.manual_seed(seed)
-    kwargs = dict(
-        r_max=3.6,
-        num_bessel=6,
-        num_polynomial_cutoff=5,
-        max_ell=max_ell,
-        interaction_cls=modules.interaction_classes[interaction],
-        interaction_cls_first=modules.interaction_classes[interaction_first],
-        num_interactions=num_interactions,
-        num_elements=3,
-        hidden_irreps=o3.Irreps(hidden_irreps),
-        MLP_irreps=o3.Irreps("16x0e"),
-        atomic_energies=np.array([-13.587, -1029.41, -2042.61]),
-        avg_num_neighbors=6.5,
-        atomic_numbers=[1, 6, 8],
-        correlation=correlation,
-        gate=torch.nn.functional.silu,
-        radial_MLP=[16, 16, 16],
-    )
+    kwargs = {
+        "r_max": 3.6,
+        "num_bessel": 6,
+        "num_polynomial_cutoff": 5,
+        "max_ell": max_ell,
+        "interaction_cls": modules.interaction_classes[interaction],
+        "interaction_cls_first": modules.interaction_classes[interaction_first],
+        "num_interactions": num_interactions,
+        "num_elements": 3,
+        "hidden_irreps": o3.Irreps(hidden_irreps),
+        "MLP_irreps": o3.Irreps("16x0e"),
+        "atomic_energies": np.array([-13.587, -1029.41, -2042.61]),
+        "avg_num_neighbors": 6.5,
+        "atomic_numbers": [1, 6, 8],
+        "correlation": correlation,
+        "gate": torch.nn.functional.silu,
+        "radial_MLP": [16, 16, 16],
+    }
     if model_class == "ScaleShiftMACE":
         model = modules.ScaleShiftMACE(atomic_inter_scale=1.7, atomic_inter_shift=-0.35, **kwargs)
     else:
@@ -141,7 +141,7 @@ def main(argv=None) -> int:
     p.add_argument("--save-model", action="store_true", help="also write the mace-torch model (mace.model)")
     p.add_argument("--hidden-irreps", default="8x0e + 8x1o")
     p.add_argument("--max-ell", type=int, default=2)
-    p.add_argument("--correlation", type=int, default=3)
+    p.add_argument("--correlation", default="3", help="int, or one per layer: 3,2")
     p.add_argument("--num-interactions", type=int, default=2)
     p.add_argument("--interaction", default="RealAgnosticResidualInteractionBlock")
     p.add_argument("--interaction-first", default="RealAgnosticResidualInteractionBlock")
@@ -154,13 +154,17 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(HERE))
     from export_mace import export
 
-    model = build_model(args.seed, args.hidden_irreps, args.max_ell, args.correlation, args.num_interactions,
+    corr = [int(c) for c in str(args.correlation).split(",")]
+    corr = corr[0] if len(corr) == 1 else corr
+    model = build_model(args.seed, args.hidden_irreps, args.max_ell, corr, args.num_interactions,
                         args.interaction, args.interaction_first, args.model_class)
     out = export(model, args.out)
     if args.save_model:
         torch.save(model, out / "mace.model")
     ref = reference(model, structures())
-    (out / "reference.json").write_text(json.dumps({"structures": ref}, indent=1) + "\n")
+    (out / "reference.json").write_text(
+        "{\"structures\": [\n" + ",\n".join(json.dumps(r, separators=(",", ":")) for r in ref) + "\n]}\n"
+    )
     for r in ref:
         print(f"{r['name']:10s} E = {r['energy']:.10f} eV  |F|max = {np.abs(r['forces']).max():.4f}")
     print(f"wrote {out}")

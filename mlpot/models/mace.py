@@ -12,7 +12,8 @@ product of :math:`h^{(t-1)}_j` with the spherical harmonics :math:`Y(\hat r_{ij}
 neighbours within ``r_max``), the symmetric product basis of body order ``correlation + 1``
 (:class:`~mlpot.o3.symmetric_contraction.SymmetricContraction`) and a linear update plus the
 species-dependent self connection. Linear readouts :math:`R_t` for all layers but the last,
-which has a gated MLP (``MLP_irreps``). The last layer keeps only scalars.
+which has a gated MLP (``MLP_irreps``; a one-layer model keeps the linear readout, as in
+mace-torch). The last layer keeps only scalars.
 
 Hyperparameters are mace-torch's (``r_max``, ``num_bessel``, ``num_polynomial_cutoff``,
 ``max_ell``, ``hidden_irreps`` or ``num_channels`` + ``max_L``, ``correlation`` (int or one per
@@ -54,9 +55,42 @@ from mlpot.nn.blocks import (
 )
 from mlpot.nn.radial import RadialEmbeddingBlock
 
-__all__ = ["MACE", "ScaleShiftMACE", "mace_hidden_irreps"]
+__all__ = ["MACE", "ScaleShiftMACE", "mace_hidden_irreps", "tune_malloc"]
 
 INTERACTION_TPS = ("cg", "gaunt", "so2")
+_MALLOC_TUNED = False
+
+
+def tune_malloc() -> bool:
+    """Keep freed memory in the process heap instead of unmapping it (glibc only; once per process).
+
+    A force call allocates many short-lived tensors of a few MB to a few hundred MB. With glibc's
+    defaults each of them is a fresh ``mmap`` that is faulted in page by page and unmapped on
+    free, which costs as much as the arithmetic (half the CPU time of a small-molecule call).
+    Raising ``M_MMAP_THRESHOLD``/``M_TRIM_THRESHOLD`` makes the heap reuse those pages; the
+    price is that the resident size stays at its high-water mark. Set ``MLPOT_TUNE_MALLOC=0``
+    to leave the allocator alone. Returns whether the settings were applied.
+    """
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED:
+        return True
+    import os
+    import sys
+
+    if os.environ.get("MLPOT_TUNE_MALLOC", "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        ok = libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) == 1 and libc.mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1) == 1
+    except (OSError, AttributeError):
+        return False
+    _MALLOC_TUNED = ok
+    return ok
 PRODUCTS = ("symmetric", "gaunt")
 
 
@@ -134,38 +168,39 @@ class MACE(PotentialModel):
             raise ConfigError(f"MACE: backend must be reference, triton or auto, got {backend!r}")
         if float(avg_num_neighbors) <= 0:
             raise ConfigError(f"MACE: avg_num_neighbors must be > 0, got {avg_num_neighbors}")
-        config = dict(
-            r_max=float(r_max),
-            atomic_numbers=[int(z) for z in atomic_numbers],
-            num_bessel=int(num_bessel),
-            num_polynomial_cutoff=int(num_polynomial_cutoff),
-            max_ell=int(max_ell),
-            hidden_irreps=_irreps_str(hidden_irreps),
-            correlation=correlation,
-            num_interactions=num_interactions,
-            MLP_irreps=_irreps_str(MLP_irreps),
-            gate=None if gate_key == "none" else gate_key,
-            radial_MLP=[int(h) for h in radial_MLP],
-            avg_num_neighbors=float(avg_num_neighbors),
-            e0s=e0s,
-            scale=float(scale),
-            shift=float(shift),
-            interaction_cls=str(interaction_cls).split(".")[-1].strip("'<>"),
-            interaction_cls_first=str(interaction_cls_first).split(".")[-1].strip("'<>"),
-            interaction_tp=str(interaction_tp).lower(),
-            product=str(product).lower(),
-            backend=str(backend),
-            zbl=bool(zbl),
-            product_basis_sizes=product_basis_sizes,
-            subtract_isolated=bool(subtract_isolated),
-            seed=seed,
-            dtype=str(dtype),
-        )
+        config = {
+            "r_max": float(r_max),
+            "atomic_numbers": [int(z) for z in atomic_numbers],
+            "num_bessel": int(num_bessel),
+            "num_polynomial_cutoff": int(num_polynomial_cutoff),
+            "max_ell": int(max_ell),
+            "hidden_irreps": _irreps_str(hidden_irreps),
+            "correlation": correlation,
+            "num_interactions": num_interactions,
+            "MLP_irreps": _irreps_str(MLP_irreps),
+            "gate": None if gate_key == "none" else gate_key,
+            "radial_MLP": [int(h) for h in radial_MLP],
+            "avg_num_neighbors": float(avg_num_neighbors),
+            "e0s": e0s,
+            "scale": float(scale),
+            "shift": float(shift),
+            "interaction_cls": str(interaction_cls).split(".")[-1].strip("'<>"),
+            "interaction_cls_first": str(interaction_cls_first).split(".")[-1].strip("'<>"),
+            "interaction_tp": str(interaction_tp).lower(),
+            "product": str(product).lower(),
+            "backend": str(backend),
+            "zbl": bool(zbl),
+            "product_basis_sizes": product_basis_sizes,
+            "subtract_isolated": bool(subtract_isolated),
+            "seed": seed,
+            "dtype": str(dtype),
+        }
         if isinstance(e0s, dict):
             config["e0s"] = {str(k): float(v) for k, v in e0s.items()}
         elif e0s is not None:
             config["e0s"] = [float(v) for v in e0s]
         super().__init__(config)
+        tune_malloc()
         if config["dtype"] not in ("float32", "float64"):
             raise ConfigError(f"MACE: dtype must be float32 or float64, got {dtype!r}")
         dt = torch.float32 if config["dtype"] == "float32" else torch.float64
@@ -215,12 +250,12 @@ class MACE(PotentialModel):
         cls_first = interaction_block_class(c["interaction_cls_first"])
         cls = interaction_block_class(c["interaction_cls"])
         sizes = c["product_basis_sizes"]
-        common = dict(
-            avg_num_neighbors=c["avg_num_neighbors"],
-            radial_MLP=c["radial_MLP"],
-            interaction_tp=c["interaction_tp"],
-            backend=c["backend"],
-        )
+        common = {
+            "avg_num_neighbors": c["avg_num_neighbors"],
+            "radial_MLP": c["radial_MLP"],
+            "interaction_tp": c["interaction_tp"],
+            "backend": c["backend"],
+        }
         self.interactions = nn.ModuleList()
         self.products = nn.ModuleList()
         self.readouts = nn.ModuleList()
@@ -251,7 +286,7 @@ class MACE(PotentialModel):
                     backend=c["backend"],
                 )
             )
-            if last:
+            if last and num_inter > 1:  # mace-torch: a single layer has a linear readout
                 self.readouts.append(NonLinearReadoutBlock(hidden_out, c["MLP_irreps"], gate, o3.Irreps("0e")))
             else:
                 self.readouts.append(LinearReadoutBlock(hidden_out, o3.Irreps("0e")))

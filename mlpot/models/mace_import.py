@@ -31,7 +31,7 @@ import torch
 
 from mlpot.errors import ModelFileError
 
-__all__ = ["import_mace", "read_export", "UNSUPPORTED_HINT"]
+__all__ = ["UNSUPPORTED_HINT", "import_mace", "read_export"]
 
 EXPORT_FORMAT = "mlpot-mace-export"
 EXPORT_VERSION = 1
@@ -82,30 +82,30 @@ def _check_supported(hp: dict) -> None:
 
 
 def _config_from_hparams(hp: dict) -> dict:
-    return dict(
-        r_max=float(hp["r_max"]),
-        atomic_numbers=[int(z) for z in hp["atomic_numbers"]],
-        num_bessel=int(hp["num_bessel"]),
-        num_polynomial_cutoff=int(hp["num_polynomial_cutoff"]),
-        max_ell=int(hp["max_ell"]),
-        hidden_irreps=str(hp["hidden_irreps"]),
-        correlation=[int(c) for c in hp["correlation"]],
-        num_interactions=int(hp["num_interactions"]),
-        MLP_irreps=str(hp["MLP_irreps"]),
-        gate=hp.get("gate"),
-        radial_MLP=[int(h) for h in hp["radial_MLP"]],
-        avg_num_neighbors=float(hp["avg_num_neighbors"]),
-        e0s=[float(e) for e in hp["atomic_energies"]],
-        scale=float(hp.get("scale", 1.0)),
-        shift=float(hp.get("shift", 0.0)),
-        interaction_cls=hp["interaction_cls"],
-        interaction_cls_first=hp["interaction_cls_first"],
-        interaction_tp="cg",
-        product="symmetric",
-        product_basis_sizes=hp["product_basis_sizes"],
-        subtract_isolated=False,
-        dtype=str(hp.get("dtype", "float64")),
-    )
+    return {
+        "r_max": float(hp["r_max"]),
+        "atomic_numbers": [int(z) for z in hp["atomic_numbers"]],
+        "num_bessel": int(hp["num_bessel"]),
+        "num_polynomial_cutoff": int(hp["num_polynomial_cutoff"]),
+        "max_ell": int(hp["max_ell"]),
+        "hidden_irreps": str(hp["hidden_irreps"]),
+        "correlation": [int(c) for c in hp["correlation"]],
+        "num_interactions": int(hp["num_interactions"]),
+        "MLP_irreps": str(hp["MLP_irreps"]),
+        "gate": hp.get("gate"),
+        "radial_MLP": [int(h) for h in hp["radial_MLP"]],
+        "avg_num_neighbors": float(hp["avg_num_neighbors"]),
+        "e0s": [float(e) for e in hp["atomic_energies"]],
+        "scale": float(hp.get("scale", 1.0)),
+        "shift": float(hp.get("shift", 0.0)),
+        "interaction_cls": hp["interaction_cls"],
+        "interaction_cls_first": hp["interaction_cls_first"],
+        "interaction_tp": "cg",
+        "product": "symmetric",
+        "product_basis_sizes": hp["product_basis_sizes"],
+        "subtract_isolated": False,
+        "dtype": str(hp.get("dtype", "float64")),
+    }
 
 
 def _path_signs(model, hp: dict) -> list[list[float]]:
@@ -187,7 +187,8 @@ def import_mace(path):
             continue
         src = _mace_key(key, model)
         if src not in theirs:
-            if key.endswith(_IGNORED_SUFFIXES) or value.numel() == 0:
+            # derived buffers; scale/shift of a plain MACE (1, 0) come from the config
+            if key.endswith(_IGNORED_SUFFIXES) or value.numel() == 0 or key.startswith("scale_shift."):
                 new_state[key] = value
                 continue
             raise ModelFileError(f"{path}: the export has no weight {src!r} (for mlpot's {key!r})")
@@ -197,8 +198,10 @@ def import_mace(path):
             new_state[key] = value
             continue
         if t.shape != value.shape:
-            if t.numel() == value.numel() and ".U_matrix_" in key:
-                t = t.reshape(value.shape)  # scalar outputs: mace-torch drops the size-1 output axis
+            if t.numel() == value.numel():
+                # size-1 axes: mace-torch drops the output axis of scalar U matrices and keeps a
+                # head axis on scale/shift
+                t = t.reshape(value.shape)
             else:
                 raise ModelFileError(
                     f"{path}: weight {src!r} has shape {tuple(t.shape)}, mlpot's {key!r} needs {tuple(value.shape)}"

@@ -20,11 +20,14 @@ Feature layout: e3nn ``mul_ir`` between blocks; the product basis takes the atom
 
 The message tensor product is ``interaction_tp`` = ``"cg"`` (:class:`ChannelwiseTensorProduct`,
 mace-torch's) or a variant from :mod:`mlpot.nn.variants`; the product basis is
-``"symmetric"`` (:class:`SymmetricContraction`) or a variant.
+``"symmetric"`` (:class:`SymmetricContraction`) or a variant. With the CG product on the
+reference backend, the messages stay channel-last and the linear mixing after the sum over
+neighbours reads the ``o3.Linear`` weights directly (:class:`_ChannelLastLinear`), which skips
+two layout round trips; the numbers are the same.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from e3nn import nn as enn
@@ -34,18 +37,18 @@ from torch import nn
 from mlpot.errors import ConfigError
 from mlpot.nn.radial import radial_mlp
 from mlpot.o3.symmetric_contraction import SymmetricContraction
-from mlpot.o3.tensor_product import ChannelwiseTensorProduct
+from mlpot.o3.tensor_product import ChannelwiseTensorProduct, mul_ir_to_channel_last
 
 __all__ = [
     "GATES",
+    "INTERACTION_BLOCKS",
+    "EquivariantProductBasisBlock",
+    "InteractionBlock",
     "LinearNodeEmbeddingBlock",
     "LinearReadoutBlock",
     "NonLinearReadoutBlock",
-    "InteractionBlock",
     "RealAgnosticInteractionBlock",
     "RealAgnosticResidualInteractionBlock",
-    "INTERACTION_BLOCKS",
-    "EquivariantProductBasisBlock",
     "ScaleShiftBlock",
     "irreps_to_channels",
 ]
@@ -56,6 +59,51 @@ GATES: dict[str, Callable | None] = {
     "abs": torch.abs,
     "none": None,
 }
+
+
+def channels_to_irreps(x: torch.Tensor, irreps: o3.Irreps) -> torch.Tensor:
+    """Inverse of :func:`irreps_to_channels`: ``(N, C, D)`` -> ``(N, irreps.dim)``."""
+    N = x.shape[0]
+    out, off = [], 0
+    for mul, ir in irreps:
+        out.append(x[:, :, off : off + ir.dim].reshape(N, mul * ir.dim))
+        off += ir.dim
+    return torch.cat(out, dim=-1)
+
+
+class _ChannelLastLinear:
+    r"""``o3.Linear`` applied to channel-last messages ``(N, K, U)``, returning ``(N, V, D)``.
+
+    Same weights and normalisation as the e3nn module it reads them from (instructions
+    ``(i_in, i_out)`` over equal irreps, weight blocks ``(mul_in, mul_out)`` in that order,
+    path weight :math:`1/\sqrt{\sum mul_{in}}`); skips e3nn's ``mul_ir`` round trip.
+    """
+
+    def __init__(self, irreps_in: o3.Irreps, irreps_out: o3.Irreps):
+        offs_in = [sum(ir.dim for _, ir in irreps_in[:i]) for i in range(len(irreps_in))]
+        ins = [(i, j) for i, (_, a) in enumerate(irreps_in) for j, (_, b) in enumerate(irreps_out) if a == b]
+        self.blocks = []  # per output irrep: (d, [(k0, weight offset, mul_in, mul_out)], alpha)
+        woff = 0
+        per_out = {j: [] for j in range(len(irreps_out))}
+        for i, j in ins:
+            mi, mo = irreps_in[i].mul, irreps_out[j].mul
+            per_out[j].append((offs_in[i], woff, mi, mo))
+            woff += mi * mo
+        for j, (mul, ir) in enumerate(irreps_out):
+            fan = sum(mi for _, _, mi, _ in per_out[j])
+            self.blocks.append((ir.dim, mul, per_out[j], fan ** -0.5 if fan else 1.0))
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, scale: float) -> torch.Tensor:
+        N = x.shape[0]
+        outs = []
+        for d, mul, terms, alpha in self.blocks:
+            if not terms:
+                outs.append(x.new_zeros(N, mul, d))
+                continue
+            xs = torch.cat([x[:, k0 : k0 + d] for k0, _, _, _ in terms], dim=-1)  # (N, d, sum mul_in)
+            W = torch.cat([weight[w0 : w0 + mi * mo].view(mi, mo) for _, w0, mi, mo in terms], dim=0)
+            outs.append((xs @ (W * (alpha * scale))).transpose(1, 2))  # (N, mul, d)
+        return torch.cat(outs, dim=-1)
 
 
 def irreps_to_channels(x: torch.Tensor, irreps: o3.Irreps) -> torch.Tensor:
@@ -151,22 +199,32 @@ class InteractionBlock(nn.Module):
         self.conv_tp_weights = radial_mlp(self.edge_feats_irreps.num_irreps, radial_MLP, self.conv_tp.weight_numel)
         self.irreps_out = self.target_irreps
         self.linear = o3.Linear(irreps_mid, self.irreps_out)
+        self._fused_linear = None
+        uniform = len({mul for mul, _ in self.irreps_out}) == 1
+        if isinstance(self.conv_tp, ChannelwiseTensorProduct) and self.conv_tp.fast and uniform:
+            self._fused_linear = _ChannelLastLinear(irreps_mid, self.irreps_out)
         self._setup_skip()
 
     def _setup_skip(self) -> None:
         raise NotImplementedError
 
     def _message(self, node_feats, edge_attrs, edge_feats, sender, receiver, vectors):
-        """``sum_j TP(W_up h_j, Y_ij, R(r_ij))``, then the linear mixing and ``1 / avg_num_neighbors``."""
+        """``sum_j TP(W_up h_j, Y_ij, R(r_ij))``, the linear mixing and ``1 / avg_num_neighbors``,
+        as ``(N, C, D)``."""
         node_feats = self.linear_up(node_feats)
         tp_weights = self.conv_tp_weights(edge_feats)
         N = node_feats.shape[0]
-        if hasattr(self.conv_tp, "message_passing"):
-            message = self.conv_tp.message_passing(node_feats, edge_attrs, tp_weights, sender, receiver, N)
+        tp = self.conv_tp
+        if self._fused_linear is not None and tp.resolved_backend(node_feats.device) == "reference":
+            x_cl = mul_ir_to_channel_last(node_feats, tp.irreps_in1)
+            msg = tp.message_passing_channel_last(x_cl, edge_attrs, tp_weights, sender, receiver, N)
+            return self._fused_linear(msg, self.linear.weight, 1.0 / self.avg_num_neighbors)
+        if hasattr(tp, "message_passing"):
+            message = tp.message_passing(node_feats, edge_attrs, tp_weights, sender, receiver, N)
         else:
-            mji = self.conv_tp(node_feats.index_select(0, sender), edge_attrs, tp_weights, edge_vectors=vectors)
+            mji = tp(node_feats.index_select(0, sender), edge_attrs, tp_weights, edge_vectors=vectors)
             message = mji.new_zeros(N, mji.shape[1]).index_add(0, receiver, mji)
-        return self.linear(message) / self.avg_num_neighbors
+        return irreps_to_channels(self.linear(message) / self.avg_num_neighbors, self.irreps_out)
 
 
 class RealAgnosticResidualInteractionBlock(InteractionBlock):
@@ -179,8 +237,7 @@ class RealAgnosticResidualInteractionBlock(InteractionBlock):
 
     def forward(self, node_attrs, node_feats, edge_attrs, edge_feats, sender, receiver, vectors=None):
         sc = self.skip_tp(node_feats, node_attrs)
-        message = self._message(node_feats, edge_attrs, edge_feats, sender, receiver, vectors)
-        return irreps_to_channels(message, self.irreps_out), sc
+        return self._message(node_feats, edge_attrs, edge_feats, sender, receiver, vectors), sc
 
 
 class RealAgnosticInteractionBlock(InteractionBlock):
@@ -193,7 +250,7 @@ class RealAgnosticInteractionBlock(InteractionBlock):
 
     def forward(self, node_attrs, node_feats, edge_attrs, edge_feats, sender, receiver, vectors=None):
         message = self._message(node_feats, edge_attrs, edge_feats, sender, receiver, vectors)
-        message = self.skip_tp(message, node_attrs)
+        message = self.skip_tp(channels_to_irreps(message, self.irreps_out), node_attrs)
         return irreps_to_channels(message, self.irreps_out), None
 
 

@@ -32,3 +32,10 @@ from mlpot.o3.gaunt import (  # noqa: E402,F401
     weighted_gaunt_product,
 )
 # -- channelwise CG tensor product, symmetric contraction (tensor_product.py, symmetric_contraction.py)
+from mlpot.o3.tensor_product import (  # noqa: F401
+    ChannelwiseTensorProduct,
+    channel_last_to_mul_ir,
+    channelwise_instructions,
+    mul_ir_to_channel_last,
+)
+from mlpot.o3.symmetric_contraction import SymmetricContraction, coupling_basis  # noqa: F401

@@ -34,8 +34,15 @@ Instead of contracting :math:`U` with :math:`A` one index at a time for every no
 couplings, once per call and element,
 :math:`T_{z, c, K, m} = \sum_k \bar U_{K, m, k} W_{z, k, c}`, over the *distinct* monomials
 :math:`m = (i_1 \le \dots \le i_\nu)` whose coupling is nonzero (parity and the triangle rule
-remove most). The monomials are built incrementally, :math:`A^{(\nu)}_m = A^{(\nu-1)}_{m'} A_{i_\nu}`,
-and the node output is one batched matmul per element, ``(C, n_z, M) @ (C, M, K)``.
+remove most). The monomials are built incrementally, :math:`A^{(\nu)}_m = A^{(\nu-1)}_{m'} A_{i_\nu}`
+(monomials on the leading axis, ``(M, C, n)``, so every gather copies whole contiguous rows), and
+the node output is one batched matmul per element and order, ``(C, K, M) @ (C, M, n)``. Nodes
+are sorted by element and processed in chunks inside one autograd function: its backward
+applies the chain rule through the monomial levels by hand, reusing the forward's monomials for
+small inputs and recomputing them chunk by chunk for large ones (bounded memory), and computes
+only the gradients the running ``backward``/``grad`` call uses. In eval mode the folded weights
+:math:`T` are cached (the weights are then constants). When a graph is being built (training on
+forces) the backward uses only differentiable operations, so it can be differentiated again.
 """
 from __future__ import annotations
 
@@ -47,7 +54,9 @@ import torch
 from e3nn import o3
 from torch import nn
 
-__all__ = ["SymmetricContraction", "Contraction", "coupling_basis", "coupling_paths"]
+from mlpot.o3.tensor_product import grad_node, needed
+
+__all__ = ["Contraction", "SymmetricContraction", "coupling_basis", "coupling_paths"]
 
 
 def _coupling_irreps(irreps_in) -> o3.Irreps:
@@ -233,6 +242,9 @@ class SymmetricContraction(nn.Module):
     ``forward(node_feats (N, C, D), node_attrs (N, S) one-hot) -> (N, irreps_out.dim)``.
     """
 
+    #: nodes per chunk (bounds the size of the monomial tensors, which are recomputed in the backward)
+    chunk_size: int = 8
+
     def __init__(self, irreps_in, irreps_out, correlation: int, num_elements: int,
                  basis_sizes=None, backend: str = "reference"):
         super().__init__()
@@ -263,7 +275,7 @@ class SymmetricContraction(nn.Module):
                         r = min(n, U.shape[-1])
                         V[..., :r] = U[..., :r]
                         U = V
-                U_list.append(U.to(torch.get_default_dtype()))
+                U_list.append(U)  # float64: exact whatever the default dtype
             self.contractions.append(
                 Contraction(self.D, ir, self.correlation, self.num_elements, self.num_channels, U_list)
             )
@@ -315,71 +327,250 @@ class SymmetricContraction(nn.Module):
         levels[1] = [(i,) for i in range(D)]
         self._levels = levels
         self._num_monomials = sum(len(keep[nu]) for nu in keep)
-        parents, lasts, sels = [], [], []
+        parents, lasts = [], []
         for nu in range(2, self.correlation + 1):
             pos = {m: i for i, m in enumerate(levels[nu - 1])}
             parents.append(torch.tensor([pos[m[:-1]] for m in levels[nu]], dtype=torch.long, device=dev))
             lasts.append(torch.tensor([m[-1] for m in levels[nu]], dtype=torch.long, device=dev))
+        self._level_sizes = [len(levels[nu]) for nu in range(1, self.correlation + 1)]
+        self._parents, self._lasts = parents, lasts
+        self._plan_dev = None
+        # symmetrized couplings on the rows of every level (zero for rows that are only prefixes)
+        self._usym = {}
         for nu in range(1, self.correlation + 1):
-            pos = {m: i for i, m in enumerate(levels[nu])}
-            sel = [pos[m] for m in keep[nu]]
-            identity = sel == list(range(len(levels[nu])))
-            sels.append(None if identity else torch.tensor(sel, dtype=torch.long, device=dev))
-        self._parents, self._lasts, self._sels = parents, lasts, sels
-        # symmetrized couplings of all outputs, stacked: (sum_k d_k, M_total, n) per (k, nu) block
-        self._usym = {key: v.to(device=dev) for key, v in usym.items()}
+            pos = {m: i for i, m in enumerate(keep[nu])}
+            rows = [pos.get(m) for m in levels[nu]]
+            for k in range(len(self.contractions)):
+                Us = usym[(k, nu)]  # (d, M_kept, n)
+                full = Us.new_zeros(Us.shape[0], len(rows), Us.shape[2])
+                idx = [i for i, r in enumerate(rows) if r is not None]
+                if idx:
+                    full[:, idx] = Us[:, [rows[i] for i in idx]]
+                self._usym[(k, nu)] = full.to(device=dev)
+
+    def _folded_weights(self, dtype, device) -> torch.Tensor:
+        """:meth:`_fold_weights`, cached in eval mode (the weights are then constants: no gradient
+        w.r.t. them is computed; recomputed whenever a weight or coupling tensor changes)."""
+        if self.training:
+            return self._fold_weights(dtype, device)
+        key = (dtype, str(device)) + tuple((id(t), t._version) for t in (*self.parameters(), *self.buffers()))
+        cache = getattr(self, "_fold_cache", None)
+        if cache is None or cache[0] != key:
+            with torch.no_grad():
+                cache = (key, self._fold_weights(dtype, device))
+            self._fold_cache = cache
+        return cache[1]
 
     def _fold_weights(self, dtype, device) -> torch.Tensor:
-        """T[s, c, m, K] = sum_j Ubar[K, m, j] W[s, j, c] for all outputs K and monomials m."""
-        blocks_k = []
-        for k, c in enumerate(self.contractions):
-            blocks_nu = []
-            for nu in range(1, self.correlation + 1):
-                Us = self._usym[(k, nu)].to(dtype=dtype, device=device)
-                if Us.shape[1] == 0:
-                    continue
-                blocks_nu.append(torch.einsum("Kmj,sjc->scmK", Us, c.W(nu)))
-            blocks_k.append(torch.cat(blocks_nu, dim=2))
-        return torch.cat(blocks_k, dim=3)
+        """``T[s, c, K, r] = sum_j Ubar[K, r, j] W[s, j, c]`` over the rows ``r`` of all monomial
+        levels (orders 1..correlation stacked) and all outputs ``K``: ``(S, C, K, R)``."""
+        out = []
+        S, C = self.num_elements, self.num_channels
+        for nu in range(1, self.correlation + 1):
+            blocks = []
+            for k, c in enumerate(self.contractions):
+                Us = self._usym[(k, nu)].to(dtype=dtype, device=device)  # (d, R_nu, n)
+                if Us.shape[2] == 0:
+                    blocks.append(torch.zeros(S, C, Us.shape[0], Us.shape[1], dtype=dtype, device=device))
+                else:
+                    blocks.append(torch.einsum("Kmj,sjc->scKm", Us, c.W(nu)))
+            out.append(torch.cat(blocks, dim=2) if len(blocks) > 1 else blocks[0])
+        return torch.cat(out, dim=3) if len(out) > 1 else out[0]
 
-    def monomials(self, x: torch.Tensor) -> torch.Tensor:
-        """``x (..., D)`` -> the kept monomials of all orders ``(..., M)`` (order nu = 1, 2, ...)."""
-        cur = x
-        out = [x if self._sels[0] is None else x.index_select(-1, self._sels[0])]
-        for nu in range(2, self.correlation + 1):
-            cur = cur.index_select(-1, self._parents[nu - 2]) * x.index_select(-1, self._lasts[nu - 2])
-            sel = self._sels[nu - 1]
-            out.append(cur if sel is None else cur.index_select(-1, sel))
-        return torch.cat(out, dim=-1) if len(out) > 1 else out[0]
+    def _index_plan(self, device):
+        key = str(device)
+        cache = getattr(self, "_plan_dev", None)
+        if cache is None or cache[0] != key:
+            cache = (key, [t.to(device) for t in self._parents], [t.to(device) for t in self._lasts])
+            self._plan_dev = cache
+        return cache[1:]
+
+    def _triton_forward(self, node_feats: torch.Tensor, node_attrs: torch.Tensor) -> torch.Tensor:
+        """The fused kernel of :mod:`mlpot.kernels.symmetric_contraction` (same U, same weights)."""
+        from mlpot.o3.backend import kernels_module
+
+        mod = kernels_module("symmetric_contraction")
+        N, C, _ = node_feats.shape
+        A = node_feats.transpose(1, 2).contiguous()  # (N, D, C)
+        elem = node_attrs.argmax(dim=-1)
+        key = tuple((id(c.U(nu)), c.U(nu)._version) for c in self.contractions for nu in range(1, self.correlation + 1))
+        cache = getattr(self, "_triton_tables", None)
+        if cache is None or cache[0] != key:
+            tables = [
+                mod.build_table([c.U(nu).to(node_feats.dtype) for nu in range(1, self.correlation + 1)])
+                for c in self.contractions
+            ]
+            cache = (key, tables)
+            self._triton_tables = cache
+        res = []
+        for c, table in zip(self.contractions, cache[1]):
+            Ws = [c.W(nu) for nu in range(1, self.correlation + 1)]
+            out = mod.symmetric_contraction(A, elem, Ws, table)  # (N, d, C)
+            res.append(out.transpose(1, 2).reshape(N, C * c.ir_out.dim))
+        return torch.cat(res, dim=-1)
 
     def forward(self, node_feats: torch.Tensor, node_attrs: torch.Tensor) -> torch.Tensor:
+        """``node_feats (N, C, D)``, ``node_attrs (N, S)`` one-hot -> ``(N, irreps_out.dim)``."""
         N, C, D = node_feats.shape
         if D != self.D or C != self.num_channels:
             raise ValueError(f"node_feats must be (N, {self.num_channels}, {self.D}), got {tuple(node_feats.shape)}")
-        T = self._fold_weights(node_feats.dtype, node_feats.device)  # (S, C, M, K)
-        S = T.shape[0]
-        x = node_feats.transpose(0, 1)  # (C, N, D)
-        if S == 1:
-            out = torch.bmm(self.monomials(x), T[0])  # (C, N, K)
+        if self.backend != "reference":
+            from mlpot.o3.tensor_product import _resolve_backend
+
+            if _resolve_backend(self.backend, node_feats.device) == "triton":
+                return self._triton_forward(node_feats, node_attrs)
+        T = self._folded_weights(node_feats.dtype, node_feats.device)  # (S, C, K, R)
+        S = self.num_elements
+        K = sum(c.ir_out.dim for c in self.contractions)
+        parents, lasts = self._index_plan(node_feats.device)
+        if S == 1 or N == 0:
+            counts = [N] + [0] * (S - 1)
+            x = node_feats
         else:
             species = node_attrs.argmax(dim=-1)
             order = torch.argsort(species, stable=True)
             counts = torch.bincount(species, minlength=S).tolist()
-            xs = x.index_select(1, order)
-            mono = self.monomials(xs)
-            parts, start = [], 0
-            for s, n in enumerate(counts):
-                if n:
-                    parts.append(torch.bmm(mono[:, start : start + n], T[s]))
-                start += n
-            out_sorted = torch.cat(parts, dim=1)
+            x = node_feats.index_select(0, order)
+        x = x.contiguous()
+        nodes = (grad_node(x), grad_node(T)) if torch.is_grad_enabled() else (None, None)
+        out = _SymmetricContractionFn.apply(
+            x, T, (parents, lasts, counts, int(self.chunk_size), K, nodes)
+        )  # (N, C, K), species-sorted
+        if S > 1 and N > 0:
             inv = torch.empty_like(order)
             inv[order] = torch.arange(N, device=order.device)
-            out = out_sorted.index_select(1, inv)
-        # (C, N, K) -> mul_ir (N, sum_k C * d_k)
+            out = out.index_select(0, inv)
         res, off = [], 0
         for c in self.contractions:
             d = c.ir_out.dim
-            res.append(out[:, :, off : off + d].permute(1, 0, 2).reshape(N, C * d))
+            res.append(out[:, :, off : off + d].reshape(N, C * d))
             off += d
         return torch.cat(res, dim=-1)
+
+
+def _levels(x_t: torch.Tensor, parents, lasts, sizes, inplace: bool):
+    """``x_t (D, C, n)`` -> ``(buf, factors)``: all monomial levels stacked, ``buf (R, C, n)``
+    (level nu = products of nu factors), and the two gathered factors of every level > 1."""
+    factors = []
+    if inplace:
+        buf = x_t.new_empty(sum(sizes), *x_t.shape[1:])
+        buf[: sizes[0]] = x_t
+        off, prev = sizes[0], buf[: sizes[0]]
+        for par, last, r in zip(parents, lasts, sizes[1:]):
+            f1, f2 = prev.index_select(0, par), x_t.index_select(0, last)
+            cur = buf[off : off + r]
+            torch.mul(f1, f2, out=cur)
+            factors.append((f1, f2))
+            off, prev = off + r, cur
+        return buf, factors
+    levels = [x_t]
+    for par, last in zip(parents, lasts):
+        f1, f2 = levels[-1].index_select(0, par), x_t.index_select(0, last)
+        levels.append(f1 * f2)
+        factors.append((f1, f2))
+    return (torch.cat(levels, dim=0) if len(levels) > 1 else levels[0]), factors
+
+
+def _chunks(counts: list[int], chunk: int) -> list[tuple[int, int, list[tuple[int, int, int]]]]:
+    """Node ranges ``(a, b, [(species, lo, hi), ...])`` of at most ``chunk`` species-sorted nodes."""
+    bounds, start = [], 0
+    for s, n_s in enumerate(counts):
+        bounds.append((s, start, start + n_s))
+        start += n_s
+    out = []
+    for a in range(0, start, chunk):
+        b = min(a + chunk, start)
+        segs = [(s, max(lo, a) - a, min(hi, b) - a) for s, lo, hi in bounds if lo < b and hi > a]
+        out.append((a, b, segs))
+    return out
+
+
+def _sc_forward(x, T, parents, lasts, counts, chunk, K, keep: list | None = None):
+    """``x (N, C, D)`` species-sorted, ``T (S, C, K, R)`` -> ``(N, C, K)``.
+
+    ``keep``: if a list, receives ``(buf, factors)`` of every chunk for the backward.
+    """
+    N, C, D = x.shape
+    sizes = [D] + [len(p) for p in parents]
+    out = x.new_zeros(N, C, K)
+    for a, b, segs in _chunks(counts, chunk):
+        x_t = x[a:b].permute(2, 1, 0).contiguous()  # (D, C, n)
+        buf, factors = _levels(x_t, parents, lasts, sizes, inplace=True)
+        if keep is not None:
+            keep.append((buf, factors))
+        for s, lo, hi in segs:
+            res = torch.bmm(T[s], buf[:, :, lo:hi].permute(1, 0, 2))  # (C, K, n_s)
+            out[a + lo : a + hi] = res.permute(2, 0, 1)
+    return out
+
+
+def _sc_backward(g, x, T, parents, lasts, counts, chunk, need_x, need_T, kept=None):
+    """Gradients of :func:`_sc_forward` (torch code, chunk by chunk; differentiable when a graph
+    is being built). ``kept``: the forward's monomials, else they are recomputed."""
+    inplace = not torch.is_grad_enabled()
+    D = x.shape[2]
+    sizes = [D] + [len(p) for p in parents]
+    offs = [sum(sizes[:i]) for i in range(len(sizes))]
+    gx_parts = []
+    gT = torch.zeros_like(T) if need_T else None
+    TK = T.transpose(2, 3).contiguous() if need_x else None  # (S, C, R, K): dL/d(monomials) = T^T g
+    for i_chunk, (a, b, segs) in enumerate(_chunks(counts, chunk)):
+        if kept is not None:
+            buf, factors = kept[i_chunk]
+        else:
+            x_t = x[a:b].permute(2, 1, 0).contiguous()  # (D, C, n)
+            buf, factors = _levels(x_t, parents, lasts, sizes, inplace=inplace)
+        gc = g[a:b].permute(1, 2, 0)  # (C, K, n)
+        if need_T:
+            for s, lo, hi in segs:
+                upd = torch.bmm(gc[:, :, lo:hi], buf[:, :, lo:hi].permute(1, 2, 0))  # (C, K, R)
+                gT = gT.index_add(0, torch.tensor([s], device=x.device), upd[None])
+        if not need_x:
+            continue
+        x_t = buf[:D]
+        parts = [torch.bmm(TK[s], gc[:, :, lo:hi]) for s, lo, hi in segs]  # (C, R, n_s)
+        h = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)).permute(1, 0, 2).contiguous()
+        H = [h[o : o + r] for o, r in zip(offs, sizes)]  # gradient w.r.t. each level (R_nu, C, n)
+        gx_t = H[0]
+        g_level = H[-1]
+        for nu in range(len(sizes) - 1, 0, -1):  # level nu = level[nu-1][par] * x[last]
+            par, last = parents[nu - 1], lasts[nu - 1]
+            f1, f2 = factors[nu - 1]  # level[nu-1][par], x[last]
+            gx_t = gx_t.index_add(0, last, g_level * f1)
+            if nu - 1 == 0:  # level 0 is x itself
+                gx_t = gx_t.index_add(0, par, g_level * f2)
+            else:
+                g_level = H[nu - 1].index_add(0, par, g_level * f2)
+        gx_parts.append(gx_t.permute(2, 1, 0))
+    gx = (torch.cat(gx_parts) if gx_parts else torch.zeros_like(x)) if need_x else None
+    return gx, gT
+
+
+class _SymmetricContractionFn(torch.autograd.Function):
+    """Chunked symmetric contraction; saves its inputs (and, if small, the monomials)."""
+
+    #: keep the monomials of the forward for the backward when they take less than this (bytes)
+    keep_bytes = 256 << 20
+
+    @staticmethod
+    def forward(ctx, x, T, meta):
+        parents, lasts, counts, chunk, K, _ = meta
+        ctx.meta = meta
+        ctx.save_for_backward(x, T)
+        rows = x.shape[2] + sum(3 * len(p) for p in parents)
+        small = rows * x.shape[0] * x.shape[1] * x.element_size() <= _SymmetricContractionFn.keep_bytes
+        keep = [] if small else None
+        out = _sc_forward(x, T, parents, lasts, counts, chunk, K, keep)
+        ctx.kept = keep
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x, T = ctx.saved_tensors
+        parents, lasts, counts, chunk, _, nodes = ctx.meta
+        need_x = needed(ctx.needs_input_grad[0], nodes[0])
+        need_T = needed(ctx.needs_input_grad[1], nodes[1])
+        kept = ctx.kept if not torch.is_grad_enabled() else None
+        gx, gT = _sc_backward(g.contiguous(), x, T, parents, lasts, counts, chunk, need_x, need_T, kept)
+        ctx.kept = None
+        return gx, gT, None

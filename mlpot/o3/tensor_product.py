@@ -24,34 +24,36 @@ an imported mace-torch model feeds this module unchanged.
 
 Algorithm (reference backend, pure torch)
 -----------------------------------------
-Inside, features are channel-last, ``(..., D, U)`` with ``D = sum (2l+1)`` (the same layout as
-the Triton kernels, converted at the module boundary). The CG coefficients of all paths, with
-:math:`\alpha_p` folded in, form one dense tensor ``C[b, k, a]`` (``b``: SH component, ``k``: output
-component over all paths, ``a``: input component). Per edge, the SH are contracted first,
-``M_e = Y_e \cdot C`` (a tiny ``(K, A)`` matrix), and then
+Inside, features are channel-last, ``(..., D, U)`` with ``D = sum (2l+1)`` (the layout of the
+Triton kernels; converted at the module boundary). The CG blocks of all paths, with
+:math:`\alpha_p` folded in, are stacked into one matrix, so one matmul ``Y @ C`` gives every
+edge's small per-path matrices :math:`M^{(p)}_e = \sum_b Y_{e b} C^{(p)}_{b}` of shape
+``(2 l_3 + 1, 2 l_1 + 1)``. Per path, the weights are applied to the (few) input rows first
+and one small batched matmul produces the output rows,
 
-.. math::  t_{e} = M_e\, x_{s(e)} \quad (K \times A)(A \times U), \qquad
-           m_{e, k, u} = t_{e, k, u}\, w_{e, p(k), u},
+.. math::  m^{(p)}_{e} = M^{(p)}_e \,\big(x_{s(e), l_1} \odot w_{e, p}\big),
 
-one batched matmul and one gather-multiply, instead of one einsum per path.
-:meth:`ChannelwiseTensorProduct.message_passing` adds the gather at the senders and the
-``index_add`` at the receivers and runs over chunks of edges inside one autograd function, so the
-``(E, K, U)`` edge messages are never stored: the backward recomputes them chunk by chunk. The
-backward is written with differentiable torch ops, so second derivatives (training on forces)
-work.
+(a broadcast product when :math:`l_1 = 0`) — no per-path einsum, no gather of the weights to
+the output rows. :meth:`ChannelwiseTensorProduct.message_passing` adds the gather at the
+senders and the ``index_add`` at the receivers and runs over chunks of edges inside one autograd
+function, so the ``(E, K, U)`` edge messages are never stored: the backward recomputes them chunk
+by chunk, computing only the gradients the running ``backward``/``grad`` call uses (a force call
+needs none w.r.t. weights). The backward is torch code; when a graph is being built (training on
+forces) it uses only differentiable operations, so second derivatives work.
 """
 from __future__ import annotations
 
 import math
+
 import torch
 from e3nn import o3
 from torch import nn
 
 __all__ = [
     "ChannelwiseTensorProduct",
+    "channel_last_to_mul_ir",
     "channelwise_instructions",
     "mul_ir_to_channel_last",
-    "channel_last_to_mul_ir",
 ]
 
 
@@ -118,79 +120,188 @@ def _resolve_backend(backend: str, device) -> str:
     return resolve_backend(backend, device)
 
 
-class _MessagePassing(torch.autograd.Function):
-    """Chunked gather -> uvu TP -> scatter with recomputation in the backward.
+class _PathPlan:
+    r"""Static layout of the paths for the fused message passing.
 
-    forward: ``out[n] = sum_{e: r(e) = n} (M_e x[s(e)]) * w_e[p(k)]`` with ``M_e = Y_e . C``.
-    The backward is plain differentiable torch, so it can itself be differentiated.
+    ``paths``: ``(p, k0, d, a0, A, off)`` per path: output rows ``k0:k0+d`` (``d = 2 l_3 + 1``),
+    input rows ``a0:a0+A`` (``A = 2 l_1 + 1``) and columns ``off:off+d*A`` of ``C``, the CG blocks
+    (path weight included) stacked as ``(B, sum_p d A)``, so that one matmul ``Y @ C`` gives the
+    per-edge matrices :math:`M^{(p)}_e = \sum_b Y_{e b} C^{(p)}_{b}` of every path.
+    """
+
+    def __init__(self, tp: ChannelwiseTensorProduct):
+        off1 = [sum(ir.dim for _, ir in tp.irreps_in1[:i]) for i in range(len(tp.irreps_in1))]
+        offo = [sum(ir.dim for _, ir in tp.irreps_out[:i]) for i in range(len(tp.irreps_out))]
+        B = tp.irreps_in2.dim
+        self.paths, cols, off = [], [], 0
+        for p, (i1, i2, io) in enumerate(tp.instructions):
+            l1, l2, l3 = tp.irreps_in1[i1].ir.l, tp.irreps_in2[i2].ir.l, tp.irreps_out[io].ir.l
+            d, A = 2 * l3 + 1, 2 * l1 + 1
+            w3j = o3.wigner_3j(l1, l2, l3, dtype=torch.float64) * tp.path_weights[p]  # (a, b, k)
+            blk = torch.zeros(B, d, A, dtype=torch.float64)
+            blk[tp.irreps_in2.slices()[i2]] = w3j.permute(1, 2, 0)
+            cols.append(blk.reshape(B, d * A))
+            self.paths.append((p, offo[io], d, off1[i1], A, off))
+            off += d * A
+        self.C = torch.cat(cols, dim=1)
+        self.K = sum(ir.dim for _, ir in tp.irreps_out)
+        self.A = sum(ir.dim for _, ir in tp.irreps_in1)
+        self.P = len(self.paths)
+
+
+def grad_node(t: torch.Tensor):
+    """The autograd node that receives the gradient of ``t`` (None when ``t`` needs none)."""
+    if not t.requires_grad:
+        return None
+    if t.grad_fn is not None:
+        return t.grad_fn
+    return t.view_as(t).grad_fn.next_functions[0][0]  # a leaf's AccumulateGrad
+
+
+def needed(flag: bool, node) -> bool:
+    """Inside a backward: is this input's gradient used by the running ``backward``/``grad`` call?
+
+    ``ctx.needs_input_grad`` only says that an input requires grad; a force call
+    (``autograd.grad(E, positions)``) does not need the gradients w.r.t. the weights, which
+    built-in ops skip and custom functions should too.
+    """
+    if not flag:
+        return False
+    if node is None:
+        return True
+    try:
+        return bool(torch._C._will_engine_execute_node(node))
+    except (AttributeError, RuntimeError):
+        return True
+
+
+class _MessagePassing(torch.autograd.Function):
+    r"""Chunked gather -> uvu product -> scatter; the backward recomputes chunk by chunk.
+
+    forward: :math:`m_{n, k, u} = \sum_{e: r(e) = n} \sum_a M^{(p(k))}_{e, k a}\, x_{s(e), a, u}\,
+    w_{e, p(k), u}`. The backward is torch code; when a graph is being built (second derivatives)
+    it uses only differentiable operations, so it can be differentiated again.
     """
 
     @staticmethod
-    def forward(ctx, x, Y, w, C, path_of_k, sender, receiver, num_nodes: int, chunk: int):
-        ctx.save_for_backward(x, Y, w, C, path_of_k, sender, receiver)
-        ctx.num_nodes, ctx.chunk = num_nodes, chunk
-        return _mp_forward(x, Y, w, C, path_of_k, sender, receiver, num_nodes, chunk)
+    def forward(ctx, x, Y, w, C, plan, sender, receiver, num_nodes: int, chunk: int, nodes):
+        ctx.save_for_backward(x, Y, w, C, sender, receiver)
+        ctx.plan, ctx.chunk, ctx.nodes = plan, chunk, nodes
+        return _mp_forward(plan, x, Y, w, C, sender, receiver, num_nodes, chunk, inplace=True)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, Y, w, C, path_of_k, sender, receiver = ctx.saved_tensors
-        need_x, need_Y, need_w = ctx.needs_input_grad[:3]
+        x, Y, w, C, sender, receiver = ctx.saved_tensors
+        need_x, need_Y, need_w = (needed(f, n) for f, n in zip(ctx.needs_input_grad[:3], ctx.nodes))
         if ctx.needs_input_grad[3]:
             raise RuntimeError("ChannelwiseTensorProduct: no gradient w.r.t. the CG coefficients")
         gx, gY, gw = _mp_backward(
-            grad_out, x, Y, w, C, path_of_k, sender, receiver, ctx.chunk, need_x, need_Y, need_w
+            ctx.plan, grad_out, x, Y, w, C, sender, receiver, ctx.chunk, need_x, need_Y, need_w,
+            inplace=not torch.is_grad_enabled(),
         )
-        return gx, gY, gw, None, None, None, None, None, None
+        return gx, gY, gw, None, None, None, None, None, None, None
 
 
-def _edge_matrices(Y: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
-    B, K, A = C.shape
-    return (Y @ C.reshape(B, K * A)).reshape(Y.shape[0], K, A)
+def _edge_products(plan, Ma, xs, wc, inplace: bool) -> torch.Tensor:
+    """Per-edge messages ``(c, K, U)`` from ``Ma = Y @ C``, sender features ``xs (c, A, U)``, ``wc (c, P, U)``."""
+    c, U = xs.shape[0], xs.shape[2]
+    if inplace:
+        oc = xs.new_empty(c, plan.K, U)
+    parts = []
+    for p, k0, d, a0, A, off in plan.paths:
+        Mp = Ma[:, off : off + d * A].view(c, d, A)
+        if A == 1:
+            if inplace:
+                torch.mul(Mp, xs[:, a0 : a0 + 1] * wc[:, p : p + 1], out=oc[:, k0 : k0 + d])
+            else:
+                parts.append(Mp * (xs[:, a0 : a0 + 1] * wc[:, p : p + 1]))
+        else:
+            t = torch.bmm(Mp, xs[:, a0 : a0 + A] * wc[:, p : p + 1])
+            if inplace:
+                oc[:, k0 : k0 + d] = t
+            else:
+                parts.append(t)
+    return oc if inplace else torch.cat(parts, dim=1)  # plan.paths are in output order
 
 
-def _mp_forward(x, Y, w, C, path_of_k, sender, receiver, num_nodes, chunk):
+def _mp_forward(plan, x, Y, w, C, sender, receiver, num_nodes, chunk, inplace: bool):
+    """``x (N, A, U)``, ``Y (E, B)``, ``w (E, P, U)`` -> ``(num_nodes, K, U)``."""
     E = Y.shape[0]
-    _, K, A = C.shape
-    U = x.shape[-1]
-    out = x.new_zeros(num_nodes, K, U)
+    out = x.new_zeros(num_nodes, plan.K, x.shape[-1])
     for s in range(0, E, chunk):
         sl = slice(s, min(s + chunk, E))
-        M = _edge_matrices(Y[sl], C)
-        xs = x.index_select(0, sender[sl])
-        t = M * xs if A == 1 else torch.bmm(M, xs)
-        t = t * w[sl].index_select(1, path_of_k)
-        out.index_add_(0, receiver[sl], t)
+        oc = _edge_products(plan, Y[sl] @ C, x.index_select(0, sender[sl]), w[sl], inplace)
+        out.index_add_(0, receiver[sl], oc)
     return out
 
 
-def _mp_backward(g, x, Y, w, C, path_of_k, sender, receiver, chunk, need_x, need_Y, need_w):
+def _mp_backward(plan, g, x, Y, w, C, sender, receiver, chunk, need_x, need_Y, need_w, inplace: bool):
     E = Y.shape[0]
-    B, K, A = C.shape
-    P = w.shape[1]
     gx = torch.zeros_like(x) if need_x else None
-    gY_parts, gw_parts = [], []
+    gw = (torch.empty_like(w) if inplace else None) if need_w else None
+    gY = (torch.empty_like(Y) if inplace else None) if need_Y else None
+    gw_parts, gY_parts = [], []
+    Ct = C.transpose(0, 1)
     for s in range(0, E, chunk):
         sl = slice(s, min(s + chunk, E))
-        M = _edge_matrices(Y[sl], C)
+        c = sl.stop - sl.start
+        Ma = Y[sl] @ C
         xs = x.index_select(0, sender[sl])
+        wc = w[sl]
         gs = g.index_select(0, receiver[sl])  # (c, K, U)
-        if need_w:
-            t = M * xs if A == 1 else torch.bmm(M, xs)
-            gwk = gs * t
-            gw_parts.append(gwk.new_zeros(gwk.shape[0], P, gwk.shape[2]).index_add(1, path_of_k, gwk))
-        if need_x or need_Y:
-            gt = gs * w[sl].index_select(1, path_of_k)  # (c, K, U)
-            if need_x:
-                if A == 1:
-                    gxs = (M * gt).sum(1, keepdim=True)
-                else:
-                    gxs = torch.bmm(M.transpose(1, 2), gt)
-                gx.index_add_(0, sender[sl], gxs)
+        gxs = torch.zeros_like(xs) if need_x else None
+        gwc = gw[sl] if (need_w and inplace) else None
+        gM = Ma.new_empty(Ma.shape) if (need_Y and inplace) else None
+        gw_cols, gM_cols, gx_rows = [], [], {}
+        for p, k0, d, a0, A, off in plan.paths:
+            Mp = Ma[:, off : off + d * A].view(c, d, A)
+            gsp = gs[:, k0 : k0 + d]
+            xsp = xs[:, a0 : a0 + A]
+            wp = wc[:, p : p + 1]
+            if need_x or need_w:
+                # R[e, a, u] = sum_k M[e, k, a] g[e, k, u]
+                R = (Mp * gsp).sum(1, keepdim=True) if A == 1 else torch.bmm(Mp.transpose(1, 2), gsp)
+                if need_w:
+                    if inplace:
+                        torch.sum(R * xsp, 1, out=gwc[:, p])
+                    else:
+                        gw_cols.append((R * xsp).sum(1))
+                if need_x:
+                    if inplace:
+                        gxs[:, a0 : a0 + A].addcmul_(R, wp)
+                    else:
+                        gx_rows.setdefault(a0, []).append(R * wp)
             if need_Y:
-                gM = torch.bmm(gt, xs.transpose(1, 2))  # (c, K, A)
-                gY_parts.append(gM.reshape(gM.shape[0], K * A) @ C.reshape(B, K * A).transpose(0, 1))
-    gY = (torch.cat(gY_parts) if gY_parts else Y.new_zeros(Y.shape)) if need_Y else None
-    gw = (torch.cat(gw_parts) if gw_parts else w.new_zeros(w.shape)) if need_w else None
+                gMp = torch.bmm(gsp, (xsp * wp).transpose(1, 2)).reshape(c, d * A)
+                if inplace:
+                    gM[:, off : off + d * A] = gMp
+                else:
+                    gM_cols.append(gMp)
+        if need_Y:
+            if not inplace:
+                gM = torch.cat(gM_cols, dim=1)
+            if inplace:
+                torch.mm(gM, Ct, out=gY[sl])
+            else:
+                gY_parts.append(gM @ Ct)
+        if need_w and not inplace:
+            gw_parts.append(torch.stack(gw_cols, dim=1))
+        if need_x:
+            if not inplace:
+                rows = []
+                for a0, A in sorted({(a0, A) for _, _, _, a0, A, _ in plan.paths}):
+                    terms = gx_rows.get(a0)
+                    rows.append(sum(terms) if terms else xs.new_zeros(c, A, xs.shape[2]))
+                gxs = torch.cat(rows, dim=1)
+            gx.index_add_(0, sender[sl], gxs)
+    if not inplace:
+        if need_w:
+            gw = torch.cat(gw_parts) if gw_parts else torch.zeros_like(w)
+        if need_Y:
+            gY = torch.cat(gY_parts) if gY_parts else torch.zeros_like(Y)
+    elif E == 0:
+        gw = torch.zeros_like(w) if need_w else None
+        gY = torch.zeros_like(Y) if need_Y else None
     return gx, gY, gw
 
 
@@ -236,22 +347,8 @@ class ChannelwiseTensorProduct(nn.Module):
         self.fast = U is not None and all(mul == 1 for mul, _ in self.irreps_in2) and self.num_paths > 0
         dtype = torch.float64
         if self.fast:
-            A = sum(ir.dim for _, ir in self.irreps_in1)
-            B = self.irreps_in2.dim
-            K = sum(ir.dim for _, ir in self.irreps_out)
-            off1 = [sum(ir.dim for _, ir in self.irreps_in1[:i]) for i in range(len(self.irreps_in1))]
-            offo = [sum(ir.dim for _, ir in self.irreps_out[:i]) for i in range(len(self.irreps_out))]
-            C = torch.zeros(B, K, A, dtype=dtype)
-            path_of_k = torch.zeros(K, dtype=torch.long)
-            for p, (i1, i2, io) in enumerate(self.instructions):
-                l1, l2, l3 = self.irreps_in1[i1].ir.l, self.irreps_in2[i2].ir.l, self.irreps_out[io].ir.l
-                w3j = o3.wigner_3j(l1, l2, l3, dtype=dtype)  # (a, b, k)
-                sl2 = self.irreps_in2.slices()[i2]
-                blk = self.path_weights[p] * w3j.permute(1, 2, 0)  # (b, k, a)
-                C[sl2, offo[io] : offo[io] + 2 * l3 + 1, off1[i1] : off1[i1] + 2 * l1 + 1] += blk
-                path_of_k[offo[io] : offo[io] + 2 * l3 + 1] = p
-            self.register_buffer("cg", C, persistent=False)
-            self.register_buffer("path_of_k", path_of_k, persistent=False)
+            self._plan = _PathPlan(self)
+            self.register_buffer("cg_paths", self._plan.C, persistent=False)
         else:
             for p, (i1, i2, io) in enumerate(self.instructions):
                 l1, l2, l3 = self.irreps_in1[i1].ir.l, self.irreps_in2[i2].ir.l, self.irreps_out[io].ir.l
@@ -264,20 +361,17 @@ class ChannelwiseTensorProduct(nn.Module):
             f"{self.weight_numel} weights, backend={self.backend}"
         )
 
-    def _cg(self, ref: torch.Tensor) -> torch.Tensor:
-        return self.cg.to(dtype=ref.dtype, device=ref.device)
+    def _cg_paths(self, ref: torch.Tensor) -> torch.Tensor:
+        return self.cg_paths.to(dtype=ref.dtype, device=ref.device)
 
     # ---- edge-level product (e3nn's TensorProduct call) ---------------------------------------
     def forward(self, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if not self.fast:
             return self._forward_generic(x, y, weight)
         E = x.shape[0]
-        U = self.channels
         xc = mul_ir_to_channel_last(x, self.irreps_in1)  # (E, A, U)
-        C = self._cg(x)
-        M = _edge_matrices(y, C)
-        t = M * xc if C.shape[2] == 1 else torch.bmm(M, xc)
-        t = t * weight.reshape(E, self.num_paths, U).index_select(1, self.path_of_k)
+        w = weight.reshape(E, self.num_paths, self.channels)
+        t = _edge_products(self._plan, y @ self._cg_paths(x), xc, w, inplace=False)
         return channel_last_to_mul_ir(t, self.irreps_out)
 
     def _forward_generic(self, x, y, weight):
@@ -298,6 +392,12 @@ class ChannelwiseTensorProduct(nn.Module):
         if not outs:
             return x.new_zeros(E, 0)
         return torch.cat(outs, dim=-1)
+
+    def resolved_backend(self, device) -> str:
+        """``"reference"`` or ``"triton"``: what :meth:`message_passing` runs on ``device``."""
+        if not self.fast:
+            return "reference"
+        return _resolve_backend(self.backend, device)
 
     # ---- gather + product + scatter --------------------------------------------------------------
     def message_passing(
@@ -330,16 +430,22 @@ class ChannelwiseTensorProduct(nn.Module):
         """Same as :meth:`message_passing` in the channel-last layout: (N, A, U) -> (num_nodes, K, U)."""
         E = edge_attrs.shape[0]
         w = weights.reshape(E, self.num_paths, self.channels)
+        x_cl, edge_attrs = x_cl.contiguous(), edge_attrs.contiguous()
+        chunk = int(self.chunk_size)
+        if E <= 2 * chunk:  # a small graph in one piece: fewer, larger ops
+            chunk = max(E, 1)
+        nodes = (grad_node(x_cl), grad_node(edge_attrs), grad_node(w)) if torch.is_grad_enabled() else None
         return _MessagePassing.apply(
-            x_cl.contiguous(),
-            edge_attrs.contiguous(),
+            x_cl,
+            edge_attrs,
             w,
-            self._cg(x_cl),
-            self.path_of_k,
+            self._cg_paths(x_cl),
+            self._plan,
             sender,
             receiver,
             int(num_nodes),
-            int(self.chunk_size),
+            chunk,
+            nodes or (None, None, None),
         )
 
     def _triton_message_passing(self, node_feats, edge_attrs, weights, sender, receiver, num_nodes):

@@ -1,0 +1,199 @@
+"""mlpot's MACE: physics checks on a tiny model, configuration, save/load, variants of its blocks."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from ase.build import molecule
+
+import mlpot
+from mlpot.errors import ConfigError
+from mlpot.models import build_model
+from mlpot.testing import model_checks as mc
+
+SPECIES = [1, 6, 8]
+TINY = {
+    "r_max": 3.0,
+    "atomic_numbers": SPECIES,
+    "e0s": {"H": -13.6, "C": -1029.5, "O": -2041.8},
+    "hidden_irreps": "3x0e + 3x1o",
+    "max_ell": 2,
+    "correlation": 3,
+    "num_interactions": 2,
+    "num_bessel": 4,
+    "radial_MLP": [8, 8],
+    "MLP_irreps": "4x0e",
+    "avg_num_neighbors": 3.0,
+    "scale": 1.3,
+    "seed": 0,
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+_cache = {}
+
+
+def tiny(**overrides):
+    key = tuple(sorted((k, str(v)) for k, v in overrides.items()))
+    if key not in _cache:
+        model = build_model("MACE", **{**TINY, **overrides})
+        mc.randomize_parameters(model, seed=1, scale=0.3)
+        model.eval()
+        _cache[key] = model
+    return _cache[key]
+
+
+@pytest.mark.parametrize(
+    "check",
+    # (tests/test_models.py runs every check of mlpot.testing on a MACE with correlation 2)
+    ["rotation", "reflection", "forces_fd", "stress_fd", "isolated_atoms"],
+)
+def test_physics(check):
+    model = tiny()
+    fn = mc.ALL_CHECKS[check]
+    if check == "isolated_atoms":
+        fn(model)
+    else:
+        fn(model, None)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"interaction_cls_first": "RealAgnosticInteractionBlock", "interaction_cls": "RealAgnosticInteractionBlock"},
+        {"correlation": [1, 2], "hidden_irreps": "2x0e+2x0o+2x1o+2x1e"},
+        {"num_interactions": 1, "max_ell": 1},
+    ],
+)
+def test_variants_equivariant_and_conservative(overrides):
+    model = tiny(**overrides)
+    mc.check_rotation_equivariance(model, None)
+    mc.check_reflection_equivariance(model, None)
+    mc.check_forces_finite_difference(model, None)
+
+
+def test_defaults_and_config():
+    model = build_model("MACE", atomic_numbers=[29])
+    c = model.config
+    assert (c["r_max"], c["num_bessel"], c["num_polynomial_cutoff"], c["max_ell"]) == (5.0, 8, 5, 3)
+    assert c["hidden_irreps"] == "128x0e+128x1o"
+    assert c["correlation"] == [3, 3] and c["num_interactions"] == 2 and c["radial_MLP"] == [64, 64, 64]
+    assert (c["interaction_tp"], c["product"], c["backend"]) == ("cg", "symmetric", "reference")
+    assert next(model.parameters()).dtype == torch.float64
+    rebuilt = type(model)(**model.config)
+    assert rebuilt.config == model.config
+    m2 = build_model("MACE", atomic_numbers=[1, 8], num_channels=16, max_L=2)
+    assert m2.config["hidden_irreps"] == "16x0e+16x1o+16x2e"
+    assert mlpot.models.MACE is type(model)
+    assert build_model("ScaleShiftMACE", atomic_numbers=[1]).model_name == "ScaleShiftMACE"
+
+
+def test_bad_config_is_clear():
+    with pytest.raises(ConfigError, match="atomic_numbers"):
+        build_model("MACE")
+    with pytest.raises(ConfigError, match="RealAgnosticDensityInteractionBlock"):
+        build_model("MACE", atomic_numbers=[1], interaction_cls="RealAgnosticDensityInteractionBlock")
+    with pytest.raises(ConfigError, match="correlation"):
+        build_model("MACE", atomic_numbers=[1], correlation=[3, 3, 3])
+    with pytest.raises(ConfigError, match="interaction_tp"):
+        build_model("MACE", atomic_numbers=[1], interaction_tp="fft")
+
+
+def test_save_load_and_features(tmp_path):
+    model = tiny()
+    atoms = molecule("CH3OH")
+    before = model.predict([atoms])
+    path = tmp_path / "mace.pt"
+    model.save(path)
+    loaded = mlpot.load_model(path, device="cpu")
+    after = loaded.predict([atoms])
+    assert abs(before["energy"][0] - after["energy"][0]) < 1e-10
+    graph = mc.build_batch([atoms], model.r_max)
+    out = model(graph)
+    assert out["node_features"].shape == (len(atoms), 2 * 3)  # 3 invariant channels per layer
+
+
+def test_isolated_atom_is_e0_plus_shift():
+    model = tiny(shift=0.25)
+    from ase import Atoms
+
+    out = model.predict([Atoms("O", positions=[[0, 0, 0]])])
+    assert abs(out["energy"][0] - (-2041.8 + 0.25)) < 1e-10
+
+
+def test_eval_caches_follow_the_weights():
+    """Eval mode caches weight-only quantities (folded product weights, isolated-atom energies);
+    they must follow in-place weight changes and agree with train mode."""
+    model = build_model("MACE", **{**TINY, "seed": 3})
+    mc.randomize_parameters(model, seed=2, scale=0.3)
+    atoms = molecule("CH3OH")
+    model.eval()
+    e_eval = model.predict([atoms])["energy"][0]
+    model.train()
+    graph = mc.build_batch([atoms], model.r_max)
+    e_train = float(model(graph, compute_force=False)["energy"][0].detach())
+    assert abs(e_eval - e_train) < 1e-10
+    model.eval()
+    with torch.no_grad():
+        w = model.products[0].symmetric_contractions.contractions[0].weights_3
+        w.mul_(1.5)
+    e_changed = model.predict([atoms])["energy"][0]
+    model.train()
+    e_changed_train = float(model(graph, compute_force=False)["energy"][0].detach())
+    assert abs(e_changed - e_eval) > 1e-8 and abs(e_changed - e_changed_train) < 1e-10
+
+
+def test_triton_backend_matches_reference(monkeypatch):
+    """backend='triton' routes the message passing and the product basis to the fused kernels
+    (run here on Triton's CPU interpreter): same energies and forces as the reference."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    cfg = {**TINY, "hidden_irreps": "2x0e + 2x1o", "max_ell": 1, "correlation": 2, "radial_MLP": [4]}
+    ref = build_model("MACE", **cfg)
+    tri = build_model("MACE", **{**cfg, "backend": "triton"})
+    tri.load_state_dict(ref.state_dict())
+    atoms = molecule("H2O")
+    a, b = ref.predict([atoms]), tri.predict([atoms])
+    assert abs(a["energy"][0] - b["energy"][0]) < 1e-10
+    np.testing.assert_allclose(a["forces"][0], b["forces"][0], atol=1e-10)
+
+
+def test_force_loss_gradient_matches_finite_differences():
+    """Training on forces differentiates the forces w.r.t. the weights (second derivatives through
+    the fused message passing and product basis): compare with central differences."""
+    model = build_model("MACE", **{**TINY, "seed": 5})
+    mc.randomize_parameters(model, seed=4, scale=0.3)
+    model.train()
+    graph = mc.build_batch([molecule("CH3OH")], model.r_max)
+
+    def loss():
+        out = model(graph, compute_force=True, create_graph=True)
+        return (out["forces"] ** 2).sum() + out["energy"].sum()
+
+    params = {
+        "radial MLP": model.interactions[1].conv_tp_weights.layer0.weight,
+        "product weights": model.products[0].symmetric_contractions.contractions[1].weights_2,
+        "linear_up": model.interactions[1].linear_up.weight,
+    }
+    grads = torch.autograd.grad(loss(), list(params.values()))
+    g = torch.Generator().manual_seed(0)
+    for (name, p), grad in zip(params.items(), grads):
+        direction = torch.randn(p.shape, generator=g, dtype=p.dtype)
+        h = 1e-5
+        with torch.no_grad():
+            p.add_(h * direction)
+        up = float(loss().detach())
+        with torch.no_grad():
+            p.sub_(2 * h * direction)
+        down = float(loss().detach())
+        with torch.no_grad():
+            p.add_(h * direction)
+        fd = (up - down) / (2 * h)
+        assert abs(fd - float((grad * direction).sum())) < 1e-6 * max(1.0, abs(fd)), name

@@ -1,0 +1,136 @@
+"""ChannelwiseTensorProduct: equals e3nn's uvu TensorProduct (values, weight layout, gradients)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from e3nn import o3
+
+from mlpot.o3.tensor_product import (
+    ChannelwiseTensorProduct,
+    channel_last_to_mul_ir,
+    channelwise_instructions,
+    mul_ir_to_channel_last,
+)
+from mlpot.testing.equivariance import D_from_matrix, rand_reflection, rand_rotation
+
+CASES = [
+    ("5x0e", 3, "5x0e+5x1o+5x2e+5x3o"),  # MACE first layer
+    ("4x0e+4x1o", 3, "4x0e+4x1o+4x2e+4x3o"),  # MACE second layer
+    ("3x0e+3x1o+3x2e", 2, "3x0e+3x1o+3x2e+3x1e+3x0o"),  # odd-parity outputs too
+    ("2x0e+2x0o+2x1o+2x1e", 2, "0e+0o+1o+1e+2e+2o"),  # unnatural parities
+    ("3x0e+2x1o", 2, "1x0e+1x1o+1x2e"),  # unequal multiplicities: generic path
+]
+
+
+def _e3nn_reference(tp: ChannelwiseTensorProduct):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # e3nn builds its CG constants in the default dtype
+    try:
+        return o3.TensorProduct(
+            tp.irreps_in1,
+            tp.irreps_in2,
+            tp.irreps_out,
+            [(i1, i2, io, "uvu", True) for i1, i2, io in tp.instructions],
+            shared_weights=False,
+            internal_weights=False,
+        )
+    finally:
+        torch.set_default_dtype(old)
+
+
+@pytest.mark.parametrize("irreps_in, lmax, target", CASES)
+def test_matches_e3nn(irreps_in, lmax, target):
+    sh = o3.Irreps.spherical_harmonics(lmax)
+    tp = ChannelwiseTensorProduct(irreps_in, sh, target)
+    ref = _e3nn_reference(tp)
+    assert tp.weight_numel == ref.weight_numel
+    E = 17
+    x = torch.randn(E, tp.irreps_in1.dim, dtype=torch.float64)
+    y = torch.randn(E, sh.dim, dtype=torch.float64)
+    w = torch.randn(E, tp.weight_numel, dtype=torch.float64)
+    torch.testing.assert_close(tp(x, y, w), ref(x, y, w), atol=1e-10, rtol=0)
+
+
+def test_instructions_like_mace():
+    """Output blocks sorted by irrep, one block per path, instructions sorted by output block."""
+    irreps_out, ins = channelwise_instructions("4x0e+4x1o", o3.Irreps.spherical_harmonics(2), "4x0e+4x1o+4x2e")
+    assert str(irreps_out) == "4x0e+4x0e+4x1o+4x1o+4x1o+4x2e+4x2e"
+    assert [i[2] for i in ins] == list(range(len(ins)))
+    assert sorted(ins) == [(0, 0, 0), (0, 1, 2), (0, 2, 5), (1, 0, 3), (1, 1, 1), (1, 1, 6), (1, 2, 4)]
+
+
+@pytest.mark.parametrize("irreps_in, lmax, target", CASES[1:])
+def test_message_passing_and_gradients(irreps_in, lmax, target):
+    """gather + product + scatter, and its first and second derivatives, equal e3nn's."""
+    sh = o3.Irreps.spherical_harmonics(lmax)
+    tp = ChannelwiseTensorProduct(irreps_in, sh, target)
+    tp.chunk_size = 7  # several chunks
+    ref = _e3nn_reference(tp)
+    N, E = 6, 23
+    g = torch.Generator().manual_seed(1)
+    snd = torch.randint(0, N, (E,), generator=g)
+    rcv = torch.randint(0, N, (E,), generator=g)
+    x = torch.randn(N, tp.irreps_in1.dim, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(E, sh.dim, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(E, tp.weight_numel, dtype=torch.float64, requires_grad=True)
+    a = tp.message_passing(x, y, w, snd, rcv, N)
+    b = torch.zeros(N, ref.irreps_out.dim, dtype=torch.float64).index_add(0, rcv, ref(x[snd], y, w))
+    torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
+    cot = torch.randn_like(a)
+    ga = torch.autograd.grad((a * cot).sum(), [x, y, w], create_graph=True)
+    gb = torch.autograd.grad((b * cot).sum(), [x, y, w], create_graph=True)
+    for p, q in zip(ga, gb):
+        torch.testing.assert_close(p, q, atol=1e-10, rtol=0)
+    # second order: a scalar function of the gradients (what force training differentiates)
+    ha = sum((p * torch.cos(p)).sum() for p in ga)
+    hb = sum((p * torch.cos(p)).sum() for p in gb)
+    for p, q in zip(torch.autograd.grad(ha, [x, y, w]), torch.autograd.grad(hb, [x, y, w])):
+        torch.testing.assert_close(p, q, atol=1e-9, rtol=1e-10)
+
+
+def test_gradgradcheck_small():
+    sh = o3.Irreps.spherical_harmonics(1)
+    tp = ChannelwiseTensorProduct("1x0e+1x1o", sh, "1x0e+1x1o")
+    tp.chunk_size = 2
+    N, E = 2, 3
+    snd, rcv = torch.tensor([0, 1, 1]), torch.tensor([1, 0, 1])
+    x = torch.randn(N, tp.irreps_in1.dim, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(E, sh.dim, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(E, tp.weight_numel, dtype=torch.float64, requires_grad=True)
+
+    def f(x, y, w):
+        return tp.message_passing(x, y, w, snd, rcv, N)
+
+    assert torch.autograd.gradcheck(f, (x, y, w))
+    assert torch.autograd.gradgradcheck(f, (x, y, w))
+
+
+@pytest.mark.parametrize("improper", [False, True])
+def test_equivariance(improper):
+    sh = o3.Irreps.spherical_harmonics(3)
+    tp = ChannelwiseTensorProduct("3x0e+3x1o+3x2e", sh, "3x0e+3x1o+3x2e+3x3o")
+    E = 9
+    x = torch.randn(E, tp.irreps_in1.dim, dtype=torch.float64)
+    vec = torch.randn(E, 3, dtype=torch.float64)
+    w = torch.randn(E, tp.weight_numel, dtype=torch.float64)
+    R = rand_reflection() if improper else rand_rotation()
+
+    def run(x, vec):
+        return tp(x, o3.spherical_harmonics(sh, vec, True, normalization="component"), w)
+
+    out = run(x, vec)
+    rotated = run(x @ D_from_matrix(tp.irreps_in1, R).T, vec @ R.T)
+    torch.testing.assert_close(rotated, out @ D_from_matrix(tp.irreps_out, R).T, atol=1e-10, rtol=0)
+
+
+def test_layout_roundtrip_and_empty_graph():
+    irreps = o3.Irreps("3x0e+3x1o+3x2e")
+    x = torch.randn(4, irreps.dim, dtype=torch.float64)
+    torch.testing.assert_close(channel_last_to_mul_ir(mul_ir_to_channel_last(x, irreps), irreps), x)
+    tp = ChannelwiseTensorProduct(irreps, o3.Irreps.spherical_harmonics(1), "3x0e+3x1o")
+    empty = torch.zeros(0, dtype=torch.long)
+    out = tp.message_passing(
+        x, torch.zeros(0, 4, dtype=torch.float64), torch.zeros(0, tp.weight_numel, dtype=torch.float64),
+        empty, empty, 4,
+    )
+    assert out.shape == (4, tp.irreps_out.dim) and not out.any()
