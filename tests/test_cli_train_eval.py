@@ -6,10 +6,9 @@ import json
 import pytest
 import torch
 from ase.io import read
+from test_train_helpers import toy_config, write_config
 
 from mlpot.cli.main import main
-
-from test_train_helpers import toy_config, write_config
 
 
 def test_train_then_eval_reproduces_metrics(tmp_path, capsys):

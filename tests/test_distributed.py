@@ -8,10 +8,9 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
+from test_train_helpers import toy_config
 
 from mlpot.train.config import validate_config
-
-from test_train_helpers import toy_config
 
 
 def _free_port() -> int:
@@ -39,8 +38,9 @@ def _raw(out, cache, batch_size):
 
 
 def test_two_gloo_ranks_equal_single_process(tmp_path):
-    from mlpot.train import train
     from test_train_helpers import TrainToy  # noqa: F401
+
+    from mlpot.train import train
 
     cache = tmp_path / "data"
     b = 2

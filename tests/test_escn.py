@@ -22,7 +22,6 @@ from mlpot.o3.wigner import edge_rotation, wigner_D_blocks
 from mlpot.testing.model_checks import random_orthogonal
 
 
-
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     n = torch.get_num_threads()

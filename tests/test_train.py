@@ -8,16 +8,14 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
+from test_train_helpers import SUBPROCESS_PROLOGUE, toy_config, write_config
 
 from mlpot.errors import ConfigError
 from mlpot.train.config import apply_override, load_config, validate_config
 from mlpot.train.ema import ExponentialMovingAverage
 from mlpot.train.losses import WeightedLoss, force_huber_thresholds, huber
-
-from test_train_helpers import SUBPROCESS_PROLOGUE, toy_config, write_config
 
 
 @pytest.fixture(scope="module")
@@ -278,7 +276,7 @@ def test_resume_after_kill9_matches_uninterrupted(tmp_path, emt_cache):
     r = _run_cli(["train", str(cfg_path), "--set", f"output={run}", "--resume"])
     out, _ = r.communicate(timeout=300)
     assert r.returncode == 0, out.decode()
-    assert f"resumed from" in out.decode()
+    assert "resumed from" in out.decode()
 
     a = torch.load(tmp_path / "full" / "model.pt", weights_only=True)["state_dict"]
     b = torch.load(run / "model.pt", weights_only=True)["state_dict"]

@@ -69,6 +69,6 @@ def write_config(path, cfg: dict) -> Path:
 
 #: ``python -c`` prologue for subprocesses that run the CLI with TrainToy registered
 SUBPROCESS_PROLOGUE = (
-    "import sys; sys.path.insert(0, {tests!r}); import test_train_helpers; "
+    f"import sys; sys.path.insert(0, {str(TESTS_DIR)!r}); import test_train_helpers; "
     "from mlpot.cli.main import main; sys.exit(main(sys.argv[1:]))"
-).format(tests=str(TESTS_DIR))
+)

@@ -170,7 +170,7 @@ def main(argv=None) -> list[dict]:
                 rows.append(_row("mace-torch", n, dt, s, args.steps))
         else:
             print(f"mace-torch python not found at {args.mace_python}; skipped", file=sys.stderr)
-    print(f"| implementation | atoms | dtype | steps | s/step | atoms·steps/s | ns/day (1 fs) |")
+    print("| implementation | atoms | dtype | steps | s/step | atoms·steps/s | ns/day (1 fs) |")
     print("| --- | ---: | --- | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(f"| {r['impl']} | {r['atoms']} | {r['dtype']} | {r['steps']} | {r['s_per_step']:.3f} | "

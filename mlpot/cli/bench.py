@@ -1,4 +1,4 @@
-"""``mlpot bench kernels|model|neighbors|o3|md [args...]``: run one benchmark module.
+"""``mlpot bench kernels|model|neighbors|o3|md|relax|train [args...]``: run one benchmark module.
 
 Each benchmark lives in ``mlpot.bench.<name>`` and exposes ``main(argv)``; everything after the
 benchmark name is passed to it unchanged (``mlpot bench kernels --help`` shows its options).
@@ -16,6 +16,8 @@ BENCHMARKS = {
     "neighbors": "neighbor-list construction",
     "o3": "equivariant products: scaling with L",
     "md": "molecular-dynamics throughput",
+    "relax": "batched FIRE against the per-structure ASE loop",
+    "train": "learning speed of the MACE tensor-product variants on rMD17",
 }
 
 

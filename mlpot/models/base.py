@@ -22,7 +22,7 @@ from torch import nn
 
 from mlpot.errors import ConfigError, UnknownElementError
 
-MODEL_REGISTRY: dict[str, type["PotentialModel"]] = {}
+MODEL_REGISTRY: dict[str, type[PotentialModel]] = {}
 
 # Models that live in modules not imported by default: name -> module.
 _LAZY_MODELS = {
@@ -43,7 +43,7 @@ def register_model(name: str):
     return wrap
 
 
-def get_model_class(name: str) -> type["PotentialModel"]:
+def get_model_class(name: str) -> type[PotentialModel]:
     if name not in MODEL_REGISTRY and name in _LAZY_MODELS:
         import importlib
 
@@ -54,7 +54,7 @@ def get_model_class(name: str) -> type["PotentialModel"]:
     return MODEL_REGISTRY[name]
 
 
-def build_model(name: str, **config) -> "PotentialModel":
+def build_model(name: str, **config) -> PotentialModel:
     """Build a model by its registered name from keyword hyperparameters."""
     return get_model_class(name)(**config)
 

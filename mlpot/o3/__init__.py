@@ -3,14 +3,17 @@
 Each helper module exports its public names here (one block per module).
 """
 # -- spherical harmonics, Wigner-D, edge frames, SO(2) (spherical_harmonics.py, wigner.py, so2.py)
-from mlpot.o3.spherical_harmonics import SphericalHarmonics, sh_dim, spherical_harmonics  # noqa: F401
-from mlpot.o3.wigner import (  # noqa: F401
-    angles_to_matrix,
-    edge_rotation,
-    wigner_D,
-    wigner_D_blocks,
-    wigner_D_list,
+from mlpot.o3.gaunt import (  # noqa: E402,F401
+    GauntMessageTP,
+    GauntProductBasis,
+    GauntTensorProduct,
+    gaunt_paths,
+    gaunt_product,
+    weighted_gaunt_product,
 )
+
+# -- Gaunt products (gaunt.py)
+from mlpot.o3.s2grid import S2Grid, TorusFourierGrid  # noqa: E402,F401
 from mlpot.o3.so2 import (  # noqa: F401
     SO2Convolution,
     SO2MessageTP,
@@ -21,16 +24,9 @@ from mlpot.o3.so2 import (  # noqa: F401
     so2_weights_from_cg,
     sph_channels_to_mul_ir,
 )
-# -- Gaunt products (gaunt.py)
-from mlpot.o3.s2grid import S2Grid, TorusFourierGrid  # noqa: E402,F401
-from mlpot.o3.gaunt import (  # noqa: E402,F401
-    GauntMessageTP,
-    GauntProductBasis,
-    GauntTensorProduct,
-    gaunt_paths,
-    gaunt_product,
-    weighted_gaunt_product,
-)
+from mlpot.o3.spherical_harmonics import SphericalHarmonics, sh_dim, spherical_harmonics  # noqa: F401
+from mlpot.o3.symmetric_contraction import SymmetricContraction, coupling_basis  # noqa: F401
+
 # -- channelwise CG tensor product, symmetric contraction (tensor_product.py, symmetric_contraction.py)
 from mlpot.o3.tensor_product import (  # noqa: F401
     ChannelwiseTensorProduct,
@@ -38,4 +34,10 @@ from mlpot.o3.tensor_product import (  # noqa: F401
     channelwise_instructions,
     mul_ir_to_channel_last,
 )
-from mlpot.o3.symmetric_contraction import SymmetricContraction, coupling_basis  # noqa: F401
+from mlpot.o3.wigner import (  # noqa: F401
+    angles_to_matrix,
+    edge_rotation,
+    wigner_D,
+    wigner_D_blocks,
+    wigner_D_list,
+)

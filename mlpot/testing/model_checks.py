@@ -35,8 +35,8 @@ from __future__ import annotations
 
 import copy
 import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch

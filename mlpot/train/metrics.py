@@ -81,7 +81,7 @@ class ErrorAccumulator:
                 "loss_sums": dict(self.loss_sums), "loss_counts": dict(self.loss_counts)}
 
     @classmethod
-    def merged(cls, states: list[dict]) -> "ErrorAccumulator":
+    def merged(cls, states: list[dict]) -> ErrorAccumulator:
         out = cls()
         for st in states:
             for ct, vals in st["sums"].items():

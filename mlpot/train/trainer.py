@@ -346,7 +346,7 @@ class Trainer:
 
     # ---- main loop --------------------------------------------------------------------------
     def fit(self) -> dict:
-        cfg, tr = self.cfg, self.tr
+        tr = self.tr
         self.setup()
         ckpt = self.out / CHECKPOINT
         if self.resume:
