@@ -68,3 +68,48 @@ def test_two_gloo_ranks_equal_single_process(tmp_path):
         assert md[split]["n_configs"] == ma[split]["n_configs"]
         for k in ("e_mae", "f_rmse", "s_mae"):
             assert md[split][k] == pytest.approx(ma[split][k], rel=1e-9), (split, k)
+
+
+def _worker_done(rank: int, world: int, port: int, raw: dict) -> None:
+    """Train, then leave ``done_<rank>.json`` with what this rank saw (proof it returned)."""
+    _worker(rank, world, port, raw)
+    from pathlib import Path
+
+    out = Path(raw["output"])
+    meta = torch.load(out / "model.pt", weights_only=True)["metadata"]
+    (out / f"done_{rank}.json").write_text(json.dumps({"stop_reason": meta["stop_reason"]}))
+
+
+def _spawn_with_deadline(fn, raw, seconds=240.0):
+    """Two gloo ranks; fail (instead of hanging the suite) when they do not both finish in time."""
+    import time
+
+    ctx = mp.start_processes(fn, args=(2, _free_port(), raw), nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + seconds
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"ranks did not finish within {seconds:.0f} s (deadlock?)")
+
+
+@pytest.mark.parametrize("stop", ["early_stopping", "time_limit"])
+def test_two_ranks_stop_together(tmp_path, stop):
+    """Early stopping and the time limit are decided once for all ranks: both return, no deadlock.
+
+    The validation set (3 frames) does not split evenly over the two ranks, so evaluation also
+    runs with unequal shards.
+    """
+    cache = tmp_path / "data"
+    extra = ({"epochs": 10, "lr": 1e-30, "patience": 2, "ema": False} if stop == "early_stopping"
+             else {"epochs": 50, "time_limit": 1e-4})
+    raw = toy_config(tmp_path / "run", n_train=8, n_valid=3, n_test=5, cache_dir=cache, batch_size=2, **extra)
+    _spawn_with_deadline(_worker_done, raw)
+    for rank in (0, 1):
+        done = json.loads((tmp_path / "run" / f"done_{rank}.json").read_text())
+        assert done["stop_reason"] == stop
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["valid"]["n_configs"] == 3 and metrics["test"]["n_configs"] == 5
+    if stop == "early_stopping":
+        rows = (tmp_path / "run" / "log.csv").read_text().splitlines()[1:]
+        assert len(rows) == 3  # best at epoch 1, then `patience` = 2 epochs without improvement
