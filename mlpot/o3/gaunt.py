@@ -431,8 +431,33 @@ class GauntMessageTP(nn.Module):
         self.irreps_out = self.tp.irreps_out
         self.weight_numel = self.tp.weight_numel
 
+    #: Most grid values (edges x channels x grid points, summed over the products and counting
+    #: both factors and their product) one chunk of edges may hold: 2^24 (128 MiB in float64).
+    #: Larger edge sets are processed in chunks, and when gradients are recorded each chunk
+    #: is recomputed in the backward pass (activation checkpointing), so a force call on a
+    #: large cell keeps one chunk of grids in memory instead of all of them.
+    max_chunk_values: int = 2**24
+
+    def edges_per_chunk(self) -> int:
+        points = 0
+        for grid in self.tp.grids.values():
+            points += grid.n_theta * grid.n_phi if hasattr(grid, "n_theta") else grid.n_u * grid.n_v
+        return max(1, int(self.max_chunk_values) // max(1, 3 * self.tp.mul * points))
+
     def forward(self, x_sender: torch.Tensor, edge_sh: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        return self.tp(x_sender, edge_sh, weights)
+        n_edges, chunk = x_sender.shape[0], self.edges_per_chunk()
+        if n_edges <= chunk:
+            return self.tp(x_sender, edge_sh, weights)
+        from torch.utils.checkpoint import checkpoint
+
+        out = []
+        for start in range(0, n_edges, chunk):
+            part = (x_sender[start : start + chunk], edge_sh[start : start + chunk], weights[start : start + chunk])
+            if torch.is_grad_enabled():
+                out.append(checkpoint(self.tp, *part, use_reentrant=False))
+            else:
+                out.append(self.tp(*part))
+        return torch.cat(out, 0)
 
 
 class GauntProductBasis(nn.Module):
