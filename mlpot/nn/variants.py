@@ -114,6 +114,38 @@ class _MessageTPAdapter(nn.Module):
         return self.tp(x, edge_attrs, weights)
 
 
+class _GauntMessagePassing(_MessageTPAdapter):
+    """Gaunt edge product fused with the gather from senders and the sum over receivers.
+
+    Edges go in chunks of :meth:`GauntMessageTP.edges_per_chunk`; with gradients recorded, each
+    chunk (gather, grid product, scatter) is recomputed in the backward pass, so neither the
+    per-edge grids nor the per-edge messages exist for all edges at once.
+    """
+
+    def message_passing(self, node_feats, edge_attrs, weights, sender, receiver, num_nodes: int):
+        gaunt = self.tp
+        n_edges, chunk = sender.shape[0], gaunt.edges_per_chunk()
+        dim = self.irreps_out.dim
+
+        def part(x, sh, w, snd, rcv):
+            m = gaunt.tp(x.index_select(0, snd), sh, w)
+            return x.new_zeros(num_nodes, dim).index_add(0, rcv, m)
+
+        if n_edges == 0:
+            return node_feats.new_zeros(num_nodes, dim) + 0.0 * weights.sum()
+        if n_edges <= chunk:
+            return part(node_feats, edge_attrs, weights, sender, receiver)
+        from torch.utils.checkpoint import checkpoint
+
+        out = None
+        for start in range(0, n_edges, chunk):
+            sl = slice(start, start + chunk)
+            args = (node_feats, edge_attrs[sl], weights[sl], sender[sl], receiver[sl])
+            y = checkpoint(part, *args, use_reentrant=False) if torch.is_grad_enabled() else part(*args)
+            out = y if out is None else out + y
+        return out
+
+
 def _accepts(fn, name: str) -> bool:
     try:
         params = inspect.signature(fn).parameters
@@ -144,7 +176,7 @@ def make_message_tp(
         from mlpot.o3.gaunt import GauntMessageTP
 
         tp = _call_with_supported(GauntMessageTP, irreps_in, lmax_sh, irreps_out_target, backend=backend)
-        return _MessageTPAdapter(tp, kind, needs_vectors=False)
+        return _GauntMessagePassing(tp, kind, needs_vectors=False)
     if kind == "so2":
         from mlpot.o3.so2 import SO2MessageTP
 
