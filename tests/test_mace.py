@@ -222,9 +222,7 @@ def test_gaunt_interaction_edge_chunks_match_one_pass():
 
     whole, g_whole = run()
     for tp in tps:
-        tp.max_chunk_values = 7 * 3 * tp.tp.mul * sum(
-            g.n_theta * g.n_phi if hasattr(g, "n_theta") else g.n_u * g.n_v for g in tp.tp.grids.values()
-        )
+        tp.max_chunk_values = 7 * tp.grid_values_per_edge()
         assert tp.edges_per_chunk() == 7
     assert n_edges > 3 * 7  # several chunks
     chunked, g_chunked = run()

@@ -289,10 +289,7 @@ def test_message_tp_edge_chunks_match_one_pass(method):
         return out.detach(), g_v.detach(), g_w
 
     whole = run()
-    one_chunk_values = 3 * mtp.tp.mul * sum(
-        g.n_theta * g.n_phi if hasattr(g, "n_theta") else g.n_u * g.n_v for g in mtp.tp.grids.values()
-    )
-    mtp.max_chunk_values = 5 * one_chunk_values  # 5 edges per chunk: 5 chunks, the last one short
+    mtp.max_chunk_values = 5 * mtp.grid_values_per_edge()  # 5 edges per chunk: 5 chunks, the last one short
     assert mtp.edges_per_chunk() == 5
     chunked = run()
     with torch.no_grad():

@@ -450,11 +450,15 @@ class GauntMessageTP(nn.Module):
     #: large cell keeps one chunk of grids in memory instead of all of them.
     max_chunk_values: int = 2**24
 
-    def edges_per_chunk(self) -> int:
+    def grid_values_per_edge(self) -> int:
+        """Grid values one edge holds: both factors and their product, per channel and product."""
         points = 0
         for grid in self.tp.grids.values():
             points += grid.n_theta * grid.n_phi if hasattr(grid, "n_theta") else grid.n_u * grid.n_v
-        return max(1, int(self.max_chunk_values) // max(1, 3 * self.tp.mul * points))
+        return 3 * self.tp.mul * points
+
+    def edges_per_chunk(self) -> int:
+        return max(1, int(self.max_chunk_values) // max(1, self.grid_values_per_edge()))
 
     def forward(self, x_sender: torch.Tensor, edge_sh: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         n_edges, chunk = x_sender.shape[0], self.edges_per_chunk()
