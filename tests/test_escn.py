@@ -21,13 +21,7 @@ from mlpot.o3.so2 import SO2Plan, mul_ir_to_sph_channels, so2_conv, sph_channels
 from mlpot.o3.wigner import edge_rotation, wigner_D_blocks
 from mlpot.testing.model_checks import random_orthogonal
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _sh_irreps(lmax, channels):

@@ -15,13 +15,7 @@ from mlpot.models.escn import ESCN
 from mlpot.models.io import FORMAT_VERSION, read_model_file
 from mlpot.testing.model_checks import randomize_parameters
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

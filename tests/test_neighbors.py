@@ -11,14 +11,7 @@ from ase.neighborlist import neighbor_list as ase_neighbor_list
 from mlpot.data import batched_neighbor_list, neighbor_list
 from mlpot.errors import DataError
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Hundreds of tiny systems: intra-op threads only add contention on a busy 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _pairs(i, j, S) -> set:

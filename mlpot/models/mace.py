@@ -331,13 +331,9 @@ class MACE(PotentialModel):
         # depends on the weights only: recompute when any of them changed (or in training)
         if self.training and torch.is_grad_enabled():
             return self.isolated_interaction_energy(dtype, device)
-        key = (dtype, device) + tuple((id(t), t._version) for t in (*self.parameters(), *self.buffers()))
-        cache = getattr(self, "_iso_cache", None)
-        if cache is None or cache[0] != key:
-            with torch.no_grad():
-                cache = (key, self.isolated_interaction_energy(dtype, device))
-            self._iso_cache = cache
-        return cache[1]
+        from mlpot.nn.cache import cached_on_weights
+
+        return cached_on_weights(self, "_iso_cache", self.isolated_interaction_energy, dtype, device)
 
     def compute_node_energies(self, graph: dict, vectors: torch.Tensor) -> dict[str, torch.Tensor]:
         node_attrs = self.node_attrs(graph)

@@ -353,13 +353,9 @@ class SymmetricContraction(nn.Module):
         w.r.t. them is computed; recomputed whenever a weight or coupling tensor changes)."""
         if self.training:
             return self._fold_weights(dtype, device)
-        key = (dtype, str(device)) + tuple((id(t), t._version) for t in (*self.parameters(), *self.buffers()))
-        cache = getattr(self, "_fold_cache", None)
-        if cache is None or cache[0] != key:
-            with torch.no_grad():
-                cache = (key, self._fold_weights(dtype, device))
-            self._fold_cache = cache
-        return cache[1]
+        from mlpot.nn.cache import cached_on_weights
+
+        return cached_on_weights(self, "_fold_cache", self._fold_weights, dtype, device)
 
     def _fold_weights(self, dtype, device) -> torch.Tensor:
         """``T[s, c, K, r] = sum_j Ubar[K, r, j] W[s, j, c]`` over the rows ``r`` of all monomial
