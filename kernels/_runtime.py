@@ -121,6 +121,16 @@ except Exception:  # noqa: BLE001  # pragma: no cover - without triton the kerne
     tl = _NoTriton()
 
 
-def as_grad_input(t: torch.Tensor) -> torch.Tensor:
-    """``t`` itself when it is part of a graph (so results stay differentiable w.r.t. it), else a leaf."""
-    return t if t.requires_grad else t.detach().requires_grad_()
+def reference_vjp(fn, primals, cotangents):
+    """Partial derivatives of ``<cotangents, fn(*primals)>`` with respect to each of ``primals``.
+
+    This is how a kernel's backward (or double backward) differentiates its torch reference. The
+    primals are treated as independent variables. ``torch.autograd.grad`` on the saved tensors
+    would instead return total derivatives: the upstream gradient of a force loss depends on the
+    kernel's own inputs through the rest of the model, so that path would be counted once here and
+    once more by the autograd engine. ``torch.func.vjp`` differentiates at its own level, and the
+    result stays differentiable, to any order, with respect to ``primals``, ``cotangents`` and
+    whatever produced them.
+    """
+    _, vjp_fn = torch.func.vjp(fn, *primals)
+    return vjp_fn(cotangents)

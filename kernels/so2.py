@@ -29,7 +29,7 @@ differentiable torch reference :func:`reference_so2_message_passing`.
 """
 import torch
 
-from ._runtime import LazyKernel, as_grad_input, check_device, next_pow2, tl
+from ._runtime import LazyKernel, check_device, next_pow2, reference_vjp, tl
 from .channelwise_tp import EdgePlan
 
 
@@ -194,16 +194,12 @@ class _SO2MP(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             gX = _SO2MP.apply(g, W, wig, table, plan, not tr)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            with torch.enable_grad():
-                w = as_grad_input(W)
-                d = as_grad_input(wig)
-                if tr:  # <g, op^T(X)> = <X, op(g)> summed over nodes: differentiate the forward op
-                    val = (reference_so2_message_passing(g, w, d, plan.src, plan.dst, plan.num_nodes, table)
-                           * X).sum()
-                else:
-                    val = (reference_so2_message_passing(X, w, d, plan.src, plan.dst, plan.num_nodes, table)
-                           * g).sum()
-                gW, gD = torch.autograd.grad(val, (w, d), create_graph=torch.is_grad_enabled())
+            # <g, op(X)> (or <X, op(g)> for the transpose) differentiated in the weights and Wigner
+            # blocks alone: g depends on them through the rest of the model, which autograd adds.
+            left, right = (g, X) if tr else (X, g)
+            gW, gD = reference_vjp(
+                lambda w, d: reference_so2_message_passing(left, w, d, plan.src, plan.dst, plan.num_nodes, table),
+                (W, wig), right)
         return gX, gW, gD, None, None, None
 
 

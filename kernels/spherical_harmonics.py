@@ -29,7 +29,7 @@ import math
 import torch
 from e3nn import o3
 
-from ._runtime import LazyKernel, as_grad_input, check_device, tl
+from ._runtime import LazyKernel, check_device, reference_vjp, tl
 
 
 def _sh_fwd_kernel(vec_ptr, y_ptr, r_ptr, freq_ptr,
@@ -284,14 +284,11 @@ class _EdgeEmbeddingBackward(torch.autograd.Function):
     def backward(ctx, ggv):
         vec, gY, gR = ctx.saved_tensors
         lmax, freqs, r_max, p = ctx.args
-        with torch.enable_grad():
-            v, a, b = as_grad_input(vec), as_grad_input(gY), as_grad_input(gR)
-            Y, R = reference_edge_embedding(v, lmax, freqs, r_max, p)
-            (gv,) = torch.autograd.grad((Y, R), (v,), (a, b), create_graph=True)
-            outs = torch.autograd.grad(gv, (v, a, b), ggv, create_graph=torch.is_grad_enabled(),
-                                       allow_unused=True)
-        outs = [torch.zeros_like(t) if o is None else o for o, t in zip(outs, (v, a, b))]
-        return outs[0], outs[1], outs[2], None
+
+        def first_backward(v, a, b):
+            return reference_vjp(lambda v_: reference_edge_embedding(v_, lmax, freqs, r_max, p), (v,), (a, b))[0]
+
+        return (*reference_vjp(first_backward, (vec, gY, gR), ggv), None)
 
 
 def spherical_harmonics(vec: torch.Tensor, lmax: int) -> torch.Tensor:

@@ -24,7 +24,7 @@ differentiable torch reference.
 """
 import torch
 
-from ._runtime import LazyKernel, as_grad_input, check_device, tl
+from ._runtime import LazyKernel, check_device, reference_vjp, tl
 
 NU_MAX = 4
 _CFG_C = [({"BLOCK_C": bc}, w, 2) for bc, w in ((32, 1), (64, 2), (128, 4))]
@@ -229,17 +229,18 @@ class _SymmetricContractionBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, ggA, ggW):
-        A, W, g, elem = ctx.saved_tensors
-        with torch.enable_grad():
-            a, w, gg = (as_grad_input(t) for t in (A, W, g))
-            out = reference_symmetric_contraction(a, elem, ctx.Us, list(torch.split(w, ctx.table.Qs, dim=1)))
-            ga, gw = torch.autograd.grad(out, (a, w), gg, create_graph=True)
-            terms = [(ga, ggA), (gw, ggW)]
-            outs_, grads_ = zip(*[(o, go) for o, go in terms if go is not None])
-            res = torch.autograd.grad(outs_, (a, w, gg), grads_, allow_unused=True,
-                                      create_graph=torch.is_grad_enabled())
-        res = [torch.zeros_like(t) if r is None else r for r, t in zip(res, (A, W, g))]
-        return res[0], res[1], res[2], None, None, None
+        A, W, g = ctx.saved_tensors[:3]
+        elem = ctx.saved_tensors[3]
+        Us, Qs = ctx.Us, ctx.table.Qs
+
+        def first_backward(a, w, gg):
+            return reference_vjp(lambda a_, w_: reference_symmetric_contraction(
+                a_, elem, Us, list(torch.split(w_, Qs, dim=1))), (a, w), gg)
+
+        ggA = torch.zeros_like(A) if ggA is None else ggA
+        ggW = torch.zeros_like(W) if ggW is None else ggW
+        gA, gW, gg = reference_vjp(first_backward, (A, W, g), (ggA, ggW))
+        return gA, gW, gg, None, None, None
 
 
 def symmetric_contraction(A: torch.Tensor, elem: torch.Tensor, Ws, table: SCTable, Us=None) -> torch.Tensor:
