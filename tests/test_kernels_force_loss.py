@@ -26,6 +26,7 @@ SH = kernels_module("spherical_harmonics")
 SO2K = kernels_module("so2")
 CT = kernels_module("channelwise_tp")
 GA = kernels_module("gaunt")
+RT = kernels_module("_runtime")
 
 TOL = 1e-10
 
@@ -130,17 +131,20 @@ def test_gaunt_and_channelwise_force_loss():
 # ------------------------------------------------------------------------------------------------
 # whole models: every kernel-backed op of MACE, as a training step sees it
 # ------------------------------------------------------------------------------------------------
+#: variant -> (model options, the kernels a triton model must launch)
 MACE_VARIANTS = {
-    "cg-symmetric": {},
-    "gaunt-symmetric": {"interaction_tp": "gaunt"},
-    "so2-symmetric": {"interaction_tp": "so2"},
-    "cg-gaunt": {"product": "gaunt"},
+    "cg-symmetric": ({}, {"_sh_fwd_kernel", "_edge_kernel", "_sc_node_kernel"}),
+    "gaunt-symmetric": ({"interaction_tp": "gaunt"}, {"_sh_fwd_kernel", "_grid_product_kernel", "_sc_node_kernel"}),
+    # one layer: its SO(2) plan (C x 0e -> C x 0e + C x 1o + C x 2e) fits the SO(2) kernel's layout
+    "so2-symmetric": ({"interaction_tp": "so2", "num_interactions": 1}, {"_so2_kernel", "_sc_node_kernel"}),
+    "cg-gaunt": ({"product": "gaunt"}, {"_sh_fwd_kernel", "_edge_kernel", "_grid_product_kernel"}),
 }
 
 
 def _mace_training_gradients(backend: str, options: dict):
     torch.manual_seed(0)
-    model = build_model("MACE", hidden_irreps="4x0e + 4x1o", max_ell=2, correlation=2, num_interactions=2,
+    options = {"num_interactions": 2, **options}
+    model = build_model("MACE", hidden_irreps="4x0e + 4x1o", max_ell=2, correlation=2,
                         r_max=3.0, atomic_numbers=[1, 6, 8], backend=backend, **options).double()
     atoms = molecule("CH3OH")
     atoms.rattle(0.1, seed=1)
@@ -153,8 +157,12 @@ def _mace_training_gradients(backend: str, options: dict):
 
 @pytest.mark.parametrize("variant", sorted(MACE_VARIANTS))
 def test_mace_triton_force_training_gradients_equal_reference(variant):
-    ref_out, ref_grads = _mace_training_gradients("reference", MACE_VARIANTS[variant])
-    tri_out, tri_grads = _mace_training_gradients("triton", MACE_VARIANTS[variant])
+    options, kernels = MACE_VARIANTS[variant]
+    ref_out, ref_grads = _mace_training_gradients("reference", options)
+    launches = RT.LAUNCHES.copy()
+    tri_out, tri_grads = _mace_training_gradients("triton", options)
+    launched = {name for name, n in RT.LAUNCHES.items() if n > launches[name]}
+    assert kernels <= launched, f"{variant}: kernels not launched: {sorted(kernels - launched)}"
     assert _rel(tri_out["energy"], ref_out["energy"]) < TOL
     assert _rel(tri_out["forces"], ref_out["forces"]) < TOL
     assert ref_grads.keys() == tri_grads.keys()

@@ -154,7 +154,8 @@ def test_message_tp_variants_equivariant(kind, proper):
     Qt = torch.as_tensor(Q)
 
     def run(x, vec):
-        return tp(x, spherical_harmonics(lmax_sh, vec), w, edge_vectors=vec)
+        idx = torch.arange(E)
+        return tp.message_passing(x, _geometry(vec, lmax_sh, tp.frames_lmax), w, idx, idx, E)
 
     y = run(x, vec)
     assert y.shape == (E, tp.irreps_out.dim) and y.abs().max() > 1e-3
@@ -162,14 +163,28 @@ def test_message_tp_variants_equivariant(kind, proper):
     torch.testing.assert_close(y_rot, y @ _D(tp.irreps_out, Q).T, atol=1e-10, rtol=1e-10)
 
 
-def test_so2_message_tp_needs_vectors():
+def _geometry(vec, lmax_sh, frames_lmax):
+    """The shared edge geometry of ``vec``: harmonics, and frames when ``frames_lmax`` is set."""
+    from mlpot.o3.message_passing import EdgeGeometry
+    from mlpot.o3.spherical_harmonics import spherical_harmonics
+    from mlpot.o3.wigner import edge_rotation, wigner_D_list
+
+    rot = None if frames_lmax is None else edge_rotation(vec)
+    return EdgeGeometry(
+        vectors=vec, lengths=vec.norm(dim=-1, keepdim=True), sh=spherical_harmonics(lmax_sh, vec), rotation=rot,
+        wigner=None if rot is None else wigner_D_list(frames_lmax, rot),
+    )
+
+
+def test_so2_message_tp_needs_frames():
     from mlpot.errors import ConfigError
     from mlpot.nn.variants import make_message_tp
 
     tp = make_message_tp("so2", "2x0e + 2x1o", 1, "0e + 1o")
     x = torch.randn(3, tp.irreps_in.dim)
-    with pytest.raises(ConfigError, match="edge_vectors"):
-        tp(x, torch.randn(3, 4), torch.randn(3, tp.weight_numel))
+    idx = torch.arange(3)
+    with pytest.raises(ConfigError, match="wigner"):
+        tp.message_passing(x, _geometry(torch.randn(3, 3), 1, None), torch.randn(3, tp.weight_numel), idx, idx, 3)
 
 
 @pytest.mark.parametrize("proper", [True, False])

@@ -11,7 +11,13 @@ from mlpot.o3.tensor_product import (
     channelwise_instructions,
     mul_ir_to_channel_last,
 )
+from mlpot.o3.message_passing import EdgeGeometry
 from mlpot.testing.equivariance import D_from_matrix, rand_reflection, rand_rotation
+
+def _sh_geometry(y):
+    """An edge geometry holding only the (here arbitrary) edge attributes ``y``."""
+    return EdgeGeometry(vectors=y.new_zeros(y.shape[0], 3), lengths=y.new_zeros(y.shape[0], 1), sh=y)
+
 
 CASES = [
     ("5x0e", 3, "5x0e+5x1o+5x2e+5x3o"),  # MACE first layer
@@ -73,7 +79,7 @@ def test_message_passing_and_gradients(irreps_in, lmax, target):
     x = torch.randn(N, tp.irreps_in1.dim, dtype=torch.float64, requires_grad=True)
     y = torch.randn(E, sh.dim, dtype=torch.float64, requires_grad=True)
     w = torch.randn(E, tp.weight_numel, dtype=torch.float64, requires_grad=True)
-    a = tp.message_passing(x, y, w, snd, rcv, N)
+    a = tp.message_passing(x, _sh_geometry(y), w, snd, rcv, N)
     b = torch.zeros(N, ref.irreps_out.dim, dtype=torch.float64).index_add(0, rcv, ref(x[snd], y, w))
     torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
     cot = torch.randn_like(a)
@@ -99,7 +105,7 @@ def test_gradgradcheck_small():
     w = torch.randn(E, tp.weight_numel, dtype=torch.float64, requires_grad=True)
 
     def f(x, y, w):
-        return tp.message_passing(x, y, w, snd, rcv, N)
+        return tp.message_passing(x, _sh_geometry(y), w, snd, rcv, N)
 
     assert torch.autograd.gradcheck(f, (x, y, w))
     assert torch.autograd.gradgradcheck(f, (x, y, w))
@@ -130,7 +136,7 @@ def test_layout_roundtrip_and_empty_graph():
     tp = ChannelwiseTensorProduct(irreps, o3.Irreps.spherical_harmonics(1), "3x0e+3x1o")
     empty = torch.zeros(0, dtype=torch.long)
     out = tp.message_passing(
-        x, torch.zeros(0, 4, dtype=torch.float64), torch.zeros(0, tp.weight_numel, dtype=torch.float64),
+        x, _sh_geometry(torch.zeros(0, 4, dtype=torch.float64)), torch.zeros(0, tp.weight_numel, dtype=torch.float64),
         empty, empty, 4,
     )
     assert out.shape == (4, tp.irreps_out.dim) and not out.any()

@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mlpot {args.command}: not available in this build", file=sys.stderr)
         return 2
     mod = importlib.import_module(args._module)
+    importlib.import_module("mlpot.models.mace").tune_malloc()  # process-wide allocator settings: CLI only
     try:
         return int(mod.run(args) or 0)
     except KeyboardInterrupt:

@@ -23,7 +23,11 @@ layer), ``num_interactions``, ``MLP_irreps``, ``gate``, ``radial_MLP``, ``avg_nu
 
 * ``interaction_tp``: ``"cg"`` (mace-torch's channelwise CG product) | ``"gaunt"`` | ``"so2"``;
 * ``product``: ``"symmetric"`` (generalized CG) | ``"gaunt"``;
-* ``backend``: ``"reference"`` | ``"triton"`` | ``"auto"``;
+* ``gaunt_method``: ``"grid"`` | ``"fourier"``: how the Gaunt products (``interaction_tp: gaunt``,
+  ``product: gaunt``) are computed; only with a Gaunt product;
+* ``mmax``: largest ``|m|`` kept in the edge frames of ``interaction_tp: so2`` (default: all);
+* ``backend``: ``"reference"`` | ``"triton"`` | ``"auto"`` (:mod:`mlpot.o3.backend`: an op
+  without a kernel for this configuration is a ConfigError at build time);
 * ``zbl``: add the ZBL pair repulsion (see :class:`mlpot.models.base.ZBLRepulsion`);
 * ``product_basis_sizes``: per layer, per output irrep, per body order, the number of coupling
   columns of the product basis (set by :mod:`mlpot.models.mace_import` to hold mace-torch's
@@ -53,6 +57,7 @@ from mlpot.nn.blocks import (
     ScaleShiftBlock,
     interaction_block_class,
 )
+from mlpot.nn.edge_geometry import EdgeGeometry, build_edge_geometry, check_edge_geometry_backend
 from mlpot.nn.radial import RadialEmbeddingBlock
 
 __all__ = ["MACE", "ScaleShiftMACE", "mace_hidden_irreps", "tune_malloc"]
@@ -64,6 +69,7 @@ _MALLOC_TUNED = False
 def tune_malloc() -> bool:
     """Keep freed memory in the process heap instead of unmapping it (glibc only; once per process).
 
+    Process-wide, so opt-in: the ``mlpot`` command line calls it; a library user may call it.
     A force call allocates many short-lived tensors of a few MB to a few hundred MB. With glibc's
     defaults each of them is a fresh ``mmap`` that is faulted in page by page and unmapped on
     free, which costs as much as the arithmetic (half the CPU time of a small-molecule call).
@@ -131,6 +137,8 @@ class MACE(PotentialModel):
         interaction_cls_first: str = "RealAgnosticResidualInteractionBlock",
         interaction_tp: str = "cg",
         product: str = "symmetric",
+        gaunt_method: str = "grid",
+        mmax: int | None = None,
         backend: str = "reference",
         zbl: bool = False,
         product_basis_sizes=None,
@@ -166,6 +174,18 @@ class MACE(PotentialModel):
             raise ConfigError(f"MACE: product {product!r} unknown; choose one of {PRODUCTS}")
         if backend not in ("reference", "triton", "auto"):
             raise ConfigError(f"MACE: backend must be reference, triton or auto, got {backend!r}")
+        uses_gaunt = "gaunt" in (str(interaction_tp).lower(), str(product).lower())
+        if gaunt_method not in ("grid", "fourier"):
+            raise ConfigError(f"MACE: gaunt_method must be grid or fourier, got {gaunt_method!r}")
+        if gaunt_method != "grid" and not uses_gaunt:
+            raise ConfigError(
+                f"MACE: gaunt_method {gaunt_method!r} needs interaction_tp: gaunt or product: gaunt"
+            )
+        if mmax is not None:
+            if str(interaction_tp).lower() != "so2":
+                raise ConfigError(f"MACE: mmax applies to interaction_tp: so2, not {interaction_tp!r}")
+            if isinstance(mmax, bool) or not isinstance(mmax, int) or mmax < 0:
+                raise ConfigError(f"MACE: mmax must be a non-negative integer, got {mmax!r}")
         if float(avg_num_neighbors) <= 0:
             raise ConfigError(f"MACE: avg_num_neighbors must be > 0, got {avg_num_neighbors}")
         config = {
@@ -188,6 +208,8 @@ class MACE(PotentialModel):
             "interaction_cls_first": str(interaction_cls_first).split(".")[-1].strip("'<>"),
             "interaction_tp": str(interaction_tp).lower(),
             "product": str(product).lower(),
+            "gaunt_method": str(gaunt_method),
+            "mmax": None if mmax is None else int(mmax),
             "backend": str(backend),
             "zbl": bool(zbl),
             "product_basis_sizes": product_basis_sizes,
@@ -200,7 +222,6 @@ class MACE(PotentialModel):
         elif e0s is not None:
             config["e0s"] = [float(v) for v in e0s]
         super().__init__(config)
-        tune_malloc()
         if config["dtype"] not in ("float32", "float64"):
             raise ConfigError(f"MACE: dtype must be float32 or float64, got {dtype!r}")
         dt = torch.float32 if config["dtype"] == "float32" else torch.float64
@@ -255,6 +276,8 @@ class MACE(PotentialModel):
             "radial_MLP": c["radial_MLP"],
             "interaction_tp": c["interaction_tp"],
             "backend": c["backend"],
+            "gaunt_method": c.get("gaunt_method", "grid"),
+            "mmax": c.get("mmax"),
         }
         self.interactions = nn.ModuleList()
         self.products = nn.ModuleList()
@@ -284,6 +307,7 @@ class MACE(PotentialModel):
                     product=c["product"],
                     basis_sizes=None if sizes is None else sizes[t],
                     backend=c["backend"],
+                    gaunt_method=c.get("gaunt_method", "grid"),
                 )
             )
             if last and num_inter > 1:  # mace-torch: a single layer has a linear readout
@@ -291,6 +315,11 @@ class MACE(PotentialModel):
             else:
                 self.readouts.append(LinearReadoutBlock(hidden_out, o3.Irreps("0e")))
         self.scale_shift = ScaleShiftBlock(c["scale"], c["shift"])
+        # what the shared edge geometry holds: SH only when a layer reads them, frames when asked
+        self._needs_sh = any(inter.conv_tp.needs_sh for inter in self.interactions)
+        frames = [inter.conv_tp.frames_lmax for inter in self.interactions if inter.conv_tp.frames_lmax is not None]
+        self._frames_lmax = max(frames) if frames else None
+        check_edge_geometry_backend(c["backend"])
 
     @property
     def product_basis_sizes(self) -> list:
@@ -302,16 +331,26 @@ class MACE(PotentialModel):
         return out
 
     # ------------------------------------------------------------------------------------------
+    def edge_geometry(self, vectors: torch.Tensor) -> EdgeGeometry:
+        """The edge geometry all layers share: lengths, radial basis x envelope, the spherical
+        harmonics (unless every layer uses SO(2) frames), and the edge frames with their Wigner
+        blocks (only for SO(2) layers)."""
+        return build_edge_geometry(
+            vectors,
+            spherical_harmonics=self.spherical_harmonics if self._needs_sh else None,
+            radial_embedding=self.radial_embedding,
+            frames_lmax=self._frames_lmax,
+            backend=self.config["backend"],
+        )
+
     def _interaction_energy(self, node_attrs, vectors, sender, receiver):
         """Sum of the readouts of all layers (before scale/shift) and the invariant features."""
-        lengths = torch.linalg.norm(vectors, dim=-1, keepdim=True)
-        edge_attrs = self.spherical_harmonics(vectors)
-        edge_feats = self.radial_embedding(lengths)
+        geometry = self.edge_geometry(vectors)
         node_feats = self.node_embedding(node_attrs)
         node_inter = node_attrs.new_zeros(node_attrs.shape[0])
         invariants = []
         for interaction, product, readout in zip(self.interactions, self.products, self.readouts):
-            node_feats, sc = interaction(node_attrs, node_feats, edge_attrs, edge_feats, sender, receiver, vectors)
+            node_feats, sc = interaction(node_attrs, node_feats, geometry, sender, receiver)
             node_feats = product(node_feats, sc, node_attrs)
             invariants.append(node_feats[:, : self.num_features])
             node_inter = node_inter + readout(node_feats).squeeze(-1)

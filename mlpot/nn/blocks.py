@@ -36,7 +36,8 @@ from torch import nn
 
 from mlpot.errors import ConfigError
 from mlpot.nn.radial import radial_mlp
-from mlpot.o3.symmetric_contraction import SymmetricContraction
+from mlpot.nn.variants import make_message_tp, make_product_basis
+from mlpot.o3.message_passing import EdgeGeometry
 from mlpot.o3.tensor_product import ChannelwiseTensorProduct, mul_ir_to_channel_last
 
 __all__ = [
@@ -152,19 +153,13 @@ class NonLinearReadoutBlock(nn.Module):
         return self.linear_2(self.non_linearity(self.linear_1(x)))
 
 
-def _make_message_tp(kind: str, irreps_in, sh_irreps, target_irreps, backend: str) -> nn.Module:
-    if kind == "cg":
-        return ChannelwiseTensorProduct(irreps_in, sh_irreps, target_irreps, backend=backend)
-    from mlpot.nn.variants import make_message_tp
-
-    return make_message_tp(kind, irreps_in, sh_irreps.lmax, target_irreps, backend=backend)
-
-
 class InteractionBlock(nn.Module):
     """Common part of the interaction blocks: ``linear_up``, ``conv_tp``, ``conv_tp_weights``, ``linear``.
 
-    ``forward(node_attrs, node_feats, edge_attrs, edge_feats, sender, receiver, vectors)``
-    returns ``(A (N, C, D), sc (N, hidden.dim) or None)``.
+    ``forward(node_attrs, node_feats, edge_geometry, sender, receiver)`` returns
+    ``(A (N, C, D), sc (N, hidden.dim) or None)``; ``conv_tp`` is any
+    :class:`~mlpot.o3.message_passing.MessageTensorProduct` (``interaction_tp``: ``cg``, ``gaunt``
+    with ``gaunt_method``, ``so2`` with ``mmax``), fed by the shared ``edge_geometry``.
     """
 
     residual = False
@@ -181,6 +176,8 @@ class InteractionBlock(nn.Module):
         radial_MLP: list[int],
         interaction_tp: str = "cg",
         backend: str = "reference",
+        gaunt_method: str | None = None,
+        mmax: int | None = None,
     ):
         super().__init__()
         self.node_attrs_irreps = o3.Irreps(node_attrs_irreps)
@@ -192,8 +189,14 @@ class InteractionBlock(nn.Module):
         self.avg_num_neighbors = float(avg_num_neighbors)
         self.interaction_tp = interaction_tp
         self.linear_up = o3.Linear(self.node_feats_irreps, self.node_feats_irreps)
-        self.conv_tp = _make_message_tp(
-            interaction_tp, self.node_feats_irreps, self.edge_attrs_irreps, self.target_irreps, backend
+        self.conv_tp = make_message_tp(
+            interaction_tp,
+            self.node_feats_irreps,
+            self.edge_attrs_irreps.lmax,
+            self.target_irreps,
+            backend=backend,
+            method=gaunt_method if str(interaction_tp).lower() == "gaunt" else None,
+            mmax=mmax,
         )
         irreps_mid = o3.Irreps(self.conv_tp.irreps_out)
         self.conv_tp_weights = radial_mlp(self.edge_feats_irreps.num_irreps, radial_MLP, self.conv_tp.weight_numel)
@@ -208,22 +211,22 @@ class InteractionBlock(nn.Module):
     def _setup_skip(self) -> None:
         raise NotImplementedError
 
-    def _message(self, node_feats, edge_attrs, edge_feats, sender, receiver, vectors):
-        """``sum_j TP(W_up h_j, Y_ij, R(r_ij))``, the linear mixing and ``1 / avg_num_neighbors``,
-        as ``(N, C, D)``."""
+    def _message(self, node_feats, geometry: EdgeGeometry, sender, receiver):
+        """``sum_j TP(W_up h_j, G_ij, R(r_ij))``, the linear mixing and ``1 / avg_num_neighbors``,
+        as ``(N, C, D)``.
+
+        With the CG product on the reference backend the messages stay channel-last and the
+        linear mixing reads the ``o3.Linear`` weights directly (same numbers, two layout round
+        trips fewer)."""
         node_feats = self.linear_up(node_feats)
-        tp_weights = self.conv_tp_weights(edge_feats)
+        tp_weights = self.conv_tp_weights(geometry.radial)
         N = node_feats.shape[0]
         tp = self.conv_tp
-        if self._fused_linear is not None and tp.resolved_backend(node_feats.device) == "reference":
+        if self._fused_linear is not None and tp.selected_backend(node_feats.device) == "reference":
             x_cl = mul_ir_to_channel_last(node_feats, tp.irreps_in1)
-            msg = tp.message_passing_channel_last(x_cl, edge_attrs, tp_weights, sender, receiver, N)
+            msg = tp.message_passing_channel_last(x_cl, geometry.sh, tp_weights, sender, receiver, N)
             return self._fused_linear(msg, self.linear.weight, 1.0 / self.avg_num_neighbors)
-        if hasattr(tp, "message_passing"):
-            message = tp.message_passing(node_feats, edge_attrs, tp_weights, sender, receiver, N)
-        else:
-            mji = tp(node_feats.index_select(0, sender), edge_attrs, tp_weights, edge_vectors=vectors)
-            message = mji.new_zeros(N, mji.shape[1]).index_add(0, receiver, mji)
+        message = tp.message_passing(node_feats, geometry, tp_weights, sender, receiver, N)
         return irreps_to_channels(self.linear(message) / self.avg_num_neighbors, self.irreps_out)
 
 
@@ -235,9 +238,9 @@ class RealAgnosticResidualInteractionBlock(InteractionBlock):
     def _setup_skip(self) -> None:
         self.skip_tp = o3.FullyConnectedTensorProduct(self.node_feats_irreps, self.node_attrs_irreps, self.hidden_irreps)
 
-    def forward(self, node_attrs, node_feats, edge_attrs, edge_feats, sender, receiver, vectors=None):
+    def forward(self, node_attrs, node_feats, edge_geometry: EdgeGeometry, sender, receiver):
         sc = self.skip_tp(node_feats, node_attrs)
-        return self._message(node_feats, edge_attrs, edge_feats, sender, receiver, vectors), sc
+        return self._message(node_feats, edge_geometry, sender, receiver), sc
 
 
 class RealAgnosticInteractionBlock(InteractionBlock):
@@ -248,8 +251,8 @@ class RealAgnosticInteractionBlock(InteractionBlock):
     def _setup_skip(self) -> None:
         self.skip_tp = o3.FullyConnectedTensorProduct(self.irreps_out, self.node_attrs_irreps, self.irreps_out)
 
-    def forward(self, node_attrs, node_feats, edge_attrs, edge_feats, sender, receiver, vectors=None):
-        message = self._message(node_feats, edge_attrs, edge_feats, sender, receiver, vectors)
+    def forward(self, node_attrs, node_feats, edge_geometry: EdgeGeometry, sender, receiver):
+        message = self._message(node_feats, edge_geometry, sender, receiver)
         message = self.skip_tp(channels_to_irreps(message, self.irreps_out), node_attrs)
         return irreps_to_channels(message, self.irreps_out), None
 
@@ -270,7 +273,11 @@ def interaction_block_class(name: str) -> type[InteractionBlock]:
 
 
 class EquivariantProductBasisBlock(nn.Module):
-    """Symmetric contraction of the atomic basis (body order ``correlation + 1``), linear, ``+ sc``."""
+    """Product basis of the atomic basis (body order ``correlation + 1``), linear, ``+ sc``.
+
+    ``product``: ``"symmetric"`` (MACE's symmetric contraction) or ``"gaunt"`` (with
+    ``gaunt_method``); the module is kept as ``symmetric_contractions`` (mace-torch's name).
+    """
 
     def __init__(
         self,
@@ -282,20 +289,15 @@ class EquivariantProductBasisBlock(nn.Module):
         product: str = "symmetric",
         basis_sizes=None,
         backend: str = "reference",
+        gaunt_method: str | None = None,
     ):
         super().__init__()
         self.use_sc = use_sc
         target_irreps = o3.Irreps(target_irreps)
-        if product == "symmetric":
-            self.symmetric_contractions = SymmetricContraction(
-                node_feats_irreps, target_irreps, correlation, num_elements, basis_sizes=basis_sizes, backend=backend
-            )
-        else:
-            from mlpot.nn.variants import make_product_basis
-
-            self.symmetric_contractions = make_product_basis(
-                product, node_feats_irreps, target_irreps, correlation, num_elements, backend=backend
-            )
+        self.symmetric_contractions = make_product_basis(
+            product, node_feats_irreps, target_irreps, correlation, num_elements, backend=backend,
+            method=gaunt_method if str(product).lower() == "gaunt" else None, basis_sizes=basis_sizes,
+        )
         self.linear = o3.Linear(target_irreps, target_irreps)
 
     def forward(self, node_feats: torch.Tensor, sc: torch.Tensor | None, node_attrs: torch.Tensor) -> torch.Tensor:

@@ -11,20 +11,165 @@ the backend an op actually runs:
   picks the interpreter.
 
 Models keep ``backend`` in their config and pass it down to every equivariant op.
+
+The registry
+------------
+:data:`REGISTRY` maps ``(op, backend)`` to the implementation, named ``"module:attribute"`` and
+imported on first use (so importing :mod:`mlpot.o3` imports neither triton nor the kernels).
+:func:`check_backend` is what a model calls when it is built: an ``(op, backend)`` pair that is
+not registered, or an option the implementation does not support (e.g. the Gaunt ``fourier``
+method on ``triton``), is a :class:`~mlpot.errors.ConfigError` naming the op and the backend;
+nothing falls back silently. :func:`select_backend` is the one dispatch point at call time;
+``auto`` picks ``triton`` where it is registered and a CUDA device is in use, else
+``reference``, and says once per op, in the log, what it picked.
 """
 from __future__ import annotations
 
 import functools
 import importlib
 import importlib.util
+import logging
 import os
 import sys
+from dataclasses import dataclass, field
 
 import torch
 
 from mlpot.errors import ConfigError
 
 BACKENDS = ("reference", "triton", "auto")
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OpImplementation:
+    """One registry entry: where the implementation lives and the options it supports.
+
+    ``options`` maps an option name to the values this implementation accepts (an option not
+    listed is unrestricted).
+    """
+
+    op: str
+    backend: str
+    target: str
+    options: dict = field(default_factory=dict)
+
+    def load(self):
+        module, _, attr = self.target.partition(":")
+        if module.startswith("mlpot.kernels"):
+            _ensure_kernels_package()
+        obj = importlib.import_module(module)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+
+#: what each op computes (the README's backend table lists these)
+OPS: dict[str, str] = {
+    "edge_embedding": "spherical harmonics of the edge vectors with the Bessel radial basis x envelope",
+    "channelwise_tp": "channelwise (uvu) Clebsch-Gordan message passing: gather, product, scatter",
+    "symmetric_contraction": "MACE symmetric contraction (product basis)",
+    "gaunt_product": "Gaunt S2-grid product (Gaunt message tensor product and Gaunt product basis)",
+    "so2_message_passing": "SO(2) message passing in the edge frames (gather, rotate, per-m linear, rotate back, scatter)",
+}
+
+REGISTRY: dict[tuple[str, str], OpImplementation] = {}
+
+
+def register(op: str, backend: str, target: str, **options) -> None:
+    """Register ``target`` (``"module:attribute"``) as the ``backend`` implementation of ``op``."""
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}; known: {', '.join(OPS)}")
+    if backend not in ("reference", "triton"):
+        raise ValueError(f"backend {backend!r}: register 'reference' or 'triton' implementations")
+    REGISTRY[(op, backend)] = OpImplementation(op, backend, target, {k: tuple(v) for k, v in options.items()})
+
+
+register("edge_embedding", "reference", "mlpot.nn.edge_geometry:reference_edge_embedding")
+register("edge_embedding", "triton", "mlpot.kernels.spherical_harmonics:edge_embedding")
+register("channelwise_tp", "reference", "mlpot.o3.tensor_product:ChannelwiseTensorProduct.message_passing_channel_last")
+register("channelwise_tp", "triton", "mlpot.kernels.channelwise_tp:FusedChannelwiseTP", layout=("uniform",))
+register("symmetric_contraction", "reference", "mlpot.o3.symmetric_contraction:SymmetricContraction.reference_forward")
+register("symmetric_contraction", "triton", "mlpot.kernels.symmetric_contraction:symmetric_contraction")
+register("gaunt_product", "reference", "mlpot.o3.gaunt:grid_product")
+register("gaunt_product", "triton", "mlpot.kernels.gaunt:gaunt_product", method=("grid",))
+register("so2_message_passing", "reference", "mlpot.o3.so2:so2_message_passing")
+register("so2_message_passing", "triton", "mlpot.kernels.so2:so2_message_passing", layout=("uniform",))
+
+
+def supported_backends(op: str) -> tuple[str, ...]:
+    """The registered backends of ``op`` (``reference`` first)."""
+    return tuple(b for b in ("reference", "triton") if (op, b) in REGISTRY)
+
+
+def check_backend(op: str, backend: str, **options) -> None:
+    """Build-time check: ``backend`` (``reference | triton | auto``) can run ``op`` with ``options``.
+
+    Raises :class:`ConfigError` naming the op and the backend when the pair is not registered or
+    an option value is not supported by that implementation. ``auto`` always passes (it falls
+    back to the reference where no fast path exists, and says so in the log).
+    """
+    key = str(backend).strip().lower()
+    if key not in BACKENDS:
+        raise ConfigError(f"unknown backend {backend!r} for op {op!r}: expected one of {', '.join(BACKENDS)}")
+    if op not in OPS:
+        raise ConfigError(f"unknown op {op!r}; known: {', '.join(OPS)}")
+    if key == "auto":
+        return
+    impl = REGISTRY.get((op, key))
+    if impl is None:
+        raise ConfigError(
+            f"op {op!r} has no {key!r} backend (it has: {', '.join(supported_backends(op))})"
+        )
+    for name, value in options.items():
+        allowed = impl.options.get(name)
+        if allowed is not None and value not in allowed:
+            raise ConfigError(
+                f"op {op!r} on backend {key!r} does not support {name}={value!r} "
+                f"(supported: {', '.join(map(str, allowed))}); use backend 'reference'"
+            )
+
+
+_AUTO_LOGGED: set = set()
+
+
+def select_backend(op: str, backend: str, device=None, **options) -> str:
+    """Call-time dispatch: ``"reference"`` or ``"triton"`` for ``op`` on ``device``.
+
+    An explicit backend is checked (:func:`check_backend`, then :func:`resolve_backend` for what
+    the machine offers); ``auto`` picks ``triton`` when it is registered for ``op`` with these
+    options, triton imports and ``device`` is CUDA, else ``reference``, and logs its pick once.
+    """
+    key = str(backend).strip().lower()
+    check_backend(op, key, **options)
+    if key != "auto":
+        return resolve_backend(key, device)
+    choice = "reference"
+    if (op, "triton") in REGISTRY:
+        try:
+            check_backend(op, "triton", **options)
+            choice = resolve_backend("auto", device)
+        except ConfigError:
+            choice = "reference"
+    tag = (op, choice, _device_type(device))
+    if tag not in _AUTO_LOGGED:
+        _AUTO_LOGGED.add(tag)
+        _log.info("backend auto: op %s runs on %s (device %s)", op, choice, _device_type(device))
+    return choice
+
+
+def implementation(op: str, backend: str):
+    """The registered implementation object of ``(op, backend)`` (imported on first use)."""
+    impl = REGISTRY.get((op, backend))
+    if impl is None:
+        raise ConfigError(f"op {op!r} has no {backend!r} backend (it has: {', '.join(supported_backends(op))})")
+    return impl.load()
+
+
+def backend_table() -> list[tuple[str, tuple[str, ...]]]:
+    """``[(op, backends)]`` in :data:`OPS` order: what the README's backend table shows."""
+    return [(op, supported_backends(op)) for op in OPS]
 
 
 @functools.lru_cache(maxsize=1)
@@ -116,4 +261,18 @@ def kernels_module(name: str):
     return importlib.import_module(f"mlpot.kernels.{name}")
 
 
-__all__ = ["BACKENDS", "kernels_module", "resolve_backend", "triton_available", "triton_interpret"]
+__all__ = [
+    "BACKENDS",
+    "OPS",
+    "REGISTRY",
+    "backend_table",
+    "check_backend",
+    "implementation",
+    "kernels_module",
+    "register",
+    "resolve_backend",
+    "select_backend",
+    "supported_backends",
+    "triton_available",
+    "triton_interpret",
+]

@@ -42,6 +42,10 @@ import torch
 from e3nn import o3
 from torch import nn
 
+from mlpot.errors import ConfigError
+from mlpot.o3.backend import implementation
+from mlpot.o3.message_passing import EdgeGeometry, MessageTensorProduct
+from mlpot.o3.product_basis import ProductBasis
 from mlpot.o3.s2grid import S2Grid, TorusFourierGrid, lmax_from_dim, s2_grid_size, torus_grid_size
 
 __all__ = [
@@ -50,6 +54,8 @@ __all__ = [
     "GauntTensorProduct",
     "gaunt_paths",
     "gaunt_product",
+    "grid_matrices",
+    "grid_product",
     "product_grid",
     "weighted_gaunt_product",
 ]
@@ -82,6 +88,55 @@ def product_grid(method: str, lmax_factors, lmax_out: int, impl: str = "auto") -
         n_u, n_v = torus_grid_size(lmax_factors, lmax_out)
         return TorusFourierGrid(lmax, n_u, n_v)
     raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+
+
+def grid_product(grid: nn.Module, a: torch.Tensor, b: torch.Tensor, lmax_out: int) -> torch.Tensor:
+    r"""Coefficient-first Gaunt product on ``grid``: ``a (D1, *batch)``, ``b (D2, *batch)`` ->
+    ``((lmax_out+1)^2, *batch)``, :math:`P\big((B_1 a) \odot (B_2 b)\big)` with the grid's to-grid
+    maps :math:`B` and projection :math:`P`. The reference of the registry op ``gaunt_product``."""
+    return grid.from_grid_cf(grid.to_grid_cf(a) * grid.to_grid_cf(b), lmax_out)
+
+
+def grid_matrices(grid: nn.Module, lmax1: int, lmax2: int, lmax_out: int, dtype, device):
+    """The grid's transforms as dense matrices ``(B1 (D1, G), B2 (D2, G), P (G, D_out))``.
+
+    Both grids (:class:`S2Grid`, :class:`TorusFourierGrid`) are linear maps between coefficients
+    and ``G`` grid values, so :func:`grid_product` is ``((a^T B1) * (b^T B2)) P``: the form the
+    Triton kernel takes. Computed once per grid, degrees, dtype and device (float64, then cast).
+    """
+    cache = grid.__dict__.setdefault("_dense_matrices", {})
+    key = (int(lmax1), int(lmax2), int(lmax_out), dtype, str(device))
+    if key not in cache:
+        with torch.no_grad():
+            ref = next(iter(grid.buffers()))
+
+            def to_grid(L):
+                eye = torch.eye((L + 1) ** 2, dtype=ref.dtype, device=ref.device)
+                f = grid.to_grid_cf(eye)
+                return f.reshape(-1, eye.shape[0]).t()
+
+            B1, B2 = to_grid(lmax1), to_grid(lmax2)
+            G = B1.shape[1]
+            shape = grid.to_grid_cf(torch.zeros(1, 1, dtype=ref.dtype, device=ref.device)).shape[:2]
+            P = grid.from_grid_cf(torch.eye(G, dtype=ref.dtype, device=ref.device).reshape(*shape, G), lmax_out).t()
+            cache[key] = tuple(m.to(device=device, dtype=dtype).contiguous() for m in (B1, B2, P))
+    return cache[key]
+
+
+def grid_product_triton(grid: nn.Module, a: torch.Tensor, b: torch.Tensor, lmax_out: int) -> torch.Tensor:
+    """:func:`grid_product` by the fused Triton kernel (registry op ``gaunt_product``, ``triton``).
+
+    ``a (D1, C, *rest)``, ``b (D2, C, *rest)``; the kernel's layout is ``(rest, C, D)`` (converted here).
+    """
+    kernel = implementation("gaunt_product", "triton")
+    D1, D2 = a.shape[0], b.shape[0]
+    batch = torch.broadcast_shapes(a.shape[1:], b.shape[1:])
+    C = batch[0]
+    X = a.expand(D1, *batch).reshape(D1, C, -1).permute(2, 1, 0)
+    Z = b.expand(D2, *batch).reshape(D2, C, -1).permute(2, 1, 0)
+    mats = grid_matrices(grid, lmax_from_dim(D1), lmax_from_dim(D2), lmax_out, a.dtype, a.device)
+    out = kernel(X.contiguous(), Z.contiguous(), lmax_out, matrices=mats)  # (B, C, D_out)
+    return out.permute(2, 1, 0).reshape(out.shape[-1], *batch)
 
 
 def _cached_grid(method, L1, L2, lmax_out, dtype, device):
@@ -276,8 +331,10 @@ class GauntTensorProduct(nn.Module):
         filter_ir_out=None,
         method: str = "grid",
         internal_weights: bool = True,
+        backend: str = "reference",
     ):
         super().__init__()
+        self.backend = str(backend)
         if method not in _METHODS:
             raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
         self.irreps_in1, self.irreps_in2 = o3.Irreps(irreps_in1), o3.Irreps(irreps_in2)
@@ -394,18 +451,24 @@ class GauntTensorProduct(nn.Module):
         weight = weight.expand(*lead, weight.shape[-1]).movedim(-1, 0)
         s1, s2, _ = self.weight_sizes
         w1, w2, wo = weight[:s1], weight[s1 : s1 + s2], weight[s1 + s2 :]
+        product = grid_product
+        if self.backend != "reference":
+            from mlpot.o3.backend import select_backend
+
+            if select_backend("gaunt_product", self.backend, x1.device) == "triton":
+                product = grid_product_triton
         values = []
         for t1, t2, Lp in self.paths:
             grid = self.grids[f"{t1}{t2}"]
             a = _rows_pad(x1, getattr(self, f"_x1_idx{t1}")) * _rows_pad(w1, getattr(self, f"_w1_idx{t1}"))
             b = _rows_pad(x2, getattr(self, f"_x2_idx{t2}")) * _rows_pad(w2, getattr(self, f"_w2_idx{t2}"))
-            z = grid.from_grid_cf(grid.to_grid_cf(a) * grid.to_grid_cf(b), Lp)  # ((Lp+1)^2, C, *lead)
+            z = product(grid, a, b, Lp)  # ((Lp+1)^2, C, *lead)
             values.append(z.reshape(-1, *lead))
         z = torch.cat(values, 0)  # (sum_p (Lp+1)^2 C, *lead)
         return (z[self._out_idx] * wo[self._wout_idx]).movedim(0, -1)
 
 
-class GauntMessageTP(nn.Module):
+class GauntMessageTP(MessageTensorProduct):
     r"""Edge message :math:`m_e = \mathrm{Gaunt}(x_{sender(e)}, Y(\hat r_e))` with per-edge weights,
     a drop-in for MACE's ``conv_tp`` (``interaction_tp: gaunt``).
 
@@ -415,6 +478,7 @@ class GauntMessageTP(nn.Module):
         irreps_out_target: only its irreps (multiplicities ignored) are produced, up to its
             largest degree -- the analogue of MACE's ``irreps_mid`` filtering.
         method: ``"grid"`` or ``"fourier"``.
+        backend: ``reference | triton | auto`` for the grid products (registry op ``gaunt_product``).
 
     Call ``(x_sender (E, irreps_in.dim), edge_sh (E, (lmax_sh+1)^2), weights (E, weight_numel))
     -> (E, irreps_out.dim)``. ``edge_sh`` are e3nn component-normalized SH of the edge vectors.
@@ -427,8 +491,14 @@ class GauntMessageTP(nn.Module):
     so there are fewer outputs and paths than with a full CG product.
     """
 
-    def __init__(self, irreps_in, lmax_sh: int, irreps_out_target, method: str = "grid"):
-        super().__init__()
+    op = "gaunt_product"
+
+    def __init__(self, irreps_in, lmax_sh: int, irreps_out_target, method: str = "grid", backend: str = "reference"):
+        super().__init__(backend)
+        if method not in _METHODS:
+            raise ConfigError(f"Gaunt method must be one of {', '.join(_METHODS)}, got {method!r}")
+        self.method = method
+        self.check_backend(method=method)
         target = o3.Irreps(irreps_out_target)
         self.irreps_in = o3.Irreps(irreps_in)
         self.irreps_sh = o3.Irreps.spherical_harmonics(int(lmax_sh))
@@ -439,6 +509,7 @@ class GauntMessageTP(nn.Module):
             filter_ir_out=[ir for _, ir in target],
             method=method,
             internal_weights=False,
+            backend=backend,
         )
         self.irreps_out = self.tp.irreps_out
         self.weight_numel = self.tp.weight_numel
@@ -475,8 +546,40 @@ class GauntMessageTP(nn.Module):
                 out.append(self.tp(*part))
         return torch.cat(out, 0)
 
+    def edge_product(self, x_sender: torch.Tensor, geometry: EdgeGeometry, weights: torch.Tensor) -> torch.Tensor:
+        return self.forward(x_sender, geometry.require("sh", "GauntMessageTP"), weights)
 
-class GauntProductBasis(nn.Module):
+    def message_passing(self, node_feats, edge_geometry, weights, sender, receiver, num_nodes: int):
+        """Gather, Gaunt product and sum over receivers, fused per chunk of edges.
+
+        Edges go in chunks of :meth:`edges_per_chunk`; with gradients recorded, each chunk (gather,
+        grid product, scatter) is recomputed in the backward pass, so neither the per-edge grids
+        nor the per-edge messages exist for all edges at once.
+        """
+        n_edges, chunk = sender.shape[0], self.edges_per_chunk()
+        dim = self.irreps_out.dim
+        edge_sh = edge_geometry.require("sh", "GauntMessageTP")
+
+        def part(x, sh, w, snd, rcv):
+            m = self.tp(x.index_select(0, snd), sh, w)
+            return x.new_zeros(num_nodes, dim).index_add(0, rcv, m)
+
+        if n_edges == 0:
+            return node_feats.new_zeros(num_nodes, dim) + 0.0 * weights.sum()
+        if n_edges <= chunk:
+            return part(node_feats, edge_sh, weights, sender, receiver)
+        from torch.utils.checkpoint import checkpoint
+
+        out = None
+        for start in range(0, n_edges, chunk):
+            sl = slice(start, start + chunk)
+            args = (node_feats, edge_sh[sl], weights[sl], sender[sl], receiver[sl])
+            y = checkpoint(part, *args, use_reentrant=False) if torch.is_grad_enabled() else part(*args)
+            out = y if out is None else out + y
+        return out
+
+
+class GauntProductBasis(ProductBasis):
     r"""Gaunt many-body product: a replacement for MACE's symmetric contraction (``product: gaunt``).
 
     Args:
@@ -513,12 +616,21 @@ class GauntProductBasis(nn.Module):
 
     ``forward(node_feats (N, C, sum (2l+1)), node_attrs (N, num_elements)) -> (N, irreps_out.dim)``
     in e3nn ``mul_ir`` layout, the call signature of MACE's ``SymmetricContraction``.
+
+    ``backend: triton`` (registry op ``gaunt_product``) computes the power
+    :math:`f^\nu` as a chain of exact two-factor Gaunt products
+    :math:`f^{k} = \mathrm{Gaunt}(f^{k-1}, f)` projected to degree :math:`kL` (the last one to
+    the output degrees), each on its own exact grid: the same numbers, to rounding.
     """
 
-    def __init__(self, irreps_in, irreps_out, correlation: int, num_elements: int, method: str = "grid"):
-        super().__init__()
+    op = "gaunt_product"
+
+    def __init__(self, irreps_in, irreps_out, correlation: int, num_elements: int, method: str = "grid",
+                 backend: str = "reference"):
+        super().__init__(backend)
         if method not in _METHODS:
-            raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+            raise ConfigError(f"Gaunt method must be one of {', '.join(_METHODS)}, got {method!r}")
+        self.check_backend(method=method)
         self.irreps_in, self.irreps_out = o3.Irreps(irreps_in), o3.Irreps(irreps_out)
         self.correlation, self.num_elements, self.method = int(correlation), int(num_elements), method
         if self.correlation < 1:
@@ -595,6 +707,8 @@ class GauntProductBasis(nn.Module):
         w_in = torch.cat([w_in, w_in.new_zeros(w_in.shape[0], 1, *w_in.shape[2:])], 1)[:, self._deg_block]
         w_out = torch.einsum("nz,vzcb->vncb", node_attrs, self.weights_out).flatten(-2)  # (nu, N, C*n_out)
         sign = self._odd_sign[:, None, None]
+        if self.backend != "reference" and self.selected_backend(node_feats.device) == "triton":
+            return self._triton_powers(A, w_in, w_out, sign)
         out = 0.0
         for v in range(self.correlation):
             a = A * w_in[v]
@@ -604,6 +718,44 @@ class GauntProductBasis(nn.Module):
             else:
                 parts = {0: self.grid.to_grid_cf(a) ** (v + 1)}
             proj = torch.cat([self.grid.from_grid_cf(parts[t], self.lmax_out_type[t]) for t in self.out_types], 0)
+            proj = proj.permute(1, 2, 0).reshape(N, -1)  # (N, C * R)
+            out = out + proj[:, self._out_idx] * w_out[v][:, self._wout_idx]
+        return out
+
+    def _chain_grid(self, k: int) -> nn.Module:
+        """Exact grid for the product of degrees ``(k-1) L`` and ``L`` (built on first use)."""
+        grids = self.__dict__.setdefault("_chain_grids", {})
+        if k not in grids:
+            L = self.lmax_in
+            lout = max(self.lmax_out_type.values()) if k == self.correlation else k * L
+            grids[k] = product_grid(self.method, [(k - 1) * L, L], max(lout, k * L))
+        return grids[k]
+
+    def _triton_powers(self, A, w_in, w_out, sign):
+        """The powers ``f^nu`` as chained two-factor kernel products (class doc)."""
+        N, C = A.shape[1], self.mul
+        L = self.lmax_in
+        lmax_out = max(self.lmax_out_type.values())
+        out = 0.0
+        for v in range(self.correlation):
+            a = A * w_in[v]  # ((L+1)^2, N, C)
+            if self.has_odd:
+                a = torch.cat([a, a * sign], -1)  # the two sign patterns as extra channels
+            a = a.permute(0, 2, 1)  # ((L+1)^2, C', N): channels before the batch
+            f = a
+            for k in range(2, v + 2):
+                lk = lmax_out if k == v + 1 else k * L
+                f = grid_product_triton(self._chain_grid(k), f, a, lk)
+            if v == 0:  # f^1: truncation to the output degrees (exact)
+                f = f[: (lmax_out + 1) ** 2] if f.shape[0] >= (lmax_out + 1) ** 2 else torch.cat(
+                    [f, f.new_zeros((lmax_out + 1) ** 2 - f.shape[0], *f.shape[1:])], 0)
+            f = f.permute(0, 2, 1)  # ((lmax_out+1)^2, N, C')
+            if self.has_odd:
+                f0, f1 = f[..., :C], f[..., C:]
+                parts = {0: 0.5 * (f0 + f1), 1: 0.5 * (f0 - f1)}
+            else:
+                parts = {0: f}
+            proj = torch.cat([parts[t][: (self.lmax_out_type[t] + 1) ** 2] for t in self.out_types], 0)
             proj = proj.permute(1, 2, 0).reshape(N, -1)  # (N, C * R)
             out = out + proj[:, self._out_idx] * w_out[v][:, self._wout_idx]
         return out

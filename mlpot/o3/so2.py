@@ -52,7 +52,8 @@ import torch
 from e3nn import o3
 
 from mlpot.errors import ConfigError, DataError
-from mlpot.o3.wigner import edge_rotation, wigner_D_list
+from mlpot.o3.message_passing import EdgeGeometry, MessageTensorProduct
+from mlpot.o3.wigner import block_diagonal, edge_rotation, wigner_D_list
 
 __all__ = [
     "SO2Convolution",
@@ -165,7 +166,7 @@ def _check_inputs(plan: SO2Plan, x, vectors, weights, rotation):
 
 
 def so2_conv(plan: SO2Plan, x: torch.Tensor, vectors: torch.Tensor | None, weights: torch.Tensor,
-             rotation: torch.Tensor | None = None) -> torch.Tensor:
+             rotation: torch.Tensor | None = None, wigner: list | None = None) -> torch.Tensor:
     """Functional SO(2) convolution.
 
     Args:
@@ -174,18 +175,25 @@ def so2_conv(plan: SO2Plan, x: torch.Tensor, vectors: torch.Tensor | None, weigh
         vectors: ``(E, 3)`` edge vectors (used for the frame unless ``rotation`` is given).
         weights: ``(E, weight_numel)`` per-edge or ``(weight_numel,)`` shared weights.
         rotation: optional ``(E, 3, 3)`` frames with ``R v = |v| y`` (any roll about the edge).
+        wigner: optional ``[D^l(R_e)]`` for ``l = 0..L >= plan.lmax`` (the shared edge geometry);
+            then neither ``vectors`` nor ``rotation`` is read.
 
     Returns:
         ``(E, irreps_out.dim)`` in ``mul_ir`` layout.
     """
     _check_inputs(plan, x, vectors, weights, rotation)
     E = x.shape[0]
-    if rotation is None:
-        if vectors is None:
-            raise DataError("SO(2) convolution: give edge vectors or a rotation")
-        rotation = edge_rotation(vectors.to(x.dtype))
-    rotation = rotation.to(x.dtype)
-    Ds = wigner_D_list(plan.lmax, rotation)
+    if wigner is not None:
+        if len(wigner) <= plan.lmax:
+            raise DataError(f"SO(2) convolution: Wigner blocks up to l={plan.lmax} needed, got l<={len(wigner) - 1}")
+        Ds = wigner
+    else:
+        if rotation is None:
+            if vectors is None:
+                raise DataError("SO(2) convolution: give edge vectors, a rotation or Wigner blocks")
+            rotation = edge_rotation(vectors.to(x.dtype))
+        rotation = rotation.to(x.dtype)
+        Ds = wigner_D_list(plan.lmax, rotation)
     if weights.ndim == 1:
         weights = weights.unsqueeze(0)
     # rotate inputs into the edge frame: (E, mul, 2l+1)
@@ -229,6 +237,14 @@ def so2_conv(plan: SO2Plan, x: torch.Tensor, vectors: torch.Tensor | None, weigh
     if not outs:
         return x.new_zeros(E, 0)
     return torch.cat(outs, -1)
+
+
+def _kernel_layout(plan: SO2Plan) -> str:
+    """``"uniform"`` when the SO(2) kernel can run ``plan`` (one multiplicity; input and output
+    irreps ``C x l`` for ``l = 0..L``, each degree once), else ``"general"``."""
+    def ok(irreps):
+        return [ir.l for _, ir in irreps] == list(range(len(irreps))) and len({m for m, _ in irreps}) == 1
+    return "uniform" if ok(plan.irreps_in) and ok(plan.irreps_out) else "general"
 
 
 # ----------------------------------------------------------------------------- layouts
@@ -335,7 +351,15 @@ def cg_message_reference(irreps_in, lmax_sh: int, irreps_out_target):
     return o3.Irreps(mid), instructions
 
 
-class SO2MessageTP(torch.nn.Module):
+def so2_message_passing(plan: SO2Plan, node_feats: torch.Tensor, wigner: list, weights: torch.Tensor,
+                        sender: torch.Tensor, receiver: torch.Tensor, num_nodes: int) -> torch.Tensor:
+    r""":math:`m_n = \sum_{e: r(e) = n} D_e^\top M_e D_e\, x_{s(e)}`: gather, :func:`so2_conv` with the
+    given Wigner blocks, scatter. The reference of the registry op ``so2_message_passing``."""
+    y = so2_conv(plan, node_feats.index_select(0, sender), None, weights, wigner=wigner)
+    return y.new_zeros(num_nodes, y.shape[1]).index_add(0, receiver, y)
+
+
+class SO2MessageTP(MessageTensorProduct):
     r"""SO(2) replacement for MACE's edge tensor product ``x_sender (x) Y(edge)``.
 
     Signature::
@@ -354,10 +378,18 @@ class SO2MessageTP(torch.nn.Module):
     ``mmax >= max l`` the output equals the CG product summed over ``l_f`` (all ``l_f`` up to
     ``l_i + l_o``, so when ``lmax_sh < l_i + l_o`` the SO(2) map is a superset of the CG one);
     :func:`so2_weights_from_cg` maps CG path weights of :func:`cg_message_reference` to ours.
+
+    As a :class:`~mlpot.o3.message_passing.MessageTensorProduct` it reads the edge frames' Wigner
+    blocks from the shared edge geometry (``frames_lmax``), not the spherical harmonics.
     """
 
-    def __init__(self, irreps_in, lmax_sh: int, irreps_out_target, mmax: int):
-        super().__init__()
+    op = "so2_message_passing"
+    needs_sh = False
+
+    def __init__(self, irreps_in, lmax_sh: int, irreps_out_target, mmax: int, backend: str = "reference"):
+        super().__init__(backend)
+        if not isinstance(mmax, int) or isinstance(mmax, bool) or mmax < 0:
+            raise ConfigError(f"SO(2) message: mmax must be a non-negative int, got {mmax!r}")
         self.irreps_in = o3.Irreps(irreps_in)
         self.lmax_sh, self.mmax = lmax_sh, mmax
         target = []
@@ -375,10 +407,38 @@ class SO2MessageTP(torch.nn.Module):
         self.irreps_out = o3.Irreps(out)
         self.plan = SO2Plan(self.irreps_in, self.irreps_out, mmax, mode="depthwise", lmax_f=lmax_sh, pairs=pairs)
         self.weight_numel = self.plan.weight_numel
+        self.frames_lmax = self.plan.lmax
+        self.check_backend(layout=_kernel_layout(self.plan))
+        self._table = None
 
     def forward(self, x_sender: torch.Tensor, edge_vectors: torch.Tensor, weights: torch.Tensor,
                 rotation: torch.Tensor | None = None) -> torch.Tensor:
         return so2_conv(self.plan, x_sender, edge_vectors, weights, rotation)
+
+    def edge_product(self, x_sender: torch.Tensor, geometry: EdgeGeometry, weights: torch.Tensor) -> torch.Tensor:
+        return so2_conv(self.plan, x_sender, None, weights, wigner=geometry.require("wigner", "SO2MessageTP"))
+
+    def message_passing(self, node_feats, edge_geometry, weights, sender, receiver, num_nodes: int):
+        """Reference: gather, :func:`so2_conv`, scatter; ``triton``: the fused SO(2) kernel."""
+        wigner = edge_geometry.require("wigner", "SO2MessageTP")
+        if sender.shape[0] == 0:
+            return node_feats.new_zeros(num_nodes, self.irreps_out.dim) + 0.0 * weights.sum()
+        if self.selected_backend(node_feats.device) == "triton":
+            return self._triton_message_passing(node_feats, wigner, weights, sender, receiver, num_nodes)
+        return so2_message_passing(self.plan, node_feats, wigner, weights, sender, receiver, num_nodes)
+
+    def _triton_message_passing(self, node_feats, wigner, weights, sender, receiver, num_nodes):
+        from mlpot.o3.backend import implementation, kernels_module
+        from mlpot.o3.tensor_product import channel_last_to_mul_ir, mul_ir_to_channel_last
+
+        mod = kernels_module("so2")
+        if self._table is None:
+            self._table = mod.SO2Table(self.plan)
+        edge_plan = kernels_module("channelwise_tp").EdgePlan.build(sender, receiver, num_nodes)
+        x = mul_ir_to_channel_last(node_feats, self.irreps_in)
+        blocks = block_diagonal(wigner[: self.plan.lmax + 1])
+        y = implementation("so2_message_passing", "triton")(x, weights, blocks, edge_plan, self._table)
+        return channel_last_to_mul_ir(y, self.irreps_out)
 
     def extra_repr(self) -> str:
         return f"{self.irreps_in} x Y(lmax={self.lmax_sh}) -> {self.irreps_out}, mmax={self.mmax}"

@@ -55,6 +55,7 @@ from e3nn import o3
 from torch import nn
 
 from mlpot.o3.tensor_product import grad_node, needed
+from mlpot.o3.product_basis import ProductBasis
 
 __all__ = ["Contraction", "SymmetricContraction", "coupling_basis", "coupling_paths"]
 
@@ -228,7 +229,7 @@ class Contraction(nn.Module):
         return getattr(self, f"weights_{nu}")
 
 
-class SymmetricContraction(nn.Module):
+class SymmetricContraction(ProductBasis):
     r"""Product basis :math:`A \mapsto B` (module doc), mace-torch's call convention.
 
     Args:
@@ -244,15 +245,16 @@ class SymmetricContraction(nn.Module):
 
     #: nodes per chunk (bounds the size of the monomial tensors, which are recomputed in the backward)
     chunk_size: int = 8
+    op = "symmetric_contraction"
 
     def __init__(self, irreps_in, irreps_out, correlation: int, num_elements: int,
                  basis_sizes=None, backend: str = "reference"):
-        super().__init__()
+        super().__init__(backend)
         self.irreps_in = o3.Irreps(irreps_in)
         self.irreps_out = o3.Irreps(irreps_out)
         self.correlation = int(correlation)
         self.num_elements = int(num_elements)
-        self.backend = str(backend)
+        self.check_backend()
         if not 1 <= self.correlation <= 4:
             raise ValueError(f"correlation must be 1..4, got {correlation}")
         muls = {mul for mul, _ in self.irreps_in} | {mul for mul, _ in self.irreps_out}
@@ -383,9 +385,10 @@ class SymmetricContraction(nn.Module):
 
     def _triton_forward(self, node_feats: torch.Tensor, node_attrs: torch.Tensor) -> torch.Tensor:
         """The fused kernel of :mod:`mlpot.kernels.symmetric_contraction` (same U, same weights)."""
-        from mlpot.o3.backend import kernels_module
+        from mlpot.o3.backend import implementation, kernels_module
 
         mod = kernels_module("symmetric_contraction")
+        contract = implementation("symmetric_contraction", "triton")
         N, C, _ = node_feats.shape
         A = node_feats.transpose(1, 2).contiguous()  # (N, D, C)
         elem = node_attrs.argmax(dim=-1)
@@ -401,7 +404,7 @@ class SymmetricContraction(nn.Module):
         res = []
         for c, table in zip(self.contractions, cache[1]):
             Ws = [c.W(nu) for nu in range(1, self.correlation + 1)]
-            out = mod.symmetric_contraction(A, elem, Ws, table)  # (N, d, C)
+            out = contract(A, elem, Ws, table)  # (N, d, C)
             res.append(out.transpose(1, 2).reshape(N, C * c.ir_out.dim))
         return torch.cat(res, dim=-1)
 
@@ -410,11 +413,13 @@ class SymmetricContraction(nn.Module):
         N, C, D = node_feats.shape
         if D != self.D or C != self.num_channels:
             raise ValueError(f"node_feats must be (N, {self.num_channels}, {self.D}), got {tuple(node_feats.shape)}")
-        if self.backend != "reference":
-            from mlpot.o3.tensor_product import _resolve_backend
+        if self.backend != "reference" and self.selected_backend(node_feats.device) == "triton":
+            return self._triton_forward(node_feats, node_attrs)
+        return self.reference_forward(node_feats, node_attrs)
 
-            if _resolve_backend(self.backend, node_feats.device) == "triton":
-                return self._triton_forward(node_feats, node_attrs)
+    def reference_forward(self, node_feats: torch.Tensor, node_attrs: torch.Tensor) -> torch.Tensor:
+        """The torch reference (registry op ``symmetric_contraction``, backend ``reference``)."""
+        N, C, D = node_feats.shape
         T = self._folded_weights(node_feats.dtype, node_feats.device)  # (S, C, K, R)
         S = self.num_elements
         K = sum(c.ir_out.dim for c in self.contractions)

@@ -47,7 +47,8 @@ import math
 
 import torch
 from e3nn import o3
-from torch import nn
+
+from mlpot.o3.message_passing import EdgeGeometry, MessageTensorProduct
 
 __all__ = [
     "ChannelwiseTensorProduct",
@@ -106,18 +107,6 @@ def channel_last_to_mul_ir(x: torch.Tensor, irreps) -> torch.Tensor:
         blocks.append(x[..., off : off + ir.dim, :].transpose(-1, -2).reshape(*lead, mul * ir.dim))
         off += ir.dim
     return torch.cat(blocks, dim=-1)
-
-
-def _resolve_backend(backend: str, device) -> str:
-    try:
-        from mlpot.o3.backend import resolve_backend
-    except ImportError:  # the dispatch module is optional for this file
-        if backend not in ("reference", "auto"):
-            from mlpot.errors import ConfigError
-
-            raise ConfigError(f"backend {backend!r} is not available in this build; use 'reference'") from None
-        return "reference"
-    return resolve_backend(backend, device)
 
 
 class _PathPlan:
@@ -305,15 +294,17 @@ def _mp_backward(plan, g, x, Y, w, C, sender, receiver, chunk, need_x, need_Y, n
     return gx, gY, gw
 
 
-class ChannelwiseTensorProduct(nn.Module):
+class ChannelwiseTensorProduct(MessageTensorProduct):
     r"""e3nn's uvu ``TensorProduct`` for messages, with external per-edge weights (see module doc).
 
     Args:
         irreps_in1: node (sender) features, e.g. ``"128x0e+128x1o"``.
         irreps_in2: edge attributes, usually ``o3.Irreps.spherical_harmonics(lmax)``.
         irreps_out_target: irreps the products are filtered to (paths into other irreps are dropped).
-        backend: ``"reference" | "triton" | "auto"`` for :meth:`message_passing`
-            (:func:`mlpot.o3.backend.resolve_backend`); :meth:`forward` is always the reference.
+        backend: ``"reference" | "triton" | "auto"`` for :meth:`message_passing` (registry op
+            ``channelwise_tp``; the kernel needs one multiplicity for ``irreps_in1`` and
+            multiplicity 1 for ``irreps_in2``, else ``triton`` is a ConfigError);
+            :meth:`forward` is always the reference.
 
     Attributes: ``irreps_out`` (sorted, not simplified, one block per path), ``instructions``
     (``(i_in1, i_in2, i_out)``), ``weight_numel``, ``path_weights`` (:math:`\alpha_p`).
@@ -323,15 +314,16 @@ class ChannelwiseTensorProduct(nn.Module):
 
     #: edges per chunk in :meth:`message_passing` (bounded memory, cache-sized intermediates)
     chunk_size: int = 256
+    op = "channelwise_tp"
 
     def __init__(self, irreps_in1, irreps_in2, irreps_out_target, backend: str = "reference"):
-        super().__init__()
+        super().__init__(backend)
         self.irreps_in1 = o3.Irreps(irreps_in1)
         self.irreps_in2 = o3.Irreps(irreps_in2)
         self.irreps_out, self.instructions = channelwise_instructions(
             self.irreps_in1, self.irreps_in2, irreps_out_target
         )
-        self.backend = str(backend)
+        self.irreps_in = self.irreps_in1
         fan = {}
         for i1, i2, io in self.instructions:
             fan[io] = fan.get(io, 0) + self.irreps_in2[i2].mul
@@ -354,6 +346,7 @@ class ChannelwiseTensorProduct(nn.Module):
                 l1, l2, l3 = self.irreps_in1[i1].ir.l, self.irreps_in2[i2].ir.l, self.irreps_out[io].ir.l
                 self.register_buffer(f"w3j_{p}", o3.wigner_3j(l1, l2, l3, dtype=dtype), persistent=False)
         self._fused = None
+        self.check_backend(layout="uniform" if self.fast else "general")
 
     def extra_repr(self) -> str:
         return (
@@ -393,34 +386,30 @@ class ChannelwiseTensorProduct(nn.Module):
             return x.new_zeros(E, 0)
         return torch.cat(outs, dim=-1)
 
-    def resolved_backend(self, device) -> str:
-        """``"reference"`` or ``"triton"``: what :meth:`message_passing` runs on ``device``."""
-        if not self.fast:
-            return "reference"
-        return _resolve_backend(self.backend, device)
+    def edge_product(self, x_sender: torch.Tensor, geometry: EdgeGeometry, weights: torch.Tensor) -> torch.Tensor:
+        return self.forward(x_sender, geometry.require("sh", "ChannelwiseTensorProduct"), weights)
 
     # ---- gather + product + scatter --------------------------------------------------------------
     def message_passing(
         self,
         node_feats: torch.Tensor,
-        edge_attrs: torch.Tensor,
+        edge_geometry: EdgeGeometry,
         weights: torch.Tensor,
         sender: torch.Tensor,
         receiver: torch.Tensor,
-        num_nodes: int | None = None,
+        num_nodes: int,
     ) -> torch.Tensor:
-        """``sum_{e: receiver(e) = n} TP(node_feats[sender(e)], edge_attrs[e], weights[e])``.
+        """``sum_{e: receiver(e) = n} TP(node_feats[sender(e)], Y_e, weights[e])``.
 
-        ``node_feats`` (N, irreps_in1.dim) -> (num_nodes, irreps_out.dim), e3nn layout.
+        ``node_feats`` (N, irreps_in1.dim) -> (num_nodes, irreps_out.dim), e3nn layout; ``Y_e``
+        is ``edge_geometry.sh``. Fast paths: the Triton kernel, or the chunked channel-last
+        reference (:meth:`message_passing_channel_last`).
         """
-        if num_nodes is None:
-            num_nodes = node_feats.shape[0]
-        backend = _resolve_backend(self.backend, node_feats.device)
-        if backend == "triton" and self.fast:
-            return self._triton_message_passing(node_feats, edge_attrs, weights, sender, receiver, num_nodes)
         if not self.fast:
-            msg = self.forward(node_feats.index_select(0, sender), edge_attrs, weights)
-            return msg.new_zeros(num_nodes, msg.shape[1]).index_add(0, receiver, msg)
+            return super().message_passing(node_feats, edge_geometry, weights, sender, receiver, num_nodes)
+        edge_attrs = edge_geometry.require("sh", "ChannelwiseTensorProduct")
+        if self.selected_backend(node_feats.device) == "triton":
+            return self._triton_message_passing(node_feats, edge_attrs, weights, sender, receiver, num_nodes)
         out = self.message_passing_channel_last(
             mul_ir_to_channel_last(node_feats, self.irreps_in1), edge_attrs, weights, sender, receiver, num_nodes
         )
@@ -450,9 +439,8 @@ class ChannelwiseTensorProduct(nn.Module):
 
     def _triton_message_passing(self, node_feats, edge_attrs, weights, sender, receiver, num_nodes):
         if self._fused is None:
-            from mlpot.o3.backend import kernels_module
+            from mlpot.o3.backend import implementation
 
-            mod = kernels_module("channelwise_tp")
-            self._fused = mod.FusedChannelwiseTP(self.irreps_in1, self.irreps_in2, self.irreps_out, self.instructions)
+            self._fused = implementation("channelwise_tp", "triton")(self.irreps_in1, self.irreps_in2, self.irreps_out, self.instructions)
         return self._fused(node_feats, edge_attrs, weights, sender, receiver, num_nodes)
 

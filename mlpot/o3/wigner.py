@@ -163,7 +163,12 @@ def wigner_D_blocks(lmax: int, R: torch.Tensor) -> torch.Tensor:
 
     Satisfies ``spherical_harmonics(lmax, R v) == D @ spherical_harmonics(lmax, v)``.
     """
-    Ds = wigner_D_list(lmax, R)
+    return block_diagonal(wigner_D_list(lmax, R))
+
+
+def block_diagonal(Ds: list[torch.Tensor]) -> torch.Tensor:
+    """``[D^0, ..., D^L]`` (each ``(..., 2l+1, 2l+1)``) -> ``(..., (L+1)**2, (L+1)**2)`` block diagonal."""
+    lmax = len(Ds) - 1
     dim = (lmax + 1) ** 2
     blocks = []
     for l, D in enumerate(Ds):

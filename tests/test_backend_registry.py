@@ -1,0 +1,96 @@
+"""The (op, backend) registry: the README's table, build-time errors, auto's pick, no silent fallback."""
+import logging
+import re
+from pathlib import Path
+
+import pytest
+
+from mlpot.errors import ConfigError
+from mlpot.models import build_model
+from mlpot.o3 import backend as B
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _readme_table():
+    text = README.read_text()
+    body = text.split("<!-- backend-table -->", 1)[1].split("<!-- /backend-table -->", 1)[0]
+    rows = {}
+    for line in body.strip().splitlines()[2:]:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        op = cells[0].strip("`")
+        rows[op] = tuple(b for b, cell in zip(("reference", "triton"), cells[3:5]) if cell.startswith("yes"))
+    return rows
+
+
+def test_readme_backend_table_matches_registry():
+    assert _readme_table() == dict(B.backend_table())
+
+
+def test_every_registered_implementation_imports():
+    for (op, backend), impl in B.REGISTRY.items():
+        assert callable(impl.load()), f"{op}/{backend}: {impl.target} is not callable"
+
+
+def test_unsupported_pair_is_a_config_error_naming_op_and_backend(monkeypatch):
+    monkeypatch.delitem(B.REGISTRY, ("symmetric_contraction", "triton"))
+    with pytest.raises(ConfigError, match=r"op 'symmetric_contraction' has no 'triton' backend"):
+        build_model("MACE", hidden_irreps="2x0e", max_ell=1, correlation=2, num_interactions=1, r_max=3.0,
+                    atomic_numbers=[1], radial_MLP=[4], backend="triton")
+
+
+def test_unsupported_option_is_a_config_error(monkeypatch):
+    monkeypatch.setitem(B.REGISTRY, ("gaunt_product", "triton"),
+                        B.OpImplementation("gaunt_product", "triton", "mlpot.kernels.gaunt:gaunt_product",
+                                           {"method": ("grid",)}))
+    with pytest.raises(ConfigError, match=r"'gaunt_product' on backend 'triton' does not support method='fourier'"):
+        build_model("MACE", hidden_irreps="2x0e", max_ell=1, correlation=2, num_interactions=1, r_max=3.0,
+                    atomic_numbers=[1], radial_MLP=[4], interaction_tp="gaunt", gaunt_method="fourier",
+                    backend="triton")
+
+
+def test_so2_kernel_layout_limit_is_a_config_error():
+    """MACE's SO(2) messages repeat output degrees, which the SO(2) kernel cannot hold."""
+    with pytest.raises(ConfigError, match=r"'so2_message_passing' on backend 'triton' does not support layout"):
+        build_model("MACE", hidden_irreps="2x0e + 2x1o", max_ell=1, correlation=2, num_interactions=2,
+                    r_max=3.0, atomic_numbers=[1], radial_MLP=[4], interaction_tp="so2", backend="triton")
+
+
+def test_auto_picks_reference_on_cpu_and_logs_once(caplog):
+    B._AUTO_LOGGED.clear()
+    with caplog.at_level(logging.INFO, logger="mlpot.o3.backend"):
+        assert B.select_backend("channelwise_tp", "auto", "cpu") == "reference"
+        assert B.select_backend("channelwise_tp", "auto", "cpu") == "reference"
+    picks = [r.getMessage() for r in caplog.records if "channelwise_tp" in r.getMessage()]
+    assert picks == ["backend auto: op channelwise_tp runs on reference (device cpu)"]
+
+
+def test_model_options_validated():
+    common = dict(hidden_irreps="2x0e", max_ell=1, correlation=2, num_interactions=1, r_max=3.0,
+                  atomic_numbers=[1], radial_MLP=[4])
+    with pytest.raises(ConfigError, match="gaunt_method"):
+        build_model("MACE", gaunt_method="fourier", **common)
+    with pytest.raises(ConfigError, match="mmax"):
+        build_model("MACE", mmax=1, **common)
+    with pytest.raises(ConfigError, match="mmax"):
+        build_model("MACE", mmax=-1, interaction_tp="so2", **common)
+    m = build_model("MACE", interaction_tp="so2", mmax=0, **common)
+    assert m.interactions[0].conv_tp.mmax == 0
+    g = build_model("MACE", interaction_tp="gaunt", product="gaunt", gaunt_method="fourier", **common)
+    assert g.interactions[0].conv_tp.method == "fourier"
+    assert g.products[0].symmetric_contractions.method == "fourier"
+
+
+def test_o3_does_not_import_nn():
+    import subprocess
+    import sys
+
+    code = "import sys, mlpot.o3; print(sorted(m for m in sys.modules if m.startswith(('mlpot.nn', 'mlpot.models'))))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_no_silent_backend_dropping_left():
+    """The old factory dropped ``backend=`` for constructors without it; none may remain."""
+    src = (Path(__file__).resolve().parents[1] / "mlpot" / "nn" / "variants.py").read_text()
+    assert not re.search(r"_call_with_supported|inspect\.signature", src)
