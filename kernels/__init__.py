@@ -2,7 +2,7 @@
 
 Modules: ``spherical_harmonics`` (SH + Bessel x cutoff), ``channelwise_tp`` (fused MACE message
 passing), ``symmetric_contraction``, ``gaunt`` (S2-grid product), ``so2`` (fused SO(2) message
-passing), ``layout`` (mul_ir <-> channel-last). Kernels are jitted at their first launch; they run
+passing); the layout conversions at their boundaries are :mod:`mlpot.o3.layout`'s. Kernels are jitted at their first launch; they run
 on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``. Choose them through
-:func:`mlpot.o3.backend.resolve_backend`.
+:mod:`mlpot.o3.backend` (the registry of ``(op, backend)`` implementations).
 """

@@ -23,7 +23,7 @@ gradient w.r.t. ``x`` is ``dF/dA`` with ``B := grad_out``, w.r.t. ``w`` is ``dF/
 w.r.t. ``Y`` is ``dF/dY``. Derivatives of these are again derivatives of ``F``, so backward and
 double backward reuse the same three kernels (``_TrilinearOp`` is its own backward).
 
-Layout (internal, converted at the boundary by :mod:`mlpot.kernels.layout`): node tensors are
+Layout (internal, converted at the boundary by :mod:`mlpot.o3.layout`): node tensors are
 channel-last ``(N, D, C)``; ``Y`` is ``(E, D_sh)``; ``w`` is ``(E, P, C)``, which is exactly e3nn's
 flat ``uvu`` weight order ``(E, P*C)`` reshaped. Edges need not be sorted: a CSR over receivers
 (and one over senders for the gradient w.r.t. ``x``) is built once per graph in
@@ -37,7 +37,7 @@ import torch
 from e3nn import o3
 
 from ._runtime import LazyKernel, check_device, tl
-from .layout import channel_last_to_mul_ir, mul_ir_to_channel_last, uniform_mul
+from mlpot.o3.layout import channel_last_to_mul_ir, mul_ir_to_channel_last, uniform_mul
 
 _CFG_C = [({"BLOCK_C": bc}, w, 2) for bc, w in ((32, 1), (64, 2), (128, 4), (32, 2), (64, 4))]
 
@@ -333,7 +333,7 @@ class FusedChannelwiseTP:
     def __call__(self, node_feats, edge_attrs, weights, sender, receiver, num_nodes=None, plan=None):
         if plan is None:
             plan = EdgePlan.build(sender, receiver, node_feats.shape[0] if num_nodes is None else num_nodes)
-        x = mul_ir_to_channel_last(node_feats, self.irreps_in)
+        x = mul_ir_to_channel_last(node_feats, self.irreps_in).contiguous()
         w = weights.reshape(weights.shape[0], self.table.P, self.C)
         out = channelwise_message_passing(x, edge_attrs, w, plan, self.table)
         return channel_last_to_mul_ir(out, self.irreps_out)

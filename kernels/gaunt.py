@@ -10,7 +10,7 @@ Math. Features ``x1`` (N, C, D1) and ``x2`` (N, C, D2), ``D = (lmax+1)^2`` in e3
 i.e. ``out_k = sum_{ij} G_{ijk} x1_i x2_j`` with ``G_{ijk} = (1/4pi) int Y_i Y_j Y_k`` (the real
 Gaunt coefficients in component normalization) whenever the grid integrates degree
 ``l1 + l2 + l_out`` exactly. The kernel takes the three matrices as inputs, so any grid and
-normalization (e.g. the one of :func:`mlpot.o3.gaunt_product`) can be used.
+normalization can be used; the default is :mod:`mlpot.o3`'s S2 grid (:func:`grid_matrices`).
 
 One program = one node and a block of channels; it loops over grid chunks of ``BLOCK_G`` points
 with three ``tl.dot`` (tensor cores on GPU), so the grid values never go to global memory.
@@ -22,9 +22,7 @@ backward and double backward are kernels too.
 import functools
 import math
 
-import numpy as np
 import torch
-from e3nn import o3
 
 from ._runtime import LazyKernel, check_device, next_pow2, tl
 
@@ -95,28 +93,19 @@ class _GridProduct(torch.autograd.Function):
 
 
 @functools.cache
-def _grid_matrices_f64(lmax1: int, lmax2: int, lmax_out: int):
-    """Gauss-Legendre (in cos theta) x uniform (phi) grid, exact for degree l1 + l2 + l_out."""
-    deg = lmax1 + lmax2 + lmax_out
-    n_theta = deg // 2 + 1
-    n_phi = deg + 1
-    ct, wt = np.polynomial.legendre.leggauss(n_theta)
-    phi = 2 * np.pi * np.arange(n_phi) / n_phi
-    st = np.sqrt(1 - ct ** 2)
-    # e3nn's polar axis is y: s = (sin t sin p, cos t, sin t cos p)
-    pts = np.stack([np.outer(st, np.sin(phi)), np.outer(ct, np.ones_like(phi)), np.outer(st, np.cos(phi))], -1)
-    pts = torch.tensor(pts.reshape(-1, 3), dtype=torch.float64)
-    w = torch.tensor(np.outer(wt, np.full(n_phi, 2 * np.pi / n_phi)).reshape(-1), dtype=torch.float64)
-    Y = lambda L: o3.spherical_harmonics(list(range(L + 1)), pts, False, normalization="component")
-    B1 = Y(lmax1).t().contiguous()
-    B2 = Y(lmax2).t().contiguous()
-    P = (w[:, None] * Y(lmax_out) / (4 * math.pi)).contiguous()
-    return B1, B2, P
+def _grid(lmax1: int, lmax2: int, lmax_out: int):
+    from mlpot.o3.gaunt import product_grid
+
+    return product_grid("grid", [lmax1, lmax2], lmax_out)
 
 
 def grid_matrices(lmax1: int, lmax2: int, lmax_out: int, device=None, dtype=torch.float64):
-    """Default ``(B1 (D1, G), B2 (D2, G), P (G, D_out))`` for :func:`gaunt_product`."""
-    return tuple(m.to(device=device, dtype=dtype) for m in _grid_matrices_f64(lmax1, lmax2, lmax_out))
+    """Default ``(B1 (D1, G), B2 (D2, G), P (G, D_out))`` for :func:`gaunt_product`: the dense
+    transforms of :mod:`mlpot.o3`'s S2 grid exact for degree ``l1 + l2 + l_out``
+    (:func:`mlpot.o3.gaunt.grid_matrices`)."""
+    from mlpot.o3.gaunt import grid_matrices as o3_grid_matrices
+
+    return o3_grid_matrices(_grid(lmax1, lmax2, lmax_out), lmax1, lmax2, lmax_out, dtype, device)
 
 
 def gaunt_product(x1: torch.Tensor, x2: torch.Tensor, lmax_out: int, matrices=None) -> torch.Tensor:
@@ -133,11 +122,12 @@ def gaunt_product(x1: torch.Tensor, x2: torch.Tensor, lmax_out: int, matrices=No
 
 
 def reference_gaunt_product(x1, x2, lmax_out, matrices=None):
-    """Torch reference of the same three-matrix product (differentiable)."""
-    l1 = math.isqrt(x1.shape[-1]) - 1
-    l2 = math.isqrt(x2.shape[-1]) - 1
+    """The kernel's reference: :func:`mlpot.o3.gaunt.gaunt_product` (method ``grid``), or, for
+    given matrices, the same three-matrix product in torch (differentiable)."""
     if matrices is None:
-        matrices = grid_matrices(l1, l2, lmax_out, x1.device, x1.dtype)
+        from mlpot.o3.gaunt import gaunt_product as o3_gaunt_product
+
+        return o3_gaunt_product(x1, x2, lmax_out, method="grid")
     MX, MZ, MO = (m.to(device=x1.device, dtype=x1.dtype) for m in matrices)
     return ((x1 @ MX) * (x2 @ MZ)) @ MO
 

@@ -13,9 +13,11 @@ matrix ``D_e = diag(D^0(R_e), ..., D^L(R_e))`` (``R_e`` rotates the edge onto ``
 ``y[l_o,+m] -= W x[l_i,-m]``, ``y[l_o,-m] += W x[l_i,+m]``. These are table entries
 ``(r_out, r_in, offset, sign)``.
 
-Layout: node features channel-last ``(N, (L+1)^2, C)`` (mlpot's "sph channels" layout,
-``mul_ir_to_sph_channels`` at the boundary); Wigner blocks ``(E, DW, DW)`` with
-``DW >= (L+1)^2`` (``mlpot.o3.wigner.wigner_D_blocks``); weights ``(E, numel)`` or ``(numel,)``.
+Layout: node features channel-last ``(N, D, C)``, the irreps blocks in order with ``2l+1`` rows
+each (``mlpot.o3.layout.mul_ir_to_channel_last`` at the boundary; a degree may occur in
+several blocks); Wigner blocks ``(E, DW, DW)`` with ``DW >= (L+1)^2``
+(``mlpot.o3.wigner.wigner_D_blocks``), addressed per row through the table's row maps; weights
+``(E, numel)`` or ``(numel,)``.
 
 Kernel: one program per receiver and output-channel block, edges from a CSR over receivers (no
 atomics, no per-edge intermediate in global memory). Per edge: load ``x[src]`` as a tile, build
@@ -35,6 +37,7 @@ from .channelwise_tp import EdgePlan
 
 def _so2_kernel(out_ptr, x_ptr, w_ptr, wig_ptr, seg_ptr, perm_ptr, other_ptr,
                 row_ptr, col_r_ptr, col_off_ptr, col_sign_ptr,
+                in_std_ptr, in_blk_ptr, out_std_ptr, out_blk_ptr,
                 CI, CO, DI, DO, DW, stride_we,
                 TRANS_W: tl.constexpr, DEPTHWISE: tl.constexpr, BLOCK_CO: tl.constexpr,
                 CIP: tl.constexpr, DIP: tl.constexpr, DOP: tl.constexpr):
@@ -48,6 +51,10 @@ def _so2_kernel(out_ptr, x_ptr, w_ptr, wig_ptr, seg_ptr, perm_ptr, other_ptr,
     ro = tl.arange(0, DOP)
     rom = ro < DO
     acc = tl.zeros([DOP, BLOCK_CO], dtype=out_ptr.dtype.element_ty)
+    istd = tl.load(in_std_ptr + ri, mask=rim, other=0)
+    iblk = tl.load(in_blk_ptr + ri, mask=rim, other=-1)
+    ostd = tl.load(out_std_ptr + ro, mask=rom, other=0)
+    oblk = tl.load(out_blk_ptr + ro, mask=rom, other=-1)
     q0 = tl.load(seg_ptr + n)
     q1 = tl.load(seg_ptr + n + 1)
     for q in range(q0, q1):
@@ -68,7 +75,9 @@ def _so2_kernel(out_ptr, x_ptr, w_ptr, wig_ptr, seg_ptr, perm_ptr, other_ptr,
                 rin = tl.load(col_r_ptr + t)
                 off = tl.load(col_off_ptr + t)
                 sg = tl.load(col_sign_ptr + t)
-                drow = tl.load(wig_ptr + (e * DW + rin) * DW + ri, mask=rim, other=0.0)
+                s_in = tl.load(in_std_ptr + rin)
+                b_in = tl.load(in_blk_ptr + rin)
+                drow = tl.load(wig_ptr + (e * DW + s_in) * DW + istd, mask=rim & (iblk == b_in), other=0.0)
                 xl = tl.sum(drow[:, None] * X, axis=0)
                 if DEPTHWISE:
                     wv = tl.load(wbase + off + co, mask=com, other=0.0)
@@ -81,7 +90,9 @@ def _so2_kernel(out_ptr, x_ptr, w_ptr, wig_ptr, seg_ptr, perm_ptr, other_ptr,
                         wt = tl.load(wbase + off + co[:, None] * CI + ci[None, :],
                                      mask=com[:, None] & cim[None, :], other=0.0)
                     yl += sg * tl.sum(wt * xl[None, :], axis=1)
-            dcol = tl.load(wig_ptr + (e * DW + r) * DW + ro, mask=rom, other=0.0)
+            s_out = tl.load(out_std_ptr + r)
+            b_out = tl.load(out_blk_ptr + r)
+            dcol = tl.load(wig_ptr + (e * DW + s_out) * DW + ostd, mask=rom & (oblk == b_out), other=0.0)
             acc += dcol[:, None] * yl[None, :]
     tl.store(out_ptr + (n * DO + ro[:, None]) * CO + co[None, :], acc, mask=rom[:, None] & com[None, :])
 
@@ -90,33 +101,53 @@ _CFG = [({"BLOCK_CO": bc}, w, 2) for bc, w in ((32, 2), (64, 4), (16, 2), (128, 
 _KERNEL = LazyKernel(_so2_kernel, _CFG, key=["CI", "CO", "DI", "DO"])
 
 
-def _row(l: int, m: int) -> int:
-    return l * l + l + m
+def _rows(irreps):
+    """Per row of the channel-last layout (irreps blocks in order, ``2l+1`` rows each): the row of
+    ``(block, m)``, its e3nn component index ``l^2 + l + m`` in the Wigner blocks, its block."""
+    rows, std, blk, off = {}, [], [], 0
+    for b, (_, ir) in enumerate(irreps):
+        for m in range(-ir.l, ir.l + 1):
+            rows[(b, m)] = off + ir.l + m
+            std.append(ir.l * ir.l + ir.l + m)
+            blk.append(b)
+        off += ir.dim
+    return rows, torch.tensor(std, dtype=torch.int64), torch.tensor(blk, dtype=torch.int64)
 
 
 class SO2Table:
-    """Entries ``(r_out, r_in, offset, sign)`` of an SO2Plan whose irreps are ``C x l, l = 0..L``."""
+    """Entries ``(r_out, r_in, offset, sign)`` of an :class:`mlpot.o3.so2.SO2Plan` with one multiplicity.
+
+    Rows are those of the channel-last layout of the plan's irreps
+    (:func:`mlpot.o3.layout.mul_ir_to_channel_last`: blocks in irreps order, ``2l+1`` rows
+    each); a degree may appear in several blocks. ``in_std``/``out_std`` give each row's index in
+    the block-diagonal Wigner matrix ``diag(D^0, ..., D^L)``, ``in_blk``/``out_blk`` its block
+    (the rotation only mixes rows of one block).
+    """
 
     def __init__(self, plan):
-        ls_in = [ir.l for _, ir in plan.irreps_in]
-        ls_out = [ir.l for _, ir in plan.irreps_out]
-        if ls_in != list(range(len(ls_in))) or ls_out != list(range(len(ls_out))):
-            raise ValueError("the SO(2) kernel needs irreps C x l for l = 0..L, each once")
-        self.CI = plan.irreps_in[0].mul
-        self.CO = plan.irreps_out[0].mul
-        self.DI = len(ls_in) ** 2
-        self.DO = len(ls_out) ** 2
+        muls_in = {mul for mul, _ in plan.irreps_in}
+        muls_out = {mul for mul, _ in plan.irreps_out}
+        if len(muls_in) != 1 or len(muls_out) != 1:
+            raise ValueError("the SO(2) kernel needs one multiplicity for the input and one for the output irreps")
+        self.plan = plan
+        self.CI = muls_in.pop()
+        self.CO = muls_out.pop()
+        self.DI = sum(ir.dim for _, ir in plan.irreps_in)
+        self.DO = sum(ir.dim for _, ir in plan.irreps_out)
+        self.lmax = plan.lmax
         self.depthwise = plan.mode == "depthwise"
         self.weight_numel = plan.weight_numel
+        rin, self.in_std, self.in_blk = _rows(plan.irreps_in)
+        rout, self.out_std, self.out_blk = _rows(plan.irreps_out)
         ent = []
         for p in plan.paths:
-            li, lo, m = ls_in[p.i_in], ls_out[p.i_out], p.m
+            i, o, m = p.i_in, p.i_out, p.m
             if m == 0:
-                ent.append((_row(lo, 0), _row(li, 0), p.offset, 1.0))
+                ent.append((rout[(o, 0)], rin[(i, 0)], p.offset, 1.0))
             elif p.kind == "even":
-                ent += [(_row(lo, m), _row(li, m), p.offset, 1.0), (_row(lo, -m), _row(li, -m), p.offset, 1.0)]
+                ent += [(rout[(o, m)], rin[(i, m)], p.offset, 1.0), (rout[(o, -m)], rin[(i, -m)], p.offset, 1.0)]
             else:
-                ent += [(_row(lo, m), _row(li, -m), p.offset, -1.0), (_row(lo, -m), _row(li, m), p.offset, 1.0)]
+                ent += [(rout[(o, m)], rin[(i, -m)], p.offset, -1.0), (rout[(o, -m)], rin[(i, m)], p.offset, 1.0)]
         self.entries = ent
         self._cache: dict = {}
 
@@ -132,7 +163,10 @@ class SO2Table:
             col_r = torch.tensor([e[1] for e in ent], dtype=torch.int64)[perm]
             col_off = torch.tensor([e[2] for e in ent], dtype=torch.int64)[perm]
             sign = torch.tensor([e[3] for e in ent], dtype=torch.float64)[perm]
-            self._cache[key] = (ptr.to(device), col_r.to(device), col_off.to(device), sign.to(device, dtype))
+            maps = (self.out_std, self.out_blk, self.in_std, self.in_blk) if transpose else (
+                self.in_std, self.in_blk, self.out_std, self.out_blk)
+            self._cache[key] = (ptr.to(device), col_r.to(device), col_off.to(device), sign.to(device, dtype),
+                                *(t.to(device) for t in maps))
         return self._cache[key]
 
 
@@ -148,34 +182,26 @@ def _launch(table: SO2Table, transpose: bool, X, W, wig, plan: EdgePlan):
     out = torch.empty(plan.num_nodes, DO, CO, device=X.device, dtype=X.dtype)
     if plan.num_nodes == 0 or CO == 0:
         return out.zero_()
-    ptr, col_r, col_off, sign = table.get(transpose, X.device, X.dtype)
+    ptr, col_r, col_off, sign, in_std, in_blk, out_std, out_blk = table.get(transpose, X.device, X.dtype)
     stride_we = W.shape[-1] if W.dim() == 2 and W.shape[0] > 1 else 0
     grid = lambda m: (plan.num_nodes, (CO + m["BLOCK_CO"] - 1) // m["BLOCK_CO"])
     _KERNEL[grid](out, X, W, wig, seg, perm, other, ptr, col_r, col_off, sign,
-                  CI, CO, DI, DO, wig.shape[-1], stride_we,
+                  in_std, in_blk, out_std, out_blk, CI, CO, DI, DO, wig.shape[-1], stride_we,
                   TRANS_W=transpose, DEPTHWISE=table.depthwise, CIP=next_pow2(CI),
                   DIP=next_pow2(DI), DOP=next_pow2(DO))
     return out
 
 
 def reference_so2_message_passing(x, weights, wig, src, dst, num_nodes, table: SO2Table):
-    """Differentiable torch reference: gather, ``D^T M D``, index_add (same layouts as the kernel)."""
-    E = src.shape[0]
-    W = weights if weights.dim() == 2 else weights.unsqueeze(0)
-    W = W.expand(E, -1) if W.shape[0] == 1 else W
-    xl = torch.einsum("erk,ekc->erc", wig[:, :table.DI, :table.DI], x[src])
-    rows = [[] for _ in range(table.DO)]
-    for ro, ri, off, sg in table.entries:
-        if table.depthwise:
-            term = W[:, off:off + table.CO] * xl[:, ri, :]
-        else:
-            blk = W[:, off:off + table.CO * table.CI].reshape(E, table.CO, table.CI)
-            term = torch.einsum("eoi,ei->eo", blk, xl[:, ri, :])
-        rows[ro].append(sg * term)
-    zero = x.new_zeros(E, table.CO)
-    yl = torch.stack([sum(r) if r else zero for r in rows], 1)
-    y = torch.einsum("ero,erc->eoc", wig[:, :table.DO, :table.DO], yl)
-    return x.new_zeros(num_nodes, table.DO, table.CO).index_add(0, dst, y)
+    """The kernel's reference, :func:`mlpot.o3.so2.so2_message_passing`, in the kernel's layouts:
+    ``x (N, DI, CI)`` channel-last, ``wig (E, DW, DW)`` block-diagonal Wigner matrices."""
+    from mlpot.o3.layout import channel_last_to_mul_ir, mul_ir_to_channel_last
+    from mlpot.o3.so2 import so2_message_passing
+
+    plan = table.plan
+    wigner = [wig[:, l * l:(l + 1) ** 2, l * l:(l + 1) ** 2] for l in range(plan.lmax + 1)]
+    y = so2_message_passing(plan, channel_last_to_mul_ir(x, plan.irreps_in), wigner, weights, src, dst, num_nodes)
+    return mul_ir_to_channel_last(y, plan.irreps_out)
 
 
 class _SO2MP(torch.autograd.Function):
@@ -211,7 +237,7 @@ def so2_message_passing(x: torch.Tensor, weights: torch.Tensor, wigner: torch.Te
         raise TypeError(f"dtype mismatch: x {x.dtype}, weights {weights.dtype}, wigner {wigner.dtype}")
     if x.shape[1:] != (table.DI, table.CI) or weights.shape[-1] != table.weight_numel:
         raise ValueError(f"shapes x {tuple(x.shape)}, weights {tuple(weights.shape)} do not match the plan")
-    if wigner.shape[-1] < max(table.DI, table.DO):
+    if wigner.shape[-1] < (table.lmax + 1) ** 2:
         raise ValueError(f"wigner blocks {tuple(wigner.shape)} too small for L")
     return _SO2MP.apply(x, weights, wigner, table, plan, False)
 

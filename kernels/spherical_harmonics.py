@@ -238,16 +238,10 @@ def _backward(vec, gY, gR, lmax, freqs, r_max, p):
 
 
 def reference_edge_embedding(vec, lmax, freqs=None, r_max=1.0, p=5):
-    """Differentiable torch reference of the same op (e3nn SH, MACE Bessel x polynomial cutoff)."""
-    Y = o3.spherical_harmonics(list(range(lmax + 1)), vec, normalize=True, normalization="component")
-    if freqs is None:
-        return Y, vec.new_zeros(vec.shape[0], 0)
-    r = vec.norm(dim=-1, keepdim=True)
-    x = r / r_max
-    f = (1.0 - (p + 1.0) * (p + 2.0) / 2.0 * x ** p + p * (p + 2.0) * x ** (p + 1)
-         - p * (p + 1.0) / 2.0 * x ** (p + 2)) * (x < 1.0)
-    R = math.sqrt(2.0 / r_max) * torch.sin(freqs * r) / r * f
-    return Y, R
+    """The kernel's reference: :func:`mlpot.nn.edge_geometry.reference_edge_embedding`."""
+    from mlpot.nn.edge_geometry import reference_edge_embedding as reference
+
+    return reference(vec, lmax, freqs, r_max, p)
 
 
 class _EdgeEmbedding(torch.autograd.Function):

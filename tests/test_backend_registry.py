@@ -50,10 +50,12 @@ def test_unsupported_option_is_a_config_error(monkeypatch):
 
 
 def test_so2_kernel_layout_limit_is_a_config_error():
-    """MACE's SO(2) messages repeat output degrees, which the SO(2) kernel cannot hold."""
+    """The SO(2) kernel needs one multiplicity per side; a plan with two is refused at build time."""
+    from mlpot.o3.so2 import SO2MessageTP
+
     with pytest.raises(ConfigError, match=r"'so2_message_passing' on backend 'triton' does not support layout"):
-        build_model("MACE", hidden_irreps="2x0e + 2x1o", max_ell=1, correlation=2, num_interactions=2,
-                    r_max=3.0, atomic_numbers=[1], radial_MLP=[4], interaction_tp="so2", backend="triton")
+        SO2MessageTP("2x0e + 3x1o", 1, "0e + 1o", mmax=1, backend="triton")
+    SO2MessageTP("2x0e + 2x1o", 1, "0e + 1o", mmax=1, backend="triton")
 
 
 def test_auto_picks_reference_on_cpu_and_logs_once(caplog):

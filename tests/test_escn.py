@@ -16,7 +16,8 @@ from e3nn import o3
 from mlpot.errors import ConfigError
 from mlpot.models.escn import ESCN, EdgeFrameRotation, SO2Linear, edge_frame_index
 from mlpot.nn.norm import EquivariantLayerNorm
-from mlpot.nn.s2_activation import S2Grid, SeparableS2Activation
+from mlpot.nn.s2_activation import SeparableS2Activation
+from mlpot.o3.s2grid import S2Grid
 from mlpot.o3.so2 import SO2Plan, mul_ir_to_sph_channels, so2_conv, sph_channels_to_mul_ir
 from mlpot.o3.wigner import edge_rotation, wigner_D_blocks
 from mlpot.testing.model_checks import random_orthogonal
@@ -73,8 +74,9 @@ def test_edge_frame_index_layout():
 
 def test_s2_grid_round_trip_exact():
     lmax = 4
-    grid = S2Grid(lmax, res_beta=lmax + 1, res_alpha=2 * lmax + 1)
-    eye = grid.from_grid @ grid.to_grid
+    grid = S2Grid(lmax, lmax + 1, 2 * lmax + 1, impl="matrix")  # the grid of the S2 activation
+    to_grid, from_grid = grid.dense_matrices()
+    eye = from_grid @ to_grid
     torch.testing.assert_close(eye, torch.eye((lmax + 1) ** 2, dtype=torch.float64), atol=1e-12, rtol=0)
 
 

@@ -135,8 +135,7 @@ def test_gaunt_and_channelwise_force_loss():
 MACE_VARIANTS = {
     "cg-symmetric": ({}, {"_sh_fwd_kernel", "_edge_kernel", "_sc_node_kernel"}),
     "gaunt-symmetric": ({"interaction_tp": "gaunt"}, {"_sh_fwd_kernel", "_grid_product_kernel", "_sc_node_kernel"}),
-    # one layer: its SO(2) plan (C x 0e -> C x 0e + C x 1o + C x 2e) fits the SO(2) kernel's layout
-    "so2-symmetric": ({"interaction_tp": "so2", "num_interactions": 1}, {"_so2_kernel", "_sc_node_kernel"}),
+    "so2-symmetric": ({"interaction_tp": "so2"}, {"_so2_kernel", "_sc_node_kernel"}),
     "cg-gaunt": ({"product": "gaunt"}, {"_sh_fwd_kernel", "_edge_kernel", "_grid_product_kernel"}),
 }
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 from e3nn import o3
 
+from mlpot.o3 import layout as LAYOUT  # the kernels convert at their boundaries with mlpot.o3.layout
 from mlpot.o3.backend import kernels_module
 
 CT = kernels_module("channelwise_tp")
-LAYOUT = kernels_module("layout")
 
 
 def _mace_like(C, lmax_in, lmax_sh, lmax_out):

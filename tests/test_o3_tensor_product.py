@@ -140,3 +140,35 @@ def test_layout_roundtrip_and_empty_graph():
         empty, empty, 4,
     )
     assert out.shape == (4, tp.irreps_out.dim) and not out.any()
+
+
+def test_needed_sees_which_gradients_the_running_call_uses():
+    """``needed`` is the one place that reads torch's private ``_will_engine_execute_node``: a force
+    call (gradient w.r.t. positions only) must skip the weight gradients. If the private API
+    disappears or changes, ``needed`` falls back to True and this test fails."""
+    from mlpot.o3.tensor_product import grad_node, needed
+
+    seen = {}
+
+    class Probe(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a, b, nodes):
+            ctx.nodes = nodes
+            return a * b
+
+        @staticmethod
+        def backward(ctx, g):
+            seen["a"], seen["b"] = (needed(True, n) for n in ctx.nodes)
+            return g, g, None
+
+    a = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+
+    def out():
+        x, y = a * 2.0, b * 3.0
+        return Probe.apply(x, y, (grad_node(x), grad_node(y))).sum()
+
+    torch.autograd.grad(out(), [a])
+    assert seen == {"a": True, "b": False}
+    torch.autograd.grad(out(), [a, b])
+    assert seen == {"a": True, "b": True}

@@ -11,14 +11,11 @@ from mlpot.models.io import FORMAT_VERSION, load_model, save_model
 
 
 def __getattr__(name):
-    if name in ("MACE", "ScaleShiftMACE"):
-        from mlpot.models import mace
+    """``mlpot.models.MACE`` etc.: the model classes, looked up in the one model registry."""
+    from mlpot.models.base import _LAZY_MODELS
 
-        return getattr(mace, name)
-    if name == "ESCN":
-        from mlpot.models.escn import ESCN
-
-        return ESCN
+    if name in _LAZY_MODELS:
+        return get_model_class(name)
     raise AttributeError(name)
 
 

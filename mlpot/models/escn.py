@@ -66,142 +66,12 @@ from mlpot.errors import ConfigError
 from mlpot.models.base import PotentialModel, register_model
 from mlpot.nn.norm import EquivariantLayerNorm
 from mlpot.nn.s2_activation import SeparableS2Activation
-from mlpot.o3.wigner import edge_rotation, wigner_D_list
+from mlpot.nn.edge_geometry import build_edge_geometry
+from mlpot.nn.radial import PolynomialCutoff, bessel_basis
+from mlpot.o3.backend import check_backend
+from mlpot.o3.so2 import EdgeFrameRotation, SO2Linear, edge_frame_index
 
-__all__ = ["ESCN", "SO2Linear", "EdgeFrameRotation", "BesselBasis", "PolynomialEnvelope", "edge_frame_index"]
-
-
-# --------------------------------------------------------------------------- radial pieces
-class BesselBasis(nn.Module):
-    r""":math:`B_n(r) = \sqrt{2/r_c}\,\sin(n\pi r/r_c)/r`, ``n = 1..num_basis``."""
-
-    def __init__(self, r_max: float, num_basis: int = 8):
-        super().__init__()
-        self.r_max = float(r_max)
-        self.register_buffer(
-            "freqs", math.pi / self.r_max * torch.arange(1, num_basis + 1, dtype=torch.float64), persistent=False
-        )
-
-    def forward(self, r: torch.Tensor) -> torch.Tensor:  # (E,) -> (E, num_basis)
-        r = r[:, None]
-        return math.sqrt(2.0 / self.r_max) * torch.sin(self.freqs.to(r.dtype) * r) / r
-
-
-class PolynomialEnvelope(nn.Module):
-    r""":math:`f_p(u) = 1 - \tfrac{(p+1)(p+2)}{2}u^p + p(p+2)u^{p+1} - \tfrac{p(p+1)}{2}u^{p+2}`
-    for :math:`u = r/r_c < 1`, else 0: value, first and second derivative vanish at :math:`r_c`."""
-
-    def __init__(self, r_max: float, p: int = 5):
-        super().__init__()
-        self.r_max, self.p = float(r_max), int(p)
-
-    def forward(self, r: torch.Tensor) -> torch.Tensor:
-        p = self.p
-        u = r / self.r_max
-        f = 1.0 - (p + 1.0) * (p + 2.0) / 2.0 * u**p + p * (p + 2.0) * u ** (p + 1) - p * (p + 1.0) / 2.0 * u ** (p + 2)
-        return torch.where(u < 1.0, f, torch.zeros_like(f))
-
-
-# --------------------------------------------------------------------------- edge frame layout
-def edge_frame_index(lmax: int, mmax: int):
-    """Rows of the truncated edge-frame layout, m-major.
-
-    Returns ``(rows, half, blocks)``: ``rows[k]`` is the e3nn component index ``l*l + l + m`` of
-    entry ``k`` (order: ``m = 0`` for ``l = 0..L``; then for ``m = 1..mmax``: ``+m`` for
-    ``l = m..L``, then ``-m`` for ``l = m..L``); ``half[k]`` maps ``k`` to the index of its
-    ``(l, |m|)`` pair (shared by ``+m`` and ``-m``); ``blocks`` lists ``(m, start, n)``.
-    """
-    rows, half, blocks = [], [], []
-    h = 0
-    rows += [l * l + l for l in range(lmax + 1)]
-    half += list(range(lmax + 1))
-    blocks.append((0, 0, lmax + 1))
-    h = lmax + 1
-    for m in range(1, min(mmax, lmax) + 1):
-        n = lmax + 1 - m
-        blocks.append((m, len(rows), n))
-        rows += [l * l + l + m for l in range(m, lmax + 1)]
-        rows += [l * l + l - m for l in range(m, lmax + 1)]
-        half += list(range(h, h + n)) * 2
-        h += n
-    return rows, half, blocks
-
-
-class EdgeFrameRotation(nn.Module):
-    r"""Truncated Wigner rotation into / out of the edge frames, block by degree.
-
-    ``setup(vectors)`` builds, per degree, the rows :math:`|m| \le m_{max}` of
-    :math:`D^l(R_e)`; ``to_frame(x (E, (L+1)^2, C)) -> (E, K, C)`` (m-major layout of
-    :func:`edge_frame_index`) and ``from_frame`` its transpose. Per-degree products cost
-    :math:`\sum_l \min(2l+1, 2m_{max}+1)(2l+1)` per channel instead of :math:`K (L+1)^2`.
-    """
-
-    def __init__(self, lmax: int, mmax: int):
-        super().__init__()
-        self.lmax, self.mmax = int(lmax), int(mmax)
-        rows, _, _ = edge_frame_index(self.lmax, self.mmax)
-        # l-major order of the kept rows: for each l, m = -min(l, mmax)..min(l, mmax)
-        lmajor = [l * l + l + m for l in range(self.lmax + 1) for m in range(-min(l, self.mmax), min(l, self.mmax) + 1)]
-        pos = {r: k for k, r in enumerate(lmajor)}
-        self.register_buffer("to_mmajor", torch.tensor([pos[r] for r in rows], dtype=torch.long), persistent=False)
-        inv = [0] * len(rows)
-        for k, r in enumerate(rows):
-            inv[pos[r]] = k
-        self.register_buffer("to_lmajor", torch.tensor(inv, dtype=torch.long), persistent=False)
-
-    def setup(self, vectors: torch.Tensor) -> list[torch.Tensor]:
-        Ds = wigner_D_list(self.lmax, edge_rotation(vectors))
-        out = []
-        for l, D in enumerate(Ds):
-            k = min(l, self.mmax)
-            out.append(D[:, l - k : l + k + 1, :])  # (E, 2k+1, 2l+1)
-        return out
-
-    def to_frame(self, Ds: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        parts = [torch.bmm(D, x[:, l * l : (l + 1) ** 2, :]) for l, D in enumerate(Ds)]
-        return torch.cat(parts, 1)[:, self.to_mmajor, :]
-
-    def from_frame(self, Ds: list[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
-        y = y[:, self.to_lmajor, :]
-        parts, start = [], 0
-        for l, D in enumerate(Ds):
-            n = D.shape[1]
-            parts.append(torch.bmm(D.transpose(1, 2), y[:, start : start + n, :]))
-            start += n
-        return torch.cat(parts, 1)
-
-
-class SO2Linear(nn.Module):
-    r"""Shared-weight SO(2) linear map on edge-frame features ``(E, K, C_in) -> (E, K, C_out)``.
-
-    For each :math:`m` the entries :math:`(l, c)` with :math:`l \ge m` are flattened and
-    multiplied by :math:`W_m \in \mathbb{R}^{(L+1-m)C_{in} \times (L+1-m)C_{out}}`; the
-    :math:`+m` and :math:`-m` halves use the same :math:`W_m` (the parity-even SO(2) map, see
-    the module doc). Equals :func:`mlpot.o3.so2.so2_conv` with ``mode="full"`` and the
-    corresponding shared weights (tested).
-    """
-
-    def __init__(self, lmax: int, mmax: int, channels_in: int, channels_out: int):
-        super().__init__()
-        self.lmax, self.mmax = int(lmax), int(mmax)
-        self.channels_in, self.channels_out = int(channels_in), int(channels_out)
-        _, _, self.blocks = edge_frame_index(self.lmax, self.mmax)
-        self.weights = nn.ParameterList()
-        for m, _, n in self.blocks:
-            fan_in = n * self.channels_in
-            self.weights.append(nn.Parameter(torch.randn(fan_in, n * self.channels_out) / math.sqrt(fan_in)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        E = x.shape[0]
-        cin, cout = self.channels_in, self.channels_out
-        outs = []
-        for (m, start, n), w in zip(self.blocks, self.weights):
-            if m == 0:
-                outs.append((x[:, start : start + n, :].reshape(E, n * cin) @ w).reshape(E, n, cout))
-            else:
-                xm = x[:, start : start + 2 * n, :].reshape(E, 2, n * cin)
-                outs.append((xm @ w).reshape(E, 2 * n, cout))
-        return torch.cat(outs, 1)
+__all__ = ["ESCN", "SO2Linear", "EdgeFrameRotation", "edge_frame_index"]
 
 
 # --------------------------------------------------------------------------- node blocks
@@ -342,8 +212,9 @@ class ESCN(PotentialModel):
     envelope order. avg_num_neighbors: message normalisation. e0s, scale, shift: energy
     referencing (``E_i = E0 + scale * y_i + shift``). ffn_activation: ``"s2"`` (S2-grid SiLU)
     or ``"gate"``. grid_resolution: Gauss–Legendre points of the S2 grid (default ``2 lmax + 8``;
-    azimuths twice that). backend: ``reference | triton | auto`` (only the reference exists for
-    this model; ``auto`` resolves to it). zbl: add ZBL repulsion. seed: weight initialisation
+    azimuths twice that). backend: ``reference | triton | auto``; its edge-frame SO(2) linear maps
+    (registry op ``so2_linear``) have no Triton kernel, so ``triton`` is a ConfigError and
+    ``auto`` runs the reference. zbl: add ZBL repulsion. seed: weight initialisation
     seed (None: torch's global RNG).
     """
 
@@ -403,8 +274,6 @@ class ESCN(PotentialModel):
             self.node_embedding = nn.Embedding(self.num_elements, C)
             self.edge_embedding_src = nn.Embedding(self.num_elements, Ce)
             self.edge_embedding_dst = nn.Embedding(self.num_elements, Ce)
-            self.bessel = BesselBasis(self.r_max, config["num_bessel"])
-            self.envelope = PolynomialEnvelope(self.r_max, config["polynomial_cutoff_p"])
             self.layers = nn.ModuleList(
                 ESCNLayer(self.lmax, self.mmax, C, H, Ce, config["num_bessel"], config["ffn_activation"],
                           config["grid_resolution"])
@@ -416,6 +285,13 @@ class ESCN(PotentialModel):
             if seed is not None:
                 torch.random.set_rng_state(state)
         self.frame = EdgeFrameRotation(self.lmax, self.mmax)
+        self.register_buffer(
+            "bessel_freqs",
+            math.pi / self.r_max * torch.arange(1, config["num_bessel"] + 1, dtype=torch.float64),
+            persistent=False,
+        )
+        # the ops this model runs; a backend without one of them is a ConfigError here
+        check_backend("so2_linear", config["backend"])
         self.to(torch.float32 if config["dtype"] == "float32" else torch.float64)
 
     # ------------------------------------------------------------------------------------
@@ -446,13 +322,15 @@ class ESCN(PotentialModel):
         sender, receiver = edge_index[0], edge_index[1]
         x = self._embed(species, dtype)
 
-        r = torch.linalg.norm(vectors, dim=-1)
-        envelope = self.envelope(r)
-        rbf = self.bessel(r) * envelope[:, None]
+        geometry = build_edge_geometry(vectors, frames_lmax=self.lmax)
+        r = geometry.lengths
+        envelope = PolynomialCutoff.envelope(r, self.r_max, self.config["polynomial_cutoff_p"])
+        rbf = bessel_basis(r, self.bessel_freqs.to(dtype), math.sqrt(2.0 / self.r_max)) * envelope
+        envelope = envelope[:, 0]
         edge_feats = torch.cat(
             [rbf, self.edge_embedding_src(species[sender]), self.edge_embedding_dst(species[receiver])], -1
         )
-        Ds = self.frame.setup(vectors)  # per degree, rows |m| <= mmax of D^l(R_e)
+        Ds = self.frame.setup(vectors, geometry.wigner)  # per degree, rows |m| <= mmax of D^l(R_e)
         for layer in self.layers:
             x = x + layer.message(x, edge_index, self.frame, Ds, edge_feats, envelope, self.avg_num_neighbors)
             x = layer.node_update(x)

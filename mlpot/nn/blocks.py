@@ -37,8 +37,11 @@ from torch import nn
 from mlpot.errors import ConfigError
 from mlpot.nn.radial import radial_mlp
 from mlpot.nn.variants import make_message_tp, make_product_basis
+from mlpot.o3.layout import channels_first_to_mul_ir as channels_to_irreps
+from mlpot.o3.layout import mul_ir_to_channel_last
+from mlpot.o3.layout import mul_ir_to_channels_first as irreps_to_channels
 from mlpot.o3.message_passing import EdgeGeometry
-from mlpot.o3.tensor_product import ChannelwiseTensorProduct, mul_ir_to_channel_last
+from mlpot.o3.tensor_product import ChannelwiseTensorProduct
 
 __all__ = [
     "GATES",
@@ -60,16 +63,6 @@ GATES: dict[str, Callable | None] = {
     "abs": torch.abs,
     "none": None,
 }
-
-
-def channels_to_irreps(x: torch.Tensor, irreps: o3.Irreps) -> torch.Tensor:
-    """Inverse of :func:`irreps_to_channels`: ``(N, C, D)`` -> ``(N, irreps.dim)``."""
-    N = x.shape[0]
-    out, off = [], 0
-    for mul, ir in irreps:
-        out.append(x[:, :, off : off + ir.dim].reshape(N, mul * ir.dim))
-        off += ir.dim
-    return torch.cat(out, dim=-1)
 
 
 class _ChannelLastLinear:
@@ -105,16 +98,6 @@ class _ChannelLastLinear:
             W = torch.cat([weight[w0 : w0 + mi * mo].view(mi, mo) for _, w0, mi, mo in terms], dim=0)
             outs.append((xs @ (W * (alpha * scale))).transpose(1, 2))  # (N, mul, d)
         return torch.cat(outs, dim=-1)
-
-
-def irreps_to_channels(x: torch.Tensor, irreps: o3.Irreps) -> torch.Tensor:
-    """mace-torch's ``reshape_irreps``: ``(N, irreps.dim)`` -> ``(N, C, D)`` (uniform multiplicity ``C``)."""
-    N = x.shape[0]
-    out, ix = [], 0
-    for mul, ir in irreps:
-        out.append(x[:, ix : ix + mul * ir.dim].reshape(N, mul, ir.dim))
-        ix += mul * ir.dim
-    return torch.cat(out, dim=-1)
 
 
 class LinearNodeEmbeddingBlock(nn.Module):

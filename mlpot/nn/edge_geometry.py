@@ -33,13 +33,13 @@ def reference_edge_embedding(vec: torch.Tensor, lmax: int, freqs=None, r_max: fl
     """
     from e3nn import o3
 
-    from mlpot.nn.radial import PolynomialCutoff
+    from mlpot.nn.radial import PolynomialCutoff, bessel_basis
 
     Y = o3.spherical_harmonics(list(range(lmax + 1)), vec, normalize=True, normalization="component")
     if freqs is None:
         return Y, vec.new_zeros(vec.shape[0], 0)
     r = vec.norm(dim=-1, keepdim=True)
-    R = math.sqrt(2.0 / r_max) * torch.sin(freqs * r) / r * PolynomialCutoff.envelope(r, r_max, p)
+    R = bessel_basis(r, freqs, math.sqrt(2.0 / r_max)) * PolynomialCutoff.envelope(r, r_max, p)
     return Y, R
 
 

@@ -21,7 +21,13 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["BesselBasis", "PolynomialCutoff", "RadialEmbeddingBlock", "radial_mlp"]
+__all__ = ["BesselBasis", "PolynomialCutoff", "RadialEmbeddingBlock", "bessel_basis", "radial_mlp"]
+
+
+def bessel_basis(r: torch.Tensor, freqs: torch.Tensor, prefactor) -> torch.Tensor:
+    r""":math:`b_n(r) = c\, \sin(\omega_n r) / r` for ``r (E, 1)`` and ``freqs`` :math:`\omega_n`
+    (``(num_basis,)``), with :math:`c = \sqrt{2 / r_{max}}` -> ``(E, num_basis)``."""
+    return prefactor * (torch.sin(freqs * r) / r)
 
 
 class BesselBasis(nn.Module):
@@ -37,7 +43,7 @@ class BesselBasis(nn.Module):
         self.num_basis = num_basis
 
     def forward(self, r: torch.Tensor) -> torch.Tensor:
-        return self.prefactor * (torch.sin(self.bessel_weights * r) / r)
+        return bessel_basis(r, self.bessel_weights, self.prefactor)
 
     def extra_repr(self) -> str:
         return f"r_max={float(self.r_max)}, num_basis={self.num_basis}"

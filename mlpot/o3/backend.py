@@ -72,6 +72,7 @@ OPS: dict[str, str] = {
     "symmetric_contraction": "MACE symmetric contraction (product basis)",
     "gaunt_product": "Gaunt S2-grid product (Gaunt message tensor product and Gaunt product basis)",
     "so2_message_passing": "SO(2) message passing in the edge frames (gather, rotate, per-m linear, rotate back, scatter)",
+    "so2_linear": "eSCN's shared-weight SO(2) linear map on edge-frame features",
 }
 
 REGISTRY: dict[tuple[str, str], OpImplementation] = {}
@@ -96,6 +97,7 @@ register("gaunt_product", "reference", "mlpot.o3.gaunt:grid_product")
 register("gaunt_product", "triton", "mlpot.kernels.gaunt:gaunt_product", method=("grid",))
 register("so2_message_passing", "reference", "mlpot.o3.so2:so2_message_passing")
 register("so2_message_passing", "triton", "mlpot.kernels.so2:so2_message_passing", layout=("uniform",))
+register("so2_linear", "reference", "mlpot.o3.so2:SO2Linear.forward")
 
 
 def supported_backends(op: str) -> tuple[str, ...]:

@@ -239,6 +239,13 @@ class S2Grid(nn.Module):
     def extra_repr(self) -> str:
         return f"lmax={self.lmax}, n_theta={self.n_theta}, n_phi={self.n_phi}, impl={self.impl!r}"
 
+    def dense_matrices(self, dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``impl="matrix"`` only: ``(to_grid (G, (L+1)^2), from_grid ((L+1)^2, G))`` with
+        ``G = n_phi * n_theta``: ``to_grid @ x`` samples, ``from_grid @ f`` projects (quadrature)."""
+        if self.impl != "matrix":
+            raise ValueError("dense_matrices needs an S2Grid built with impl='matrix'")
+        return self._Y.to(dtype or self._Y.dtype), self._Yq.to(dtype or self._Yq.dtype)
+
     def to_grid_cf(self, x: torch.Tensor) -> torch.Tensor:
         """``((L+1)^2, *batch) -> (n_phi, n_theta, *batch)`` values of the spherical functions."""
         L = lmax_from_dim(x.shape[0])

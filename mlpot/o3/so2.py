@@ -52,11 +52,15 @@ import torch
 from e3nn import o3
 
 from mlpot.errors import ConfigError, DataError
+from mlpot.o3.layout import channel_last_to_mul_ir, mul_ir_to_channel_last
 from mlpot.o3.message_passing import EdgeGeometry, MessageTensorProduct
 from mlpot.o3.wigner import block_diagonal, edge_rotation, wigner_D_list
 
 __all__ = [
+    "EdgeFrameRotation",
     "SO2Convolution",
+    "SO2Linear",
+    "edge_frame_index",
     "SO2MessageTP",
     "SO2Path",
     "SO2Plan",
@@ -240,11 +244,10 @@ def so2_conv(plan: SO2Plan, x: torch.Tensor, vectors: torch.Tensor | None, weigh
 
 
 def _kernel_layout(plan: SO2Plan) -> str:
-    """``"uniform"`` when the SO(2) kernel can run ``plan`` (one multiplicity; input and output
-    irreps ``C x l`` for ``l = 0..L``, each degree once), else ``"general"``."""
-    def ok(irreps):
-        return [ir.l for _, ir in irreps] == list(range(len(irreps))) and len({m for m, _ in irreps}) == 1
-    return "uniform" if ok(plan.irreps_in) and ok(plan.irreps_out) else "general"
+    """``"uniform"`` when the SO(2) kernel can run ``plan`` (one multiplicity for the input irreps
+    and one for the output irreps), else ``"general"``."""
+    uniform = len({m for m, _ in plan.irreps_in}) == 1 and len({m for m, _ in plan.irreps_out}) == 1
+    return "uniform" if uniform else "general"
 
 
 # ----------------------------------------------------------------------------- layouts
@@ -269,18 +272,16 @@ def mul_ir_to_sph_channels(x: torch.Tensor, irreps) -> torch.Tensor:
     C = irreps[0].mul if len(irreps) else 0
     if [ir.l for _, ir in irreps] != list(range(len(irreps))) or any(mul != C for mul, _ in irreps):
         raise DataError(f"mul_ir_to_sph_channels: irreps must be Cx0 + Cx1 + ... + CxL, got {irreps}")
-    E = x.shape[0]
-    blocks = [x[:, sl].reshape(E, C, ir.dim).transpose(1, 2) for (_, ir), sl in zip(irreps, irreps.slices())]
-    return torch.cat(blocks, 1)
+    return mul_ir_to_channel_last(x, irreps)
 
 
 def sph_channels_to_mul_ir(x: torch.Tensor) -> torch.Tensor:
     """``(E, (L+1)**2, C)`` -> e3nn ``mul_ir`` layout ``(E, C * (L+1)**2)`` (irreps ``Cx0+...+CxL``)."""
-    E, n, _ = x.shape
+    n = x.shape[1]
     L = math.isqrt(n) - 1
     if (L + 1) ** 2 != n:
         raise DataError(f"sph_channels_to_mul_ir: second dim must be (L+1)**2, got {n}")
-    return torch.cat([x[:, l * l : (l + 1) ** 2, :].transpose(1, 2).reshape(E, -1) for l in range(L + 1)], -1)
+    return channel_last_to_mul_ir(x, _sph_irreps(L, x.shape[2], "sh"))
 
 
 # ----------------------------------------------------------------------------- modules
@@ -327,6 +328,110 @@ class SO2Convolution(torch.nn.Module):
             weights = self.weight
         y = so2_conv(self.plan, sph_channels_to_mul_ir(x), vectors, weights, rotation)
         return mul_ir_to_sph_channels(y, self.irreps_out)
+
+
+# ----------------------------------------------------------------------------- eSCN edge-frame layout
+def edge_frame_index(lmax: int, mmax: int):
+    """Rows of the truncated edge-frame layout, m-major.
+
+    Returns ``(rows, half, blocks)``: ``rows[k]`` is the e3nn component index ``l*l + l + m`` of
+    entry ``k`` (order: ``m = 0`` for ``l = 0..L``; then for ``m = 1..mmax``: ``+m`` for
+    ``l = m..L``, then ``-m`` for ``l = m..L``); ``half[k]`` maps ``k`` to the index of its
+    ``(l, |m|)`` pair (shared by ``+m`` and ``-m``); ``blocks`` lists ``(m, start, n)``.
+    """
+    rows, half, blocks = [], [], []
+    h = 0
+    rows += [l * l + l for l in range(lmax + 1)]
+    half += list(range(lmax + 1))
+    blocks.append((0, 0, lmax + 1))
+    h = lmax + 1
+    for m in range(1, min(mmax, lmax) + 1):
+        n = lmax + 1 - m
+        blocks.append((m, len(rows), n))
+        rows += [l * l + l + m for l in range(m, lmax + 1)]
+        rows += [l * l + l - m for l in range(m, lmax + 1)]
+        half += list(range(h, h + n)) * 2
+        h += n
+    return rows, half, blocks
+
+
+class EdgeFrameRotation(torch.nn.Module):
+    r"""Truncated Wigner rotation into / out of the edge frames, block by degree.
+
+    ``setup(vectors)`` builds, per degree, the rows :math:`|m| \le m_{max}` of
+    :math:`D^l(R_e)`; ``to_frame(x (E, (L+1)^2, C)) -> (E, K, C)`` (m-major layout of
+    :func:`edge_frame_index`) and ``from_frame`` its transpose. Per-degree products cost
+    :math:`\sum_l \min(2l+1, 2m_{max}+1)(2l+1)` per channel instead of :math:`K (L+1)^2`.
+    """
+
+    def __init__(self, lmax: int, mmax: int):
+        super().__init__()
+        self.lmax, self.mmax = int(lmax), int(mmax)
+        rows, _, _ = edge_frame_index(self.lmax, self.mmax)
+        # l-major order of the kept rows: for each l, m = -min(l, mmax)..min(l, mmax)
+        lmajor = [l * l + l + m for l in range(self.lmax + 1) for m in range(-min(l, self.mmax), min(l, self.mmax) + 1)]
+        pos = {r: k for k, r in enumerate(lmajor)}
+        self.register_buffer("to_mmajor", torch.tensor([pos[r] for r in rows], dtype=torch.long), persistent=False)
+        inv = [0] * len(rows)
+        for k, r in enumerate(rows):
+            inv[pos[r]] = k
+        self.register_buffer("to_lmajor", torch.tensor(inv, dtype=torch.long), persistent=False)
+
+    def setup(self, vectors: torch.Tensor, wigner: list | None = None) -> list[torch.Tensor]:
+        """Kept rows per degree; ``wigner`` (``[D^l(R_e)]``, e.g. the shared edge geometry's)
+        saves recomputing the Wigner blocks of ``vectors``."""
+        Ds = wigner_D_list(self.lmax, edge_rotation(vectors)) if wigner is None else wigner[: self.lmax + 1]
+        out = []
+        for l, D in enumerate(Ds):
+            k = min(l, self.mmax)
+            out.append(D[:, l - k : l + k + 1, :])  # (E, 2k+1, 2l+1)
+        return out
+
+    def to_frame(self, Ds: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        parts = [torch.bmm(D, x[:, l * l : (l + 1) ** 2, :]) for l, D in enumerate(Ds)]
+        return torch.cat(parts, 1)[:, self.to_mmajor, :]
+
+    def from_frame(self, Ds: list[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
+        y = y[:, self.to_lmajor, :]
+        parts, start = [], 0
+        for l, D in enumerate(Ds):
+            n = D.shape[1]
+            parts.append(torch.bmm(D.transpose(1, 2), y[:, start : start + n, :]))
+            start += n
+        return torch.cat(parts, 1)
+
+
+class SO2Linear(torch.nn.Module):
+    r"""Shared-weight SO(2) linear map on edge-frame features ``(E, K, C_in) -> (E, K, C_out)``.
+
+    For each :math:`m` the entries :math:`(l, c)` with :math:`l \ge m` are flattened and
+    multiplied by :math:`W_m \in \mathbb{R}^{(L+1-m)C_{in} \times (L+1-m)C_{out}}`; the
+    :math:`+m` and :math:`-m` halves use the same :math:`W_m` (the parity-even SO(2) map, see
+    the module doc). Equals :func:`mlpot.o3.so2.so2_conv` with ``mode="full"`` and the
+    corresponding shared weights (tested).
+    """
+
+    def __init__(self, lmax: int, mmax: int, channels_in: int, channels_out: int):
+        super().__init__()
+        self.lmax, self.mmax = int(lmax), int(mmax)
+        self.channels_in, self.channels_out = int(channels_in), int(channels_out)
+        _, _, self.blocks = edge_frame_index(self.lmax, self.mmax)
+        self.weights = torch.nn.ParameterList()
+        for m, _, n in self.blocks:
+            fan_in = n * self.channels_in
+            self.weights.append(torch.nn.Parameter(torch.randn(fan_in, n * self.channels_out) / math.sqrt(fan_in)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        E = x.shape[0]
+        cin, cout = self.channels_in, self.channels_out
+        outs = []
+        for (m, start, n), w in zip(self.blocks, self.weights):
+            if m == 0:
+                outs.append((x[:, start : start + n, :].reshape(E, n * cin) @ w).reshape(E, n, cout))
+            else:
+                xm = x[:, start : start + 2 * n, :].reshape(E, 2, n * cin)
+                outs.append((xm @ w).reshape(E, 2 * n, cout))
+        return torch.cat(outs, 1)
 
 
 def cg_message_reference(irreps_in, lmax_sh: int, irreps_out_target):
@@ -429,8 +534,6 @@ class SO2MessageTP(MessageTensorProduct):
 
     def _triton_message_passing(self, node_feats, wigner, weights, sender, receiver, num_nodes):
         from mlpot.o3.backend import implementation, kernels_module
-        from mlpot.o3.tensor_product import channel_last_to_mul_ir, mul_ir_to_channel_last
-
         mod = kernels_module("so2")
         if self._table is None:
             self._table = mod.SO2Table(self.plan)

@@ -48,6 +48,7 @@ import math
 import torch
 from e3nn import o3
 
+from mlpot.o3.layout import channel_last_to_mul_ir, mul_ir_to_channel_last
 from mlpot.o3.message_passing import EdgeGeometry, MessageTensorProduct
 
 __all__ = [
@@ -85,28 +86,6 @@ def channelwise_instructions(irreps_in1, irreps_in2, irreps_out_target):
 def _uniform_mul(irreps: o3.Irreps) -> int | None:
     muls = {mul for mul, _ in irreps}
     return muls.pop() if len(muls) == 1 else None
-
-
-def mul_ir_to_channel_last(x: torch.Tensor, irreps) -> torch.Tensor:
-    """``(..., irreps.dim)`` e3nn ``mul_ir``  ->  ``(..., D, U)`` channel-last (all muls equal ``U``)."""
-    irreps = o3.Irreps(irreps)
-    U = _uniform_mul(irreps)
-    if U is None:
-        raise ValueError(f"channel-last layout needs one multiplicity for all irreps, got {irreps}")
-    lead = x.shape[:-1]
-    blocks = [x[..., sl].reshape(*lead, U, ir.dim).transpose(-1, -2) for sl, (_, ir) in zip(irreps.slices(), irreps)]
-    return torch.cat(blocks, dim=-2)
-
-
-def channel_last_to_mul_ir(x: torch.Tensor, irreps) -> torch.Tensor:
-    """``(..., D, U)`` channel-last  ->  ``(..., irreps.dim)`` e3nn ``mul_ir``."""
-    irreps = o3.Irreps(irreps)
-    lead = x.shape[:-2]
-    blocks, off = [], 0
-    for mul, ir in irreps:
-        blocks.append(x[..., off : off + ir.dim, :].transpose(-1, -2).reshape(*lead, mul * ir.dim))
-        off += ir.dim
-    return torch.cat(blocks, dim=-1)
 
 
 class _PathPlan:
@@ -153,6 +132,10 @@ def needed(flag: bool, node) -> bool:
     ``ctx.needs_input_grad`` only says that an input requires grad; a force call
     (``autograd.grad(E, positions)``) does not need the gradients w.r.t. the weights, which
     built-in ops skip and custom functions should too.
+
+    The only use of torch's private ``torch._C._will_engine_execute_node`` in mlpot; without it
+    the answer is True (correct, only slower). ``tests/test_o3_tensor_product.py`` fails if the
+    private API stops answering.
     """
     if not flag:
         return False
