@@ -96,3 +96,11 @@ def test_no_silent_backend_dropping_left():
     """The old factory dropped ``backend=`` for constructors without it; none may remain."""
     src = (Path(__file__).resolve().parents[1] / "mlpot" / "nn" / "variants.py").read_text()
     assert not re.search(r"_call_with_supported|inspect\.signature", src)
+
+
+def test_escn_triton_names_the_op_without_a_kernel():
+    with pytest.raises(ConfigError, match=r"op 'so2_linear' has no 'triton' backend"):
+        build_model("ESCN", atomic_numbers=[1], num_layers=1, lmax=1, mmax=1, sphere_channels=2,
+                    hidden_channels=2, edge_channels=2, backend="triton")
+    build_model("ESCN", atomic_numbers=[1], num_layers=1, lmax=1, mmax=1, sphere_channels=2,
+                hidden_channels=2, edge_channels=2, backend="auto")

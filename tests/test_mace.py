@@ -223,3 +223,34 @@ def test_gaunt_interaction_edge_chunks_match_one_pass():
     chunked, g_chunked = run()
     for a, b in zip(chunked + g_chunked, whole + g_whole):
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-11), (a - b).abs().max()
+
+
+@pytest.mark.parametrize("interaction_tp", ["cg", "so2"])
+def test_edge_geometry_computed_once_and_only_what_layers_read(monkeypatch, interaction_tp):
+    """One edge geometry per forward pass: frames and Wigner blocks once (not per layer), and no
+    spherical harmonics when every layer works in the SO(2) edge frames."""
+    import mlpot.nn.edge_geometry as eg
+
+    model = build_model("MACE", hidden_irreps="2x0e + 2x1o", max_ell=2, correlation=2, num_interactions=3,
+                        r_max=3.0, atomic_numbers=[1, 6, 8], radial_MLP=[4], interaction_tp=interaction_tp).double()
+    calls = {"wigner": 0, "geometry": []}
+    wigner, build = eg.wigner_D_list, eg.build_edge_geometry
+
+    def count_wigner(*a, **k):
+        calls["wigner"] += 1
+        return wigner(*a, **k)
+
+    def record(*a, **k):
+        g = build(*a, **k)
+        calls["geometry"].append(g)
+        return g
+
+    monkeypatch.setattr(eg, "wigner_D_list", count_wigner)
+    monkeypatch.setattr("mlpot.models.mace.build_edge_geometry", record)
+    model(mc.build_batch([molecule("CH3OH")], model.r_max), compute_force=True)
+    geometry = calls["geometry"][0]
+    if interaction_tp == "so2":
+        assert calls["wigner"] == len(calls["geometry"]) and geometry.sh is None and geometry.wigner is not None
+    else:
+        assert calls["wigner"] == 0 and geometry.sh is not None and geometry.wigner is None
+    assert geometry.radial is not None

@@ -161,6 +161,25 @@ def select_backend(op: str, backend: str, device=None, **options) -> str:
     return choice
 
 
+class BackendChoice:
+    """Mixin of the modules that run a registry op: ``op`` names it, ``backend`` is the config value.
+
+    :meth:`check_backend` runs at build time (with the options the implementation depends on);
+    :meth:`selected_backend` is the call-time dispatch.
+    """
+
+    op: str = ""
+    backend: str = "reference"
+
+    def check_backend(self, **options) -> None:
+        check_backend(self.op, self.backend, **options)
+        self._backend_options = options
+
+    def selected_backend(self, device) -> str:
+        """``"reference"`` or ``"triton"``: what runs on ``device``."""
+        return select_backend(self.op, self.backend, device, **getattr(self, "_backend_options", {}))
+
+
 def implementation(op: str, backend: str):
     """The registered implementation object of ``(op, backend)`` (imported on first use)."""
     impl = REGISTRY.get((op, backend))
@@ -266,6 +285,7 @@ def kernels_module(name: str):
 __all__ = [
     "BACKENDS",
     "OPS",
+    "BackendChoice",
     "REGISTRY",
     "backend_table",
     "check_backend",

@@ -27,7 +27,7 @@ from e3nn import o3
 from torch import nn
 
 from mlpot.errors import ConfigError
-from mlpot.o3.backend import check_backend, select_backend
+from mlpot.o3.backend import BackendChoice
 
 __all__ = ["EdgeGeometry", "MessageTensorProduct"]
 
@@ -62,7 +62,7 @@ class EdgeGeometry:
         return value
 
 
-class MessageTensorProduct(nn.Module):
+class MessageTensorProduct(BackendChoice, nn.Module):
     """Base of the message tensor products (module doc).
 
     Subclasses set ``irreps_in``, ``irreps_out`` (e3nn ``Irreps``), ``weight_numel``, the
@@ -70,22 +70,12 @@ class MessageTensorProduct(nn.Module):
     Wigner degree, or None), and implement :meth:`edge_product`.
     """
 
-    op: str = ""
     needs_sh: bool = True
     frames_lmax: int | None = None
 
     def __init__(self, backend: str = "reference"):
         super().__init__()
         self.backend = str(backend)
-
-    def check_backend(self, **options) -> None:
-        """Build-time check of ``(self.op, self.backend)`` with the implementation's options."""
-        check_backend(self.op, self.backend, **options)
-        self._backend_options = options
-
-    def selected_backend(self, device) -> str:
-        """``"reference"`` or ``"triton"``: what runs on ``device`` (the one dispatch point)."""
-        return select_backend(self.op, self.backend, device, **getattr(self, "_backend_options", {}))
 
     def edge_product(self, x_sender: torch.Tensor, geometry: EdgeGeometry, weights: torch.Tensor) -> torch.Tensor:
         """Per-edge messages ``(E, irreps_out.dim)`` from sender features ``(E, irreps_in.dim)``."""

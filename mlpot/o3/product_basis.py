@@ -18,27 +18,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mlpot.o3.backend import check_backend, select_backend
+from mlpot.o3.backend import BackendChoice
 
 __all__ = ["ProductBasis"]
 
 
-class ProductBasis(nn.Module):
+class ProductBasis(BackendChoice, nn.Module):
     """Base of the product bases. Subclasses set ``irreps_in``, ``irreps_out``, ``correlation``,
     ``num_elements``, the registry ``op``, and implement ``forward(node_feats, node_attrs)``."""
-
-    op: str = ""
 
     def __init__(self, backend: str = "reference"):
         super().__init__()
         self.backend = str(backend)
-
-    def check_backend(self, **options) -> None:
-        check_backend(self.op, self.backend, **options)
-        self._backend_options = options
-
-    def selected_backend(self, device) -> str:
-        return select_backend(self.op, self.backend, device, **getattr(self, "_backend_options", {}))
 
     def forward(self, node_feats: torch.Tensor, node_attrs: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

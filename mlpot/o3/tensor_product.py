@@ -373,15 +373,7 @@ class ChannelwiseTensorProduct(MessageTensorProduct):
         return self.forward(x_sender, geometry.require("sh", "ChannelwiseTensorProduct"), weights)
 
     # ---- gather + product + scatter --------------------------------------------------------------
-    def message_passing(
-        self,
-        node_feats: torch.Tensor,
-        edge_geometry: EdgeGeometry,
-        weights: torch.Tensor,
-        sender: torch.Tensor,
-        receiver: torch.Tensor,
-        num_nodes: int,
-    ) -> torch.Tensor:
+    def message_passing(self, node_feats, edge_geometry: EdgeGeometry, weights, sender, receiver, num_nodes: int):
         """``sum_{e: receiver(e) = n} TP(node_feats[sender(e)], Y_e, weights[e])``.
 
         ``node_feats`` (N, irreps_in1.dim) -> (num_nodes, irreps_out.dim), e3nn layout; ``Y_e``
