@@ -36,8 +36,9 @@ from dataclasses import dataclass, field
 import torch
 from e3nn import o3
 
-from ._runtime import LazyKernel, check_device, tl
 from mlpot.o3.layout import channel_last_to_mul_ir, mul_ir_to_channel_last, uniform_mul
+
+from ._runtime import LazyKernel, check_device, tl
 
 _CFG_C = [({"BLOCK_C": bc}, w, 2) for bc, w in ((32, 1), (64, 2), (128, 4), (32, 2), (64, 4))]
 

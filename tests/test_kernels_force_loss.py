@@ -135,7 +135,7 @@ def test_gaunt_and_channelwise_force_loss():
 MACE_VARIANTS = {
     "cg-symmetric": ({}, {"_sh_fwd_kernel", "_edge_kernel", "_sc_node_kernel"}),
     "gaunt-symmetric": ({"interaction_tp": "gaunt"}, {"_sh_fwd_kernel", "_grid_product_kernel", "_sc_node_kernel"}),
-    "so2-symmetric": ({"interaction_tp": "so2"}, {"_so2_kernel", "_sc_node_kernel"}),
+    "so2-symmetric": ({"interaction_tp": "so2"}, {"_sh_fwd_kernel", "_so2_kernel", "_sc_node_kernel"}),
     "cg-gaunt": ({"product": "gaunt"}, {"_sh_fwd_kernel", "_edge_kernel", "_grid_product_kernel"}),
 }
 

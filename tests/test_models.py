@@ -140,7 +140,6 @@ def _D(irreps, Q):
 @pytest.mark.parametrize("proper", [True, False])
 def test_message_tp_variants_equivariant(kind, proper):
     from mlpot.nn.variants import make_message_tp
-    from mlpot.o3.spherical_harmonics import spherical_harmonics
 
     torch.manual_seed(0)
     irreps_in, lmax_sh, target = "3x0e + 3x1o + 3x2e", 2, "0e + 1o + 2e"

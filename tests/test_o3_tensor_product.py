@@ -5,14 +5,15 @@ import pytest
 import torch
 from e3nn import o3
 
+from mlpot.o3.message_passing import EdgeGeometry
 from mlpot.o3.tensor_product import (
     ChannelwiseTensorProduct,
     channel_last_to_mul_ir,
     channelwise_instructions,
     mul_ir_to_channel_last,
 )
-from mlpot.o3.message_passing import EdgeGeometry
 from mlpot.testing.equivariance import D_from_matrix, rand_reflection, rand_rotation
+
 
 def _sh_geometry(y):
     """An edge geometry holding only the (here arbitrary) edge attributes ``y``."""

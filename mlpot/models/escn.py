@@ -64,10 +64,10 @@ from torch import nn
 
 from mlpot.errors import ConfigError
 from mlpot.models.base import PotentialModel, register_model
-from mlpot.nn.norm import EquivariantLayerNorm
-from mlpot.nn.s2_activation import SeparableS2Activation
 from mlpot.nn.edge_geometry import build_edge_geometry
+from mlpot.nn.norm import EquivariantLayerNorm
 from mlpot.nn.radial import PolynomialCutoff, bessel_basis
+from mlpot.nn.s2_activation import SeparableS2Activation
 from mlpot.o3.backend import check_backend
 from mlpot.o3.so2 import EdgeFrameRotation, SO2Linear, edge_frame_index
 

@@ -64,28 +64,30 @@ def build_edge_geometry(
         radial_embedding: a :class:`~mlpot.nn.radial.RadialEmbeddingBlock` (``lengths -> radial``),
             or None.
         frames_lmax: largest Wigner degree the layers need, or None for no edge frames.
-        backend: ``reference | triton | auto``; ``triton`` computes ``sh`` and ``radial`` together
-            in the fused kernel when both are asked for.
+        backend: ``reference | triton | auto``; ``triton`` computes ``radial`` (and ``sh`` when
+            asked for) in the fused kernel.
     """
     lengths = torch.linalg.norm(vectors, dim=-1, keepdim=True)
     sh = radial = None
     fused = (
-        spherical_harmonics is not None
-        and radial_embedding is not None
+        radial_embedding is not None
         and vectors.shape[0] > 0
         and backend != "reference"
         and select_backend("edge_embedding", backend, vectors.device) == "triton"
     )
     if fused:
         bessel, cutoff = radial_embedding.bessel_fn, radial_embedding.cutoff_fn
+        lmax = 0 if spherical_harmonics is None else int(spherical_harmonics.irreps_out.lmax)
         sh, radial = implementation("edge_embedding", "triton")(
             vectors.contiguous(),
-            int(spherical_harmonics.irreps_out.lmax),
+            lmax,
             int(bessel.num_basis),
             float(bessel.r_max),
             int(cutoff.p),
             freqs=bessel.bessel_weights,
         )
+        if spherical_harmonics is None:
+            sh = None  # the radial basis alone (the kernel's l = 0 row is the constant 1)
     else:
         if spherical_harmonics is not None:
             sh = spherical_harmonics(vectors)

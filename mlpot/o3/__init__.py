@@ -12,15 +12,29 @@ from mlpot.o3.gaunt import (  # noqa: E402,F401
     weighted_gaunt_product,
 )
 
+# -- the two interfaces of the core (message_passing.py, product_basis.py) and the layouts (layout.py)
+from mlpot.o3.layout import (  # noqa: F401
+    channel_last_to_mul_ir,
+    channels_first_to_mul_ir,
+    mul_ir_to_channel_last,
+    mul_ir_to_channels_first,
+)
+from mlpot.o3.message_passing import EdgeGeometry, MessageTensorProduct  # noqa: F401
+from mlpot.o3.product_basis import ProductBasis  # noqa: F401
+
 # -- Gaunt products (gaunt.py)
 from mlpot.o3.s2grid import S2Grid, TorusFourierGrid  # noqa: E402,F401
 from mlpot.o3.so2 import (  # noqa: F401
+    EdgeFrameRotation,
     SO2Convolution,
+    SO2Linear,
     SO2MessageTP,
     SO2Plan,
     cg_message_reference,
+    edge_frame_index,
     mul_ir_to_sph_channels,
     so2_conv,
+    so2_message_passing,
     so2_weights_from_cg,
     sph_channels_to_mul_ir,
 )
@@ -30,9 +44,7 @@ from mlpot.o3.symmetric_contraction import SymmetricContraction, coupling_basis 
 # -- channelwise CG tensor product, symmetric contraction (tensor_product.py, symmetric_contraction.py)
 from mlpot.o3.tensor_product import (  # noqa: F401
     ChannelwiseTensorProduct,
-    channel_last_to_mul_ir,
     channelwise_instructions,
-    mul_ir_to_channel_last,
 )
 from mlpot.o3.wigner import (  # noqa: F401
     angles_to_matrix,
