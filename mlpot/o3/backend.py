@@ -17,8 +17,8 @@ The registry
 :data:`REGISTRY` maps ``(op, backend)`` to the implementation, named ``"module:attribute"`` and
 imported on first use (so importing :mod:`mlpot.o3` imports neither triton nor the kernels).
 :func:`check_backend` is what a model calls when it is built: an ``(op, backend)`` pair that is
-not registered, or an option the implementation does not support (e.g. the Gaunt ``fourier``
-method on ``triton``), is a :class:`~mlpot.errors.ConfigError` naming the op and the backend;
+not registered, or an option the implementation does not support (e.g. an SO(2) plan with
+several multiplicities on ``triton``), is a :class:`~mlpot.errors.ConfigError` naming the op and the backend;
 nothing falls back silently. :func:`select_backend` is the one dispatch point at call time;
 ``auto`` picks ``triton`` where it is registered and a CUDA device is in use, else
 ``reference``, and says once per op, in the log, what it picked.
@@ -94,7 +94,7 @@ register("channelwise_tp", "triton", "mlpot.kernels.channelwise_tp:FusedChannelw
 register("symmetric_contraction", "reference", "mlpot.o3.symmetric_contraction:SymmetricContraction.reference_forward")
 register("symmetric_contraction", "triton", "mlpot.kernels.symmetric_contraction:symmetric_contraction")
 register("gaunt_product", "reference", "mlpot.o3.gaunt:grid_product")
-register("gaunt_product", "triton", "mlpot.kernels.gaunt:gaunt_product", method=("grid",))
+register("gaunt_product", "triton", "mlpot.kernels.gaunt:gaunt_product", method=("grid", "fourier"))
 register("so2_message_passing", "reference", "mlpot.o3.so2:so2_message_passing")
 register("so2_message_passing", "triton", "mlpot.kernels.so2:so2_message_passing", layout=("uniform",))
 register("so2_linear", "reference", "mlpot.o3.so2:SO2Linear.forward")
