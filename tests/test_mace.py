@@ -254,3 +254,18 @@ def test_edge_geometry_computed_once_and_only_what_layers_read(monkeypatch, inte
     else:
         assert calls["wigner"] == 0 and geometry.sh is not None and geometry.wigner is None
     assert geometry.radial is not None
+
+
+def test_building_a_model_leaves_the_allocator_alone():
+    """``tune_malloc`` changes the whole process: only the ``mlpot`` command applies it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import mlpot.models.mace as m\n"
+        "m.MACE(hidden_irreps='2x0e', max_ell=1, correlation=1, num_interactions=1, atomic_numbers=[1],"
+        " radial_MLP=[4])\n"
+        "print(m._MALLOC_TUNED)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
