@@ -30,7 +30,6 @@ flat ``uvu`` weight order ``(E, P*C)`` reshaped. Edges need not be sorted: a CSR
 :class:`EdgePlan`; each program owns one node and one channel block and loops over its edges, so
 the reduction is deterministic and needs no atomics and no ``(E, C, P)`` intermediate.
 """
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -190,13 +189,10 @@ class TPTable:
 
 
 def e3nn_uvu_path_weights(irreps_in, irreps_sh, irreps_out, instructions) -> list[float]:
-    """e3nn's path weights for "uvu" with irrep_normalization="component", path_normalization="element"."""
-    irreps_in, irreps_sh, irreps_out = (o3.Irreps(i) for i in (irreps_in, irreps_sh, irreps_out))
-    weights = []
-    for (i1, i2, io) in instructions:
-        fan = sum(irreps_sh[j2].mul for (j1, j2, jo) in instructions if jo == io)
-        weights.append(math.sqrt(irreps_out[io].ir.dim / fan))
-    return weights
+    """e3nn's path weights for "uvu" (:func:`mlpot.o3.tensor_product.uvu_path_weights`)."""
+    from mlpot.o3.tensor_product import uvu_path_weights
+
+    return uvu_path_weights(irreps_sh, irreps_out, instructions)
 
 
 def build_uvu_table(irreps_in, irreps_sh, irreps_out, instructions) -> TPTable:

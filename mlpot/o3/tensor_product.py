@@ -53,6 +53,7 @@ from mlpot.o3.message_passing import EdgeGeometry, MessageTensorProduct
 
 __all__ = [
     "ChannelwiseTensorProduct",
+    "uvu_path_weights",
     "channel_last_to_mul_ir",
     "channelwise_instructions",
     "mul_ir_to_channel_last",
@@ -81,6 +82,17 @@ def channelwise_instructions(irreps_in1, irreps_in2, irreps_out_target):
     instructions = [(i1, i2, permut[io]) for i1, i2, io in instructions]
     instructions = sorted(instructions, key=lambda x: x[2])
     return irreps_out, instructions
+
+
+def uvu_path_weights(irreps_in2, irreps_out, instructions) -> list[float]:
+    r""":math:`\alpha_p = \sqrt{(2 l_3 + 1) / \mathrm{fan}(p)}` per instruction ``(i_in1, i_in2, i_out)``
+    (``fan``: summed multiplicity of the second operand over the paths into the same output block),
+    e3nn's "component" irrep and "element" path normalization."""
+    irreps_in2, irreps_out = o3.Irreps(irreps_in2), o3.Irreps(irreps_out)
+    fan: dict[int, int] = {}
+    for _, i2, io in instructions:
+        fan[io] = fan.get(io, 0) + irreps_in2[i2].mul
+    return [math.sqrt(irreps_out[io].ir.dim / fan[io]) for _, _, io in instructions]
 
 
 def _uniform_mul(irreps: o3.Irreps) -> int | None:
@@ -307,12 +319,7 @@ class ChannelwiseTensorProduct(MessageTensorProduct):
             self.irreps_in1, self.irreps_in2, irreps_out_target
         )
         self.irreps_in = self.irreps_in1
-        fan = {}
-        for i1, i2, io in self.instructions:
-            fan[io] = fan.get(io, 0) + self.irreps_in2[i2].mul
-        self.path_weights = [
-            math.sqrt(self.irreps_out[io].ir.dim / fan[io]) for _, _, io in self.instructions
-        ]
+        self.path_weights = uvu_path_weights(self.irreps_in2, self.irreps_out, self.instructions)
         self.weight_shapes = [(self.irreps_in1[i1].mul, self.irreps_in2[i2].mul) for i1, i2, _ in self.instructions]
         self.weight_numel = sum(a * b for a, b in self.weight_shapes)
         self.num_paths = len(self.instructions)
