@@ -189,14 +189,10 @@ def _weight_launch(table: SCTable, A, G, elem, num_elements, C):
 
 
 def reference_symmetric_contraction(A, elem, Us, Ws):
-    """Dense differentiable torch reference; ``A`` (N, D, C), ``Ws`` list of (Z, Q_nu, C)."""
-    out = 0
-    for U, W in zip(Us, Ws):
-        T = torch.einsum("...q,nqc->n...c", U.to(A.dtype), W[elem])  # (N, D_out, D^nu, C)
-        while T.dim() > 3:
-            T = torch.einsum("n...ic,nic->n...c", T, A)
-        out = out + T
-    return out
+    """The kernel's reference: :func:`mlpot.o3.symmetric_contraction.dense_symmetric_contraction`."""
+    from mlpot.o3.symmetric_contraction import dense_symmetric_contraction
+
+    return dense_symmetric_contraction(A, elem, Us, Ws)
 
 
 class _SymmetricContraction(torch.autograd.Function):

@@ -57,7 +57,7 @@ from torch import nn
 from mlpot.o3.product_basis import ProductBasis
 from mlpot.o3.tensor_product import grad_node, needed
 
-__all__ = ["Contraction", "SymmetricContraction", "coupling_basis", "coupling_paths"]
+__all__ = ["Contraction", "SymmetricContraction", "coupling_basis", "coupling_paths", "dense_symmetric_contraction"]
 
 
 def _coupling_irreps(irreps_in) -> o3.Irreps:
@@ -206,6 +206,23 @@ def _distinct_permutations_flat(m: tuple[int, ...], D: int) -> list[int]:
             f = f * D + i
         flat.add(f)
     return sorted(flat)
+
+
+def dense_symmetric_contraction(A: torch.Tensor, elem: torch.Tensor, Us, Ws) -> torch.Tensor:
+    r"""The contraction by its definition, densely: :math:`B_{n k c} = \sum_\nu \sum_q
+    U^{(\nu)}_{k, i_1 \ldots i_\nu, q}\, W^{(\nu)}_{z_n q c} \prod_{t} A_{n i_t c}`.
+
+    ``A (N, D, C)`` (channel-last), ``elem (N,)`` species indices, ``Us[nu-1]``
+    ``(D_out, D, ..., D, Q_nu)``, ``Ws[nu-1]`` ``(Z, Q_nu, C)`` -> ``(N, D_out, C)``. Cost
+    :math:`O(D^\nu)` per node: the ground truth of the Triton kernel, not a fast path.
+    """
+    out = 0
+    for U, W in zip(Us, Ws):
+        T = torch.einsum("...q,nqc->n...c", U.to(A.dtype), W[elem])  # (N, D_out, D^nu, C)
+        while T.dim() > 3:
+            T = torch.einsum("n...ic,nic->n...c", T, A)
+        out = out + T
+    return out
 
 
 class Contraction(nn.Module):
