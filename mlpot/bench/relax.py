@@ -97,7 +97,9 @@ def main(argv=None) -> list[dict]:
     if args.json:
         from pathlib import Path
 
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        from mlpot.fileio import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(rows, indent=1))
     return rows
 
 

@@ -77,6 +77,7 @@ def run(args) -> int:
         if preds is not None:
             for atoms, pr in zip(atoms_list, preds):
                 a = atoms.copy()
+                a.info.pop("_mlpot_source", None)
                 res = dict(atoms.calc.results) if atoms.calc is not None else {}
                 if "energy" in res:
                     a.info["REF_energy"] = float(res["energy"])
@@ -102,9 +103,9 @@ def run(args) -> int:
     else:
         text = format_table(results) + "\n"
     if args.output:
-        from mlpot.train.trainer import _atomic_write_text
+        from mlpot.fileio import atomic_write_text
 
-        _atomic_write_text(Path(args.output), text)
+        atomic_write_text(Path(args.output), text)
     else:
         sys.stdout.write(text)
     return 0

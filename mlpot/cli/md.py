@@ -1,6 +1,7 @@
 """`mlpot md`: molecular dynamics (NVE, NVT Langevin, NPT MTK) with ASE integrators."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from mlpot.errors import ConfigError
@@ -30,10 +31,20 @@ def run(args) -> int:
     from mlpot.sim.md import init_velocities, make_integrator, run_md
     from mlpot.sim.structio import atomic_output, read_structures
 
-    if args.steps < 0 or args.timestep <= 0:
-        raise ConfigError("--steps must be >= 0 and --timestep > 0")
-    if args.ensemble == "nvt" and args.friction <= 0:
-        raise ConfigError("--friction must be > 0 for nvt")
+    if args.steps < 0:
+        raise ConfigError(f"--steps must be >= 0, got {args.steps}")
+    if not (args.timestep > 0 and math.isfinite(args.timestep)):
+        raise ConfigError(f"--timestep must be a finite number > 0 fs, got {args.timestep}")
+    if not (args.temperature >= 0 and math.isfinite(args.temperature)):
+        raise ConfigError(f"--temperature must be a finite number >= 0 K, got {args.temperature}")
+    if args.ensemble == "nvt" and not (args.friction > 0 and math.isfinite(args.friction)):
+        raise ConfigError(f"--friction must be a finite number > 0 for nvt, got {args.friction}")
+    if not math.isfinite(args.pressure):
+        raise ConfigError(f"--pressure must be finite, got {args.pressure}")
+    if not (args.skin >= 0 and math.isfinite(args.skin)):
+        raise ConfigError(f"--skin must be a finite number >= 0, got {args.skin}")
+    if args.log < 1:
+        raise ConfigError(f"--log must be >= 1, got {args.log}")
     frames, _ = read_structures(args.input)
     atoms = frames[0]
     atoms.calc = MLPotCalculator(args.model, device=args.device, dtype=args.dtype, skin=args.skin)

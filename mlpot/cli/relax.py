@@ -5,6 +5,7 @@ structures are still written; the table marks each non-converged one "NO"), 1 on
 """
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -41,8 +42,16 @@ def run(args) -> int:
     from mlpot.sim.relax import RelaxResult, format_table, relax_atoms
     from mlpot.sim.structio import guess_format, read_structures, write_structures
 
-    if args.fmax <= 0 or args.steps < 0:
-        raise ConfigError("--fmax must be > 0 and --steps >= 0")
+    if not (args.fmax > 0 and math.isfinite(args.fmax)):
+        raise ConfigError(f"--fmax must be a finite number > 0, got {args.fmax}")
+    if args.steps < 0:
+        raise ConfigError(f"--steps must be >= 0, got {args.steps}")
+    if not (args.skin >= 0 and math.isfinite(args.skin)):
+        raise ConfigError(f"--skin must be a finite number >= 0, got {args.skin}")
+    if not math.isfinite(args.pressure):
+        raise ConfigError(f"--pressure must be finite, got {args.pressure}")
+    if args.max_atoms < 1:
+        raise ConfigError(f"--max-atoms must be >= 1, got {args.max_atoms}")
     inp = Path(args.input)
     frames, in_fmt = read_structures(inp)
     out = Path(args.output) if args.output else _default_output(inp)

@@ -14,12 +14,10 @@ Layout (a ``torch.save`` dict, loadable with ``weights_only=True``)::
     dtype             the dtype the model was trained in
     metadata          free-form (training info, provenance)
 
-Writes are atomic: a temporary file in the same folder, then ``os.replace``.
+Writes are atomic (:mod:`mlpot.fileio`): a temporary file in the same folder, then a rename.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -34,19 +32,10 @@ _DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 def atomic_torch_save(obj, path) -> None:
     """``torch.save`` to a temporary file beside ``path``, fsync, then rename over it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from mlpot.fileio import atomic_open
+
+    with atomic_open(path, "wb") as fh:
+        torch.save(obj, fh)
 
 
 def _dtype_name(model) -> str:

@@ -7,14 +7,13 @@ and are renamed over it, so a crash never leaves a half-written file.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from ase import Atoms
 
 from mlpot.errors import DataError
+from mlpot.fileio import atomic_path
 
 __all__ = ["read_structures", "write_structures", "atomic_output", "guess_format"]
 
@@ -95,24 +94,8 @@ def read_structures(path, format: str | None = None) -> tuple[list[Atoms], str]:
     return list(frames), fmt or "extxyz"
 
 
-class atomic_output:
-    """Context manager yielding a temporary path beside ``path``; renamed over it on success."""
-
-    def __init__(self, path):
-        self.path = Path(path)
-
-    def __enter__(self) -> str:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        os.close(fd)
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            os.replace(self.tmp, self.path)
-        elif os.path.exists(self.tmp):
-            os.unlink(self.tmp)
-        return False
+#: a temporary path beside the target, renamed over it on success (:mod:`mlpot.fileio`)
+atomic_output = atomic_path
 
 
 def write_structures(path, frames: list[Atoms], format: str | None = None) -> str:
