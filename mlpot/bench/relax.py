@@ -95,7 +95,6 @@ def main(argv=None) -> list[dict]:
         print(f"| {r['method']} | {r['seconds']:.2f} | {r['structures_per_s']:.2f} | {r['mean_steps']:.1f} | "
               f"{r['converged']}/{args.count} | {r['model_calls']} |")
     if args.json:
-        from pathlib import Path
 
         from mlpot.fileio import atomic_write_text
 

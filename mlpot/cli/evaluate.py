@@ -58,11 +58,15 @@ def run(args) -> int:
 
     import mlpot
     from mlpot.errors import ConfigError
+    from mlpot.fileio import check_not_input
     from mlpot.train.metrics import format_table
     from mlpot.train.setup import read_frames
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    for opt, out in (("--output", args.output), ("--write-predictions", args.write_predictions)):
+        if out:
+            check_not_input(out, args.model, *args.data, what=opt)
     model = mlpot.load_model(args.model, device=args.device, dtype=args.dtype)
     data_cfg = {"format": args.data_format,
                 "keys": {"energy": args.energy_key, "forces": args.forces_key, "stress": args.stress_key}}

@@ -53,7 +53,6 @@ def write_hdf5(atoms_iter: Iterable, path, cutoff: float | None = None, *, chunk
     Returns the number of frames written. The file appears atomically (temp + rename)."""
     h5py = _h5()
     from mlpot.data.neighbors import neighbor_list
-
     from mlpot.fileio import atomic_path
 
     path = Path(path)

@@ -18,6 +18,7 @@ Writes are atomic (:mod:`mlpot.fileio`): a temporary file in the same folder, th
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -46,6 +47,10 @@ def _dtype_name(model) -> str:
 
 
 def save_model(model, path, metadata: dict | None = None) -> None:
+    """Write ``model`` to ``path`` atomically; a model with NaN/inf weights is refused."""
+    bad = non_finite_weights(model.state_dict())
+    if bad:
+        raise ModelFileError(f"refusing to write {path}: non-finite (NaN/inf) weights in {', '.join(bad[:5])}")
     config = dict(model.config)
     config["dtype"] = getattr(model, "trained_dtype", _dtype_name(model))
     payload = {
@@ -75,7 +80,9 @@ def read_model_file(path) -> dict:
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ModelFileError(f"{path}: not an mlpot model file (no '{FORMAT}' header)")
     version = payload.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ModelFileError(f"{path}: invalid model file format version {version!r} (expected 1..{FORMAT_VERSION})")
+    if version > FORMAT_VERSION:
         raise ModelFileError(
             f"{path}: model file format version {version} is newer than this mlpot supports "
             f"({FORMAT_VERSION}); upgrade mlpot to read it"
@@ -83,7 +90,24 @@ def read_model_file(path) -> dict:
     for key in ("model_name", "config", "state_dict"):
         if key not in payload:
             raise ModelFileError(f"{path}: model file lacks the {key!r} entry")
+    if not isinstance(payload["config"], dict) or not isinstance(payload["state_dict"], dict):
+        raise ModelFileError(f"{path}: model file entries 'config' and 'state_dict' must be mappings")
+    bad = non_finite_weights(payload["state_dict"])
+    if bad:
+        raise ModelFileError(f"{path}: non-finite (NaN/inf) weights in {', '.join(bad[:5])}")
+    r_max = payload.get("r_max", payload["config"].get("r_max"))
+    if r_max is not None and not (isinstance(r_max, (int, float)) and math.isfinite(r_max) and r_max > 0):
+        raise ModelFileError(f"{path}: invalid cutoff r_max {r_max!r}")
+    e0s = payload.get("e0s") or {}
+    if isinstance(e0s, dict) and not all(isinstance(v, (int, float)) and math.isfinite(v) for v in e0s.values()):
+        raise ModelFileError(f"{path}: non-finite E0s {e0s}")
     return payload
+
+
+def non_finite_weights(state_dict: dict) -> list[str]:
+    """Names of the floating-point tensors of ``state_dict`` holding a NaN or infinity."""
+    return [k for k, v in state_dict.items()
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
 
 
 def load_model(path, device=None, dtype=None):

@@ -65,6 +65,7 @@ DATA_SCHEMA: dict[str, Any] = {
     },
     "isolated_atoms": F((str, NoneType), None, doc="file of isolated-atom energies (for model.e0s: isolated)"),
     "max_train": F((int, NoneType), None, doc="use only the first N training frames"),
+    "min_distance": F(_num, 0.1, doc="atoms closer than this (Å) are an error; 0: no check"),
     "synthetic": F((dict, NoneType), None, doc="generate the built-in EMT Cu-Ni dataset (mlpot.data.synthetic)"),
 }
 
@@ -308,6 +309,7 @@ def validate_config(raw: dict, base_dir: Path | None = None, check_files: bool =
 RANGES: dict[str, tuple] = {
     "seed": (0, None, True, True),
     "data.max_train": (1, None, True, True),
+    "data.min_distance": (0.0, None, True, True),
     "data.valid": (0.0, 1.0, True, False),  # as a fraction
     "data.synthetic.n_train": (1, None, True, True),
     "data.synthetic.n_valid": (0, None, True, True),

@@ -31,6 +31,7 @@ class Splits:
 
 def read_frames(path, data_cfg: dict, require=()) -> list:
     from mlpot.data import read
+    from mlpot.data.readers import MIN_DISTANCE
 
     keys, units = data_cfg.get("keys", {}) or {}, data_cfg.get("units", {}) or {}
     frames = read(
@@ -45,6 +46,7 @@ def read_frames(path, data_cfg: dict, require=()) -> list:
         length_unit=units.get("length"),
         stress_unit=units.get("stress"),
         require=require,
+        min_distance=data_cfg.get("min_distance", MIN_DISTANCE),
     )
     for k, atoms in enumerate(frames):  # provenance, for error messages (file, frame)
         atoms.info["_mlpot_source"] = (str(path), k)
