@@ -38,8 +38,17 @@ box, isolated atoms) stay linear in memory.
 
 Host synchronisation on CUDA: output sizes are data dependent, so the torch path reads six
 scalars back to the host (total bin count, stencil size, number of (atom, bin) rows, number
-of candidate pairs, and the sizes of two boolean masks). With ``check=True`` there are two
-more (the singular-cell and the image-count guards). No tensor data are copied to the host.
+of candidate pairs, and the sizes of two boolean masks). With ``check=True`` there are three
+more (the non-finite-position, singular-cell and image-count guards). No tensor data are
+copied to the host.
+
+Guards (``check=True``, on every path): non-finite positions or cell (a NaN atom would
+silently fall out of every bin), singular periodic cells (:mod:`mlpot.data.cell`), cells
+needing more than :data:`MAX_STENCIL_CELLS` images, and absurd pair counts: on CPU the
+expected count ``N rho 4/3 pi r^3`` is checked against :data:`MAX_PAIRS` and
+:data:`MAX_NEIGHBORS` before anything is allocated; on CUDA the candidate count is (8x the
+same limits). vesin crashes (SIGFPE) when the atoms span ~1e5 cutoffs along a non-periodic
+direction, so ``backend="auto"`` uses the torch cell list beyond :data:`VESIN_MAX_CELLS`.
 """
 from __future__ import annotations
 

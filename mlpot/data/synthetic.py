@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from mlpot.errors import ConfigError
-from mlpot.fileio import atomic_path, atomic_write_text
+from mlpot.fileio import atomic_path, atomic_write_text, remove_stale_temps
 
 __all__ = ["SYSTEMS", "generate_emt_dataset", "emt_structures", "default_cache_dir"]
 
@@ -214,6 +214,8 @@ def generate_emt_dataset(
     # stale one beside new files (and the next run regenerates)
     if manifest.exists():
         manifest.unlink()
+    for name in [*(p.name for p in paths.values()), manifest.name]:
+        remove_stale_temps(out_dir, name)  # left by a writer that was killed
     # independent streams per split: seed offsets far apart
     splits = {"train": (n_train, 0), "valid": (n_valid, 1), "test": (n_test, 2)}
     for name, (n, offset) in splits.items():
