@@ -85,6 +85,10 @@ def run(args) -> int:
             data = LazyDataset(args.input, cutoff=args.r_max)
         else:
             data = list(iread(args.input, **_read_kwargs(args)))
+        if len(data) == 0:
+            from mlpot.errors import DataError
+
+            raise DataError(f"{args.input}: no structures in the file")
         st = compute_statistics(data, r_max=args.r_max, e0s=args.e0s)
         print(f"file                      {args.input}")
         print(f"configurations            {st.num_configs} ({st.num_atoms} atoms, isolated atoms excluded)")

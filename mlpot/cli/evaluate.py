@@ -57,7 +57,7 @@ def run(args) -> int:
     import numpy as np
 
     import mlpot
-    from mlpot.errors import ConfigError
+    from mlpot.errors import ConfigError, MlpotError
     from mlpot.fileio import check_not_input
     from mlpot.train.metrics import format_table
     from mlpot.train.setup import read_frames
@@ -77,7 +77,10 @@ def run(args) -> int:
         name = Path(path).stem
         if name in results:
             name = path
-        results[name] = evaluate_atoms(model, atoms_list, args.batch_size, preds)
+        try:
+            results[name] = evaluate_atoms(model, atoms_list, args.batch_size, preds)
+        except MlpotError as exc:
+            raise type(exc)(f"{path}: {exc}") from None
         if preds is not None:
             for atoms, pr in zip(atoms_list, preds):
                 a = atoms.copy()

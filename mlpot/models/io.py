@@ -69,6 +69,17 @@ def save_model(model, path, metadata: dict | None = None) -> None:
     atomic_torch_save(payload, path)
 
 
+def load_error_text(exc: BaseException) -> str:
+    """One short line for a failed ``torch.load``: the refused global of a ``weights_only``
+    load (a file that would run code), else the exception's first line."""
+    text = str(exc)
+    refused = [ln.strip() for ln in text.splitlines() if "GLOBAL" in ln]
+    if refused:
+        return "disallowed content: " + refused[0].split(" was not")[0].split(" whose module")[0]
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
 def read_model_file(path) -> dict:
     path = Path(path)
     if not path.exists():
@@ -76,7 +87,7 @@ def read_model_file(path) -> dict:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - turned into one clear message
-        raise ModelFileError(f"{path}: not a readable mlpot model file ({type(exc).__name__}: {exc})") from None
+        raise ModelFileError(f"{path}: not a readable mlpot model file ({load_error_text(exc)})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ModelFileError(f"{path}: not an mlpot model file (no '{FORMAT}' header)")
     version = payload.get("format_version")

@@ -76,17 +76,17 @@ def load_checkpoint_file(path: Path) -> dict:
     crafted pickle runs nothing. Unreadable or truncated files are a ConfigError."""
     import pickle
 
+    from mlpot.models.io import load_error_text
+
     try:
         with torch.serialization.safe_globals(_numpy_rng_globals()):
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        lines = [ln.strip() for ln in str(exc).splitlines() if "Unsupported global" in ln]
-        first = lines[0].split(" was not")[0] if lines else type(exc).__name__
-        raise ConfigError(f"{path}: refusing to load a checkpoint with disallowed content ({first})") from None
+        raise ConfigError(f"{path}: refusing to load the checkpoint ({load_error_text(exc)})") from None
     except Exception as exc:  # noqa: BLE001 - truncated / corrupt / not a torch file
         raise ConfigError(
-            f"{path}: cannot read the checkpoint (truncated or corrupt?): {type(exc).__name__}: "
-            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}; delete it or start without --resume"
+            f"{path}: cannot read the checkpoint (truncated or corrupt?): {load_error_text(exc)}; "
+            "delete it or start without --resume"
         ) from None
     return state
 
