@@ -403,6 +403,21 @@ def test_relax_output_cannot_be_its_input(tmp_path, emt, model_file, capsys):
     assert path.read_bytes() == emt["relax_start"].read_bytes()
 
 
+@pytest.mark.parametrize("cmd", ["eval", "export-lammps", "md"])
+def test_no_command_overwrites_its_model_or_input(tmp_path, emt, model_file, capsys, cmd):
+    model = tmp_path / "m.pt"
+    model.write_bytes(model_file.read_bytes())
+    start = tmp_path / "s.xyz"
+    start.write_bytes(emt["relax_start"].read_bytes())
+    argv = {"eval": ["eval", "--model", str(model), "--data", str(start), "--output", str(model)],
+            "export-lammps": ["export-lammps", str(model), str(model)],
+            "md": ["md", str(start), "--model", str(model), "--logfile", str(start), "--no-progress"]}[cmd]
+    assert main(argv) == 1
+    _one_error_line(capsys, "refusing to overwrite an input")
+    assert model.read_bytes() == model_file.read_bytes()
+    assert start.read_bytes() == emt["relax_start"].read_bytes()
+
+
 PARTIAL_CIF = """data_CuNi
 _cell_length_a 3.6
 _cell_length_b 3.6
