@@ -619,17 +619,22 @@ def _check_occupancy(atoms: Atoms, where: str) -> None:
 
 def closest_pair(atoms: Atoms, within: float):
     """``(i, j, distance)`` of the closest pair of atoms (periodic images included) among the
-    pairs closer than ``within`` Å, or None when there is none."""
+    pairs closer than ``within`` Å, or None when there is none. (The list is built with a
+    cutoff of at least 2 Å: a cell list binned at 0.1 Å would have 10^6 cells per nm^3.)
+    """
     from mlpot.data.neighbors import neighbor_list
 
     pbc = np.asarray(atoms.pbc, dtype=bool)
-    i, j, S = neighbor_list(atoms.positions, within, cell=atoms.cell.array if pbc.any() else None, pbc=pbc)
+    i, j, S = neighbor_list(atoms.positions, max(float(within), 2.0),
+                            cell=atoms.cell.array if pbc.any() else None, pbc=pbc)
     if len(i) == 0:
         return None
     i, j, S = i.numpy(), j.numpy(), S.numpy()
     D = atoms.positions[j] - atoms.positions[i] + S @ atoms.cell.array
     d = np.sqrt(np.einsum("ij,ij->i", D, D))
     k = int(np.argmin(d))
+    if not d[k] < within:
+        return None
     return int(i[k]), int(j[k]), float(d[k])
 
 
