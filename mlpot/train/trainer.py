@@ -25,7 +25,7 @@ non-finite loss or gradient norm (before the optimizer step, so no NaN reaches t
 naming the epoch, the batch and its frames (file and index); ``model.pt`` then holds the
 best model so far (when there is one) and the run fails with
 :class:`~mlpot.errors.NonFiniteError`. Checkpoints are read with ``weights_only=True`` and
-an explicit allow-list (:data:`CHECKPOINT_SAFE_GLOBALS`): a checkpoint cannot run code.
+an explicit allow-list (:func:`_numpy_rng_globals`): a checkpoint cannot run code.
 """
 from __future__ import annotations
 
