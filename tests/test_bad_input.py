@@ -153,6 +153,24 @@ def test_non_finite_values_in_data(tmp_path, emt, capsys, what):
     _one_error_line(capsys, str(path), "frame 1")
 
 
+def test_hdf5_with_nan_label_gives_no_statistics(tmp_path, emt, capsys):
+    """A lazy HDF5 file is not re-validated frame by frame: non-finite statistics are refused."""
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    from mlpot.data.hdf5 import write_hdf5
+
+    frames = read(emt["train"], ":")
+    for a in frames:
+        a.calc = SinglePointCalculator(a, energy=float(a.info.pop("REF_energy")), forces=a.arrays.pop("REF_forces"))
+    frames[2].calc.results["forces"][1, 2] = float("nan")  # (a NaN energy means "absent" in HDF5)
+    h5 = tmp_path / "d.h5"
+    write_hdf5(frames, h5)
+    out = tmp_path / "stats.json"
+    assert main(["data", "stats", str(h5), "--json", str(out)]) == 1
+    _one_error_line(capsys, str(h5), "not finite")
+    assert not out.exists()
+
+
 def test_unseen_element_in_test_set_fails_before_training(tmp_path, emt, capsys):
     test = _write_frames(tmp_path / "zn.xyz", [_labelled(bulk("Zn", "hcp", a=2.7, c=4.9))])
     raw = toy_config(tmp_path / "run", **N)

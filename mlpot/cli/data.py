@@ -90,6 +90,12 @@ def run(args) -> int:
 
             raise DataError(f"{args.input}: no structures in the file")
         st = compute_statistics(data, r_max=args.r_max, e0s=args.e0s)
+        values = [st.avg_num_neighbors, st.mean_interaction_energy, st.std_interaction_energy, st.forces_rms,
+                  *st.e0s.values()]
+        if not all(math.isfinite(v) for v in values):
+            from mlpot.errors import DataError
+
+            raise DataError(f"{args.input}: the statistics are not finite (NaN/inf in the data?); nothing saved")
         print(f"file                      {args.input}")
         print(f"configurations            {st.num_configs} ({st.num_atoms} atoms, isolated atoms excluded)")
         print(f"E0s ({st.e0s_source})")
