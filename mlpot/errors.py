@@ -28,5 +28,10 @@ class UnknownElementError(DataError):
     """An element the model was not trained on."""
 
 
+class NonFiniteError(MlpotError, ArithmeticError):
+    """A NaN or infinity where a number must be finite: a training loss or gradient, a model's
+    energy or forces during a relaxation or MD run. The loop stops at the first one."""
+
+
 def is_user_error(exc: BaseException) -> bool:
-    return isinstance(exc, (MlpotError, FileNotFoundError))
+    return isinstance(exc, (MlpotError, OSError))

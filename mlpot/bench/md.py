@@ -176,7 +176,9 @@ def main(argv=None) -> list[dict]:
         print(f"| {r['impl']} | {r['atoms']} | {r['dtype']} | {r['steps']} | {r['s_per_step']:.3f} | "
               f"{r['atom_steps_per_s']:.0f} | {r['ns_per_day']:.4f} |")
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        from mlpot.fileio import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(rows, indent=1))
     return rows
 
 

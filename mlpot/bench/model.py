@@ -308,7 +308,9 @@ def main(argv=None) -> list[dict]:
                     flush=True,
                 )
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        from mlpot.fileio import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(rows, indent=1))
     return rows
 
 

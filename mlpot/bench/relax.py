@@ -95,9 +95,10 @@ def main(argv=None) -> list[dict]:
         print(f"| {r['method']} | {r['seconds']:.2f} | {r['structures_per_s']:.2f} | {r['mean_steps']:.1f} | "
               f"{r['converged']}/{args.count} | {r['model_calls']} |")
     if args.json:
-        from pathlib import Path
 
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        from mlpot.fileio import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(rows, indent=1))
     return rows
 
 

@@ -137,7 +137,9 @@ def main(argv=None) -> list[dict]:
 
     info = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
             "device": args.device, "threads": torch.get_num_threads(), "args": vars(args)}
-    (out / "results.json").write_text(json.dumps({"info": info, "results": results}, indent=2))
+    from mlpot.fileio import atomic_write_text
+
+    atomic_write_text(out / "results.json", json.dumps({"info": info, "results": results}, indent=2))
     _plot(results, out / "curves.png", args)
     print(f"\nrMD17 {args.molecule}, {args.n_train} train frames, {args.minutes} min per variant, "
           f"{args.dtype}, device {args.device}")

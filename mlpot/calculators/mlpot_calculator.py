@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
 
-from mlpot.errors import ConfigError, UnknownElementError
+from mlpot.errors import ConfigError, DataError, NonFiniteError, UnknownElementError
 
 __all__ = ["MLPotCalculator", "resolve_device", "resolve_dtype"]
 
@@ -68,11 +68,17 @@ class MLPotCalculator(Calculator):
     dtype: None (the model's own / trained dtype), "float32" or "float64".
     compile: wrap the model in ``torch.compile`` (falls back to eager with a warning).
     skin: Verlet skin in Å for neighbour-list reuse (0 = rebuild every call).
+    min_distance: atoms closer than this (Å) are an error (two atoms on one site make every
+        model output meaningless); 0 switches the check off.
+
+    Non-finite positions or cell are an error (a NaN never passes the skin test silently), and
+    so are a non-finite energy, forces or stress from the model: a relaxation or MD run stops
+    at the first one instead of carrying NaN on.
     """
 
     implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]
 
-    def __init__(self, model, device="auto", dtype=None, compile=False, skin=0.0, **kwargs):
+    def __init__(self, model, device="auto", dtype=None, compile=False, skin=0.0, min_distance=0.1, **kwargs):
         super().__init__(**kwargs)
         self.device = resolve_device(device)
         self.model = _load(model, self.device, resolve_dtype(dtype))
@@ -80,8 +86,11 @@ class MLPotCalculator(Calculator):
         self.dtype = p.dtype if p is not None else (resolve_dtype(dtype) or torch.float64)
         self.r_max = float(self.model.r_max)
         self.skin = float(skin)
-        if self.skin < 0:
-            raise ConfigError(f"skin must be >= 0, got {skin}")
+        if not self.skin >= 0 or not np.isfinite(self.skin):
+            raise ConfigError(f"skin must be finite and >= 0, got {skin}")
+        self.min_distance = float(min_distance)
+        if not self.min_distance >= 0 or not np.isfinite(self.min_distance):
+            raise ConfigError(f"min_distance must be finite and >= 0, got {min_distance}")
         self._forward = self.model
         self.compiled = False
         if compile:
@@ -132,18 +141,44 @@ class MLPotCalculator(Calculator):
             }
             self.nl_builds += 1
             if self.skin <= 0:
-                return self._nl["i"], self._nl["j"], self._nl["S"]
+                i, j, S = self._nl["i"], self._nl["j"], self._nl["S"]
+                if self.min_distance > 0 and len(i):
+                    D = atoms.positions[j] - atoms.positions[i] + S @ cell
+                    self._check_min_distance(i, j, np.einsum("ij,ij->i", D, D))
+                return i, j, S
         nl = self._nl
         i, j, S = nl["i"], nl["j"], nl["S"]
         pos = atoms.positions
         D = pos[j] - pos[i] + S @ cell
-        keep = np.einsum("ij,ij->i", D, D) < self.r_max**2
+        d2 = np.einsum("ij,ij->i", D, D)
+        self._check_min_distance(i, j, d2)
+        keep = d2 < self.r_max**2
         return i[keep], j[keep], S[keep]
+
+    def _check_min_distance(self, i, j, d2) -> None:
+        if self.min_distance <= 0 or len(d2) == 0:
+            return
+        k = int(np.argmin(d2))
+        if d2[k] < self.min_distance**2:
+            raise DataError(
+                f"atoms {int(i[k])} and {int(j[k])} are {np.sqrt(d2[k]):.3g} Å apart (closer than "
+                f"min_distance {self.min_distance} Å)"
+            )
+
+    @staticmethod
+    def _check_finite_structure(atoms) -> None:
+        pos = atoms.positions
+        if not np.all(np.isfinite(pos)):
+            bad = np.nonzero(~np.isfinite(pos).all(1))[0][:5].tolist()
+            raise DataError(f"non-finite (NaN/inf) positions at atom(s) {bad}")
+        if np.asarray(atoms.pbc).any() and not np.all(np.isfinite(atoms.cell.array)):
+            raise DataError(f"non-finite (NaN/inf) cell {atoms.cell.array.tolist()}")
 
     def build_graph(self, atoms) -> dict:
         """The graph dict of ``atoms`` (one structure) on the calculator's device and dtype."""
         numbers = np.asarray(atoms.numbers)
         self._check_species(numbers)
+        self._check_finite_structure(atoms)  # before the skin test: NaN > x is False
         i, j, S = self._neighbors(atoms)
         dev, dt = self.device, self.dtype
         n = len(atoms)
@@ -194,6 +229,13 @@ class MLPotCalculator(Calculator):
         if compute_stress:
             s = out["stress"].detach()[0].cpu().double().numpy()
             self.results["stress"] = np.array([s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]])
+        for key in ("energy", "forces", "stress"):
+            if key in self.results and not np.all(np.isfinite(self.results[key])):
+                self.results = {}
+                raise NonFiniteError(
+                    f"the model gave a non-finite {key} for {atoms.get_chemical_formula()} "
+                    f"({len(atoms)} atoms); stopping"
+                )
 
     def get_descriptors(self, atoms=None) -> np.ndarray:
         """Invariant per-atom features (N, F): the model's ``node_features`` output."""

@@ -12,6 +12,7 @@ definitions of mace-torch) and can save them as JSON.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 
@@ -56,17 +57,26 @@ def _read_kwargs(args) -> dict:
 
 def run(args) -> int:
     from mlpot.data.readers import iread
+    from mlpot.errors import ConfigError
+    from mlpot.fileio import check_not_input
 
     cmd = getattr(args, "data_command", None)
     if cmd == "convert":
         from mlpot.data.hdf5 import write_hdf5
 
+        check_not_input(args.output, args.input)
+        if args.cutoff is not None and not (args.cutoff > 0 and math.isfinite(args.cutoff)):
+            raise ConfigError(f"--cutoff must be a finite number > 0, got {args.cutoff}")
         n = write_hdf5(iread(args.input, **_read_kwargs(args)), args.output, cutoff=args.cutoff)
         print(f"wrote {n} frames to {args.output}")
         return 0
     if cmd == "stats":
         from ase.data import chemical_symbols
 
+        if args.json:
+            check_not_input(args.json, args.input)
+        if not (args.r_max > 0 and math.isfinite(args.r_max)):
+            raise ConfigError(f"--r-max must be a finite number > 0, got {args.r_max}")
         from mlpot.data.statistics import compute_statistics
 
         if str(args.input).lower().endswith((".h5", ".hdf5")):
@@ -75,7 +85,17 @@ def run(args) -> int:
             data = LazyDataset(args.input, cutoff=args.r_max)
         else:
             data = list(iread(args.input, **_read_kwargs(args)))
+        if len(data) == 0:
+            from mlpot.errors import DataError
+
+            raise DataError(f"{args.input}: no structures in the file")
         st = compute_statistics(data, r_max=args.r_max, e0s=args.e0s)
+        values = [st.avg_num_neighbors, st.mean_interaction_energy, st.std_interaction_energy, st.forces_rms,
+                  *st.e0s.values()]
+        if not all(math.isfinite(v) for v in values):
+            from mlpot.errors import DataError
+
+            raise DataError(f"{args.input}: the statistics are not finite (NaN/inf in the data?); nothing saved")
         print(f"file                      {args.input}")
         print(f"configurations            {st.num_configs} ({st.num_atoms} atoms, isolated atoms excluded)")
         print(f"E0s ({st.e0s_source})")

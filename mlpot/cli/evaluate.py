@@ -57,12 +57,16 @@ def run(args) -> int:
     import numpy as np
 
     import mlpot
-    from mlpot.errors import ConfigError
+    from mlpot.errors import ConfigError, MlpotError
+    from mlpot.fileio import check_not_input
     from mlpot.train.metrics import format_table
     from mlpot.train.setup import read_frames
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    for opt, out in (("--output", args.output), ("--write-predictions", args.write_predictions)):
+        if out:
+            check_not_input(out, args.model, *args.data, what=opt)
     model = mlpot.load_model(args.model, device=args.device, dtype=args.dtype)
     data_cfg = {"format": args.data_format,
                 "keys": {"energy": args.energy_key, "forces": args.forces_key, "stress": args.stress_key}}
@@ -73,10 +77,14 @@ def run(args) -> int:
         name = Path(path).stem
         if name in results:
             name = path
-        results[name] = evaluate_atoms(model, atoms_list, args.batch_size, preds)
+        try:
+            results[name] = evaluate_atoms(model, atoms_list, args.batch_size, preds)
+        except MlpotError as exc:
+            raise type(exc)(f"{path}: {exc}") from None
         if preds is not None:
             for atoms, pr in zip(atoms_list, preds):
                 a = atoms.copy()
+                a.info.pop("_mlpot_source", None)
                 res = dict(atoms.calc.results) if atoms.calc is not None else {}
                 if "energy" in res:
                     a.info["REF_energy"] = float(res["energy"])
@@ -102,9 +110,9 @@ def run(args) -> int:
     else:
         text = format_table(results) + "\n"
     if args.output:
-        from mlpot.train.trainer import _atomic_write_text
+        from mlpot.fileio import atomic_write_text
 
-        _atomic_write_text(Path(args.output), text)
+        atomic_write_text(Path(args.output), text)
     else:
         sys.stdout.write(text)
     return 0

@@ -13,10 +13,12 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    from mlpot.fileio import check_not_input
     from mlpot.lammps import export_mliap
     from mlpot.lammps.mliap import message_passing_layers
     from mlpot.models.io import load_model
 
+    check_not_input(args.output, args.model)
     model = load_model(args.model, device="cpu")
     export_mliap(model, args.output, device=args.device, dtype=args.dtype, mode=args.mode)
     from ase.data import chemical_symbols

@@ -47,9 +47,23 @@ def check_reference(model, export_dir, tol: float = 1e-8) -> float:
 
 
 def run(args) -> int:
+    from mlpot.fileio import check_not_input
     from mlpot.models.mace_import import import_mace
 
-    model = import_mace(args.export_dir)
+    export = Path(args.export_dir)
+    if export.is_dir():
+        check_not_input(args.output, *sorted(export.iterdir()))
+    from mlpot.errors import MlpotError, ModelFileError
+
+    try:
+        model = import_mace(args.export_dir)
+    except (MlpotError, FileNotFoundError):
+        raise
+    except json.JSONDecodeError as exc:
+        raise ModelFileError(f"{export / 'hyperparameters.json'}: not valid JSON ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - safetensors / shapes / missing keys: one line
+        msg = " ".join(str(exc).split()) or type(exc).__name__
+        raise ModelFileError(f"{export}: cannot import the mace-torch export ({type(exc).__name__}: {msg})") from None
     if args.backend is not None:
         model.config["backend"] = args.backend
     if args.check:

@@ -63,13 +63,28 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # user-facing errors: one clear line, no torch traceback
+    except Exception as exc:  # one clear line; the traceback only with --debug
         from mlpot.errors import is_user_error
 
-        if args.debug or not is_user_error(exc):
+        if args.debug:
             raise
-        print(f"mlpot {args.command}: error: {exc}", file=sys.stderr)
+        if is_user_error(exc):
+            print(f"mlpot {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        elif isinstance(exc, MemoryError):
+            print(f"mlpot {args.command}: error: out of memory ({_one_line(exc) or 'MemoryError'}); "
+                  "reduce the system, the cutoff or the batch size", file=sys.stderr)
+        else:
+            print(f"mlpot {args.command}: internal error: {type(exc).__name__}: {_one_line(exc)} "
+                  "(run `mlpot --debug ...` for the traceback and report it)", file=sys.stderr)
         return 1
+
+
+def _one_line(exc: BaseException) -> str:
+    """The message of ``exc`` on one line (multi-line messages joined with '; ')."""
+    text = str(exc)
+    if isinstance(exc, KeyError) and len(exc.args) == 1 and isinstance(exc.args[0], str):
+        text = exc.args[0]
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 if __name__ == "__main__":

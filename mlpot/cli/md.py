@@ -1,9 +1,11 @@
 """`mlpot md`: molecular dynamics (NVE, NVT Langevin, NPT MTK) with ASE integrators."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from mlpot.errors import ConfigError
+from mlpot.fileio import check_not_input
 
 
 def add_arguments(p) -> None:
@@ -22,6 +24,8 @@ def add_arguments(p) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default=None, choices=["float32", "float64"])
     p.add_argument("--skin", type=float, default=0.5, help="neighbour-list skin (Å)")
+    p.add_argument("--min-distance", type=float, default=0.1,
+                   help="atoms closer than this (Å) are an error (default 0.1; 0: no check)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -30,18 +34,34 @@ def run(args) -> int:
     from mlpot.sim.md import init_velocities, make_integrator, run_md
     from mlpot.sim.structio import atomic_output, read_structures
 
-    if args.steps < 0 or args.timestep <= 0:
-        raise ConfigError("--steps must be >= 0 and --timestep > 0")
-    if args.ensemble == "nvt" and args.friction <= 0:
-        raise ConfigError("--friction must be > 0 for nvt")
-    frames, _ = read_structures(args.input)
+    if args.steps < 0:
+        raise ConfigError(f"--steps must be >= 0, got {args.steps}")
+    if not (args.timestep > 0 and math.isfinite(args.timestep)):
+        raise ConfigError(f"--timestep must be a finite number > 0 fs, got {args.timestep}")
+    if not (args.temperature >= 0 and math.isfinite(args.temperature)):
+        raise ConfigError(f"--temperature must be a finite number >= 0 K, got {args.temperature}")
+    if args.ensemble == "nvt" and not (args.friction > 0 and math.isfinite(args.friction)):
+        raise ConfigError(f"--friction must be a finite number > 0 for nvt, got {args.friction}")
+    if not math.isfinite(args.pressure):
+        raise ConfigError(f"--pressure must be finite, got {args.pressure}")
+    if not (args.skin >= 0 and math.isfinite(args.skin)):
+        raise ConfigError(f"--skin must be a finite number >= 0, got {args.skin}")
+    if not (args.min_distance >= 0 and math.isfinite(args.min_distance)):
+        raise ConfigError(f"--min-distance must be a finite number >= 0, got {args.min_distance}")
+    if args.log < 1:
+        raise ConfigError(f"--log must be >= 1, got {args.log}")
+    inp = Path(args.input)
+    logpath = Path(args.logfile) if args.logfile else inp.with_name(inp.stem + "_md.log")
+    check_not_input(logpath, inp, args.model, what="--logfile")
+    if args.trajectory:
+        check_not_input(args.trajectory, inp, args.model, logpath, what="--trajectory")
+    frames, _ = read_structures(args.input, min_distance=args.min_distance)
     atoms = frames[0]
-    atoms.calc = MLPotCalculator(args.model, device=args.device, dtype=args.dtype, skin=args.skin)
+    atoms.calc = MLPotCalculator(args.model, device=args.device, dtype=args.dtype, skin=args.skin,
+                                 min_distance=args.min_distance)
     init_velocities(atoms, args.temperature, args.seed)
     dyn = make_integrator(atoms, args.ensemble, args.timestep, temperature=args.temperature,
                           friction=args.friction, pressure_gpa=args.pressure, seed=args.seed)
-    inp = Path(args.input)
-    logpath = Path(args.logfile) if args.logfile else inp.with_name(inp.stem + "_md.log")
     traj = None
     if args.trajectory:
         from ase.io import Trajectory

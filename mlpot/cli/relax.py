@@ -5,10 +5,12 @@ structures are still written; the table marks each non-converged one "NO"), 1 on
 """
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
 from mlpot.errors import ConfigError
+from mlpot.fileio import check_not_input
 
 
 def add_arguments(p) -> None:
@@ -28,6 +30,8 @@ def add_arguments(p) -> None:
                    help="relax all structures together with batched FIRE in torch (positions only)")
     p.add_argument("--max-atoms", type=int, default=4096, help="atoms per batch with --batched")
     p.add_argument("--skin", type=float, default=0.5, help="neighbour-list skin (Å)")
+    p.add_argument("--min-distance", type=float, default=0.1,
+                   help="atoms closer than this (Å) are an error (default 0.1; 0: no check)")
     p.add_argument("--quiet", action="store_true", help="no optimizer log")
 
 
@@ -41,11 +45,24 @@ def run(args) -> int:
     from mlpot.sim.relax import RelaxResult, format_table, relax_atoms
     from mlpot.sim.structio import guess_format, read_structures, write_structures
 
-    if args.fmax <= 0 or args.steps < 0:
-        raise ConfigError("--fmax must be > 0 and --steps >= 0")
+    if not (args.fmax > 0 and math.isfinite(args.fmax)):
+        raise ConfigError(f"--fmax must be a finite number > 0, got {args.fmax}")
+    if args.steps < 0:
+        raise ConfigError(f"--steps must be >= 0, got {args.steps}")
+    if not (args.skin >= 0 and math.isfinite(args.skin)):
+        raise ConfigError(f"--skin must be a finite number >= 0, got {args.skin}")
+    if not (args.min_distance >= 0 and math.isfinite(args.min_distance)):
+        raise ConfigError(f"--min-distance must be a finite number >= 0, got {args.min_distance}")
+    if not math.isfinite(args.pressure):
+        raise ConfigError(f"--pressure must be finite, got {args.pressure}")
+    if args.max_atoms < 1:
+        raise ConfigError(f"--max-atoms must be >= 1, got {args.max_atoms}")
     inp = Path(args.input)
-    frames, in_fmt = read_structures(inp)
+    frames, in_fmt = read_structures(inp, min_distance=args.min_distance)
     out = Path(args.output) if args.output else _default_output(inp)
+    check_not_input(out, inp, args.model)
+    if args.trajectory:
+        check_not_input(args.trajectory, inp, args.model, what="--trajectory")
     out_fmt = args.format
     if out_fmt is None:
         same_suffix = out.suffix.lower() == inp.suffix.lower()
@@ -72,7 +89,8 @@ def run(args) -> int:
     else:
         from mlpot.calculators import MLPotCalculator
 
-        calc = MLPotCalculator(args.model, device=args.device, dtype=args.dtype, skin=args.skin)
+        calc = MLPotCalculator(args.model, device=args.device, dtype=args.dtype, skin=args.skin,
+                               min_distance=args.min_distance)
         traj = None
         if args.trajectory:
             from ase.io import Trajectory

@@ -28,8 +28,6 @@ DataLoader workers) and reads only the rows of the requested frame.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -55,13 +53,11 @@ def write_hdf5(atoms_iter: Iterable, path, cutoff: float | None = None, *, chunk
     Returns the number of frames written. The file appears atomically (temp + rename)."""
     h5py = _h5()
     from mlpot.data.neighbors import neighbor_list
+    from mlpot.fileio import atomic_path
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=str(path.parent))
-    os.close(fd)
     n_frames = 0
-    try:
+    with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             f.attrs["format"] = FORMAT_NAME
             f.attrs["version"] = FORMAT_VERSION
@@ -153,11 +149,6 @@ def write_hdf5(atoms_iter: Iterable, path, cutoff: float | None = None, *, chunk
                     flush()
             flush()
             f.attrs["n_frames"] = n_frames
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return n_frames
 
 

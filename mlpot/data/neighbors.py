@@ -38,8 +38,17 @@ box, isolated atoms) stay linear in memory.
 
 Host synchronisation on CUDA: output sizes are data dependent, so the torch path reads six
 scalars back to the host (total bin count, stencil size, number of (atom, bin) rows, number
-of candidate pairs, and the sizes of two boolean masks). With ``check=True`` there are two
-more (the singular-cell and the image-count guards). No tensor data are copied to the host.
+of candidate pairs, and the sizes of two boolean masks). With ``check=True`` there are three
+more (the non-finite-position, singular-cell and image-count guards). No tensor data are
+copied to the host.
+
+Guards (``check=True``, on every path): non-finite positions or cell (a NaN atom would
+silently fall out of every bin), singular periodic cells (:mod:`mlpot.data.cell`), cells
+needing more than :data:`MAX_STENCIL_CELLS` images, and absurd pair counts: on CPU the
+expected count ``N rho 4/3 pi r^3`` is checked against :data:`MAX_PAIRS` and
+:data:`MAX_NEIGHBORS` before anything is allocated; on CUDA the candidate count is (8x the
+same limits). vesin crashes (SIGFPE) when the atoms span ~1e5 cutoffs along a non-periodic
+direction, so ``backend="auto"`` uses the torch cell list beyond :data:`VESIN_MAX_CELLS`.
 """
 from __future__ import annotations
 
@@ -48,13 +57,26 @@ import math
 import numpy as np
 import torch
 
+from mlpot.data.cell import is_singular_cell, singular_cells
 from mlpot.errors import DataError
 
-__all__ = ["MAX_STENCIL_CELLS", "batched_neighbor_list", "neighbor_list"]
+__all__ = ["MAX_NEIGHBORS", "MAX_PAIRS", "MAX_STENCIL_CELLS", "batched_neighbor_list", "neighbor_list"]
 
 #: Guard on the number of bins searched per atom (periodic images included). A cell far
 #: thinner than the cutoff would otherwise ask for an absurd number of images.
 MAX_STENCIL_CELLS = 1_000_000
+
+#: Guard on the estimated number of pairs of one structure (``N * rho * 4/3 pi r^3``): about
+#: 40 bytes each in the list alone, and more in every graph built from it.
+MAX_PAIRS = 100_000_000
+
+#: Guard on the estimated average number of neighbours per atom (a 30 Å cutoff in a metal
+#: gives about 10^4).
+MAX_NEIGHBORS = 20_000
+
+#: vesin bins the atoms' bounding box in cells of the cutoff's size; beyond this many cutoffs
+#: along a non-periodic direction it crashes (SIGFPE), so the torch cell list takes over.
+VESIN_MAX_CELLS = 1e4
 
 
 def _as_bool3(pbc, batch_shape=None) -> np.ndarray:
@@ -149,7 +171,23 @@ def neighbor_list(
     use_vesin = backend == "vesin" or (
         backend == "auto" and device.type == "cpu" and _vesin_available()
     )
+    if check:
+        _check_finite(pos_t, cell_t if pbc3.any() else None)
+        if not (float(cutoff) > 0 and math.isfinite(float(cutoff))):
+            raise DataError(f"cutoff must be positive and finite, got {cutoff}")
+        if device.type == "cpu":  # on CUDA the cell list runs its own guards, on the device
+            cell_np = cell_t.numpy().astype(np.float64)
+            _check_cell_np(cell_np, pbc3, float(cutoff))
+            _check_images_np(cell_np, pbc3, float(cutoff))
+            _check_pairs(pos_t, float(cutoff), cell_t, pbc3)
+    if use_vesin and backend == "auto" and not _vesin_safe(pos_t, float(cutoff), cell_t, pbc3):
+        use_vesin = False  # extents vesin cannot bin: the torch cell list caps its bins per atom
     if use_vesin:
+        if not _vesin_safe(pos_t, float(cutoff), cell_t, pbc3):
+            raise DataError(
+                f"atoms span {_span(pos_t):.3g} Å, over {VESIN_MAX_CELLS:.0e} cutoffs of {cutoff} Å along a "
+                "non-periodic direction: vesin cannot bin that; use backend='torch'"
+            )
         return _vesin_neighbor_list(pos_t, float(cutoff), cell_t, pbc3, check=check, sort=sort)
 
     n = pos_t.shape[0]
@@ -166,16 +204,58 @@ def neighbor_list(
 
 
 def _check_cell_np(cell: np.ndarray, pbc: np.ndarray, cutoff: float) -> None:
-    """Singular-cell and image-count guard for one structure (numpy, host)."""
-    if not pbc.any():
-        return
-    rows = cell[pbc]
-    gram = rows @ rows.T
-    scale = max(float(np.max(np.abs(rows))), 1e-300)
-    if abs(np.linalg.det(gram)) <= (1e-10 * scale**2) ** len(rows) or not np.all(np.isfinite(rows)):
+    """Singular-cell guard for one structure (numpy, host)."""
+    if is_singular_cell(cell, pbc):
         raise DataError(
             f"singular cell with periodic boundary conditions: cell={cell.tolist()}, pbc={pbc.tolist()}"
         )
+
+
+def _check_images_np(cell: np.ndarray, pbc: np.ndarray, cutoff: float) -> None:
+    """Refuse a cell so much thinner than the cutoff that it needs absurdly many images."""
+    if not pbc.any():
+        return
+    box = cell if pbc.all() else _complete_basis_np(cell, pbc)
+    recip = np.linalg.inv(box)  # columns are reciprocal vectors b_k
+    m = np.where(pbc, np.ceil(cutoff * np.linalg.norm(recip, axis=0)), 0)
+    n_cells = float(np.prod(2 * m + 1))
+    if n_cells > MAX_STENCIL_CELLS:
+        raise DataError(
+            f"cutoff {cutoff} Å needs {int(n_cells)} periodic images of a cell this small "
+            f"(cell={cell.tolist()}); refusing (limit {MAX_STENCIL_CELLS}). Use a supercell."
+        )
+
+
+def _check_finite(pos: torch.Tensor, cell: torch.Tensor | None = None) -> None:
+    """Non-finite positions or cells would drop atoms silently from a cell list: refuse them."""
+    bad = ~torch.isfinite(pos).all(-1)
+    if bool(bad.any()):  # host sync (guard)
+        k = torch.nonzero(bad)[:5, 0].tolist()
+        raise DataError(f"non-finite (NaN/inf) positions at atom(s) {k}; cannot build a neighbour list")
+    if cell is not None and not bool(torch.isfinite(cell).all()):
+        raise DataError(f"non-finite (NaN/inf) cell {cell.tolist()}; cannot build a neighbour list")
+
+
+def _estimate_pairs(pos: np.ndarray, cutoff: float, cell: np.ndarray, pbc: np.ndarray) -> float:
+    """Expected number of pairs ``N * rho * (4/3) pi r^3`` (``rho`` the density of the
+    periodic cell, or of the atoms' bounding box padded by the cutoff along non-periodic
+    directions), capped at ``N (N - 1)`` for a structure without periodic directions."""
+    n = pos.shape[0]
+    if n == 0:
+        return 0.0
+    box = _complete_basis_np(cell, pbc)
+    lengths = np.where(pbc, 1.0, 0.0)
+    vol = abs(float(np.linalg.det(box)))
+    extent = np.ptp(pos @ np.linalg.pinv(box), axis=0) if vol > 0 else np.zeros(3)
+    # non-periodic rows of `box` are unit vectors: their extent is a length in Å
+    for k in range(3):
+        if not pbc[k]:
+            lengths[k] = extent[k] + 2.0 * cutoff
+    vol = max(vol * float(np.prod(lengths)), 1e-300)
+    est = n * (n / vol) * (4.0 / 3.0) * math.pi * cutoff**3
+    if not pbc.any():
+        est = min(est, float(n) * (n - 1))
+    return est
 
 
 def _vesin_neighbor_list(pos_t, cutoff, cell_t, pbc3, check=True, sort=False):
@@ -194,15 +274,8 @@ def _vesin_neighbor_list(pos_t, cutoff, cell_t, pbc3, check=True, sort=False):
     # vesin never uses the box rows of non-periodic directions for shifts, but wants a
     # non-singular box: those rows are replaced by orthonormal completions.
     box = cell if pbc3.all() else _complete_basis_np(cell, pbc3)
-    if check and pbc3.any():
-        recip = np.linalg.inv(box)  # columns are reciprocal vectors b_k
-        m = np.where(pbc3, np.ceil(cutoff * np.linalg.norm(recip, axis=0)), 0)
-        n_cells = float(np.prod(2 * m + 1))
-        if n_cells > MAX_STENCIL_CELLS:
-            raise DataError(
-                f"cutoff {cutoff} Å needs {int(n_cells)} periodic images of a cell this small "
-                f"(cell={cell.tolist()}); refusing (limit {MAX_STENCIL_CELLS}). Use a supercell."
-            )
+    if check:
+        _check_images_np(cell, pbc3, cutoff)
     # small systems: one thread (OpenMP start-up and spinning cost more than they save)
     n_threads = 1 if pos.shape[0] < 1000 else 0
     nl = NeighborList(cutoff=cutoff, full_list=True, sorted=sort, n_threads=n_threads)
@@ -212,6 +285,32 @@ def _vesin_neighbor_list(pos_t, cutoff, cell_t, pbc3, check=True, sort=False):
     j = torch.from_numpy(np.asarray(j).view(np.int64))
     S = torch.from_numpy(np.asarray(S).astype(np.int64).reshape(-1, 3))
     return i, j, S
+
+
+def _span(pos_t: torch.Tensor) -> float:
+    if pos_t.shape[0] == 0:
+        return 0.0
+    return float((pos_t.amax(0) - pos_t.amin(0)).max())
+
+
+def _vesin_safe(pos_t, cutoff, cell_t, pbc3) -> bool:
+    """vesin bins the bounding box in cells of the cutoff's size; an extent of ~1e5 cutoffs
+    (one atom 5e5 Å away) overflows its cell count and kills the process with SIGFPE."""
+    if pbc3.all() or pos_t.shape[0] == 0:
+        return True
+    return _span(pos_t) / cutoff < VESIN_MAX_CELLS
+
+
+def _check_pairs(pos_t, cutoff, cell_t, pbc3) -> None:
+    est = _estimate_pairs(pos_t.cpu().numpy().astype(np.float64), cutoff,
+                          cell_t.cpu().numpy().astype(np.float64), pbc3)
+    n = max(pos_t.shape[0], 1)
+    if est > MAX_PAIRS or est / n > MAX_NEIGHBORS:
+        raise DataError(
+            f"cutoff {cutoff} Å would give about {est:.3g} neighbour pairs for {pos_t.shape[0]} atoms "
+            f"({est / n:.3g} per atom; limits {MAX_PAIRS:.0e} pairs, {MAX_NEIGHBORS} per atom); refusing. "
+            "Use a smaller cutoff."
+        )
 
 
 def _complete_basis_np(cell: np.ndarray, pbc: np.ndarray) -> np.ndarray:
@@ -290,10 +389,8 @@ def batched_neighbor_list(
     with torch.no_grad():
         basis = _completed_basis(cells, pbcs)  # (B, 3, 3)
         if check:
-            # singular periodic cell: |det(basis)| tiny relative to the row lengths
-            norms = basis.norm(dim=-1)
-            det = torch.linalg.det(basis).abs()
-            bad = ~(det > 1e-10 * norms.prod(-1)) & pbcs.any(-1)
+            _check_finite(pos)
+            bad = singular_cells(cells, pbcs)
             if bool(bad.any()):  # host sync (guard)
                 b = int(torch.nonzero(bad)[0, 0])
                 raise DataError(
@@ -404,6 +501,12 @@ def batched_neighbor_list(
         n_cand = int(cnt.sum())  # host sync 4
         if n_cand == 0:
             return empty
+        if check and n_cand > 8 * min(MAX_PAIRS, MAX_NEIGHBORS * N):
+            raise DataError(
+                f"cutoff {cutoff} Å gives {n_cand:.3g} candidate neighbour pairs for {N} atoms "
+                f"(limits {MAX_PAIRS:.0e} pairs, {MAX_NEIGHBORS} per atom, times 8 for candidates); "
+                "refusing. Use a smaller cutoff."
+            )
         # per (atom, offset) row r: q_r = pw[i_r] - shift_r @ cell, so that for a candidate j
         # in the target bin D = pw[j] - q_r (pw: wrapped positions). Candidate-level work is
         # then two gathers, a subtraction and a compare; everything else runs on kept pairs.

@@ -28,8 +28,10 @@ Formats (chosen from the suffix, or ``format=``):
 pymatgen ``Structure`` objects: :func:`from_pymatgen`.
 
 Bad input raises :class:`~mlpot.errors.DataError` naming the file, the frame index and the
-problem: NaN/inf positions or targets, unknown element, missing required target, forces
-shape mismatch, singular cell with periodic boundaries, empty structure.
+problem: NaN/inf positions, cells, targets or weights, unknown element, missing required
+target, forces shape mismatch, singular cell with periodic boundaries, empty structure, and
+two atoms closer than ``min_distance`` (default :data:`MIN_DISTANCE` = 0.1 Å, periodic
+images included; 0 switches the check off).
 """
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ from ase import Atoms, units
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.stress import full_3x3_to_voigt_6_stress
 
+from mlpot.data.cell import is_singular_cell
 from mlpot.errors import DataError, UnknownElementError
 
 __all__ = [
@@ -50,6 +53,9 @@ __all__ = [
     "KCAL_MOL",
     "LENGTH_UNITS",
     "STRESS_UNITS",
+    "MIN_DISTANCE",
+    "check_xyz_counts",
+    "closest_pair",
     "from_pymatgen",
     "iread",
     "read",
@@ -90,6 +96,10 @@ WEIGHT_KEYS = {
     "stress_weight": ("config_stress_weight", "stress_weight", "config_virials_weight"),
 }
 KNOWN_FORMATS = ("extxyz", "npz", "mlearn", "ase")
+
+#: Atoms closer than this (Å) are an error: two atoms on one site make a model's energy and
+#: forces meaningless (and a training run NaN).
+MIN_DISTANCE = 0.1
 
 
 def _unit(table: dict, name, kind: str) -> float:
@@ -133,6 +143,7 @@ def read(
     stress_unit=None,
     require: Sequence[str] = ("energy",),
     default_config_type: str = "Default",
+    min_distance: float = MIN_DISTANCE,
 ) -> list[Atoms]:
     """Read a file into ``list[ase.Atoms]`` with targets in a SinglePointCalculator.
 
@@ -158,6 +169,7 @@ def read(
             stress_unit=stress_unit,
             require=require,
             default_config_type=default_config_type,
+            min_distance=min_distance,
         )
     )
 
@@ -177,6 +189,7 @@ def iread(
     stress_unit=None,
     require: Sequence[str] = ("energy",),
     default_config_type: str = "Default",
+    min_distance: float = MIN_DISTANCE,
 ) -> Iterator[Atoms]:
     """Streaming version of :func:`read` (one frame at a time; for conversion of large files)."""
     path = Path(path)
@@ -220,7 +233,7 @@ def iread(
     selected = _select(frames, index)
     for k, atoms in selected:
         _finish(atoms, k, path, config_type_key, default_config_type)
-        validate_atoms(atoms, source=str(path), frame=k, require=require)
+        validate_atoms(atoms, source=str(path), frame=k, require=require, min_distance=min_distance)
         yield atoms
 
 
@@ -279,9 +292,41 @@ def _lookup(atoms: Atoms, explicit, candidates, per_atom: bool):
     return None
 
 
+def check_xyz_counts(path) -> None:
+    """Walk the atom-count lines of an (ext)xyz file; a count larger than the lines left is a
+    :class:`DataError` (ASE would skip 10^12 lines past the end of the file, i.e. hang)."""
+    from itertools import islice
+
+    with open(path, "rb") as fh:
+        frame = 0
+        while True:
+            line = fh.readline()
+            if not line:
+                return
+            text = line.strip()
+            if not text:
+                continue  # blank lines between / after frames
+            try:
+                n = int(text.split()[0])
+            except ValueError:
+                return  # not a count line: let the parser report it with its own words
+            if n < 0:
+                raise DataError(f"{path}: frame {frame}: negative atom count {n}")
+            # the comment line and n atom lines must follow
+            got = sum(1 for _ in islice(fh, n + 1))
+            if got < n + 1:
+                raise DataError(
+                    f"{path}: frame {frame}: the count line says {n} atoms but only {max(got - 1, 0)} "
+                    "atom lines follow (truncated file or wrong count)"
+                )
+            frame += 1
+
+
 def _iter_ase(path, fmt, e_unit, l_unit, s_unit, energy_key, forces_key, stress_key, virials_key):
     import ase.io
 
+    if fmt in ("extxyz", "xyz") or (fmt is None and path.suffix.lower() in (".xyz", ".extxyz")):
+        check_xyz_counts(path)
     try:
         it = ase.io.iread(str(path), index=":", format=fmt)
     except Exception as exc:
@@ -389,6 +434,11 @@ def _iter_npz(path, e_unit, l_unit, energy_key, forces_key):
     F = np.asarray(data[fk], dtype=float) if fk in keys else None
     if E is not None and len(E) != len(R):
         raise DataError(f"{path}: {len(E)} energies for {len(R)} frames")
+    if F is not None:
+        if F.ndim == 2:
+            F = F[None]
+        if len(F) != len(R):
+            raise DataError(f"{path}: {len(F)} force frames for {len(R)} coordinate frames")
     for k in range(len(R)):
         if R[k].shape != (len(Z), 3):
             raise DataError(f"{path}: frame {k}: coords shape {R[k].shape} != ({len(Z)}, 3)")
@@ -547,13 +597,56 @@ def _check_numbers(Z, source, frame):
         )
 
 
-def validate_atoms(atoms: Atoms, source: str = "<atoms>", frame: int | None = None, require=()) -> None:
+def _check_occupancy(atoms: Atoms, where: str) -> None:
+    """Partial occupancy (a vacancy, or several species sharing a site) in a CIF: ASE keeps one
+    species per site and drops the occupancies into ``info["occupancy"]``; relaxing or training
+    on that as if fully occupied is wrong, so it is an error."""
+    occ = atoms.info.get("occupancy")
+    if not isinstance(occ, dict):
+        return
+    for site, species in occ.items():
+        if not isinstance(species, dict):
+            continue
+        total = sum(float(v) for v in species.values())
+        if len(species) > 1 or abs(total - 1.0) > 1e-6:
+            text = ", ".join(f"{s} {float(v):g}" for s, v in species.items())
+            kind = "a vacancy" if len(species) == 1 and total < 1 else "partial occupancy"
+            raise DataError(
+                f"{where}: {kind} at site {site} ({text}); order the structure first (e.g. pymatgen "
+                "OrderDisorderedStructureTransformation) and give one species per site"
+            )
+
+
+def closest_pair(atoms: Atoms, within: float):
+    """``(i, j, distance)`` of the closest pair of atoms (periodic images included) among the
+    pairs closer than ``within`` Å, or None when there is none. (The list is built with a
+    cutoff of at least 2 Å: a cell list binned at 0.1 Å would have 10^6 cells per nm^3.)
+    """
+    from mlpot.data.neighbors import neighbor_list
+
+    pbc = np.asarray(atoms.pbc, dtype=bool)
+    i, j, S = neighbor_list(atoms.positions, max(float(within), 2.0),
+                            cell=atoms.cell.array if pbc.any() else None, pbc=pbc)
+    if len(i) == 0:
+        return None
+    i, j, S = i.numpy(), j.numpy(), S.numpy()
+    D = atoms.positions[j] - atoms.positions[i] + S @ atoms.cell.array
+    d = np.sqrt(np.einsum("ij,ij->i", D, D))
+    k = int(np.argmin(d))
+    if not d[k] < within:
+        return None
+    return int(i[k]), int(j[k]), float(d[k])
+
+
+def validate_atoms(atoms: Atoms, source: str = "<atoms>", frame: int | None = None, require=(),
+                   min_distance: float = MIN_DISTANCE) -> None:
     """Raise :class:`DataError` naming ``source`` and ``frame`` when a structure is unusable."""
     where = f"{source}: frame {frame}" if frame is not None else str(source)
     n = len(atoms)
     if n == 0:
         raise DataError(f"{where}: empty structure (no atoms)")
     _check_numbers(atoms.numbers, source, frame)
+    _check_occupancy(atoms, where)
     pos = atoms.positions
     if not np.all(np.isfinite(pos)):
         bad = int(np.nonzero(~np.isfinite(pos).all(1))[0][0])
@@ -562,14 +655,23 @@ def validate_atoms(atoms: Atoms, source: str = "<atoms>", frame: int | None = No
     if not np.all(np.isfinite(cell)):
         raise DataError(f"{where}: non-finite cell")
     pbc = np.asarray(atoms.pbc, dtype=bool)
-    if pbc.any():
-        rows = cell[pbc]
-        gram = rows @ rows.T
-        scale = max(float(np.max(np.abs(rows))), 1e-300) if rows.size else 1.0
-        if abs(np.linalg.det(gram)) <= (1e-10 * scale**2) ** len(rows):
+    if is_singular_cell(cell, pbc):
+        raise DataError(
+            f"{where}: singular cell with periodic boundary conditions "
+            f"(pbc={pbc.tolist()}, cell={cell.round(6).tolist()})"
+        )
+    if not (min_distance >= 0 and math.isfinite(min_distance)):
+        raise DataError(f"min_distance must be a finite number >= 0, got {min_distance}")
+    if min_distance > 0 and n > 1 or (min_distance > 0 and pbc.any()):
+        try:
+            pair = closest_pair(atoms, min_distance)
+        except DataError as exc:
+            raise DataError(f"{where}: {exc}") from None
+        if pair is not None:
+            i, j, d = pair
             raise DataError(
-                f"{where}: singular cell with periodic boundary conditions "
-                f"(pbc={pbc.tolist()}, cell={cell.round(6).tolist()})"
+                f"{where}: atoms {i} and {j} are {d:.3g} Å apart (closer than the minimum distance "
+                f"{min_distance} Å); duplicated atom?"
             )
     results = atoms.calc.results if atoms.calc is not None else {}
     for r in require:

@@ -26,10 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 
@@ -251,12 +248,10 @@ class DatasetStatistics:
         return cls(**d)
 
     def save(self, path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=str(path.parent))
-        with os.fdopen(fd, "w") as fh:
+        from mlpot.fileio import atomic_open
+
+        with atomic_open(path, "w") as fh:
             json.dump(self.to_dict(), fh, indent=2)
-        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path) -> DatasetStatistics:

@@ -13,9 +13,11 @@ random Cu fraction in the alloy cells. Targets are written to extxyz under ``REF
 (eV), ``REF_forces`` (eV/Å) and ``REF_stress`` (eV/Å^3, ASE sign, Voigt order), as with
 mace-torch's ``--energy_key REF_energy`` convention.
 
-Everything is deterministic given ``seed``. Files are written atomically into a cache folder
-together with a ``manifest.json`` of the generation parameters; a later call with the same
-parameters reuses them.
+Everything is deterministic given ``seed``. Files are written atomically into a cache folder;
+``manifest.json`` (the generation parameters and the SHA-256 of every file) is removed before
+and written last, atomically, after them. A later call reuses the files only when the manifest
+names the same parameters and every hash still matches, so an interrupted or tampered
+generation is regenerated.
 
 In a training config::
 
@@ -27,14 +29,15 @@ strained cell to relax) into ``<output>/data/`` unless ``cache_dir`` says otherw
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from mlpot.errors import ConfigError
+from mlpot.fileio import atomic_path, atomic_write_text, remove_stale_temps
 
 __all__ = ["SYSTEMS", "generate_emt_dataset", "emt_structures", "default_cache_dir"]
 
@@ -151,16 +154,31 @@ def _relax_start(seed: int, system: str):
 def _atomic_write(path: Path, images) -> None:
     from ase.io import write
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         write(tmp, images, format="extxyz")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _manifest_matches(manifest: Path, params: dict, paths: dict[str, Path]) -> bool:
+    """True when ``manifest`` records ``params`` and the files still have the recorded hashes."""
+    try:
+        recorded = json.loads(manifest.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    if not isinstance(recorded, dict) or recorded.get("params") != params:
+        return False
+    hashes = recorded.get("sha256", {})
+    try:
+        return all(hashes.get(k) == _sha256(p) for k, p in paths.items())
+    except OSError:
+        return False
 
 
 def generate_emt_dataset(
@@ -190,23 +208,22 @@ def generate_emt_dataset(
     }
     paths = {k: out_dir / f"{k}.xyz" for k in ("train", "valid", "test", "relax_start")}
     manifest = out_dir / "manifest.json"
-    if manifest.exists() and all(p.exists() for p in paths.values()):
-        try:
-            if json.loads(manifest.read_text()) == params:
-                return paths
-        except (OSError, json.JSONDecodeError):
-            pass
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if manifest.exists() and _manifest_matches(manifest, params, paths):
+        return paths
+    # the manifest goes first: a run killed while regenerating leaves no manifest, never a
+    # stale one beside new files (and the next run regenerates)
+    if manifest.exists():
+        manifest.unlink()
+    for name in [*(p.name for p in paths.values()), manifest.name]:
+        remove_stale_temps(out_dir, name)  # left by a writer that was killed
     # independent streams per split: seed offsets far apart
     splits = {"train": (n_train, 0), "valid": (n_valid, 1), "test": (n_test, 2)}
     for name, (n, offset) in splits.items():
         images = emt_structures(n, seed=int(seed) * 1000 + offset, system=system)
         _atomic_write(paths[name], images)
     _atomic_write(paths["relax_start"], [_relax_start(seed, system)])
-    fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".tmp", dir=out_dir)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(params, fh, indent=1)
-    os.replace(tmp, manifest)
+    record = {"params": params, "sha256": {k: _sha256(p) for k, p in paths.items()}}
+    atomic_write_text(manifest, json.dumps(record, indent=1) + "\n")
     return paths
 
 

@@ -14,12 +14,11 @@ Layout (a ``torch.save`` dict, loadable with ``weights_only=True``)::
     dtype             the dtype the model was trained in
     metadata          free-form (training info, provenance)
 
-Writes are atomic: a temporary file in the same folder, then ``os.replace``.
+Writes are atomic (:mod:`mlpot.fileio`): a temporary file in the same folder, then a rename.
 """
 from __future__ import annotations
 
-import os
-import tempfile
+import math
 from pathlib import Path
 
 import torch
@@ -34,19 +33,10 @@ _DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 def atomic_torch_save(obj, path) -> None:
     """``torch.save`` to a temporary file beside ``path``, fsync, then rename over it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from mlpot.fileio import atomic_open
+
+    with atomic_open(path, "wb") as fh:
+        torch.save(obj, fh)
 
 
 def _dtype_name(model) -> str:
@@ -57,6 +47,10 @@ def _dtype_name(model) -> str:
 
 
 def save_model(model, path, metadata: dict | None = None) -> None:
+    """Write ``model`` to ``path`` atomically; a model with NaN/inf weights is refused."""
+    bad = non_finite_weights(model.state_dict())
+    if bad:
+        raise ModelFileError(f"refusing to write {path}: non-finite (NaN/inf) weights in {', '.join(bad[:5])}")
     config = dict(model.config)
     config["dtype"] = getattr(model, "trained_dtype", _dtype_name(model))
     payload = {
@@ -75,6 +69,17 @@ def save_model(model, path, metadata: dict | None = None) -> None:
     atomic_torch_save(payload, path)
 
 
+def load_error_text(exc: BaseException) -> str:
+    """One short line for a failed ``torch.load``: the refused global of a ``weights_only``
+    load (a file that would run code), else the exception's first line."""
+    text = str(exc)
+    refused = [ln.strip() for ln in text.splitlines() if "GLOBAL" in ln]
+    if refused:
+        return "disallowed content: " + refused[0].split(" was not")[0].split(" whose module")[0]
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
 def read_model_file(path) -> dict:
     path = Path(path)
     if not path.exists():
@@ -82,11 +87,13 @@ def read_model_file(path) -> dict:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - turned into one clear message
-        raise ModelFileError(f"{path}: not a readable mlpot model file ({type(exc).__name__}: {exc})") from None
+        raise ModelFileError(f"{path}: not a readable mlpot model file ({load_error_text(exc)})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ModelFileError(f"{path}: not an mlpot model file (no '{FORMAT}' header)")
     version = payload.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ModelFileError(f"{path}: invalid model file format version {version!r} (expected 1..{FORMAT_VERSION})")
+    if version > FORMAT_VERSION:
         raise ModelFileError(
             f"{path}: model file format version {version} is newer than this mlpot supports "
             f"({FORMAT_VERSION}); upgrade mlpot to read it"
@@ -94,7 +101,24 @@ def read_model_file(path) -> dict:
     for key in ("model_name", "config", "state_dict"):
         if key not in payload:
             raise ModelFileError(f"{path}: model file lacks the {key!r} entry")
+    if not isinstance(payload["config"], dict) or not isinstance(payload["state_dict"], dict):
+        raise ModelFileError(f"{path}: model file entries 'config' and 'state_dict' must be mappings")
+    bad = non_finite_weights(payload["state_dict"])
+    if bad:
+        raise ModelFileError(f"{path}: non-finite (NaN/inf) weights in {', '.join(bad[:5])}")
+    r_max = payload.get("r_max", payload["config"].get("r_max"))
+    if r_max is not None and not (isinstance(r_max, (int, float)) and math.isfinite(r_max) and r_max > 0):
+        raise ModelFileError(f"{path}: invalid cutoff r_max {r_max!r}")
+    e0s = payload.get("e0s") or {}
+    if isinstance(e0s, dict) and not all(isinstance(v, (int, float)) and math.isfinite(v) for v in e0s.values()):
+        raise ModelFileError(f"{path}: non-finite E0s {e0s}")
     return payload
+
+
+def non_finite_weights(state_dict: dict) -> list[str]:
+    """Names of the floating-point tensors of ``state_dict`` holding a NaN or infinity."""
+    return [k for k, v in state_dict.items()
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
 
 
 def load_model(path, device=None, dtype=None):

@@ -24,6 +24,7 @@ import torch
 from ase import Atoms
 
 from mlpot.data.neighbors import batched_neighbor_list, neighbor_list
+from mlpot.errors import ConfigError, NonFiniteError
 
 __all__ = ["batched_fire_relax", "BatchedRelaxResult"]
 
@@ -80,7 +81,12 @@ def batched_fire_relax(
     fa: float = 0.99,
     progress=None,
 ) -> BatchedRelaxResult:
-    """Relax copies of ``atoms_list`` with per-structure FIRE (positions only)."""
+    """Relax copies of ``atoms_list`` with per-structure FIRE (positions only).
+
+    A non-finite energy or force of any structure stops the run with
+    :class:`~mlpot.errors.NonFiniteError` naming the structure (never "converged")."""
+    if not (fmax > 0 and np.isfinite(fmax)):
+        raise ConfigError(f"fmax must be a finite number > 0, got {fmax}")
     p = next(model.parameters())
     device, dtype = p.device, p.dtype
     r_max = float(model.r_max)
@@ -146,6 +152,10 @@ def batched_fire_relax(
         calls += 1
         f = out["forces"].detach()
         energy = out["energy"].detach()
+        bad = ~torch.isfinite(energy) | ~_segment_sum((~torch.isfinite(f)).any(-1).to(dtype), batch, B).eq(0)
+        if bool(bad.any()):  # one host sync per step (the write-back below has several)
+            which = [active[b] for b in torch.nonzero(bad)[:, 0].tolist()]
+            raise NonFiniteError(f"structure(s) {which}: the model gave a non-finite energy or forces; stopping")
         fnorm2 = (f * f).sum(-1)
         fmax_b = torch.zeros(B, dtype=dtype, device=device).scatter_reduce(
             0, batch, fnorm2, reduce="amax", include_self=True).sqrt()

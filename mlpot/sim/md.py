@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from ase import Atoms, units
 
-from mlpot.errors import ConfigError
+from mlpot.errors import ConfigError, NonFiniteError
 
 __all__ = ["make_integrator", "run_md", "MDSummary", "ENSEMBLES"]
 
@@ -43,7 +43,9 @@ def init_velocities(atoms: Atoms, temperature: float, seed: int | None) -> None:
     for non-periodic systems)."""
     from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary, ZeroRotation
 
-    if temperature <= 0:
+    if not (temperature >= 0 and np.isfinite(temperature)):
+        raise ConfigError(f"temperature must be a finite number >= 0 K, got {temperature}")
+    if temperature == 0:
         atoms.set_momenta(np.zeros((len(atoms), 3)))
         return
     rng = np.random.default_rng(seed)
@@ -56,6 +58,11 @@ def init_velocities(atoms: Atoms, temperature: float, seed: int | None) -> None:
 def make_integrator(atoms, ensemble, timestep_fs, temperature=300.0, friction=0.01, pressure_gpa=0.0,
                     seed=None):
     ensemble = ensemble.lower()
+    for name, value in (("timestep", timestep_fs), ("friction", friction), ("pressure", pressure_gpa)):
+        if not np.isfinite(value):
+            raise ConfigError(f"{name} must be finite, got {value}")
+    if not (temperature >= 0 and np.isfinite(temperature)):
+        raise ConfigError(f"temperature must be a finite number >= 0 K, got {temperature}")
     dt = timestep_fs * units.fs
     if ensemble == "nve":
         from ase.md.verlet import VelocityVerlet
@@ -98,6 +105,8 @@ def thermo(atoms: Atoms) -> dict:
     epot = float(atoms.get_potential_energy())
     ekin = float(atoms.get_kinetic_energy())
     row = {"epot": epot, "ekin": ekin, "etot": epot + ekin, "temperature": float(atoms.get_temperature())}
+    if not (np.isfinite(row["etot"]) and np.all(np.isfinite(atoms.positions))):
+        raise NonFiniteError(f"non-finite energy or positions in MD (epot {epot}, ekin {ekin}); stopping")
     if atoms.pbc.all():
         s = atoms.get_stress(include_ideal_gas=True)
         row["pressure"] = float(-s[:3].mean() / units.GPa)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from ase import Atoms, units
 
-from mlpot.errors import ConfigError
+from mlpot.errors import ConfigError, MlpotError, NonFiniteError
 
 __all__ = ["RelaxResult", "relax_atoms", "OPTIMIZERS", "format_table"]
 
@@ -64,7 +64,22 @@ def relax_atoms(
     logfile=None,
     index: int = 0,
 ) -> RelaxResult:
-    """Relax ``atoms`` in place; returns a :class:`RelaxResult`."""
+    """Relax ``atoms`` in place; returns a :class:`RelaxResult`.
+
+    A non-finite energy, force or position (from the calculator, or after a step) stops the
+    relaxation with :class:`~mlpot.errors.NonFiniteError` naming the structure; it is never
+    reported as converged."""
+    try:
+        return _relax(atoms, calc, fmax, steps, optimizer, cell, pressure_gpa, trajectory, logfile, index)
+    except MlpotError as exc:
+        if str(exc).startswith("structure "):
+            raise
+        raise type(exc)(f"structure {index} ({atoms.get_chemical_formula()}): {exc}") from None
+
+
+def _relax(atoms, calc, fmax, steps, optimizer, cell, pressure_gpa, trajectory, logfile, index) -> RelaxResult:
+    if not (fmax > 0 and np.isfinite(fmax)):
+        raise ConfigError(f"fmax must be a finite number > 0, got {fmax}")
     opt_cls = _optimizer(optimizer)
     atoms.calc = calc
     if cell and not atoms.pbc.all():
@@ -82,12 +97,16 @@ def relax_atoms(
     opt.run(fmax=fmax, steps=steps)
     f = target.get_forces()
     fm = float(np.sqrt((f**2).sum(axis=1).max())) if len(f) else 0.0
+    e_final = float(atoms.get_potential_energy())
+    if not (np.isfinite(fm) and np.isfinite(e_final) and np.all(np.isfinite(atoms.positions))
+            and np.all(np.isfinite(atoms.cell.array))):
+        raise NonFiniteError("non-finite energy, forces or positions after the relaxation")
     return RelaxResult(
         index=index,
         formula=atoms.get_chemical_formula(),
         natoms=len(atoms),
         e_initial=e0,
-        e_final=float(atoms.get_potential_energy()),
+        e_final=e_final,
         fmax=fm,
         steps=int(opt.nsteps),
         volume_initial=v0,

@@ -7,31 +7,23 @@ and are renamed over it, so a crash never leaves a half-written file.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
-import numpy as np
 from ase import Atoms
 
+from mlpot.data.readers import MIN_DISTANCE, check_xyz_counts, validate_atoms
 from mlpot.errors import DataError
+from mlpot.fileio import atomic_path
 
 __all__ = ["read_structures", "write_structures", "atomic_output", "guess_format"]
 
 PYMATGEN_JSON = "pymatgen-json"
 
 
-def _check(atoms: Atoms, path, k: int) -> None:
-    if len(atoms) == 0:
-        raise DataError(f"{path}: frame {k} has no atoms")
-    if not np.all(np.isfinite(atoms.positions)):
-        raise DataError(f"{path}: frame {k} has non-finite positions")
-    if np.any(atoms.numbers <= 0) or np.any(atoms.numbers > 118):
-        raise DataError(f"{path}: frame {k} has invalid atomic numbers {sorted(set(atoms.numbers.tolist()))}")
-    if atoms.pbc.any():
-        rows = atoms.cell.array[atoms.pbc]
-        if np.linalg.matrix_rank(rows, tol=1e-8) < len(rows):
-            raise DataError(f"{path}: frame {k} has a singular cell with periodic boundaries")
+def _check(atoms: Atoms, path, k: int, min_distance: float = MIN_DISTANCE) -> None:
+    """Empty structure, bad element, non-finite position or cell, singular cell, partial
+    occupancy, atoms closer than ``min_distance``: the checks of the training readers."""
+    validate_atoms(atoms, source=str(path), frame=k, min_distance=min_distance)
 
 
 def _read_pymatgen(path: Path) -> list[Atoms]:
@@ -44,6 +36,10 @@ def _read_pymatgen(path: Path) -> list[Atoms]:
         structs = [Structure.from_dict(d) for d in items]
     else:
         structs = [Structure.from_file(str(path))]
+    for k, s in enumerate(structs):
+        if not s.is_ordered:
+            raise DataError(f"{path}: frame {k}: partial occupancy or vacancy (a disordered structure); "
+                            "order it first and give one species per site")
     return [AseAtomsAdaptor.get_atoms(s) for s in structs]
 
 
@@ -57,7 +53,7 @@ def guess_format(path, read: bool = True) -> str | None:
         return None
 
 
-def read_structures(path, format: str | None = None) -> tuple[list[Atoms], str]:
+def read_structures(path, format: str | None = None, min_distance: float = MIN_DISTANCE) -> tuple[list[Atoms], str]:
     """All frames of ``path`` and the format they came in (``"pymatgen-json"`` for pymatgen)."""
     path = Path(path)
     if not path.exists():
@@ -73,8 +69,10 @@ def read_structures(path, format: str | None = None) -> tuple[list[Atoms], str]:
     if frames is None and format != PYMATGEN_JSON:
         import ase.io
 
+        fmt = format or guess_format(path)
+        if fmt in ("extxyz", "xyz"):
+            check_xyz_counts(path)  # a huge count line would make ASE hang
         try:
-            fmt = format or guess_format(path)
             frames = ase.io.read(str(path), index=":", format=fmt)
             if isinstance(frames, Atoms):
                 frames = [frames]
@@ -90,29 +88,13 @@ def read_structures(path, format: str | None = None) -> tuple[list[Atoms], str]:
         detail = "; ".join(errors) if errors else "no frames"
         raise DataError(f"{path}: cannot read structures ({detail})")
     for k, a in enumerate(frames):
-        _check(a, path, k)
         a.calc = None
+        _check(a, path, k, min_distance)
     return list(frames), fmt or "extxyz"
 
 
-class atomic_output:
-    """Context manager yielding a temporary path beside ``path``; renamed over it on success."""
-
-    def __init__(self, path):
-        self.path = Path(path)
-
-    def __enter__(self) -> str:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        os.close(fd)
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            os.replace(self.tmp, self.path)
-        elif os.path.exists(self.tmp):
-            os.unlink(self.tmp)
-        return False
+#: a temporary path beside the target, renamed over it on success (:mod:`mlpot.fileio`)
+atomic_output = atomic_path
 
 
 def write_structures(path, frames: list[Atoms], format: str | None = None) -> str:

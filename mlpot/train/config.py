@@ -16,6 +16,7 @@ import copy
 import dataclasses
 import difflib
 import inspect
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,7 @@ DATA_SCHEMA: dict[str, Any] = {
     },
     "isolated_atoms": F((str, NoneType), None, doc="file of isolated-atom energies (for model.e0s: isolated)"),
     "max_train": F((int, NoneType), None, doc="use only the first N training frames"),
+    "min_distance": F(_num, 0.1, doc="atoms closer than this (Å) are an error; 0: no check"),
     "synthetic": F((dict, NoneType), None, doc="generate the built-in EMT Cu-Ni dataset (mlpot.data.synthetic)"),
 }
 
@@ -164,8 +166,8 @@ def _check_type(key: str, value, field: Field):
         hint = difflib.get_close_matches(str(value), [str(c) for c in field.choices], n=1)
         msg = f"config key `{key}`: {value!r} is not one of {list(field.choices)}"
         raise ConfigError(msg + (f"; did you mean {hint[0]!r}?" if hint else ""))
-    if isinstance(value, float) and field.types == (float,) and value != value:
-        raise ConfigError(f"config key `{key}`: NaN")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"config key `{key}`: must be a finite number, got {value}")
 
 
 def _unknown(key: str, known) -> ConfigError:
@@ -258,6 +260,7 @@ def validate_config(raw: dict, base_dir: Path | None = None, check_files: bool =
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError("a config must be a YAML mapping at the top level")
+    _check_finite(raw, "")
     top = {k: v for k, v in SCHEMA.items() if k != "model"}
     for k in raw:
         if k not in SCHEMA:
@@ -288,29 +291,142 @@ def validate_config(raw: dict, base_dir: Path | None = None, check_files: bool =
     for k, v in tr["config_type_weights"].items():
         _check_type(f"training.config_type_weights.{k}", v, F(_num))
 
-    # value ranges
-    positive = {
-        "training.epochs": tr["epochs"], "training.batch_size": tr["batch_size"], "training.lr": tr["lr"],
-        "training.eval_every": tr["eval_every"], "training.checkpoint_every": tr["checkpoint_every"],
-        "model.r_max": cfg["model"]["r_max"],
-    }
-    if tr["valid_batch_size"] is not None:
-        positive["training.valid_batch_size"] = tr["valid_batch_size"]
-    if tr["time_limit"] is not None:
-        positive["training.time_limit"] = tr["time_limit"]
-    for k, v in positive.items():
-        if not v > 0:
-            raise ConfigError(f"config key `{k}` must be > 0, got {v}")
-    if not 0.0 <= tr["ema_decay"] < 1.0:
-        raise ConfigError(f"config key `training.ema_decay` must be in [0, 1), got {tr['ema_decay']}")
-    if tr["num_workers"] < 0:
-        raise ConfigError(f"config key `training.num_workers` must be >= 0, got {tr['num_workers']}")
-    if isinstance(data["valid"], float) and not 0.0 <= data["valid"] < 1.0:
-        raise ConfigError(f"config key `data.valid`: a fraction must be in [0, 1), got {data['valid']}")
+    _check_ranges(cfg)
+    if isinstance(data["test"], dict):
+        for name in data["test"]:
+            if str(name) in ("train", "valid"):
+                raise ConfigError(
+                    f"config key `data.test.{name}`: the name {name!r} is taken by the {name} split; "
+                    "choose another name for this test set"
+                )
 
     if check_files:
         _check_files(cfg, base_dir)
     return cfg
+
+
+# key -> (low, high, low included, high included); None = unbounded
+RANGES: dict[str, tuple] = {
+    "seed": (0, None, True, True),
+    "data.max_train": (1, None, True, True),
+    "data.min_distance": (0.0, None, True, True),
+    "data.valid": (0.0, 1.0, True, False),  # as a fraction
+    "data.synthetic.n_train": (1, None, True, True),
+    "data.synthetic.n_valid": (0, None, True, True),
+    "data.synthetic.n_test": (0, None, True, True),
+    "data.synthetic.seed": (0, None, True, True),
+    "training.epochs": (1, None, True, True),
+    "training.batch_size": (1, None, True, True),
+    "training.valid_batch_size": (1, None, True, True),
+    "training.lr": (0.0, None, False, True),
+    "training.weight_decay": (0.0, None, True, True),
+    "training.clip_grad": (0.0, None, False, True),
+    "training.ema_decay": (0.0, 1.0, True, False),
+    "training.huber_delta": (0.0, None, False, True),
+    "training.energy_weight": (0.0, None, True, True),
+    "training.forces_weight": (0.0, None, True, True),
+    "training.stress_weight": (0.0, None, True, True),
+    "training.patience": (1, None, True, True),
+    "training.eval_every": (1, None, True, True),
+    "training.checkpoint_every": (1, None, True, True),
+    "training.num_workers": (0, None, True, True),
+    "training.time_limit": (0.0, None, False, True),
+    "training.config_type_weights.*": (0.0, None, True, True),
+    "training.scheduler_params.factor": (0.0, 1.0, False, False),
+    "training.scheduler_params.patience": (0, None, True, True),
+    "training.scheduler_params.threshold": (0.0, None, True, True),
+    "training.scheduler_params.min_lr": (0.0, None, True, True),
+    "training.scheduler_params.eta_min": (0.0, None, True, True),
+    "training.scheduler_params.t_max": (1, None, True, True),
+    "training.stage_two.energy_weight": (0.0, None, True, True),
+    "training.stage_two.forces_weight": (0.0, None, True, True),
+    "training.stage_two.stress_weight": (0.0, None, True, True),
+    "training.stage_two.lr": (0.0, None, False, True),
+    "model.r_max": (0.0, None, False, True),
+    "model.avg_num_neighbors": (0.0, None, False, True),
+    "model.scale": (0.0, None, False, True),
+    # constructor arguments shared by the registered models (checked when given)
+    "model.max_ell": (0, None, True, True),
+    "model.max_L": (0, None, True, True),
+    "model.correlation": (1, None, True, True),
+    "model.num_interactions": (1, None, True, True),
+    "model.num_channels": (1, None, True, True),
+    "model.num_bessel": (1, None, True, True),
+    "model.num_polynomial_cutoff": (1, None, True, True),
+    "model.num_radial": (1, None, True, True),
+    "model.hidden": (1, None, True, True),
+    "model.lmax": (0, None, True, True),
+    "model.mmax": (0, None, True, True),
+}
+_IRREPS_KEYS = ("model.hidden_irreps", "model.MLP_irreps")
+
+
+def _range_text(lo, hi, lo_inc, hi_inc) -> str:
+    if hi is None:
+        return f"{'>=' if lo_inc else '>'} {lo}"
+    return f"in {'[' if lo_inc else '('}{lo}, {hi}{']' if hi_inc else ')'}"
+
+
+def _check_value_range(key: str, value, spec) -> None:
+    lo, hi, lo_inc, hi_inc = spec
+    values = value if isinstance(value, (list, tuple)) else [value]  # e.g. correlation per layer
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            if isinstance(value, (list, tuple)) or key.startswith("model."):
+                raise ConfigError(f"config key `{key}`: expected a number {_range_text(*spec)}, got {v!r}")
+            continue
+        ok = (lo is None or (v >= lo if lo_inc else v > lo)) and (hi is None or (v <= hi if hi_inc else v < hi))
+        if not ok:
+            raise ConfigError(f"config key `{key}` must be {_range_text(*spec)}, got {v}")
+
+
+def _check_ranges(cfg: dict) -> None:
+    """Every numeric key within its range (:data:`RANGES`), the message naming the range."""
+    for key, spec in RANGES.items():
+        parts = key.split(".")
+        node = cfg
+        for p in parts[:-1]:
+            node = node.get(p) if isinstance(node, dict) else None
+        if not isinstance(node, dict):
+            continue
+        if parts[-1] == "*":
+            items = [(f"{'.'.join(parts[:-1])}.{k}", v) for k, v in node.items()]
+        elif parts[-1] in node:
+            items = [(key, node[parts[-1]])]
+        else:
+            items = []
+        for k, v in items:
+            if v is None or (key == "data.valid" and not isinstance(v, float)):
+                continue
+            if key.startswith("model.") and v == "auto":
+                continue
+            _check_value_range(k, v, spec)
+    for key in _IRREPS_KEYS:
+        value = cfg["model"].get(key.split(".")[1])
+        if value is None:
+            continue
+        try:
+            from e3nn import o3
+
+            irreps = o3.Irreps(value)
+        except Exception as exc:  # noqa: BLE001 - e3nn's parse errors vary
+            raise ConfigError(
+                f"config key `{key}`: {value!r} is not an irreps string like '64x0e + 64x1o' ({exc})"
+            ) from None
+        if irreps.dim == 0:
+            raise ConfigError(f"config key `{key}`: {value!r} has no channels")
+
+
+def _check_finite(value, key: str) -> None:
+    """No NaN or infinity anywhere in a config (YAML's .nan / .inf)."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_finite(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(value, (list, tuple)):
+        for k, v in enumerate(value):
+            _check_finite(v, f"{key}[{k}]")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"config key `{key}`: must be a finite number, got {value}")
 
 
 def _resolve(path: str, base_dir: Path | None) -> str:
@@ -378,13 +494,39 @@ def load_config(path=None, overrides: list[str] | None = None, check_files: bool
         if not path.exists():
             raise ConfigError(f"config file not found: {path}")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+            raise ConfigError(f"{path}: not valid YAML: {_one_line(exc)}") from None
         base_dir = path.parent
     for o in overrides or []:
         apply_override(raw, o)
     return validate_config(raw, base_dir=base_dir, check_files=check_files)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the
+    last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                hash(key)
+            except TypeError:
+                continue  # the base class reports unhashable keys
+            if key in seen:
+                raise ConfigError(
+                    f"duplicate key {key!r} (lines {seen[key] + 1} and {key_node.start_mark.line + 1})"
+                )
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _one_line(exc) -> str:
+    return " ".join(str(exc).split())
 
 
 def default_config() -> dict:
@@ -397,14 +539,10 @@ def default_config() -> dict:
 
 def dump_config(cfg: dict, path) -> None:
     """Write the resolved config as YAML, atomically."""
-    import tempfile
+    from mlpot.fileio import atomic_open
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
+    with atomic_open(path, "w") as fh:
         yaml.safe_dump(_plain(cfg), fh, sort_keys=False)
-    os.replace(tmp, path)
 
 
 def _plain(x):

@@ -108,6 +108,17 @@ def broadcast_flag(flag: bool, info: DistInfo) -> bool:
     return bool(obj[0])
 
 
+def any_flag(flag: bool, info: DistInfo) -> bool:
+    """True on every rank when ``flag`` is true on any rank."""
+    if not info.enabled:
+        return bool(flag)
+    import torch.distributed as dist
+
+    t = torch.tensor([1.0 if flag else 0.0], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
 def gather_objects(obj, info: DistInfo) -> list:
     """``[obj of rank 0, obj of rank 1, ...]`` on every rank."""
     if not info.enabled:

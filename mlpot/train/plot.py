@@ -1,9 +1,9 @@
 """Learning curves (matplotlib, Agg backend: no display needed)."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
+
+from mlpot.fileio import atomic_path
 
 __all__ = ["plot_learning_curve"]
 
@@ -37,13 +37,8 @@ def plot_learning_curve(history: list[dict], path) -> None:
             ax.semilogy(*zip(*pts), "o-", ms=3)
         ax.set_ylabel(label)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=110)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)

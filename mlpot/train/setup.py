@@ -31,9 +31,10 @@ class Splits:
 
 def read_frames(path, data_cfg: dict, require=()) -> list:
     from mlpot.data import read
+    from mlpot.data.readers import MIN_DISTANCE
 
     keys, units = data_cfg.get("keys", {}) or {}, data_cfg.get("units", {}) or {}
-    return read(
+    frames = read(
         path,
         data_cfg.get("format"),
         energy_key=keys.get("energy"),
@@ -45,7 +46,11 @@ def read_frames(path, data_cfg: dict, require=()) -> list:
         length_unit=units.get("length"),
         stress_unit=units.get("stress"),
         require=require,
+        min_distance=data_cfg.get("min_distance", MIN_DISTANCE),
     )
+    for k, atoms in enumerate(frames):  # provenance, for error messages (file, frame)
+        atoms.info["_mlpot_source"] = (str(path), k)
+    return frames
 
 
 def synthetic_paths(cfg: dict) -> dict:
@@ -212,4 +217,26 @@ def resolve_model_config(cfg: dict, splits: Splits) -> tuple[str, dict, dict]:
                 raise ConfigError(f"config key `model.{k}`: model {name} does not take it")
             kwargs.pop(k)
     statistics = stats.to_dict()
+    check_elements(splits, species)
     return name, kwargs, statistics
+
+
+def check_elements(splits: Splits, species) -> None:
+    """Every validation and test frame has only elements the model will know (before training,
+    so that a bad test file does not fail a finished run)."""
+    from ase.data import chemical_symbols
+
+    known = set(int(z) for z in species)
+    sets = {"valid": splits.valid, **{f"test set {n!r}": v for n, v in splits.tests.items()}}
+    for name, frames in sets.items():
+        for k, atoms in enumerate(frames):
+            bad = sorted({int(z) for z in atoms.numbers} - known)
+            if bad:
+                src = atoms.info.get("_mlpot_source")
+                where = f"{src[0]}: frame {src[1]}" if src else f"{name} frame {k}"
+                names = ", ".join(chemical_symbols[z] for z in bad)
+                raise DataError(
+                    f"{where} ({name}): element(s) {names} do not occur in the training data "
+                    f"(elements {', '.join(chemical_symbols[z] for z in sorted(known))}); "
+                    "add them to `model.atomic_numbers` or remove the frame"
+                )

@@ -18,6 +18,14 @@ torch), epoch, stage and best-so-far from ``<output>/checkpoint.pt``; since the 
 only depends on ``(seed, epoch)``, the resumed run reproduces an uninterrupted one.
 ``time_limit`` (minutes, per invocation) stops cleanly between batches; the last complete
 epoch's checkpoint stays on disk, the best model is kept and evaluated.
+
+Safety: the output folder is locked for the whole run (:mod:`mlpot.train.runlock`); stale
+temporary files of killed writers are removed at start-up. Training stops at the first
+non-finite loss or gradient norm (before the optimizer step, so no NaN reaches the weights),
+naming the epoch, the batch and its frames (file and index); ``model.pt`` then holds the
+best model so far (when there is one) and the run fails with
+:class:`~mlpot.errors.NonFiniteError`. Checkpoints are read with ``weights_only=True`` and
+an explicit allow-list (:func:`_numpy_rng_globals`): a checkpoint cannot run code.
 """
 from __future__ import annotations
 
@@ -25,17 +33,16 @@ import csv
 import io
 import json
 import math
-import os
 import random
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from mlpot.errors import ConfigError
+from mlpot.errors import ConfigError, NonFiniteError
+from mlpot.fileio import atomic_write_text, remove_stale_temps
 from mlpot.models.io import atomic_torch_save
 from mlpot.train import distributed as ddp
 from mlpot.train.config import dump_config
@@ -47,14 +54,49 @@ __all__ = ["train", "Trainer"]
 
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
 CHECKPOINT = "checkpoint.pt"
+#: files the run writes into its folder (their stale temporaries are removed at start-up)
+RUN_FILES = (CHECKPOINT, "model.pt", "config.yaml", "log.csv", "metrics.json", "learning_curve.png")
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+def _numpy_rng_globals() -> list:
+    """The allow-list beyond torch's defaults: what unpickling ``np.random.get_state()`` (a
+    uint32 array in a tuple) and numpy scalars in the history need. Each of these rebuilds a
+    plain array, scalar or dtype from bytes; none calls arbitrary code."""
+    try:
+        from numpy._core.multiarray import _reconstruct, scalar
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct, scalar
+    dtypes = [type(np.dtype(t)) for t in (np.uint32, np.int64, np.float64, np.float32, np.bool_)]
+    return [_reconstruct, scalar, np.ndarray, np.dtype, *dtypes]
+
+
+def load_checkpoint_file(path: Path) -> dict:
+    """``torch.load(weights_only=True)`` of a training checkpoint; anything outside the
+    allow-list (tensors, containers, numbers, strings and the numpy RNG state) is refused, so a
+    crafted pickle runs nothing. Unreadable or truncated files are a ConfigError."""
+    import pickle
+
+    from mlpot.models.io import load_error_text
+
+    try:
+        with torch.serialization.safe_globals(_numpy_rng_globals()):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ConfigError(f"{path}: refusing to load the checkpoint ({load_error_text(exc)})") from None
+    except Exception as exc:  # noqa: BLE001 - truncated / corrupt / not a torch file
+        raise ConfigError(
+            f"{path}: cannot read the checkpoint (truncated or corrupt?): {load_error_text(exc)}; "
+            "delete it or start without --resume"
+        ) from None
+    return state
+
+
+def _sources(frames) -> list[str]:
+    out = []
+    for a in frames:
+        src = a.info.get("_mlpot_source")
+        out.append(f"{src[0]} frame {src[1]}" if src else f"{a.get_chemical_formula()} (no file)")
+    return out
 
 
 def _resolve_device(name: str, info: ddp.DistInfo) -> torch.device:
@@ -114,6 +156,9 @@ class Trainer:
         cfg, tr = self.cfg, self.tr
         if self.info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
+            for name in RUN_FILES:
+                for p in remove_stale_temps(self.out, name):
+                    self.log(f"removed a stale temporary file {p}")
             if cfg["data"]["synthetic"] is not None:
                 from mlpot.train.setup import synthetic_paths
 
@@ -126,7 +171,13 @@ class Trainer:
         self.statistics = stats
         self.model_name, self.model_kwargs = name, kwargs
         torch.manual_seed(cfg["seed"])
-        model = build_model(name, **kwargs)
+        try:
+            model = build_model(name, **kwargs)
+        except (ValueError, TypeError, AssertionError, KeyError, IndexError) as exc:
+            if isinstance(exc, ConfigError):
+                raise
+            msg = " ".join(str(exc).split()) or type(exc).__name__
+            raise ConfigError(f"config section `model`: cannot build {name}: {msg}") from None
         self.model = model.to(device=self.device, dtype=self.dtype)
         ddp.broadcast_parameters(self.model, self.info)
         self.log(
@@ -228,7 +279,7 @@ class Trainer:
             atomic_torch_save(self.state_dict(), self.out / CHECKPOINT)
 
     def load_checkpoint(self, path: Path) -> None:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = load_checkpoint_file(path)
         if not isinstance(state, dict) or state.get("format") != "mlpot-checkpoint":
             raise ConfigError(f"{path}: not an mlpot training checkpoint")
         if state["model_name"] != self.model_name:
@@ -283,7 +334,8 @@ class Trainer:
         n_batches = 0
         stopped = False
         params = [p for p in self.model.parameters() if p.requires_grad]
-        for graph in loader:
+        order = list(iter(self.sampler))  # this rank's frames, in the loader's order
+        for b, graph in enumerate(loader):
             if self._time_up():
                 stopped = True
                 break
@@ -291,14 +343,24 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             out = self.model(graph, compute_force=True, compute_stress=self.has_stress, create_graph=True)
             loss, parts = self.loss_fn(out, graph, world_size=self.info.world_size)
+            loss_value = float(loss.detach())
             loss.backward()
             ddp.allreduce_gradients(params, self.info)
+            grads = [p.grad for p in params if p.grad is not None]
             if tr["clip_grad"] is not None:
-                torch.nn.utils.clip_grad_norm_(params, max_norm=tr["clip_grad"])
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm=tr["clip_grad"])
+            else:
+                grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+            bad = not (math.isfinite(loss_value) and math.isfinite(float(grad_norm)))
+            if ddp.any_flag(bad, self.info):
+                bs = tr["batch_size"]
+                frames = [self.train_set.atoms(k) for k in order[b * bs:(b + 1) * bs]]
+                what = f"loss {loss_value}" if not math.isfinite(loss_value) else f"gradient norm {float(grad_norm)}"
+                self._stop_non_finite(epoch, f"batch {b}: non-finite {what}; frames: " + ", ".join(_sources(frames)))
             self.optimizer.step()
             if self.ema is not None:
                 self.ema.update(self.model)
-            sums["loss"] += float(loss.detach())
+            sums["loss"] += loss_value
             for k, v in parts.items():
                 sums[k] += v
             n_batches += 1
@@ -316,6 +378,21 @@ class Trainer:
             sums = dict(zip(("loss", "energy", "forces", "stress"), t.cpu().tolist()))
         n = max(n_batches, 1)
         return {k: v / n for k, v in sums.items()}, stopped
+
+    def _stop_non_finite(self, epoch: int, detail: str):
+        """Keep the last finite best model as ``model.pt``, write the log, and fail."""
+        kept = "no model.pt written (no finite model yet)"
+        if self.info.is_main:
+            self._write_log()
+            if self.best_state is not None:
+                from mlpot.models.io import save_model
+
+                self.model.load_state_dict(self.best_state)
+                save_model(self.model, self.out / "model.pt", metadata={
+                    "trained_with": "mlpot train", "epochs": epoch - 1, "best_epoch": self.best_epoch,
+                    "stop_reason": "non_finite", "statistics": self.statistics})
+                kept = f"model.pt holds the best model (epoch {self.best_epoch})"
+        raise NonFiniteError(f"training stopped at epoch {epoch}, {detail}; {kept}")
 
     def validate(self) -> dict:
         ctx = self.ema.average_parameters(self.model) if self.ema is not None else _nullcontext(self.model)
@@ -381,6 +458,8 @@ class Trainer:
             if epoch % tr["eval_every"] == 0 or last:
                 valid = self.validate()
                 score = valid.get("loss", train_stats["loss"])
+                if not math.isfinite(score):
+                    self._stop_non_finite(epoch, f"non-finite validation loss {score}")
                 if self.scheduler is not None and self.stage == 1:
                     if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
                         self.scheduler.step(score)
@@ -456,7 +535,7 @@ class Trainer:
         w.writeheader()
         for row in self.history:
             w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in cols})
-        _atomic_write_text(self.out / "log.csv", buf.getvalue())
+        atomic_write_text(self.out / "log.csv", buf.getvalue())
 
     def finish(self, stop_reason: str) -> dict:
         if self.best_state is not None:
@@ -486,7 +565,7 @@ class Trainer:
                 continue
             results[name] = evaluate_loader(self.model, self.eval_loader(ds), self.device, None, self.info)
         if self.info.is_main:
-            _atomic_write_text(self.out / "metrics.json", json.dumps(results, indent=2) + "\n")
+            atomic_write_text(self.out / "metrics.json", json.dumps(results, indent=2) + "\n")
             self.log("\n" + format_table(results))
             self.log(f"best epoch {self.best_epoch}; stopped by {stop_reason}; model: {self.out / 'model.pt'}")
             try:
@@ -512,5 +591,13 @@ class _nullcontext:
 
 
 def train(cfg: dict, resume: bool = False, log=None) -> dict:
-    """Train from a validated config (see :func:`mlpot.train.config.load_config`); returns metrics."""
-    return Trainer(cfg, resume=resume, log=log).fit()
+    """Train from a validated config (see :func:`mlpot.train.config.load_config`); returns metrics.
+
+    The output folder is locked for the whole run (by the main process)."""
+    trainer = Trainer(cfg, resume=resume, log=log)
+    if not trainer.info.is_main:
+        return trainer.fit()
+    from mlpot.train.runlock import RunLock
+
+    with RunLock(trainer.out):
+        return trainer.fit()
