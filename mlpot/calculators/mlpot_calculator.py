@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
 
+from mlpot.data.graph import graph_from_neighbor_list
 from mlpot.errors import ConfigError, UnknownElementError
 
 __all__ = ["MLPotCalculator", "resolve_device", "resolve_dtype"]
@@ -145,21 +146,10 @@ class MLPotCalculator(Calculator):
         numbers = np.asarray(atoms.numbers)
         self._check_species(numbers)
         i, j, S = self._neighbors(atoms)
-        dev, dt = self.device, self.dtype
-        n = len(atoms)
-        pbc = np.asarray(atoms.pbc, dtype=bool)
-        cell = atoms.cell.array if pbc.any() else np.zeros((3, 3))
-        return {
-            "positions": torch.tensor(atoms.positions, dtype=dt, device=dev),
-            "atomic_numbers": torch.tensor(numbers, dtype=torch.long, device=dev),
-            "cell": torch.tensor(cell, dtype=dt, device=dev)[None],
-            "pbc": torch.tensor(pbc, device=dev)[None],
-            "edge_index": torch.from_numpy(np.stack([i, j]).astype(np.int64)).to(dev),
-            "unit_shifts": torch.from_numpy(np.asarray(S, dtype=np.float64)).to(device=dev, dtype=dt),
-            "batch": torch.zeros(n, dtype=torch.long, device=dev),
-            "ptr": torch.tensor([0, n], dtype=torch.long, device=dev),
-            "num_atoms": torch.tensor([n], dtype=torch.long, device=dev),
-        }
+        return graph_from_neighbor_list(
+            atoms.positions.copy(), numbers, atoms.cell.array, atoms.pbc, i, j, S,
+            dtype=self.dtype, device=self.device,
+        )
 
     # ---- ASE interface --------------------------------------------------------------------
     def _run(self, graph, compute_force, compute_stress):

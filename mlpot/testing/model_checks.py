@@ -27,9 +27,7 @@ What is checked (:math:`E` energy, :math:`F_i = -\partial E/\partial r_i`,
 Every check also asserts that the quantities it compares are not trivially zero (a model whose
 forces vanish passes equivariance checks vacuously): use :func:`randomize_parameters` first.
 
-Graphs are built with :func:`mlpot.data.atoms_to_graph` / :func:`mlpot.data.collate` when the
-data package provides them, else with a small local equivalent on
-``ase.neighborlist.neighbor_list`` (same contract: ``D = r_j - r_i + S @ cell``).
+Graphs are built with :func:`mlpot.data.atoms_to_graph` and :func:`mlpot.data.collate`.
 """
 from __future__ import annotations
 
@@ -41,6 +39,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from ase import Atoms
+
+from mlpot.data.graph import atoms_to_graph, collate
 
 __all__ = [
     "ALL_CHECKS",
@@ -70,51 +70,8 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------
 # graphs
 # ---------------------------------------------------------------------------------------------
-def _local_atoms_to_graph(atoms: Atoms, cutoff: float, dtype=torch.float64) -> dict:
-    from ase.neighborlist import neighbor_list
-
-    i, j, S = neighbor_list("ijS", atoms, float(cutoff))
-    n = len(atoms)
-    return {
-        "positions": torch.tensor(atoms.get_positions(), dtype=dtype),
-        "atomic_numbers": torch.tensor(atoms.get_atomic_numbers(), dtype=torch.long),
-        "cell": torch.tensor(np.asarray(atoms.get_cell()), dtype=dtype)[None],
-        "pbc": torch.tensor(atoms.get_pbc(), dtype=torch.bool)[None],
-        "edge_index": torch.tensor(np.stack([i, j]), dtype=torch.long).reshape(2, -1),
-        "unit_shifts": torch.tensor(S, dtype=dtype).reshape(-1, 3),
-        "batch": torch.zeros(n, dtype=torch.long),
-        "ptr": torch.tensor([0, n], dtype=torch.long),
-        "num_atoms": torch.tensor([n], dtype=torch.long),
-    }
-
-
-def _local_collate(graphs: Sequence[dict]) -> dict:
-    out: dict = {}
-    offsets = np.cumsum([0] + [int(g["positions"].shape[0]) for g in graphs])
-    out["positions"] = torch.cat([g["positions"] for g in graphs])
-    out["atomic_numbers"] = torch.cat([g["atomic_numbers"] for g in graphs])
-    out["cell"] = torch.cat([g["cell"] for g in graphs])
-    out["pbc"] = torch.cat([g["pbc"] for g in graphs])
-    out["edge_index"] = torch.cat([g["edge_index"] + int(o) for g, o in zip(graphs, offsets[:-1])], dim=1)
-    out["unit_shifts"] = torch.cat([g["unit_shifts"] for g in graphs])
-    out["batch"] = torch.cat([torch.full_like(g["batch"], b) for b, g in enumerate(graphs)])
-    out["ptr"] = torch.tensor(offsets, dtype=torch.long)
-    out["num_atoms"] = torch.tensor(np.diff(offsets), dtype=torch.long)
-    return out
-
-
-def _graph_functions():
-    try:
-        from mlpot.data import atoms_to_graph, collate
-
-        return atoms_to_graph, collate
-    except ImportError:
-        return _local_atoms_to_graph, _local_collate
-
-
 def build_batch(atoms_list: Sequence[Atoms], r_max: float, dtype=torch.float64) -> dict:
     """One batched graph (see ``docs/architecture.md``) for a list of structures."""
-    atoms_to_graph, collate = _graph_functions()
     return collate([atoms_to_graph(a, float(r_max), dtype=dtype) for a in atoms_list])
 
 
