@@ -23,6 +23,7 @@ from ase.calculators.calculator import Calculator, PropertyNotImplementedError, 
 
 from mlpot.data.graph import graph_from_neighbor_list
 from mlpot.errors import ConfigError, UnknownElementError
+from mlpot.voigt import full_3x3_to_voigt
 
 __all__ = ["MLPotCalculator", "resolve_device", "resolve_dtype"]
 
@@ -182,8 +183,7 @@ class MLPotCalculator(Calculator):
             "forces": out["forces"].detach().cpu().double().numpy(),
         }
         if compute_stress:
-            s = out["stress"].detach()[0].cpu().double().numpy()
-            self.results["stress"] = np.array([s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]])
+            self.results["stress"] = full_3x3_to_voigt(out["stress"].detach()[0].cpu().double().numpy())
 
     def get_descriptors(self, atoms=None) -> np.ndarray:
         """Invariant per-atom features (N, F): the model's ``node_features`` output."""

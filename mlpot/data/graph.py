@@ -23,6 +23,7 @@ import torch
 
 from mlpot.data.neighbors import neighbor_list
 from mlpot.errors import DataError
+from mlpot.voigt import as_full_3x3
 
 AtomicGraph = dict  # dict[str, Any]; keys listed in docs/architecture.md
 
@@ -49,14 +50,6 @@ PER_GRAPH_KEYS = (
     "stress_weight",
 )
 TARGET_SHAPES = {"energy": (), "forces": (3,), "stress": (3, 3), "virials": (3, 3)}
-
-
-def _voigt_to_3x3(s: np.ndarray) -> np.ndarray:
-    s = np.asarray(s, dtype=float)
-    if s.shape == (3, 3):
-        return s
-    xx, yy, zz, yz, xz, xy = s.reshape(6)
-    return np.array([[xx, xy, xz], [xy, yy, yz], [xz, yz, zz]])
 
 
 def graph_from_neighbor_list(
@@ -156,7 +149,7 @@ def frame_to_graph(
         g["forces"] = torch.as_tensor(np.asarray(forces, dtype=np.float64), dtype=dtype).reshape(n, 3)
     volume = abs(float(np.linalg.det(cell))) if pbc.all() else 0.0
     if stress is not None:
-        s3 = _voigt_to_3x3(stress)
+        s3 = as_full_3x3(stress)
         g["stress"] = torch.as_tensor(s3, dtype=dtype)[None]
         if volume > 0:
             g["virials"] = torch.as_tensor(-s3 * volume, dtype=dtype)[None]

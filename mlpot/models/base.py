@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from mlpot.errors import ConfigError, UnknownElementError
+from mlpot.voigt import full_3x3_to_voigt
 
 MODEL_REGISTRY: dict[str, type[PotentialModel]] = {}
 
@@ -259,8 +260,7 @@ class PotentialModel(nn.Module):
                 ptr = g["ptr"].cpu().numpy()
                 forces.extend(f[ptr[b] : ptr[b + 1]] for b in range(len(chunk)))
                 if compute_stress:
-                    s = out["stress"].detach().cpu().numpy()
-                    stresses.append(s[:, [0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]])
+                    stresses.append(full_3x3_to_voigt(out["stress"].detach().cpu().numpy()))
                 else:
                     stresses.append(np.zeros((len(chunk), 6)))
         finally:
