@@ -104,7 +104,7 @@ class MLPotMLIAP(_MLIAPBase):
         return state
 
     def __setstate__(self, state):
-        from mlpot.models.base import get_model_class
+        from mlpot.models.registry import get_model_class
 
         payload = state.pop("model_payload")
         self.__dict__.update(state)
