@@ -109,14 +109,8 @@ def channel_last_to_mul_ir(x: torch.Tensor, irreps) -> torch.Tensor:
 
 
 def _resolve_backend(backend: str, device) -> str:
-    try:
-        from mlpot.o3.backend import resolve_backend
-    except ImportError:  # the dispatch module is optional for this file
-        if backend not in ("reference", "auto"):
-            from mlpot.errors import ConfigError
+    from mlpot.o3.backend import resolve_backend
 
-            raise ConfigError(f"backend {backend!r} is not available in this build; use 'reference'") from None
-        return "reference"
     return resolve_backend(backend, device)
 
 
