@@ -14,7 +14,6 @@ species or atom count forces a rebuild.
 """
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -68,13 +67,20 @@ class MLPotCalculator(Calculator):
     model: a model file path or a :class:`PotentialModel` instance.
     device: "auto" (CUDA when available), "cpu", "cuda", ...
     dtype: None (the model's own / trained dtype), "float32" or "float64".
-    compile: wrap the model in ``torch.compile`` (falls back to eager with a warning).
+    compile: must stay False. ``torch.compile`` of mlpot models does not work yet (dynamo fails
+        on e3nn's ``Irreps`` while building guards); ``True`` is a :class:`ConfigError` rather
+        than a silent fallback to eager.
     skin: Verlet skin in Å for neighbour-list reuse (0 = rebuild every call).
     """
 
     implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]
 
     def __init__(self, model, device="auto", dtype=None, compile=False, skin=0.0, **kwargs):
+        if compile:
+            raise ConfigError(
+                "MLPotCalculator(compile=True): torch.compile of mlpot models is not supported "
+                "(dynamo fails on e3nn Irreps); leave compile=False"
+            )
         super().__init__(**kwargs)
         self.device = resolve_device(device)
         self.model = _load(model, self.device, resolve_dtype(dtype))
@@ -84,14 +90,6 @@ class MLPotCalculator(Calculator):
         self.skin = float(skin)
         if self.skin < 0:
             raise ConfigError(f"skin must be >= 0, got {skin}")
-        self._forward = self.model
-        self.compiled = False
-        if compile:
-            try:
-                self._forward = torch.compile(self.model, dynamic=True)
-                self.compiled = True
-            except Exception as exc:  # noqa: BLE001 - optional speed-up only
-                warnings.warn(f"torch.compile unavailable ({exc}); running eagerly", stacklevel=2)
         self._nl = None  # cached neighbour list state
         self.nl_builds = 0  # number of neighbour-list builds (for tests / diagnostics)
 
@@ -153,19 +151,6 @@ class MLPotCalculator(Calculator):
         )
 
     # ---- ASE interface --------------------------------------------------------------------
-    def _run(self, graph, compute_force, compute_stress):
-        try:
-            return self._forward(graph, compute_force=compute_force, compute_stress=compute_stress)
-        except UnknownElementError:
-            raise
-        except Exception as exc:  # noqa: BLE001
-            if not self.compiled:
-                raise
-            warnings.warn(f"compiled model failed ({type(exc).__name__}: {exc}); running eagerly", stacklevel=3)
-            self._forward = self.model
-            self.compiled = False
-            return self.model(graph, compute_force=compute_force, compute_stress=compute_stress)
-
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
         atoms = self.atoms
@@ -174,7 +159,7 @@ class MLPotCalculator(Calculator):
             raise PropertyNotImplementedError("stress needs a cell periodic in all three directions")
         compute_stress = periodic
         graph = self.build_graph(atoms)
-        out = self._run(graph, compute_force=True, compute_stress=compute_stress)
+        out = self.model(graph, compute_force=True, compute_stress=compute_stress)
         energy = float(out["energy"].detach().sum().cpu())
         self.results = {
             "energy": energy,
