@@ -9,6 +9,7 @@ any process order) still gives interpreter kernels later. On a GPU it wraps the 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import Counter
 
@@ -16,6 +17,31 @@ import torch
 
 #: launches per kernel function name since import (tests assert that a model runs its kernels)
 LAUNCHES: Counter = Counter()
+# Active launch recorders: (list the launches go to, whether the launches still run).
+_RECORDERS: list[tuple[list, bool]] = []
+
+
+@contextlib.contextmanager
+def record_launches(execute: bool = True):
+    """Collect ``(LazyKernel, args, kwargs)`` for every launch inside the block: ``args``/``kwargs``
+    as the caller passed them, without the config's constexprs. With ``execute=False`` the
+    kernels are not run (their outputs keep whatever they were allocated with): enough to learn
+    which kernel variants a model launches, as the ahead-of-time compile check
+    (:mod:`mlpot.bench.aot`) does."""
+    launches: list = []
+    entry = (launches, bool(execute))
+    _RECORDERS.append(entry)
+    try:
+        yield launches
+    finally:
+        _RECORDERS.remove(entry)
+
+
+def _recorded(kernel, args, kwargs) -> bool:
+    """Hand a launch to the recorders; True when one of them asks not to run it."""
+    for launches, _ in _RECORDERS:
+        launches.append((kernel, args, kwargs))
+    return not all(execute for _, execute in _RECORDERS)
 
 
 def interpret_mode() -> bool:
@@ -81,6 +107,8 @@ class LazyKernel:
             meta, warps, stages = self.configs[0]
 
             def launch(*args, **kwargs):
+                if _RECORDERS and _recorded(self, args, kwargs):
+                    return None
                 g = grid(meta) if callable(grid) else grid
                 extra = {} if interp else {"num_warps": warps, "num_stages": stages}
                 return kernel[g](*args, **meta, **kwargs, **extra)
@@ -88,6 +116,8 @@ class LazyKernel:
             return launch
 
         def launch_tuned(*args, **kwargs):
+            if _RECORDERS and _recorded(self, args, kwargs):
+                return None
             return kernel[grid](*args, **kwargs)
 
         return launch_tuned

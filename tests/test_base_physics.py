@@ -12,6 +12,7 @@ from ase import Atoms
 from ase.build import bulk
 from ase.neighborlist import neighbor_list
 
+from mlpot.data.graph import graph_from_neighbor_list
 from mlpot.errors import ModelFileError, UnknownElementError
 from mlpot.models import PotentialModel, load_model, register_model
 
@@ -33,18 +34,9 @@ class Morse(PotentialModel):
 
 
 def graph_of(atoms: Atoms, cutoff: float) -> dict:
+    """The graph of ``atoms`` on ASE's own neighbour list (independent of mlpot's)."""
     i, j, S = neighbor_list("ijS", atoms, cutoff)
-    return {
-        "positions": torch.tensor(atoms.positions, dtype=torch.float64),
-        "atomic_numbers": torch.tensor(atoms.numbers, dtype=torch.long),
-        "cell": torch.tensor(np.asarray(atoms.cell), dtype=torch.float64)[None],
-        "pbc": torch.tensor(atoms.pbc)[None],
-        "edge_index": torch.tensor(np.stack([i, j]), dtype=torch.long),
-        "unit_shifts": torch.tensor(S, dtype=torch.float64),
-        "batch": torch.zeros(len(atoms), dtype=torch.long),
-        "ptr": torch.tensor([0, len(atoms)]),
-        "num_atoms": torch.tensor([len(atoms)]),
-    }
+    return graph_from_neighbor_list(atoms.positions, atoms.numbers, atoms.cell.array, atoms.pbc, i, j, S)
 
 
 def energy_of(model, atoms):

@@ -141,3 +141,13 @@ def test_model_file_and_float32(model, tmp_path):
     e32 = atoms.get_potential_energy()
     atoms.calc = MLPotCalculator(model, device="cpu", dtype="float64")
     assert e32 == pytest.approx(atoms.get_potential_energy(), abs=1e-4)
+
+
+def test_compile_is_refused_not_silently_dropped(model):
+    """torch.compile of mlpot models does not work yet: compile=True is a ConfigError up front,
+    never a warning and an eager run."""
+    from mlpot.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="torch.compile"):
+        MLPotCalculator(model, device="cpu", compile=True)
+    assert MLPotCalculator(model, device="cpu", compile=False).model is not None

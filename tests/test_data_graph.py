@@ -18,6 +18,8 @@ from mlpot.data import (
     read,
     write_hdf5,
 )
+from mlpot.data.graph import graph_from_neighbor_list
+from mlpot.data.neighbors import neighbor_list
 from mlpot.errors import DataError
 
 GRAPH_KEYS = {
@@ -113,6 +115,37 @@ def test_collate_offsets_and_batch_equals_single():
     b3 = collate([collate(graphs[:2]), collate(graphs[2:])])
     torch.testing.assert_close(b3["edge_index"], b["edge_index"])
     torch.testing.assert_close(b3["ptr"], b["ptr"])
+
+
+GEOMETRY_KEYS = ("positions", "atomic_numbers", "cell", "pbc", "edge_index", "unit_shifts", "batch", "ptr",
+                 "num_atoms")
+
+
+def test_graph_from_neighbor_list_is_the_builder_of_atoms_to_graph_and_collate():
+    """One structure equals atoms_to_graph; many (indices into the batch) equal collate."""
+    structs = _structures()
+    structs[2].cell = [8.0, 9.0, 10.0]  # a cell on a structure periodic in no direction: ignored
+    parts, off = [], 0
+    for a in structs:
+        i, j, S = neighbor_list(a.positions, 4.5, a.cell.array, a.pbc)
+        g = graph_from_neighbor_list(a.positions, a.numbers, a.cell.array, a.pbc, i, j, S)
+        ref = atoms_to_graph(a, 4.5)
+        for key in GEOMETRY_KEYS:
+            assert g[key].dtype == ref[key].dtype, key
+            torch.testing.assert_close(g[key], ref[key], rtol=0, atol=0)
+        parts.append((i + off, j + off, S))
+        off += len(a)
+    i, j, S = (torch.cat(x) for x in zip(*parts))
+    b = graph_from_neighbor_list(
+        np.concatenate([a.positions for a in structs]), np.concatenate([a.numbers for a in structs]),
+        np.stack([a.cell.array for a in structs]), np.stack([a.pbc for a in structs]), i, j, S,
+        [len(a) for a in structs], dtype=torch.float32,
+    )
+    ref = collate([atoms_to_graph(a, 4.5, dtype=torch.float32) for a in structs])
+    for key in GEOMETRY_KEYS:
+        assert b[key].dtype == ref[key].dtype, key
+        torch.testing.assert_close(b[key], ref[key], rtol=0, atol=0)
+    assert torch.all(b["cell"][2] == 0) and torch.all(b["cell"][3].diagonal() != 0)
 
 
 def test_hdf5_round_trip_and_lazy_dataset(tmp_path):

@@ -8,6 +8,7 @@ import pytest
 import torch
 from ase import Atoms
 from ase.build import bulk
+from ase.stress import full_3x3_to_voigt_6_stress
 
 import mlpot
 from mlpot.errors import ModelFileError
@@ -107,12 +108,19 @@ def test_predict_list_of_atoms(model):
     # batching does not change the result
     out2 = model.predict(structs, batch_size=16)
     np.testing.assert_allclose(out2["energy"], out["energy"], rtol=0, atol=1e-10)
-    # Voigt order xx yy zz yz xz xy of the 3x3 stress from the model's forward
+    # Voigt order: predict() and the calculator give ASE's own conversion of the forward's 3x3
+    from mlpot.calculators import MLPotCalculator
     from mlpot.testing.model_checks import evaluate
 
     full = evaluate(model, structs[1], compute_stress=True)["stress"][0]
-    np.testing.assert_allclose(out["stress"][1], full[[0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]], atol=1e-12)
-    assert np.abs(out["stress"][1]).max() > 0
+    ase_voigt = full_3x3_to_voigt_6_stress(full)
+    gaps = np.abs(ase_voigt[:, None] - ase_voigt[None, :])[~np.eye(6, dtype=bool)]
+    assert gaps.min() > 1e-8  # six distinct components: any permutation of the order would fail
+    np.testing.assert_allclose(out["stress"][1], ase_voigt, rtol=0, atol=1e-12)
+    si = structs[1].copy()
+    si.calc = MLPotCalculator(model, device="cpu")
+    np.testing.assert_allclose(si.get_stress(), ase_voigt, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(si.get_stress(voigt=False), full, rtol=0, atol=1e-12)
     # a single Atoms object works as well
     single = model.predict(structs[0])
     np.testing.assert_allclose(single["energy"], out["energy"][:1], atol=1e-10)

@@ -4,8 +4,6 @@ Models are tiny (a few channels, lmax 2, two layers) with randomized weights, fl
 """
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 
@@ -63,14 +61,8 @@ _cache: dict[str, torch.nn.Module] = {}
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _mace_available() -> bool:
-    return importlib.util.find_spec("mlpot.models.mace") is not None
-
-
 def get_model(key: str):
     name, config, _ = MODELS[key]
-    if name == "MACE" and not _mace_available():
-        pytest.skip("mlpot.models.mace is not there yet")
     if key not in _cache:
         torch.manual_seed(0)
         model = build_model(name, **config).to(torch.float64)
@@ -116,6 +108,26 @@ def test_checks_catch_a_broken_model():
             check(model)
     with pytest.raises(AssertionError):
         mc.check_isolated_atoms(model)
+
+
+def test_energy_checks_compare_interaction_energies_not_e0s():
+    """E0s of thousands of eV must not widen the tolerance: a batch-size dependence of 1e-8 eV
+    per atom is far below ``1e-10 x |E|`` (|E| ~ 3000 eV) but far above ``1e-10 x |E - sum E0|``."""
+    from mlpot.models.base import PotentialModel
+
+    class BatchDependent(PotentialModel):
+        def __init__(self, **config):
+            super().__init__(config)
+            self.k = torch.nn.Parameter(torch.tensor(0.5, dtype=torch.float64))
+
+        def compute_node_energies(self, graph, vectors):
+            pair = torch.exp(-self.k * vectors.norm(dim=-1))  # an invariant pair energy, nonzero forces
+            node = self.node_e0(graph).index_add(0, graph["edge_index"][1], pair)
+            return {"node_energy": node + 1e-8 * graph["num_atoms"].numel()}
+
+    model = BatchDependent(r_max=R_MAX, atomic_numbers=SPECIES, e0s=E0S)
+    with pytest.raises(AssertionError, match="batched energy .* of E - sum E0"):
+        mc.check_batch_consistency(model)
 
 
 # ------------------------------------------------------------------ pluggable variants

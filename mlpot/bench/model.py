@@ -120,28 +120,9 @@ def _time_calls(atoms, calc, repeats: int) -> float:
     return statistics.median(times)
 
 
-class _PredictCalculator:
-    """Minimal ASE calculator on ``model.predict`` (used only when MLPotCalculator is missing)."""
-
-    def __new__(cls, model):
-        from ase.calculators.calculator import Calculator, all_changes
-
-        class _Calc(Calculator):
-            implemented_properties = ["energy", "forces"]
-
-            def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
-                super().calculate(atoms, properties, system_changes)
-                out = model.predict([atoms], compute_stress=False)
-                self.results = {"energy": float(out["energy"][0]), "forces": out["forces"][0]}
-
-        return _Calc()
-
-
 def _mlpot_calculator(model, dtype: str):
-    try:
-        from mlpot.calculators import MLPotCalculator
-    except ImportError:
-        return _PredictCalculator(model), "model.predict"
+    from mlpot.calculators import MLPotCalculator
+
     return MLPotCalculator(model, device="cpu", dtype=dtype), "MLPotCalculator"
 
 

@@ -58,10 +58,8 @@ def build(method: str, L: int, C: int, dtype=torch.float32):
         n = len(gaunt_paths(range(L + 1), range(L + 1), L))
         return (lambda x, v, w: tp(x, spherical_harmonics(L, v), w)), tp.weight_numel, n, "(l1,l2,l3) paths"
     if method == "so2":
-        try:
-            from mlpot.o3.so2 import SO2MessageTP
-        except ImportError:  # pragma: no cover
-            return None
+        from mlpot.o3.so2 import SO2MessageTP
+
         target = o3.Irreps([(C, (l, p)) for l in range(L + 1) for p in (1, -1)])
         tp = SO2MessageTP(irreps_in, L, target, mmax=L).to(dtype)
         return (lambda x, v, w: tp(x, v, w)), tp.weight_numel, len(tp.plan.paths), "(in,out,m) blocks"

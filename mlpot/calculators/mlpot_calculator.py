@@ -14,14 +14,15 @@ species or atom count forces a rebuild.
 """
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
 
+from mlpot.data.graph import graph_from_neighbor_list
 from mlpot.errors import ConfigError, DataError, NonFiniteError, UnknownElementError
+from mlpot.voigt import full_3x3_to_voigt
 
 __all__ = ["MLPotCalculator", "resolve_device", "resolve_dtype"]
 
@@ -66,7 +67,9 @@ class MLPotCalculator(Calculator):
     model: a model file path or a :class:`PotentialModel` instance.
     device: "auto" (CUDA when available), "cpu", "cuda", ...
     dtype: None (the model's own / trained dtype), "float32" or "float64".
-    compile: wrap the model in ``torch.compile`` (falls back to eager with a warning).
+    compile: must stay False. ``torch.compile`` of mlpot models does not work yet (dynamo fails
+        on e3nn's ``Irreps`` while building guards); ``True`` is a :class:`ConfigError` rather
+        than a silent fallback to eager.
     skin: Verlet skin in Å for neighbour-list reuse (0 = rebuild every call).
     min_distance: atoms closer than this (Å) are an error (two atoms on one site make every
         model output meaningless); 0 switches the check off.
@@ -79,6 +82,11 @@ class MLPotCalculator(Calculator):
     implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]
 
     def __init__(self, model, device="auto", dtype=None, compile=False, skin=0.0, min_distance=0.1, **kwargs):
+        if compile:
+            raise ConfigError(
+                "MLPotCalculator(compile=True): torch.compile of mlpot models is not supported "
+                "(dynamo fails on e3nn Irreps); leave compile=False"
+            )
         super().__init__(**kwargs)
         self.device = resolve_device(device)
         self.model = _load(model, self.device, resolve_dtype(dtype))
@@ -91,14 +99,6 @@ class MLPotCalculator(Calculator):
         self.min_distance = float(min_distance)
         if not self.min_distance >= 0 or not np.isfinite(self.min_distance):
             raise ConfigError(f"min_distance must be finite and >= 0, got {min_distance}")
-        self._forward = self.model
-        self.compiled = False
-        if compile:
-            try:
-                self._forward = torch.compile(self.model, dynamic=True)
-                self.compiled = True
-            except Exception as exc:  # noqa: BLE001 - optional speed-up only
-                warnings.warn(f"torch.compile unavailable ({exc}); running eagerly", stacklevel=2)
         self._nl = None  # cached neighbour list state
         self.nl_builds = 0  # number of neighbour-list builds (for tests / diagnostics)
 
@@ -180,36 +180,12 @@ class MLPotCalculator(Calculator):
         self._check_species(numbers)
         self._check_finite_structure(atoms)  # before the skin test: NaN > x is False
         i, j, S = self._neighbors(atoms)
-        dev, dt = self.device, self.dtype
-        n = len(atoms)
-        pbc = np.asarray(atoms.pbc, dtype=bool)
-        cell = atoms.cell.array if pbc.any() else np.zeros((3, 3))
-        return {
-            "positions": torch.tensor(atoms.positions, dtype=dt, device=dev),
-            "atomic_numbers": torch.tensor(numbers, dtype=torch.long, device=dev),
-            "cell": torch.tensor(cell, dtype=dt, device=dev)[None],
-            "pbc": torch.tensor(pbc, device=dev)[None],
-            "edge_index": torch.from_numpy(np.stack([i, j]).astype(np.int64)).to(dev),
-            "unit_shifts": torch.from_numpy(np.asarray(S, dtype=np.float64)).to(device=dev, dtype=dt),
-            "batch": torch.zeros(n, dtype=torch.long, device=dev),
-            "ptr": torch.tensor([0, n], dtype=torch.long, device=dev),
-            "num_atoms": torch.tensor([n], dtype=torch.long, device=dev),
-        }
+        return graph_from_neighbor_list(
+            atoms.positions.copy(), numbers, atoms.cell.array, atoms.pbc, i, j, S,
+            dtype=self.dtype, device=self.device,
+        )
 
     # ---- ASE interface --------------------------------------------------------------------
-    def _run(self, graph, compute_force, compute_stress):
-        try:
-            return self._forward(graph, compute_force=compute_force, compute_stress=compute_stress)
-        except UnknownElementError:
-            raise
-        except Exception as exc:  # noqa: BLE001
-            if not self.compiled:
-                raise
-            warnings.warn(f"compiled model failed ({type(exc).__name__}: {exc}); running eagerly", stacklevel=3)
-            self._forward = self.model
-            self.compiled = False
-            return self.model(graph, compute_force=compute_force, compute_stress=compute_stress)
-
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
         atoms = self.atoms
@@ -218,7 +194,7 @@ class MLPotCalculator(Calculator):
             raise PropertyNotImplementedError("stress needs a cell periodic in all three directions")
         compute_stress = periodic
         graph = self.build_graph(atoms)
-        out = self._run(graph, compute_force=True, compute_stress=compute_stress)
+        out = self.model(graph, compute_force=True, compute_stress=compute_stress)
         energy = float(out["energy"].detach().sum().cpu())
         self.results = {
             "energy": energy,
@@ -227,8 +203,7 @@ class MLPotCalculator(Calculator):
             "forces": out["forces"].detach().cpu().double().numpy(),
         }
         if compute_stress:
-            s = out["stress"].detach()[0].cpu().double().numpy()
-            self.results["stress"] = np.array([s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]])
+            self.results["stress"] = full_3x3_to_voigt(out["stress"].detach()[0].cpu().double().numpy())
         for key in ("energy", "forces", "stress"):
             if key in self.results and not np.all(np.isfinite(self.results[key])):
                 self.results = {}

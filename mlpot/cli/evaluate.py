@@ -61,6 +61,7 @@ def run(args) -> int:
     from mlpot.fileio import check_not_input
     from mlpot.train.metrics import format_table
     from mlpot.train.setup import read_frames
+    from mlpot.voigt import full_3x3_to_voigt
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -95,8 +96,7 @@ def run(args) -> int:
                 a.info["mlpot_energy"] = pr["energy"]
                 a.arrays["mlpot_forces"] = np.asarray(pr["forces"])
                 if pr["stress"] is not None:
-                    s = pr["stress"]
-                    a.info["mlpot_stress"] = np.array([s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]])
+                    a.info["mlpot_stress"] = full_3x3_to_voigt(pr["stress"])
                 a.calc = None
                 written.append(a)
     if args.write_predictions:

@@ -36,14 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (module, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
         p.set_defaults(_module=module)
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
-            p.set_defaults(_missing=True)
-            continue
-        mod.add_arguments(p)
+        importlib.import_module(module).add_arguments(p)
     return parser
 
 
@@ -53,9 +46,6 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 0
-    if getattr(args, "_missing", False):
-        print(f"mlpot {args.command}: not available in this build", file=sys.stderr)
-        return 2
     mod = importlib.import_module(args._module)
     importlib.import_module("mlpot.models.mace").tune_malloc()  # process-wide allocator settings: CLI only
     try:

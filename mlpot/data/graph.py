@@ -23,10 +23,18 @@ import torch
 
 from mlpot.data.neighbors import neighbor_list
 from mlpot.errors import DataError
+from mlpot.voigt import as_full_3x3
 
 AtomicGraph = dict  # dict[str, Any]; keys listed in docs/architecture.md
 
-__all__ = ["AtomicGraph", "atoms_to_graph", "collate", "frame_to_graph", "graphs_from_atoms"]
+__all__ = [
+    "AtomicGraph",
+    "atoms_to_graph",
+    "collate",
+    "frame_to_graph",
+    "graph_from_neighbor_list",
+    "graphs_from_atoms",
+]
 
 PER_ATOM_KEYS = ("positions", "atomic_numbers", "forces", "batch")
 PER_GRAPH_KEYS = (
@@ -44,12 +52,59 @@ PER_GRAPH_KEYS = (
 TARGET_SHAPES = {"energy": (), "forces": (3,), "stress": (3, 3), "virials": (3, 3)}
 
 
-def _voigt_to_3x3(s: np.ndarray) -> np.ndarray:
-    s = np.asarray(s, dtype=float)
-    if s.shape == (3, 3):
-        return s
-    xx, yy, zz, yz, xz, xy = s.reshape(6)
-    return np.array([[xx, xy, xz], [xy, yy, yz], [xz, yz, zz]])
+def graph_from_neighbor_list(
+    positions,
+    atomic_numbers,
+    cell,
+    pbc,
+    i,
+    j,
+    S,
+    num_atoms=None,
+    *,
+    dtype: torch.dtype | None = None,
+    device=None,
+) -> AtomicGraph:
+    """The graph of ``B`` structures from arrays and a neighbour list ``(i, j, S)``: the one
+    place that lays out the geometry keys of :data:`AtomicGraph`.
+
+    ``positions`` (N, 3), ``atomic_numbers`` (N,), ``cell`` (B, 3, 3) or (3, 3), ``pbc``
+    (B, 3) or (3,), ``num_atoms`` (B,) (default ``[N]``; atoms of one structure are
+    contiguous). The pairs follow the neighbour-list contract: edge ``e`` has sender
+    ``i[e]``, receiver ``j[e]`` and vector ``pos[j] - pos[i] + S[e] @ cell``, with atom
+    indices into the whole batch. A structure periodic in no direction gets a zero cell.
+    Arrays may be numpy or torch; tensors already of the right dtype and device are used as
+    they are (not copied). ``dtype`` (default: that of a floating ``positions`` tensor, else
+    float64) applies to positions, cell and shifts; ``device`` to everything.
+    """
+    if dtype is None:
+        floating = isinstance(positions, torch.Tensor) and positions.is_floating_point()
+        dtype = positions.dtype if floating else torch.float64
+    pos = torch.as_tensor(positions, dtype=dtype, device=device).reshape(-1, 3)
+    device = pos.device
+    n = pos.shape[0]
+    pbc_t = torch.as_tensor(pbc, device=device).to(torch.bool).reshape(-1, 3)
+    cell_t = torch.as_tensor(cell, dtype=dtype, device=device).reshape(-1, 3, 3)
+    cell_t = torch.where(pbc_t.any(-1)[:, None, None], cell_t, torch.zeros((), dtype=dtype, device=device))
+    if num_atoms is None:
+        num_atoms = torch.tensor([n], dtype=torch.long, device=device)
+    else:
+        num_atoms = torch.as_tensor(num_atoms, dtype=torch.long, device=device).reshape(-1)
+    ptr = torch.zeros(num_atoms.shape[0] + 1, dtype=torch.long, device=device)
+    ptr[1:] = torch.cumsum(num_atoms, 0)
+    senders = torch.as_tensor(i, device=device).to(torch.long).reshape(-1)
+    receivers = torch.as_tensor(j, device=device).to(torch.long).reshape(-1)
+    return {
+        "positions": pos,
+        "atomic_numbers": torch.as_tensor(atomic_numbers, device=device).to(torch.long).reshape(-1),
+        "cell": cell_t,
+        "pbc": pbc_t,
+        "edge_index": torch.stack([senders, receivers]),
+        "unit_shifts": torch.as_tensor(S, device=device).to(dtype).reshape(-1, 3),
+        "batch": torch.repeat_interleave(torch.arange(num_atoms.shape[0], device=device), num_atoms),
+        "ptr": ptr,
+        "num_atoms": num_atoms,
+    }
 
 
 def frame_to_graph(
@@ -80,35 +135,21 @@ def frame_to_graph(
     numbers = np.asarray(numbers, dtype=np.int64)
     pbc = np.asarray(pbc, dtype=bool).reshape(3)
     cell = np.asarray(cell, dtype=np.float64).reshape(3, 3)
-    if not pbc.any():
-        cell_g = np.zeros((3, 3))
-    else:
-        cell_g = cell
     n = len(numbers)
     if edges is None:
         if cutoff is None:
             raise DataError("a cutoff is needed to build the graph's edges")
         i, j, S = neighbor_list(positions, float(cutoff), cell, pbc, backend=neighbor_backend)
     else:
-        i, j, S = (torch.as_tensor(np.asarray(x)) for x in edges)
-    g: AtomicGraph = {
-        "positions": torch.as_tensor(positions, dtype=dtype),
-        "atomic_numbers": torch.as_tensor(numbers, dtype=torch.long),
-        "cell": torch.as_tensor(cell_g, dtype=dtype)[None],
-        "pbc": torch.as_tensor(pbc)[None],
-        "edge_index": torch.stack([i.long(), j.long()]) if len(i) else torch.zeros(2, 0, dtype=torch.long),
-        "unit_shifts": S.to(dtype).reshape(-1, 3),
-        "batch": torch.zeros(n, dtype=torch.long),
-        "ptr": torch.tensor([0, n], dtype=torch.long),
-        "num_atoms": torch.tensor([n], dtype=torch.long),
-    }
+        i, j, S = (np.asarray(x) for x in edges)
+    g = graph_from_neighbor_list(positions, numbers, cell, pbc, i, j, S, dtype=dtype)
     if energy is not None:
         g["energy"] = torch.tensor([float(energy)], dtype=dtype)
     if forces is not None:
         g["forces"] = torch.as_tensor(np.asarray(forces, dtype=np.float64), dtype=dtype).reshape(n, 3)
     volume = abs(float(np.linalg.det(cell))) if pbc.all() else 0.0
     if stress is not None:
-        s3 = _voigt_to_3x3(stress)
+        s3 = as_full_3x3(stress)
         g["stress"] = torch.as_tensor(s3, dtype=dtype)[None]
         if volume > 0:
             g["virials"] = torch.as_tensor(-s3 * volume, dtype=dtype)[None]

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from mlpot.errors import DataError
+from mlpot.voigt import as_voigt
 
 FORMAT_NAME = "mlpot-dataset"
 FORMAT_VERSION = 1
@@ -125,9 +126,7 @@ def write_hdf5(atoms_iter: Iterable, path, cutoff: float | None = None, *, chunk
                 if s is None:
                     sv = np.full(6, np.nan)
                 else:
-                    from mlpot.data.readers import _to_voigt
-
-                    sv = _to_voigt(np.asarray(s, dtype=np.float64))
+                    sv = as_voigt(np.asarray(s, dtype=np.float64))
                 buf["stress"].append(sv[None])
                 for k in ("weight", "energy_weight", "forces_weight", "stress_weight"):
                     default = 1.0

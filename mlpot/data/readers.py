@@ -43,10 +43,12 @@ from pathlib import Path
 import numpy as np
 from ase import Atoms, units
 from ase.calculators.singlepoint import SinglePointCalculator
-from ase.stress import full_3x3_to_voigt_6_stress
 
 from mlpot.data.cell import is_singular_cell
 from mlpot.errors import DataError, UnknownElementError
+from mlpot.voigt import as_full_3x3 as _to_3x3
+from mlpot.voigt import as_voigt as _to_voigt
+from mlpot.voigt import full_3x3_to_voigt, vasp_order_to_voigt
 
 __all__ = [
     "ENERGY_UNITS",
@@ -374,7 +376,7 @@ def _iter_ase(path, fmt, e_unit, l_unit, s_unit, energy_key, forces_key, stress_
                 vol = abs(atoms.get_volume()) if atoms.cell.rank == 3 else 0.0
                 if vol <= 0:
                     raise DataError(f"{path}: frame {k}: virials given for a structure without a 3D cell")
-                results["stress"] = full_3x3_to_voigt_6_stress(-W / vol)
+                results["stress"] = full_3x3_to_voigt(-W / vol)
         except DataError:
             raise
         except Exception as exc:
@@ -382,22 +384,6 @@ def _iter_ase(path, fmt, e_unit, l_unit, s_unit, energy_key, forces_key, stress_
         _attach(atoms, results)
         yield k, atoms
         k += 1
-
-
-def _to_3x3(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=float)
-    if x.shape == (3, 3):
-        return x
-    if x.size == 9:
-        return x.reshape(3, 3)
-    if x.size == 6:
-        xx, yy, zz, yz, xz, xy = x.reshape(6)
-        return np.array([[xx, xy, xz], [xy, yy, yz], [xz, yz, zz]])
-    raise DataError(f"stress/virial must have 6 (Voigt) or 9 components, got shape {x.shape}")
-
-
-def _to_voigt(x: np.ndarray) -> np.ndarray:
-    return full_3x3_to_voigt_6_stress(_to_3x3(x))
 
 
 def _attach(atoms: Atoms, results: dict) -> None:
@@ -456,9 +442,6 @@ def _iter_npz(path, e_unit, l_unit, energy_key, forces_key):
 
 
 # --------------------------------------------------------------------------- mlearn JSON
-_VASP_TO_VOIGT = [0, 1, 2, 4, 5, 3]  # xx yy zz xy yz zx -> xx yy zz yz xz(=zx) xy
-
-
 def _iter_mlearn(path, e_unit, l_unit, s_unit):
     from pymatgen.core import Structure
 
@@ -493,9 +476,9 @@ def _iter_mlearn(path, e_unit, l_unit, s_unit):
             if vs is not None:
                 vs = np.asarray(vs, dtype=float).reshape(-1)
                 if vs.size == 6:
-                    results["stress"] = -vs[_VASP_TO_VOIGT] * s_unit
+                    results["stress"] = -vasp_order_to_voigt(vs) * s_unit
                 else:
-                    results["stress"] = full_3x3_to_voigt_6_stress(-vs.reshape(3, 3) * s_unit)
+                    results["stress"] = full_3x3_to_voigt(-vs.reshape(3, 3) * s_unit)
         except Exception as exc:
             raise DataError(f"{path}: frame {k}: bad outputs: {exc}") from exc
         _attach(atoms, results)

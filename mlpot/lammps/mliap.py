@@ -32,6 +32,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from mlpot.data.graph import graph_from_neighbor_list
 from mlpot.errors import ConfigError
 
 try:  # the real base class when LAMMPS's Python package is installed
@@ -103,7 +104,7 @@ class MLPotMLIAP(_MLIAPBase):
         return state
 
     def __setstate__(self, state):
-        from mlpot.models.base import get_model_class
+        from mlpot.models.registry import get_model_class
 
         payload = state.pop("model_payload")
         self.__dict__.update(state)
@@ -179,17 +180,11 @@ class MLPotMLIAP(_MLIAPBase):
             senders = pair_j
         z = self._elem_to_z[torch.as_tensor(elems[:n_nodes])].to(dev)
         vectors = (-rij).detach().requires_grad_(True)
-        graph = {
-            "positions": torch.zeros(n_nodes, 3, dtype=dtype, device=dev),
-            "atomic_numbers": z,
-            "cell": torch.zeros(1, 3, 3, dtype=dtype, device=dev),
-            "pbc": torch.zeros(1, 3, dtype=torch.bool, device=dev),
-            "edge_index": torch.as_tensor(np.stack([senders, pair_i])).to(dev),
-            "unit_shifts": torch.zeros(npairs, 3, dtype=dtype, device=dev),
-            "batch": torch.zeros(n_nodes, dtype=torch.long, device=dev),
-            "ptr": torch.tensor([0, n_nodes], dtype=torch.long, device=dev),
-            "num_atoms": torch.tensor([n_nodes], dtype=torch.long, device=dev),
-        }
+        # LAMMPS hands over the edge vectors themselves: positions, cell and shifts are zero.
+        graph = graph_from_neighbor_list(
+            torch.zeros(n_nodes, 3, dtype=dtype, device=dev), z, torch.zeros(3, 3), [False] * 3,
+            senders, pair_i, np.zeros((npairs, 3)), dtype=dtype, device=dev,
+        )
         with torch.enable_grad():
             out = self.model.compute_node_energies(graph, vectors)
             node_energy = out["node_energy"]

@@ -1,13 +1,7 @@
 """Models: MACE, eSCN-style, and their Gaunt / SO(2) variants, on one base class."""
-from mlpot.models.base import (
-    MODEL_REGISTRY,
-    PotentialModel,
-    ZBLRepulsion,
-    build_model,
-    get_model_class,
-    register_model,
-)
+from mlpot.models.base import PotentialModel, ZBLRepulsion
 from mlpot.models.io import FORMAT_VERSION, load_model, save_model
+from mlpot.models.registry import MODEL_REGISTRY, build_model, get_model_class, register_model
 
 
 def __getattr__(name):

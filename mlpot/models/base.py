@@ -21,42 +21,14 @@ import torch
 from torch import nn
 
 from mlpot.errors import ConfigError, UnknownElementError
-
-MODEL_REGISTRY: dict[str, type[PotentialModel]] = {}
-
-# Models that live in modules not imported by default: name -> module.
-_LAZY_MODELS = {
-    "MACE": "mlpot.models.mace",
-    "ScaleShiftMACE": "mlpot.models.mace",
-    "ESCN": "mlpot.models.escn",
-}
-
-
-def register_model(name: str):
-    """Class decorator: make a model buildable by ``name`` from configs and model files."""
-
-    def wrap(cls):
-        MODEL_REGISTRY[name] = cls
-        cls.model_name = name
-        return cls
-
-    return wrap
-
-
-def get_model_class(name: str) -> type[PotentialModel]:
-    if name not in MODEL_REGISTRY and name in _LAZY_MODELS:
-        import importlib
-
-        importlib.import_module(_LAZY_MODELS[name])
-    if name not in MODEL_REGISTRY:
-        known = sorted(set(MODEL_REGISTRY) | set(_LAZY_MODELS))
-        raise ConfigError(f"unknown model name {name!r}; known models: {', '.join(known)}")
-    return MODEL_REGISTRY[name]
-
-
-def build_model(name: str, **config) -> PotentialModel:
-    """Build a model by its registered name from keyword hyperparameters."""
-    return get_model_class(name)(**config)
+from mlpot.models.io import save_model
+from mlpot.models.registry import (  # noqa: F401 - re-exported: models register with base.register_model
+    MODEL_REGISTRY,
+    build_model,
+    get_model_class,
+    register_model,
+)
+from mlpot.voigt import full_3x3_to_voigt
 
 
 def _e0_vector(e0s, atomic_numbers: list[int]) -> list[float]:
@@ -224,8 +196,6 @@ class PotentialModel(nn.Module):
     # ---- convenience ------------------------------------------------------------------------
     def save(self, path) -> None:
         """Write one self-contained model file atomically (see :mod:`mlpot.models.io`)."""
-        from mlpot.models.io import save_model
-
         save_model(self, path)
 
     def predict(self, atoms_list, batch_size: int = 16, compute_stress: bool | None = None) -> dict:
@@ -259,8 +229,7 @@ class PotentialModel(nn.Module):
                 ptr = g["ptr"].cpu().numpy()
                 forces.extend(f[ptr[b] : ptr[b + 1]] for b in range(len(chunk)))
                 if compute_stress:
-                    s = out["stress"].detach().cpu().numpy()
-                    stresses.append(s[:, [0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]])
+                    stresses.append(full_3x3_to_voigt(out["stress"].detach().cpu().numpy()))
                 else:
                     stresses.append(np.zeros((len(chunk), 6)))
         finally:

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from mlpot.errors import ModelFileError
+from mlpot.models.registry import get_model_class
 
 FORMAT = "mlpot-model"
 FORMAT_VERSION = 1
@@ -127,8 +128,6 @@ def load_model(path, device=None, dtype=None):
     device: None/"auto" (CUDA when available), "cpu", "cuda", or a torch.device.
     dtype: None (the dtype it was trained in), "float32"/"float64" or a torch dtype.
     """
-    from mlpot.models.base import get_model_class
-
     payload = read_model_file(path)
     cls = get_model_class(payload["model_name"])
     model = cls(**payload["config"])

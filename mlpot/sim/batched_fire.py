@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from ase import Atoms
 
+from mlpot.data.graph import graph_from_neighbor_list
 from mlpot.data.neighbors import batched_neighbor_list, neighbor_list
 from mlpot.errors import ConfigError, NonFiniteError
 
@@ -141,13 +142,10 @@ def batched_fire_relax(
         batch, cells, B = nl["batch"], nl["cells"], len(active)
         D = pos[nl["j"]] - pos[nl["i"]] + torch.einsum("ek,eka->ea", nl["S"], cells[batch[nl["i"]]])
         keep = (D * D).sum(-1) < r_max * r_max
-        graph = {
-            "positions": pos, "atomic_numbers": torch.cat([structs[k].numbers for k in active]),
-            "cell": cells, "pbc": nl["pbcs"],
-            "edge_index": torch.stack([nl["i"][keep], nl["j"][keep]]), "unit_shifts": nl["S"][keep],
-            "batch": batch, "num_atoms": nl["counts"],
-            "ptr": torch.cat([torch.zeros(1, dtype=torch.long, device=device), torch.cumsum(nl["counts"], 0)]),
-        }
+        graph = graph_from_neighbor_list(
+            pos, torch.cat([structs[k].numbers for k in active]), cells, nl["pbcs"],
+            nl["i"][keep], nl["j"][keep], nl["S"][keep], nl["counts"],
+        )
         out = model(graph, compute_force=True, compute_stress=False)
         calls += 1
         f = out["forces"].detach()

@@ -27,9 +27,7 @@ What is checked (:math:`E` energy, :math:`F_i = -\partial E/\partial r_i`,
 Every check also asserts that the quantities it compares are not trivially zero (a model whose
 forces vanish passes equivariance checks vacuously): use :func:`randomize_parameters` first.
 
-Graphs are built with :func:`mlpot.data.atoms_to_graph` / :func:`mlpot.data.collate` when the
-data package provides them, else with a small local equivalent on
-``ase.neighborlist.neighbor_list`` (same contract: ``D = r_j - r_i + S @ cell``).
+Graphs are built with :func:`mlpot.data.atoms_to_graph` and :func:`mlpot.data.collate`.
 """
 from __future__ import annotations
 
@@ -41,6 +39,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from ase import Atoms
+
+from mlpot.data.graph import atoms_to_graph, collate
 
 __all__ = [
     "ALL_CHECKS",
@@ -70,51 +70,8 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------
 # graphs
 # ---------------------------------------------------------------------------------------------
-def _local_atoms_to_graph(atoms: Atoms, cutoff: float, dtype=torch.float64) -> dict:
-    from ase.neighborlist import neighbor_list
-
-    i, j, S = neighbor_list("ijS", atoms, float(cutoff))
-    n = len(atoms)
-    return {
-        "positions": torch.tensor(atoms.get_positions(), dtype=dtype),
-        "atomic_numbers": torch.tensor(atoms.get_atomic_numbers(), dtype=torch.long),
-        "cell": torch.tensor(np.asarray(atoms.get_cell()), dtype=dtype)[None],
-        "pbc": torch.tensor(atoms.get_pbc(), dtype=torch.bool)[None],
-        "edge_index": torch.tensor(np.stack([i, j]), dtype=torch.long).reshape(2, -1),
-        "unit_shifts": torch.tensor(S, dtype=dtype).reshape(-1, 3),
-        "batch": torch.zeros(n, dtype=torch.long),
-        "ptr": torch.tensor([0, n], dtype=torch.long),
-        "num_atoms": torch.tensor([n], dtype=torch.long),
-    }
-
-
-def _local_collate(graphs: Sequence[dict]) -> dict:
-    out: dict = {}
-    offsets = np.cumsum([0] + [int(g["positions"].shape[0]) for g in graphs])
-    out["positions"] = torch.cat([g["positions"] for g in graphs])
-    out["atomic_numbers"] = torch.cat([g["atomic_numbers"] for g in graphs])
-    out["cell"] = torch.cat([g["cell"] for g in graphs])
-    out["pbc"] = torch.cat([g["pbc"] for g in graphs])
-    out["edge_index"] = torch.cat([g["edge_index"] + int(o) for g, o in zip(graphs, offsets[:-1])], dim=1)
-    out["unit_shifts"] = torch.cat([g["unit_shifts"] for g in graphs])
-    out["batch"] = torch.cat([torch.full_like(g["batch"], b) for b, g in enumerate(graphs)])
-    out["ptr"] = torch.tensor(offsets, dtype=torch.long)
-    out["num_atoms"] = torch.tensor(np.diff(offsets), dtype=torch.long)
-    return out
-
-
-def _graph_functions():
-    try:
-        from mlpot.data import atoms_to_graph, collate
-
-        return atoms_to_graph, collate
-    except ImportError:
-        return _local_atoms_to_graph, _local_collate
-
-
 def build_batch(atoms_list: Sequence[Atoms], r_max: float, dtype=torch.float64) -> dict:
     """One batched graph (see ``docs/architecture.md``) for a list of structures."""
-    atoms_to_graph, collate = _graph_functions()
     return collate([atoms_to_graph(a, float(r_max), dtype=dtype) for a in atoms_list])
 
 
@@ -236,6 +193,26 @@ def _assert_close(actual, expected, tol: float, what: str):
     assert err <= tol * scale, f"{what}: max abs deviation {err:.3e} > {tol:.1e} x scale {scale:.3g}"
 
 
+def _e0_sum(model, numbers) -> float:
+    """:math:`\sum_i E_0(Z_i)` over the atoms ``numbers``."""
+    return float(sum(model.e0s[int(z)] for z in numbers))
+
+
+def _assert_energy_close(actual, expected, e0_sum: float, tol: float, what: str, slack: float = 0.0):
+    """Energies compared after subtracting :math:`\sum_i E_0(Z_i)` from both: the tolerance is
+    relative to the interaction energy, ``tol * max(1, |E - sum E0|)``, not to the E0s, which
+    can be thousands of eV and would hide an error in the interaction part. ``slack`` is an
+    absolute allowance (the float32 rounding of the E0s in :func:`check_float32`)."""
+    actual = np.asarray(actual, dtype=np.float64) - e0_sum
+    expected = np.asarray(expected, dtype=np.float64) - e0_sum
+    scale = max(1.0, float(np.abs(expected).max(initial=0.0)))
+    err = float(np.abs(actual - expected).max(initial=0.0))
+    assert err <= tol * scale + slack, (
+        f"{what}: max abs deviation {err:.3e} of E - sum E0 > {tol:.1e} x scale {scale:.3g}"
+        + (f" + {slack:.1e}" if slack else "")
+    )
+
+
 def _assert_nontrivial(x, what: str, floor: float = 1e-6):
     m = float(np.abs(np.asarray(x)).max(initial=0.0))
     assert m > floor, (
@@ -259,7 +236,8 @@ def _check_orthogonal(model, structures, proper: bool, seed: int, tol: float):
         out = evaluate(model, _transform(atoms, Q))
         name = "rotation" if proper else "reflection"
         _assert_nontrivial(ref["forces"], f"forces of structure {k}")
-        _assert_close(out["energy"], ref["energy"], tol, f"energy invariance under {name} (structure {k})")
+        _assert_energy_close(out["energy"], ref["energy"], _e0_sum(model, atoms.numbers), tol,
+                             f"energy invariance under {name} (structure {k})")
         _assert_close(out["forces"], ref["forces"] @ Q.T, tol, f"force equivariance under {name} (structure {k})")
         if "stress" in ref:
             _assert_nontrivial(ref["stress"], f"stress of structure {k}")
@@ -288,7 +266,8 @@ def check_permutation_invariance(model, structures=None, seed: int = 0, tol: flo
         ref = evaluate(model, atoms)
         out = evaluate(model, atoms[perm])
         _assert_nontrivial(ref["forces"], f"forces of structure {k}")
-        _assert_close(out["energy"], ref["energy"], tol, f"energy under permutation (structure {k})")
+        _assert_energy_close(out["energy"], ref["energy"], _e0_sum(model, atoms.numbers), tol,
+                             f"energy under permutation (structure {k})")
         _assert_close(out["forces"], ref["forces"][perm], tol, f"forces under permutation (structure {k})")
 
 
@@ -302,7 +281,8 @@ def check_translation_invariance(model, structures=None, seed: int = 0, tol: flo
         ref = evaluate(model, atoms)
         out = evaluate(model, moved)
         _assert_nontrivial(ref["forces"], f"forces of structure {k}")
-        _assert_close(out["energy"], ref["energy"], tol, f"energy under translation (structure {k})")
+        _assert_energy_close(out["energy"], ref["energy"], _e0_sum(model, atoms.numbers), tol,
+                             f"energy under translation (structure {k})")
         _assert_close(out["forces"], ref["forces"], tol, f"forces under translation (structure {k})")
         if "stress" in ref:
             _assert_close(out["stress"], ref["stress"], tol, f"stress under translation (structure {k})")
@@ -365,11 +345,12 @@ def check_isolated_atoms(model, tol: float = 1e-12):
     numbers = species + species[:1]
     atoms = Atoms(numbers=numbers, positions=[[spacing * k, 0.3 * k, 0.0] for k in range(len(numbers))])
     out = evaluate(model, atoms, compute_stress=False)
-    expected = sum(model.e0s[z] for z in numbers)
-    _assert_close(out["energy"], [expected], tol, "energy of isolated atoms vs sum of E0")
+    expected = _e0_sum(model, numbers)
+    _assert_energy_close(out["energy"], [expected], expected, tol, "energy of isolated atoms vs sum of E0")
     _assert_close(out["forces"], np.zeros((len(numbers), 3)), tol, "forces on isolated atoms")
     single = evaluate(model, Atoms(numbers=species[:1], positions=[[0.0, 0.0, 0.0]]), compute_stress=False)
-    _assert_close(single["energy"], [model.e0s[species[0]]], tol, "energy of a single atom vs E0")
+    e0 = _e0_sum(model, species[:1])
+    _assert_energy_close(single["energy"], [e0], e0, tol, "energy of a single atom vs E0")
 
 
 def check_batch_consistency(model, structures=None, tol: float = 1e-10):
@@ -381,7 +362,8 @@ def check_batch_consistency(model, structures=None, tol: float = 1e-10):
     for k, atoms in enumerate(structures):
         single = evaluate(model, atoms, compute_stress=False)
         n = len(atoms)
-        _assert_close(batched["energy"][k], single["energy"][0], tol, f"batched energy of structure {k}")
+        _assert_energy_close(batched["energy"][k], single["energy"][0], _e0_sum(model, atoms.numbers), tol,
+                             f"batched energy of structure {k}")
         _assert_close(batched["forces"][offset : offset + n], single["forces"], tol, f"batched forces of structure {k}")
         offset += n
     periodic = [a for a in structures if a.pbc.all()]
@@ -402,8 +384,9 @@ def check_supercell_extensive(model, structures=None, repeat=(2, 1, 1), tol: flo
     for k, atoms in enumerate(periodic):
         ref = evaluate(model, atoms, compute_stress=True)
         big = evaluate(model, atoms.repeat(repeat), compute_stress=True)
-        _assert_nontrivial(ref["energy"] - sum(model.e0s[z] for z in atoms.numbers), "interaction energy")
-        _assert_close(big["energy"], n * ref["energy"], tol, f"supercell energy (periodic structure {k})")
+        e0 = _e0_sum(model, atoms.numbers)
+        _assert_nontrivial(ref["energy"] - e0, "interaction energy")
+        _assert_energy_close(big["energy"], n * ref["energy"], n * e0, tol, f"supercell energy (periodic structure {k})")
         _assert_close(big["forces"], np.tile(ref["forces"], (n, 1)), tol, f"supercell forces (periodic structure {k})")
         _assert_close(big["stress"], ref["stress"], tol, f"supercell stress (periodic structure {k})")
 
@@ -423,8 +406,8 @@ def check_cutoff_continuity(model, delta: float = 1e-4, tol: float = 1e-7):
     _assert_nontrivial(mid["energy"] - e0, "dimer interaction energy inside the cutoff", floor=1e-9)
     inside = evaluate(model, dimer(model.r_max - delta), compute_stress=False)
     outside = evaluate(model, dimer(model.r_max + delta), compute_stress=False)
-    _assert_close(outside["energy"], [e0], 1e-12, "dimer energy just outside r_max")
-    _assert_close(inside["energy"], outside["energy"], tol, "energy jump across r_max")
+    _assert_energy_close(outside["energy"], [e0], e0, 1e-12, "dimer energy just outside r_max")
+    _assert_energy_close(inside["energy"], outside["energy"], e0, tol, "energy jump across r_max")
     _assert_close(inside["forces"], outside["forces"], tol, "force jump across r_max")
     # and smoothly: the interaction energy shrinks at least quadratically towards the cutoff
     e_far = abs(evaluate(model, dimer(model.r_max - 0.1), compute_stress=False)["energy"][0] - e0)
@@ -437,9 +420,10 @@ def check_cutoff_continuity(model, delta: float = 1e-4, tol: float = 1e-7):
 
 def check_float32(model, structures=None, tol: float = 1e-6, force_tol: float = 1e-4):
     """The same model cast to float32 agrees with float64 to float32 accuracy, and outputs
-    float32 tensors. Tolerances are relative to ``max(1, |reference|)``: the total energy
-    includes the E0s (thousands of eV for heavy elements), whose float32 rounding alone is
-    ``~6e-8 |E|``."""
+    float32 tensors. Energies are compared after subtracting the E0s (relative to the
+    interaction energy), with an absolute allowance for the float32 rounding of the E0 part
+    itself: ``n * 2^-24 * sum_i |E0(Z_i)|`` for ``n`` atoms (each per-atom energy carries its E0,
+    and their float32 sum rounds at every step)."""
     structures = structures or _default_structures(model)
     m32 = copy.deepcopy(model).to(torch.float32)
     for k, atoms in enumerate(structures):
@@ -449,7 +433,9 @@ def check_float32(model, structures=None, tol: float = 1e-6, force_tol: float = 
         assert out["energy"].dtype == torch.float32 and out["forces"].dtype == torch.float32, (
             f"float32 model returned {out['energy'].dtype} / {out['forces'].dtype}"
         )
-        _assert_close(out["energy"].detach().double().numpy(), ref["energy"], tol, f"float32 energy (structure {k})")
+        e0_abs = float(sum(abs(model.e0s[int(z)]) for z in atoms.numbers))
+        _assert_energy_close(out["energy"].detach().double().numpy(), ref["energy"], _e0_sum(model, atoms.numbers),
+                             tol, f"float32 energy (structure {k})", slack=len(atoms) * 2.0**-24 * e0_abs)
         _assert_close(out["forces"].detach().double().numpy(), ref["forces"], force_tol,
                       f"float32 forces (structure {k})")
 

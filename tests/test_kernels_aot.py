@@ -1,0 +1,63 @@
+"""Ahead-of-time compile of the models' Triton kernels for NVIDIA GPUs, no GPU needed
+(mlpot.bench.aot; the full table is in BENCHMARKS.md)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mlpot.bench import aot
+from mlpot.o3.backend import triton_available
+
+pytestmark = pytest.mark.skipif(not triton_available(), reason="triton not installed")
+
+SMALL_MACE = "MACE:num_channels=2,max_L=1,max_ell=1,correlation=2,num_interactions=1,radial_MLP=[4]"
+
+
+def _keys(variants):
+    return sorted(json.dumps({k: v for k, v in x.items() if k != "models"}, sort_keys=True) for x in variants)
+
+
+def test_recording_without_running_sees_the_launches_of_a_real_run():
+    """The launch sequence depends on shapes only: skipping the kernels on the interpreter
+    (the default, fast) records exactly the variants of a run that executes them."""
+    fast = aot.record_in_child([SMALL_MACE], "fp64", execute=False)
+    real = aot.record_in_child([SMALL_MACE], "fp64", execute=True)
+    assert _keys(fast) == _keys(real)
+    kernels = {v["kernel"] for v in real}
+    # message passing (node and edge paths of the backward) and the symmetric contraction
+    assert {"_node_kernel", "_edge_kernel", "_sc_node_kernel"} <= kernels
+
+
+def test_default_configs_compile_for_sm90_without_spills(tmp_path):
+    """The first autotune config of every kernel variant the default MACE and ESCN launch,
+    compiled for sm_90 in float32: every compile succeeds, none spills registers. Run as the
+    command a user types, in a fresh process: the compile needs Triton outside interpreter mode,
+    which other kernel tests of this session switch on."""
+    out = tmp_path / "aot.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlpot.bench.aot", "--arch", "90", "--dtype", "fp32", "--first-config",
+         "--max-spill-bytes", "0", "--json", str(out)], env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert out.exists(), proc.stdout[-2000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert any("MACE" in r["models"] for r in rows)
+    failed = [(r["kernel"], r["constexprs"], r["error"]) for r in rows if not r["ok"]]
+    assert not failed
+    spills = [(r["kernel"], r["constexprs"], r["spill_stores"], r["spill_loads"]) for r in rows
+              if r["spill_stores"] or r["spill_loads"]]
+    assert not spills
+    assert all(0 < r["regs"] <= 255 for r in rows)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
+def test_model_spec_parsing():
+    assert aot.parse_model_spec("MACE") == ("MACE", {})
+    assert aot.parse_model_spec("MACE:interaction_tp=gaunt,max_ell=2,radial_MLP=[8, 8]") == (
+        "MACE", {"interaction_tp": "gaunt", "max_ell": 2, "radial_MLP": [8, 8]})
+    with pytest.raises(ValueError, match="key=value"):
+        aot.parse_model_spec("MACE:gaunt")
