@@ -6,7 +6,7 @@ from mlpot.models.registry import MODEL_REGISTRY, build_model, get_model_class, 
 
 def __getattr__(name):
     """``mlpot.models.MACE`` etc.: the model classes, looked up in the one model registry."""
-    from mlpot.models.base import _LAZY_MODELS
+    from mlpot.models.registry import _LAZY_MODELS
 
     if name in _LAZY_MODELS:
         return get_model_class(name)
