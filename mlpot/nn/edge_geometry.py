@@ -14,8 +14,6 @@ kernel (registry op ``edge_embedding``); its reference is :func:`reference_edge_
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from mlpot.o3.backend import check_backend, implementation, select_backend
@@ -33,14 +31,12 @@ def reference_edge_embedding(vec: torch.Tensor, lmax: int, freqs=None, r_max: fl
     """
     from e3nn import o3
 
-    from mlpot.nn.radial import PolynomialCutoff, bessel_basis
+    from mlpot.nn.radial import BesselRadial
 
     Y = o3.spherical_harmonics(list(range(lmax + 1)), vec, normalize=True, normalization="component")
     if freqs is None:
         return Y, vec.new_zeros(vec.shape[0], 0)
-    r = vec.norm(dim=-1, keepdim=True)
-    R = bessel_basis(r, freqs, math.sqrt(2.0 / r_max)) * PolynomialCutoff.envelope(r, r_max, p)
-    return Y, R
+    return Y, BesselRadial(freqs, r_max, p)(vec.norm(dim=-1, keepdim=True))
 
 
 def check_edge_geometry_backend(backend: str) -> None:
@@ -61,8 +57,9 @@ def build_edge_geometry(
         vectors: ``(E, 3)`` edge vectors.
         spherical_harmonics: a module ``(E, 3) -> (E, (lmax+1)^2)`` (e.g. e3nn's
             ``o3.SphericalHarmonics``, normalized, "component"), or None when no layer reads them.
-        radial_embedding: a :class:`~mlpot.nn.radial.RadialEmbeddingBlock` (``lengths -> radial``),
-            or None.
+        radial_embedding: a :class:`~mlpot.nn.radial.RadialEmbeddingBlock` or
+            :class:`~mlpot.nn.radial.BesselRadial` (``lengths -> radial``, and
+            ``edge_embedding_args()`` for the fused kernel), or None.
         frames_lmax: largest Wigner degree the layers need, or None for no edge frames.
         backend: ``reference | triton | auto``; ``triton`` computes ``radial`` (and ``sh`` when
             asked for) in the fused kernel.
@@ -76,15 +73,10 @@ def build_edge_geometry(
         and select_backend("edge_embedding", backend, vectors.device) == "triton"
     )
     if fused:
-        bessel, cutoff = radial_embedding.bessel_fn, radial_embedding.cutoff_fn
+        num_basis, r_max, p, freqs = radial_embedding.edge_embedding_args()
         lmax = 0 if spherical_harmonics is None else int(spherical_harmonics.irreps_out.lmax)
         sh, radial = implementation("edge_embedding", "triton")(
-            vectors.contiguous(),
-            lmax,
-            int(bessel.num_basis),
-            float(bessel.r_max),
-            int(cutoff.p),
-            freqs=bessel.bessel_weights,
+            vectors.contiguous(), lmax, num_basis, r_max, p, freqs=freqs
         )
         if spherical_harmonics is None:
             sh = None  # the radial basis alone (the kernel's l = 0 row is the constant 1)
