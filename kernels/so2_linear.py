@@ -30,7 +30,7 @@ gradient one program per (block, tile of W, edge chunk).
 """
 import torch
 
-from ._runtime import LazyKernel, check_device, tl
+from ._runtime import LazyKernel, check_device, multilinear_form_backward, tl
 
 
 def _so2_linear_gemm_kernel(a_ptr, w_ptr, out_ptr, a_off_ptr, o_off_ptr, k_ptr, n_ptr, w_off_ptr,
@@ -214,16 +214,9 @@ class _SO2LinearForm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        saved = dict(zip(_ROLES, ctx.saved_tensors))
-        saved[ctx.role] = grad
-        grads = []
-        for k, need in zip(_ROLES, ctx.needs_input_grad[2:]):
-            if need and k != ctx.role:
-                args = dict(saved)
-                args[k] = None
-                grads.append(_SO2LinearForm.apply(k, ctx.table, args["x"], args["y"], args["w"]))
-            else:
-                grads.append(None)
+        grads = multilinear_form_backward(
+            _ROLES, ctx.role, ctx.saved_tensors, grad, ctx.needs_input_grad[2:],
+            lambda k, *ops: _SO2LinearForm.apply(k, ctx.table, *ops))
         return (None, None, *grads)
 
 

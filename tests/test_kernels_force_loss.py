@@ -154,11 +154,10 @@ MACE_VARIANTS = {
 }
 
 
-def _mace_training_gradients(backend: str, options: dict):
+def _training_gradients(name: str, backend: str, **config):
+    """Energy, forces and the parameter gradients of a force loss of model ``name`` on methanol."""
     torch.manual_seed(0)
-    options = {"num_interactions": 2, **options}
-    model = build_model("MACE", hidden_irreps="4x0e + 4x1o", max_ell=2, correlation=2,
-                        r_max=3.0, atomic_numbers=[1, 6, 8], backend=backend, **options).double()
+    model = build_model(name, r_max=3.0, atomic_numbers=[1, 6, 8], backend=backend, **config).double()
     atoms = molecule("CH3OH")
     atoms.rattle(0.1, seed=1)
     out = model(build_batch([atoms], 3.0), compute_force=True, create_graph=True)
@@ -168,13 +167,19 @@ def _mace_training_gradients(backend: str, options: dict):
     return out, {n: gr for (n, _), gr in zip(named, grads)}
 
 
+def _reference_and_triton(name: str, **config):
+    """``(reference, triton, launched kernel names)``, each of the first two ``(out, grads)``."""
+    ref = _training_gradients(name, "reference", **config)
+    launches = RT.LAUNCHES.copy()
+    tri = _training_gradients(name, "triton", **config)
+    return ref, tri, {k for k, n in RT.LAUNCHES.items() if n > launches[k]}
+
+
 @pytest.mark.parametrize("variant", sorted(MACE_VARIANTS))
 def test_mace_triton_force_training_gradients_equal_reference(variant):
     options, kernels = MACE_VARIANTS[variant]
-    ref_out, ref_grads = _mace_training_gradients("reference", options)
-    launches = RT.LAUNCHES.copy()
-    tri_out, tri_grads = _mace_training_gradients("triton", options)
-    launched = {name for name, n in RT.LAUNCHES.items() if n > launches[name]}
+    (ref_out, ref_grads), (tri_out, tri_grads), launched = _reference_and_triton(
+        "MACE", hidden_irreps="4x0e + 4x1o", max_ell=2, correlation=2, **{"num_interactions": 2, **options})
     assert kernels <= launched, f"{variant}: kernels not launched: {sorted(kernels - launched)}"
     assert _rel(tri_out["energy"], ref_out["energy"]) < TOL
     assert _rel(tri_out["forces"], ref_out["forces"]) < TOL
@@ -196,28 +201,13 @@ def _rel_own(a, b):
     return ((a - b).abs().max() / max(1e-8, b.abs().max().item())).item()
 
 
-def _escn_training_gradients(backend: str):
-    torch.manual_seed(0)
-    model = build_model("ESCN", atomic_numbers=[1, 6, 8], r_max=3.0, num_layers=3, lmax=2, mmax=1,
-                        sphere_channels=3, hidden_channels=3, edge_channels=3, num_bessel=4,
-                        ffn_activation="gate", backend=backend).double()
-    atoms = molecule("CH3OH")
-    atoms.rattle(0.1, seed=1)
-    out = model(build_batch([atoms], 3.0), compute_force=True, create_graph=True)
-    loss = (out["forces"] ** 2).sum() + out["energy"].sum() ** 2
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
-    return out, {n: gr for (n, _), gr in zip(named, grads)}
-
-
 def test_escn_triton_force_training_gradients_equal_reference():
     """ESCN with ``backend: triton``: the SO(2) linear maps and the radial basis run on their
     kernels (the Wigner rotations stay torch ops); energy, forces and every parameter gradient of
     a force loss equal the reference."""
-    ref_out, ref_grads = _escn_training_gradients("reference")
-    launches = RT.LAUNCHES.copy()
-    tri_out, tri_grads = _escn_training_gradients("triton")
-    launched = {name for name, n in RT.LAUNCHES.items() if n > launches[name]}
+    (ref_out, ref_grads), (tri_out, tri_grads), launched = _reference_and_triton(
+        "ESCN", num_layers=3, lmax=2, mmax=1, sphere_channels=3, hidden_channels=3, edge_channels=3,
+        num_bessel=4, ffn_activation="gate")
     kernels = {"_sh_fwd_kernel", "_sh_bwd_kernel", "_so2_linear_gemm_kernel", "_so2_linear_wgrad_kernel"}
     assert kernels <= launched, f"ESCN: kernels not launched: {sorted(kernels - launched)}"
     assert _rel_own(tri_out["energy"], ref_out["energy"]) < TOL
