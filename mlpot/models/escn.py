@@ -66,7 +66,7 @@ from mlpot.errors import ConfigError
 from mlpot.models.base import PotentialModel, register_model
 from mlpot.nn.edge_geometry import build_edge_geometry, check_edge_geometry_backend
 from mlpot.nn.norm import EquivariantLayerNorm
-from mlpot.nn.radial import BesselRadial, PolynomialCutoff
+from mlpot.nn.radial import BesselRadial
 from mlpot.nn.s2_activation import SeparableS2Activation
 from mlpot.o3.so2 import EdgeFrameRotation, SO2Linear, edge_frame_index
 
@@ -326,10 +326,10 @@ class ESCN(PotentialModel):
         p = self.config["polynomial_cutoff_p"]
         geometry = build_edge_geometry(
             vectors, radial_embedding=BesselRadial(self.bessel_freqs.to(dtype), self.r_max, p),
-            frames_lmax=self.lmax, backend=self.config["backend"],
+            frames_lmax=self.lmax, backend=self.config["backend"], envelope=True,
         )
         rbf = geometry.radial  # Bessel basis x envelope (the fused kernel with backend triton)
-        envelope = PolynomialCutoff.envelope(geometry.lengths, self.r_max, p)[:, 0]
+        envelope = geometry.envelope[:, 0]
         edge_feats = torch.cat(
             [rbf, self.edge_embedding_src(species[sender]), self.edge_embedding_dst(species[receiver])], -1
         )

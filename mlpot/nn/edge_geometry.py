@@ -5,7 +5,8 @@ For edge vectors :math:`\vec r_e` (``(E, 3)``, ``D = pos[j] - pos[i] + S @ cell`
 * ``lengths`` :math:`r_e = |\vec r_e|` (``(E, 1)``);
 * ``sh`` :math:`Y_{lm}(\hat r_e)`, e3nn's real basis, "component" normalization, ``l <= lmax_sh``;
 * ``radial`` :math:`b_n(r_e) f(r_e)`: the Bessel basis times the polynomial cutoff envelope
-  (:class:`mlpot.nn.radial.RadialEmbeddingBlock`);
+  (:class:`mlpot.nn.radial.RadialEmbeddingBlock` or :class:`~mlpot.nn.radial.BesselRadial`), and
+  the envelope :math:`f(r_e)` alone when asked;
 * ``rotation`` and ``wigner``: the edge frames :math:`R_e` (:func:`mlpot.o3.wigner.edge_rotation`)
   and their Wigner blocks :math:`D^l(R_e)`, ``l <= frames_lmax``, only when a layer reads them.
 
@@ -50,6 +51,7 @@ def build_edge_geometry(
     radial_embedding=None,
     frames_lmax: int | None = None,
     backend: str = "reference",
+    envelope: bool = False,
 ) -> EdgeGeometry:
     """One :class:`EdgeGeometry` for all layers.
 
@@ -63,9 +65,11 @@ def build_edge_geometry(
         frames_lmax: largest Wigner degree the layers need, or None for no edge frames.
         backend: ``reference | triton | auto``; ``triton`` computes ``radial`` (and ``sh`` when
             asked for) in the fused kernel.
+        envelope: also keep the cutoff envelope ``f(r)`` (``(E, 1)``, torch; on the reference path
+            the tensor the radial basis was multiplied by).
     """
     lengths = torch.linalg.norm(vectors, dim=-1, keepdim=True)
-    sh = radial = None
+    sh = radial = env = None
     fused = (
         radial_embedding is not None
         and vectors.shape[0] > 0
@@ -80,13 +84,18 @@ def build_edge_geometry(
         )
         if spherical_harmonics is None:
             sh = None  # the radial basis alone (the kernel's l = 0 row is the constant 1)
+        if envelope:
+            env = radial_embedding.envelope(lengths)
     else:
         if spherical_harmonics is not None:
             sh = spherical_harmonics(vectors)
-        if radial_embedding is not None:
+        if radial_embedding is not None and envelope:
+            radial, env = radial_embedding.radial_and_envelope(lengths)
+        elif radial_embedding is not None:
             radial = radial_embedding(lengths)
     rotation = wigner = None
     if frames_lmax is not None:
         rotation = edge_rotation(vectors)
         wigner = wigner_D_list(int(frames_lmax), rotation)
-    return EdgeGeometry(vectors=vectors, lengths=lengths, sh=sh, radial=radial, rotation=rotation, wigner=wigner)
+    return EdgeGeometry(vectors=vectors, lengths=lengths, sh=sh, radial=radial, envelope=env, rotation=rotation,
+                        wigner=wigner)

@@ -92,6 +92,14 @@ class RadialEmbeddingBlock(nn.Module):
     def forward(self, lengths: torch.Tensor) -> torch.Tensor:
         return self.bessel_fn(lengths) * self.cutoff_fn(lengths)
 
+    def radial_and_envelope(self, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(b_n(r) f(r), f(r))``, the envelope one tensor used by both."""
+        envelope = self.cutoff_fn(lengths)
+        return self.bessel_fn(lengths) * envelope, envelope
+
+    def envelope(self, lengths: torch.Tensor) -> torch.Tensor:
+        return self.cutoff_fn(lengths)
+
     def edge_embedding_args(self) -> tuple:
         """``(num_basis, r_max, p, freqs)`` of the fused edge-embedding kernel."""
         return (int(self.bessel_fn.num_basis), float(self.bessel_fn.r_max), int(self.cutoff_fn.p),
@@ -110,8 +118,15 @@ class BesselRadial:
         self.freqs, self.r_max, self.p = freqs, float(r_max), int(p)
 
     def __call__(self, lengths: torch.Tensor) -> torch.Tensor:
-        envelope = PolynomialCutoff.envelope(lengths, self.r_max, self.p)
-        return bessel_basis(lengths, self.freqs, math.sqrt(2.0 / self.r_max)) * envelope
+        return self.radial_and_envelope(lengths)[0]
+
+    def radial_and_envelope(self, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(b_n(r) f(r), f(r))``, the envelope one tensor used by both."""
+        envelope = self.envelope(lengths)
+        return bessel_basis(lengths, self.freqs, math.sqrt(2.0 / self.r_max)) * envelope, envelope
+
+    def envelope(self, lengths: torch.Tensor) -> torch.Tensor:
+        return PolynomialCutoff.envelope(lengths, self.r_max, self.p)
 
     def edge_embedding_args(self) -> tuple:
         """``(num_basis, r_max, p, freqs)`` of the fused edge-embedding kernel."""

@@ -415,10 +415,12 @@ def so2_linear(x: torch.Tensor, weights: list, blocks: list) -> torch.Tensor:
     E = x.shape[0]
     outs = []
     for (m, start, n), w in zip(blocks, weights):
-        halves = 1 if m == 0 else 2
         cin, cout = w.shape[0] // n, w.shape[1] // n
-        xm = x[:, start : start + halves * n, :].reshape(E, halves, n * cin)
-        outs.append((xm @ w).reshape(E, halves * n, cout))
+        if m == 0:
+            outs.append((x[:, start : start + n, :].reshape(E, n * cin) @ w).reshape(E, n, cout))
+        else:  # the +m and -m halves, one matrix
+            xm = x[:, start : start + 2 * n, :].reshape(E, 2, n * cin)
+            outs.append((xm @ w).reshape(E, 2 * n, cout))
     return torch.cat(outs, 1)
 
 
