@@ -169,3 +169,25 @@ def reference_vjp(fn, primals, cotangents):
     """
     _, vjp_fn = torch.func.vjp(fn, *primals)
     return vjp_fn(cotangents)
+
+
+def multilinear_form_backward(roles, role, saved, grad, needs_input_grad, apply):
+    """Backward of one partial derivative of a multilinear form ``F(a, b, ...)``.
+
+    An op computes ``dF/d(role)`` (the operand ``role`` absent); the gradient of
+    ``<grad, dF/d(role)>`` with respect to another operand ``k`` is ``dF/dk`` with ``grad`` in
+    place of ``role``. ``saved`` are the operands in ``roles`` order (``role``'s entry None),
+    ``apply(k, *operands)`` runs the op for ``dF/dk`` (operand ``k`` passed as None). Returns one
+    gradient (or None) per operand, so the ops are differentiable to any order on themselves.
+    """
+    ops = dict(zip(roles, saved))
+    ops[role] = grad
+    grads = []
+    for k, need in zip(roles, needs_input_grad):
+        if need and k != role:
+            args = dict(ops)
+            args[k] = None
+            grads.append(apply(k, *(args[r] for r in roles)))
+        else:
+            grads.append(None)
+    return grads

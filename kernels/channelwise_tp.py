@@ -37,7 +37,7 @@ from e3nn import o3
 
 from mlpot.o3.layout import channel_last_to_mul_ir, mul_ir_to_channel_last, uniform_mul
 
-from ._runtime import LazyKernel, check_device, tl
+from ._runtime import LazyKernel, check_device, multilinear_form_backward, tl
 
 _CFG_C = [({"BLOCK_C": bc}, w, 2) for bc, w in ((32, 1), (64, 2), (128, 4), (32, 2), (64, 4))]
 
@@ -282,17 +282,9 @@ class _TrilinearOp(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        saved = dict(zip(_ROLES, ctx.saved_tensors))
-        saved[ctx.role] = grad
-        grads = []
-        for k, need in zip(_ROLES, ctx.needs_input_grad[4:]):
-            if need and k != ctx.role:
-                args = dict(saved)
-                args[k] = None
-                grads.append(_TrilinearOp.apply(k, ctx.plan, ctx.table, ctx.C,
-                                                args["a"], args["b"], args["y"], args["p"]))
-            else:
-                grads.append(None)
+        grads = multilinear_form_backward(
+            _ROLES, ctx.role, ctx.saved_tensors, grad, ctx.needs_input_grad[4:],
+            lambda k, *ops: _TrilinearOp.apply(k, ctx.plan, ctx.table, ctx.C, *ops))
         return (None, None, None, None, *grads)
 
 

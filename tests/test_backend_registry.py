@@ -98,9 +98,16 @@ def test_no_silent_backend_dropping_left():
     assert not re.search(r"_call_with_supported|inspect\.signature", src)
 
 
-def test_escn_triton_names_the_op_without_a_kernel():
+def test_escn_triton_builds_on_its_kernels_and_names_a_missing_one(monkeypatch):
+    kw = dict(atomic_numbers=[1], num_layers=1, lmax=1, mmax=1, sphere_channels=2, hidden_channels=2,
+              edge_channels=2)
+    model = build_model("ESCN", backend="triton", **kw)
+    assert {m.backend for m in model.modules() if getattr(m, "op", "") == "so2_linear"} == {"triton"}
+    build_model("ESCN", backend="auto", **kw)
+    monkeypatch.delitem(B.REGISTRY, ("so2_linear", "triton"))
     with pytest.raises(ConfigError, match=r"op 'so2_linear' has no 'triton' backend"):
-        build_model("ESCN", atomic_numbers=[1], num_layers=1, lmax=1, mmax=1, sphere_channels=2,
-                    hidden_channels=2, edge_channels=2, backend="triton")
-    build_model("ESCN", atomic_numbers=[1], num_layers=1, lmax=1, mmax=1, sphere_channels=2,
-                hidden_channels=2, edge_channels=2, backend="auto")
+        build_model("ESCN", backend="triton", **kw)
+    monkeypatch.undo()
+    monkeypatch.delitem(B.REGISTRY, ("edge_embedding", "triton"))
+    with pytest.raises(ConfigError, match=r"op 'edge_embedding' has no 'triton' backend"):
+        build_model("ESCN", backend="triton", **kw)

@@ -26,6 +26,7 @@ SH = kernels_module("spherical_harmonics")
 SO2K = kernels_module("so2")
 CT = kernels_module("channelwise_tp")
 GA = kernels_module("gaunt")
+LK = kernels_module("so2_linear")
 RT = kernels_module("_runtime")
 
 TOL = 1e-10
@@ -128,6 +129,17 @@ def test_gaunt_and_channelwise_force_loss():
                        lambda a, b: GA.reference_gaunt_product(a, b, 2), (x1, x2), positions=[1])
 
 
+def test_so2_linear_force_loss():
+    from mlpot.o3.so2 import so2_linear
+
+    g = torch.Generator().manual_seed(25)
+    table = LK.SO2LinearTable(2, 2, 2, 3)
+    x = _leaf(4, table.K, 2, gen=g, scale=0.5)
+    ws = [_leaf(n * 2, n * 3, gen=g, scale=0.5) for _, _, n in table.blocks]
+    _assert_same_grads(lambda x_, *w: LK.so2_linear(x_, list(w), table),
+                       lambda x_, *w: so2_linear(x_, list(w), table.blocks), (x, *ws), positions=[0])
+
+
 # ------------------------------------------------------------------------------------------------
 # whole models: every kernel-backed op of MACE, as a training step sees it
 # ------------------------------------------------------------------------------------------------
@@ -142,11 +154,10 @@ MACE_VARIANTS = {
 }
 
 
-def _mace_training_gradients(backend: str, options: dict):
+def _training_gradients(name: str, backend: str, **config):
+    """Energy, forces and the parameter gradients of a force loss of model ``name`` on methanol."""
     torch.manual_seed(0)
-    options = {"num_interactions": 2, **options}
-    model = build_model("MACE", hidden_irreps="4x0e + 4x1o", max_ell=2, correlation=2,
-                        r_max=3.0, atomic_numbers=[1, 6, 8], backend=backend, **options).double()
+    model = build_model(name, r_max=3.0, atomic_numbers=[1, 6, 8], backend=backend, **config).double()
     atoms = molecule("CH3OH")
     atoms.rattle(0.1, seed=1)
     out = model(build_batch([atoms], 3.0), compute_force=True, create_graph=True)
@@ -156,13 +167,19 @@ def _mace_training_gradients(backend: str, options: dict):
     return out, {n: gr for (n, _), gr in zip(named, grads)}
 
 
+def _reference_and_triton(name: str, **config):
+    """``(reference, triton, launched kernel names)``, each of the first two ``(out, grads)``."""
+    ref = _training_gradients(name, "reference", **config)
+    launches = RT.LAUNCHES.copy()
+    tri = _training_gradients(name, "triton", **config)
+    return ref, tri, {k for k, n in RT.LAUNCHES.items() if n > launches[k]}
+
+
 @pytest.mark.parametrize("variant", sorted(MACE_VARIANTS))
 def test_mace_triton_force_training_gradients_equal_reference(variant):
     options, kernels = MACE_VARIANTS[variant]
-    ref_out, ref_grads = _mace_training_gradients("reference", options)
-    launches = RT.LAUNCHES.copy()
-    tri_out, tri_grads = _mace_training_gradients("triton", options)
-    launched = {name for name, n in RT.LAUNCHES.items() if n > launches[name]}
+    (ref_out, ref_grads), (tri_out, tri_grads), launched = _reference_and_triton(
+        "MACE", hidden_irreps="4x0e + 4x1o", max_ell=2, correlation=2, **{"num_interactions": 2, **options})
     assert kernels <= launched, f"{variant}: kernels not launched: {sorted(kernels - launched)}"
     assert _rel(tri_out["energy"], ref_out["energy"]) < TOL
     assert _rel(tri_out["forces"], ref_out["forces"]) < TOL
@@ -176,3 +193,37 @@ def test_mace_triton_force_training_gradients_equal_reference(variant):
         assert _rel(tri, ref) < TOL, f"{variant}: d loss / d {name} differs by {_rel(tri, ref):.2e}"
         checked += 1
     assert checked >= 10
+
+
+def _rel_own(a, b):
+    """Relative to ``b``'s own size (ESCN's gradients are 1e-6..1e-2: ``_rel`` would be absolute);
+    below 1e-8 absolute."""
+    return ((a - b).abs().max() / max(1e-8, b.abs().max().item())).item()
+
+
+def test_escn_triton_force_training_gradients_equal_reference():
+    """ESCN with ``backend: triton``: the SO(2) linear maps and the radial basis run on their
+    kernels (the Wigner rotations stay torch ops); energy, forces and every parameter gradient of
+    a force loss equal the reference."""
+    (ref_out, ref_grads), (tri_out, tri_grads), launched = _reference_and_triton(
+        "ESCN", num_layers=3, lmax=2, mmax=1, sphere_channels=3, hidden_channels=3, edge_channels=3,
+        num_bessel=4, ffn_activation="gate")
+    kernels = {"_sh_fwd_kernel", "_sh_bwd_kernel", "_so2_linear_gemm_kernel", "_so2_linear_wgrad_kernel"}
+    assert kernels <= launched, f"ESCN: kernels not launched: {sorted(kernels - launched)}"
+    assert _rel_own(tri_out["energy"], ref_out["energy"]) < TOL
+    assert _rel_own(tri_out["forces"], ref_out["forces"]) < TOL
+    assert ref_grads.keys() == tri_grads.keys()
+    for name, ref in ref_grads.items():
+        tri = tri_grads[name]
+        assert (ref is None) == (tri is None), name
+        if ref is None:
+            continue
+        err = _rel_own(tri, ref)
+        assert err < TOL, f"ESCN: d loss / d {name} differs by {err:.2e} relative"
+    # the m = 1 blocks are exercised in the middle layer only: the first layer's input has l = 0
+    # features alone (its m = 1 rows are zero), and the last layer's l >= 1 output never reaches
+    # the energy (the readout and the feed-forward's scalars read l = 0 only)
+    conv = [n for n in ref_grads if ".conv" in n and (n.startswith("layers.1.") or n.endswith("weights.0"))]
+    assert len(conv) == 8
+    for name in conv:
+        assert ref_grads[name].abs().max() > 1e-8, f"{name}: vanishing gradient, the test is vacuous"

@@ -64,11 +64,10 @@ from torch import nn
 
 from mlpot.errors import ConfigError
 from mlpot.models.base import PotentialModel, register_model
-from mlpot.nn.edge_geometry import build_edge_geometry
+from mlpot.nn.edge_geometry import build_edge_geometry, check_edge_geometry_backend
 from mlpot.nn.norm import EquivariantLayerNorm
-from mlpot.nn.radial import PolynomialCutoff, bessel_basis
+from mlpot.nn.radial import BesselRadial
 from mlpot.nn.s2_activation import SeparableS2Activation
-from mlpot.o3.backend import check_backend
 from mlpot.o3.so2 import EdgeFrameRotation, SO2Linear, edge_frame_index
 
 __all__ = ["ESCN", "SO2Linear", "EdgeFrameRotation", "edge_frame_index"]
@@ -163,7 +162,8 @@ class EdgeFrameGate(nn.Module):
 class ESCNLayer(nn.Module):
     """One message-passing layer plus node feed-forward (see the module doc, steps 1-7)."""
 
-    def __init__(self, lmax, mmax, channels, hidden, edge_channels, num_bessel, ffn_activation, grid_resolution):
+    def __init__(self, lmax, mmax, channels, hidden, edge_channels, num_bessel, ffn_activation, grid_resolution,
+                 backend="reference"):
         super().__init__()
         rows, half, _ = edge_frame_index(lmax, mmax)
         self.num_half = max(half) + 1
@@ -175,9 +175,9 @@ class ESCNLayer(nn.Module):
             nn.SiLU(),
             nn.Linear(edge_channels, self.num_half * 2 * channels),
         )
-        self.conv1 = SO2Linear(lmax, mmax, 2 * channels, hidden)
+        self.conv1 = SO2Linear(lmax, mmax, 2 * channels, hidden, backend=backend)
         self.act = EdgeFrameGate(lmax, mmax, hidden)
-        self.conv2 = SO2Linear(lmax, mmax, hidden, channels)
+        self.conv2 = SO2Linear(lmax, mmax, hidden, channels, backend=backend)
         self.norm_ffn = EquivariantLayerNorm(lmax, channels)
         self.ffn = FeedForward(lmax, channels, hidden, ffn_activation, grid_resolution)
 
@@ -212,9 +212,9 @@ class ESCN(PotentialModel):
     envelope order. avg_num_neighbors: message normalisation. e0s, scale, shift: energy
     referencing (``E_i = E0 + scale * y_i + shift``). ffn_activation: ``"s2"`` (S2-grid SiLU)
     or ``"gate"``. grid_resolution: Gauss–Legendre points of the S2 grid (default ``2 lmax + 8``;
-    azimuths twice that). backend: ``reference | triton | auto``; its edge-frame SO(2) linear maps
-    (registry op ``so2_linear``) have no Triton kernel, so ``triton`` is a ConfigError and
-    ``auto`` runs the reference. zbl: add ZBL repulsion. seed: weight initialisation
+    azimuths twice that). backend: ``reference | triton | auto``; ``triton`` runs the edge-frame
+    SO(2) linear maps (registry op ``so2_linear``) and the radial basis (``edge_embedding``) on
+    their kernels; the Wigner rotations, norms, gates and MLPs stay torch ops. zbl: add ZBL repulsion. seed: weight initialisation
     seed (None: torch's global RNG).
     """
 
@@ -276,7 +276,7 @@ class ESCN(PotentialModel):
             self.edge_embedding_dst = nn.Embedding(self.num_elements, Ce)
             self.layers = nn.ModuleList(
                 ESCNLayer(self.lmax, self.mmax, C, H, Ce, config["num_bessel"], config["ffn_activation"],
-                          config["grid_resolution"])
+                          config["grid_resolution"], config["backend"])
                 for _ in range(config["num_layers"])
             )
             self.final_norm = EquivariantLayerNorm(self.lmax, C)
@@ -290,8 +290,9 @@ class ESCN(PotentialModel):
             math.pi / self.r_max * torch.arange(1, config["num_bessel"] + 1, dtype=torch.float64),
             persistent=False,
         )
-        # the ops this model runs; a backend without one of them is a ConfigError here
-        check_backend("so2_linear", config["backend"])
+        # the registry ops this model runs: so2_linear (checked by SO2Linear) and edge_embedding;
+        # a backend without one of them is a ConfigError here
+        check_edge_geometry_backend(config["backend"])
         self.to(torch.float32 if config["dtype"] == "float32" else torch.float64)
 
     # ------------------------------------------------------------------------------------
@@ -322,11 +323,13 @@ class ESCN(PotentialModel):
         sender, receiver = edge_index[0], edge_index[1]
         x = self._embed(species, dtype)
 
-        geometry = build_edge_geometry(vectors, frames_lmax=self.lmax)
-        r = geometry.lengths
-        envelope = PolynomialCutoff.envelope(r, self.r_max, self.config["polynomial_cutoff_p"])
-        rbf = bessel_basis(r, self.bessel_freqs.to(dtype), math.sqrt(2.0 / self.r_max)) * envelope
-        envelope = envelope[:, 0]
+        p = self.config["polynomial_cutoff_p"]
+        geometry = build_edge_geometry(
+            vectors, radial_embedding=BesselRadial(self.bessel_freqs.to(dtype), self.r_max, p),
+            frames_lmax=self.lmax, backend=self.config["backend"], envelope=True,
+        )
+        rbf = geometry.radial  # Bessel basis x envelope (the fused kernel with backend triton)
+        envelope = geometry.envelope[:, 0]
         edge_feats = torch.cat(
             [rbf, self.edge_embedding_src(species[sender]), self.edge_embedding_dst(species[receiver])], -1
         )

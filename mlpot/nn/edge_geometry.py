@@ -5,7 +5,8 @@ For edge vectors :math:`\vec r_e` (``(E, 3)``, ``D = pos[j] - pos[i] + S @ cell`
 * ``lengths`` :math:`r_e = |\vec r_e|` (``(E, 1)``);
 * ``sh`` :math:`Y_{lm}(\hat r_e)`, e3nn's real basis, "component" normalization, ``l <= lmax_sh``;
 * ``radial`` :math:`b_n(r_e) f(r_e)`: the Bessel basis times the polynomial cutoff envelope
-  (:class:`mlpot.nn.radial.RadialEmbeddingBlock`);
+  (:class:`mlpot.nn.radial.RadialEmbeddingBlock` or :class:`~mlpot.nn.radial.BesselRadial`), and
+  the envelope :math:`f(r_e)` alone when asked;
 * ``rotation`` and ``wigner``: the edge frames :math:`R_e` (:func:`mlpot.o3.wigner.edge_rotation`)
   and their Wigner blocks :math:`D^l(R_e)`, ``l <= frames_lmax``, only when a layer reads them.
 
@@ -13,8 +14,6 @@ With ``backend: triton`` the spherical harmonics and the radial basis come from 
 kernel (registry op ``edge_embedding``); its reference is :func:`reference_edge_embedding`.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -33,14 +32,12 @@ def reference_edge_embedding(vec: torch.Tensor, lmax: int, freqs=None, r_max: fl
     """
     from e3nn import o3
 
-    from mlpot.nn.radial import PolynomialCutoff, bessel_basis
+    from mlpot.nn.radial import BesselRadial
 
     Y = o3.spherical_harmonics(list(range(lmax + 1)), vec, normalize=True, normalization="component")
     if freqs is None:
         return Y, vec.new_zeros(vec.shape[0], 0)
-    r = vec.norm(dim=-1, keepdim=True)
-    R = bessel_basis(r, freqs, math.sqrt(2.0 / r_max)) * PolynomialCutoff.envelope(r, r_max, p)
-    return Y, R
+    return Y, BesselRadial(freqs, r_max, p)(vec.norm(dim=-1, keepdim=True))
 
 
 def check_edge_geometry_backend(backend: str) -> None:
@@ -54,6 +51,7 @@ def build_edge_geometry(
     radial_embedding=None,
     frames_lmax: int | None = None,
     backend: str = "reference",
+    envelope: bool = False,
 ) -> EdgeGeometry:
     """One :class:`EdgeGeometry` for all layers.
 
@@ -61,14 +59,17 @@ def build_edge_geometry(
         vectors: ``(E, 3)`` edge vectors.
         spherical_harmonics: a module ``(E, 3) -> (E, (lmax+1)^2)`` (e.g. e3nn's
             ``o3.SphericalHarmonics``, normalized, "component"), or None when no layer reads them.
-        radial_embedding: a :class:`~mlpot.nn.radial.RadialEmbeddingBlock` (``lengths -> radial``),
-            or None.
+        radial_embedding: a :class:`~mlpot.nn.radial.RadialEmbeddingBlock` or
+            :class:`~mlpot.nn.radial.BesselRadial` (``lengths -> radial``, and
+            ``edge_embedding_args()`` for the fused kernel), or None.
         frames_lmax: largest Wigner degree the layers need, or None for no edge frames.
         backend: ``reference | triton | auto``; ``triton`` computes ``radial`` (and ``sh`` when
             asked for) in the fused kernel.
+        envelope: also keep the cutoff envelope ``f(r)`` (``(E, 1)``, torch; on the reference path
+            the tensor the radial basis was multiplied by).
     """
     lengths = torch.linalg.norm(vectors, dim=-1, keepdim=True)
-    sh = radial = None
+    sh = radial = env = None
     fused = (
         radial_embedding is not None
         and vectors.shape[0] > 0
@@ -76,25 +77,25 @@ def build_edge_geometry(
         and select_backend("edge_embedding", backend, vectors.device) == "triton"
     )
     if fused:
-        bessel, cutoff = radial_embedding.bessel_fn, radial_embedding.cutoff_fn
+        num_basis, r_max, p, freqs = radial_embedding.edge_embedding_args()
         lmax = 0 if spherical_harmonics is None else int(spherical_harmonics.irreps_out.lmax)
         sh, radial = implementation("edge_embedding", "triton")(
-            vectors.contiguous(),
-            lmax,
-            int(bessel.num_basis),
-            float(bessel.r_max),
-            int(cutoff.p),
-            freqs=bessel.bessel_weights,
+            vectors.contiguous(), lmax, num_basis, r_max, p, freqs=freqs
         )
         if spherical_harmonics is None:
             sh = None  # the radial basis alone (the kernel's l = 0 row is the constant 1)
+        if envelope:
+            env = radial_embedding.envelope(lengths)
     else:
         if spherical_harmonics is not None:
             sh = spherical_harmonics(vectors)
-        if radial_embedding is not None:
+        if radial_embedding is not None and envelope:
+            radial, env = radial_embedding.radial_and_envelope(lengths)
+        elif radial_embedding is not None:
             radial = radial_embedding(lengths)
     rotation = wigner = None
     if frames_lmax is not None:
         rotation = edge_rotation(vectors)
         wigner = wigner_D_list(int(frames_lmax), rotation)
-    return EdgeGeometry(vectors=vectors, lengths=lengths, sh=sh, radial=radial, rotation=rotation, wigner=wigner)
+    return EdgeGeometry(vectors=vectors, lengths=lengths, sh=sh, radial=radial, envelope=env, rotation=rotation,
+                        wigner=wigner)

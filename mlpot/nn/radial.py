@@ -6,6 +6,11 @@ r"""Radial features of an edge: Bessel basis, polynomial cutoff, radial MLP (MAC
   - \tfrac{p(p+1)}{2} x^{p+2}` for :math:`x = r / r_{max} < 1`, else 0; :math:`f`, :math:`f'`
   and :math:`f''` vanish at :math:`r_{max}` (p = 5 in MACE).
 * :class:`RadialEmbeddingBlock`: :math:`b_n(r) f(r)`, the edge features.
+* :class:`BesselRadial`: the same :math:`b_n(r) f(r)` for a model that keeps the frequencies,
+  :math:`r_{max}` and :math:`p` as plain values (eSCN), with no module state of its own.
+
+Both describe themselves to the fused edge-embedding kernel through ``edge_embedding_args()``
+(:func:`mlpot.nn.edge_geometry.build_edge_geometry`).
 * :func:`radial_mlp`: e3nn's ``FullyConnectedNet`` ``[N] + hidden + [out]`` with SiLU, exactly
   mace-torch's ``conv_tp_weights``: each layer is :math:`x W / \sqrt{\text{fan-in}}` and the
   activation is normalized to unit second moment under a standard normal input
@@ -21,7 +26,7 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["BesselBasis", "PolynomialCutoff", "RadialEmbeddingBlock", "bessel_basis", "radial_mlp"]
+__all__ = ["BesselBasis", "BesselRadial", "PolynomialCutoff", "RadialEmbeddingBlock", "bessel_basis", "radial_mlp"]
 
 
 def bessel_basis(r: torch.Tensor, freqs: torch.Tensor, prefactor) -> torch.Tensor:
@@ -86,6 +91,46 @@ class RadialEmbeddingBlock(nn.Module):
 
     def forward(self, lengths: torch.Tensor) -> torch.Tensor:
         return self.bessel_fn(lengths) * self.cutoff_fn(lengths)
+
+    def radial_and_envelope(self, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(b_n(r) f(r), f(r))``, the envelope one tensor used by both."""
+        envelope = self.cutoff_fn(lengths)
+        return self.bessel_fn(lengths) * envelope, envelope
+
+    def envelope(self, lengths: torch.Tensor) -> torch.Tensor:
+        return self.cutoff_fn(lengths)
+
+    def edge_embedding_args(self) -> tuple:
+        """``(num_basis, r_max, p, freqs)`` of the fused edge-embedding kernel."""
+        return (int(self.bessel_fn.num_basis), float(self.bessel_fn.r_max), int(self.cutoff_fn.p),
+                self.bessel_fn.bessel_weights)
+
+
+class BesselRadial:
+    r""":math:`\sqrt{2/r_{max}}\, \sin(\omega_n r) / r \cdot f_p(r / r_{max})` with given frequencies
+    ``freqs`` :math:`\omega_n` (a tensor, treated as constant), ``r_max`` and ``p`` (plain numbers).
+
+    ``BesselRadial(freqs, r_max, p)(lengths (E, 1)) -> (E, num_basis)``; the radial basis of
+    :class:`RadialEmbeddingBlock` for models that hold no such module (no state dict entries).
+    """
+
+    def __init__(self, freqs: torch.Tensor, r_max: float, p: int):
+        self.freqs, self.r_max, self.p = freqs, float(r_max), int(p)
+
+    def __call__(self, lengths: torch.Tensor) -> torch.Tensor:
+        return self.radial_and_envelope(lengths)[0]
+
+    def radial_and_envelope(self, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(b_n(r) f(r), f(r))``, the envelope one tensor used by both."""
+        envelope = self.envelope(lengths)
+        return bessel_basis(lengths, self.freqs, math.sqrt(2.0 / self.r_max)) * envelope, envelope
+
+    def envelope(self, lengths: torch.Tensor) -> torch.Tensor:
+        return PolynomialCutoff.envelope(lengths, self.r_max, self.p)
+
+    def edge_embedding_args(self) -> tuple:
+        """``(num_basis, r_max, p, freqs)`` of the fused edge-embedding kernel."""
+        return (int(self.freqs.shape[0]), self.r_max, self.p, self.freqs)
 
 
 def radial_mlp(num_in: int, hidden: list[int], num_out: int) -> nn.Module:

@@ -97,7 +97,8 @@ register("gaunt_product", "reference", "mlpot.o3.gaunt:grid_product")
 register("gaunt_product", "triton", "mlpot.kernels.gaunt:gaunt_product", method=("grid", "fourier"))
 register("so2_message_passing", "reference", "mlpot.o3.so2:so2_message_passing")
 register("so2_message_passing", "triton", "mlpot.kernels.so2:so2_message_passing", layout=("uniform",))
-register("so2_linear", "reference", "mlpot.o3.so2:SO2Linear.forward")
+register("so2_linear", "reference", "mlpot.o3.so2:so2_linear")
+register("so2_linear", "triton", "mlpot.kernels.so2_linear:so2_linear")
 
 
 def supported_backends(op: str) -> tuple[str, ...]:

@@ -38,7 +38,7 @@ class EdgeGeometry:
 
     ``vectors (E, 3)``, ``lengths (E, 1)``; ``sh (E, (lmax+1)^2)``: e3nn "component" spherical
     harmonics of the edge directions; ``radial (E, num_basis)``: radial basis times the cutoff
-    envelope; ``rotation (E, 3, 3)``: edge frames (``R v = |v| y``,
+    envelope; ``envelope (E, 1)``: the cutoff envelope alone; ``rotation (E, 3, 3)``: edge frames (``R v = |v| y``,
     :func:`mlpot.o3.wigner.edge_rotation`); ``wigner``: ``[D^l(R_e) (E, 2l+1, 2l+1)]`` for
     ``l = 0..L``. A field that no layer asked for is None.
     """
@@ -47,6 +47,7 @@ class EdgeGeometry:
     lengths: torch.Tensor
     sh: torch.Tensor | None = None
     radial: torch.Tensor | None = None
+    envelope: torch.Tensor | None = None
     rotation: torch.Tensor | None = None
     wigner: list | None = None
 

@@ -52,6 +52,7 @@ import torch
 from e3nn import o3
 
 from mlpot.errors import ConfigError, DataError
+from mlpot.o3.backend import BackendChoice
 from mlpot.o3.layout import channel_last_to_mul_ir, mul_ir_to_channel_last
 from mlpot.o3.message_passing import EdgeGeometry, MessageTensorProduct
 from mlpot.o3.wigner import block_diagonal, edge_rotation, wigner_D_list
@@ -68,6 +69,7 @@ __all__ = [
     "mul_ir_to_sph_channels",
     "so2_conv",
     "so2_from_cg_matrix",
+    "so2_linear",
     "so2_weights_from_cg",
     "sph_channels_to_mul_ir",
 ]
@@ -401,37 +403,62 @@ class EdgeFrameRotation(torch.nn.Module):
         return torch.cat(parts, 1)
 
 
-class SO2Linear(torch.nn.Module):
+def so2_linear(x: torch.Tensor, weights: list, blocks: list) -> torch.Tensor:
+    r"""The shared-weight SO(2) linear map on edge-frame features, ``(E, K, C_in) -> (E, K, C_out)``.
+
+    ``x`` is in the m-major layout of :func:`edge_frame_index` (whose ``blocks`` lists
+    ``(m, start, n)``), ``weights[b]`` is :math:`W_m \in \mathbb{R}^{n C_{in} \times n C_{out}}`
+    for block ``b``, row index ``l' C_{in} + c`` (``l' = l - m``). For each half (:math:`m = 0`,
+    or :math:`+m` and :math:`-m` separately) :math:`y[l', d] = \sum_{l'', c} x[l'', c]\,
+    W_m[l'' C_{in} + c,\ l' C_{out} + d]`. The reference of the registry op ``so2_linear``.
+    """
+    E = x.shape[0]
+    outs = []
+    for (m, start, n), w in zip(blocks, weights):
+        cin, cout = w.shape[0] // n, w.shape[1] // n
+        if m == 0:
+            outs.append((x[:, start : start + n, :].reshape(E, n * cin) @ w).reshape(E, n, cout))
+        else:  # the +m and -m halves, one matrix
+            xm = x[:, start : start + 2 * n, :].reshape(E, 2, n * cin)
+            outs.append((xm @ w).reshape(E, 2 * n, cout))
+    return torch.cat(outs, 1)
+
+
+class SO2Linear(BackendChoice, torch.nn.Module):
     r"""Shared-weight SO(2) linear map on edge-frame features ``(E, K, C_in) -> (E, K, C_out)``.
 
     For each :math:`m` the entries :math:`(l, c)` with :math:`l \ge m` are flattened and
     multiplied by :math:`W_m \in \mathbb{R}^{(L+1-m)C_{in} \times (L+1-m)C_{out}}`; the
     :math:`+m` and :math:`-m` halves use the same :math:`W_m` (the parity-even SO(2) map, see
     the module doc). Equals :func:`mlpot.o3.so2.so2_conv` with ``mode="full"`` and the
-    corresponding shared weights (tested).
+    corresponding shared weights (tested). Registry op ``so2_linear``: :func:`so2_linear` is the
+    reference, ``backend: triton`` runs the kernel (same m-major layout, no conversion).
     """
 
-    def __init__(self, lmax: int, mmax: int, channels_in: int, channels_out: int):
+    op = "so2_linear"
+
+    def __init__(self, lmax: int, mmax: int, channels_in: int, channels_out: int, backend: str = "reference"):
         super().__init__()
         self.lmax, self.mmax = int(lmax), int(mmax)
         self.channels_in, self.channels_out = int(channels_in), int(channels_out)
+        self.backend = str(backend)
         _, _, self.blocks = edge_frame_index(self.lmax, self.mmax)
         self.weights = torch.nn.ParameterList()
         for m, _, n in self.blocks:
             fan_in = n * self.channels_in
             self.weights.append(torch.nn.Parameter(torch.randn(fan_in, n * self.channels_out) / math.sqrt(fan_in)))
+        self.check_backend()
+        self._table = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        E = x.shape[0]
-        cin, cout = self.channels_in, self.channels_out
-        outs = []
-        for (m, start, n), w in zip(self.blocks, self.weights):
-            if m == 0:
-                outs.append((x[:, start : start + n, :].reshape(E, n * cin) @ w).reshape(E, n, cout))
-            else:
-                xm = x[:, start : start + 2 * n, :].reshape(E, 2, n * cin)
-                outs.append((xm @ w).reshape(E, 2 * n, cout))
-        return torch.cat(outs, 1)
+        if x.shape[0] > 0 and self.selected_backend(x.device) == "triton":
+            from mlpot.o3.backend import implementation, kernels_module
+
+            if self._table is None:
+                self._table = kernels_module("so2_linear").SO2LinearTable(
+                    self.lmax, self.mmax, self.channels_in, self.channels_out)
+            return implementation("so2_linear", "triton")(x, list(self.weights), self._table)
+        return so2_linear(x, list(self.weights), self.blocks)
 
 
 def cg_message_reference(irreps_in, lmax_sh: int, irreps_out_target):
