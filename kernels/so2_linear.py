@@ -93,11 +93,12 @@ def _so2_linear_wgrad_kernel(x_ptr, g_ptr, out_ptr, x_off_ptr, g_off_ptr, k_ptr,
     tl.store(out_ptr + chunk * numel + w_off + k[:, None] * N + j[None, :], acc, mask=km[:, None] & jm[None, :])
 
 
-# configs that compile without register spills for sm_80 and sm_90, fp32 and fp64 (checked ahead of time)
-_GEMM_CFG = [({"BLOCK_E": 32, "BLOCK_N": 32, "BLOCK_K": 32}, 4, 2), ({"BLOCK_E": 64, "BLOCK_N": 32, "BLOCK_K": 32}, 4, 2),
+# configs that compile without register spills for sm_80 and sm_90, fp32 and fp64, at the sizes the
+# default ESCN and a three-atom molecule launch (`mlpot bench aot --max-spill-bytes 0`; the dropped
+# (64, 32, 32) x 4-warp GEMM and the (32, 32, 32) / (32, 64, 32) weight-gradient tiles spilled on sm_80 or sm_90)
+_GEMM_CFG = [({"BLOCK_E": 32, "BLOCK_N": 32, "BLOCK_K": 32}, 4, 2),
              ({"BLOCK_E": 64, "BLOCK_N": 64, "BLOCK_K": 32}, 8, 3), ({"BLOCK_E": 128, "BLOCK_N": 32, "BLOCK_K": 16}, 8, 3)]
-_WGRAD_CFG = [({"BLOCK_E": 32, "BLOCK_K": 32, "BLOCK_N": 32}, 4, 2), ({"BLOCK_E": 64, "BLOCK_K": 32, "BLOCK_N": 32}, 4, 2),
-              ({"BLOCK_E": 32, "BLOCK_K": 64, "BLOCK_N": 32}, 4, 3)]
+_WGRAD_CFG = [({"BLOCK_E": 64, "BLOCK_K": 32, "BLOCK_N": 32}, 4, 2)]
 _GEMM = LazyKernel(_so2_linear_gemm_kernel, _GEMM_CFG, key=["E", "stride_a", "stride_o"])
 _WGRAD = LazyKernel(_so2_linear_wgrad_kernel, _WGRAD_CFG, key=["E", "stride_x", "stride_g", "numel"])
 
