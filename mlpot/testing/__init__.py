@@ -1,22 +1,9 @@
-"""Reusable test helpers (equivariance, gradients) shared by op and model tests."""
-from mlpot.testing.equivariance import (
-    D_from_matrix,
-    assert_equivariant,
-    assert_gradcheck,
-    assert_gradgradcheck,
-    equivariance_error,
-    rand_orthogonal,
-    rand_reflection,
-    rand_rotation,
-)
+"""Reusable test helpers (equivariance, gradients) shared by op and model tests.
 
-__all__ = [
-    "D_from_matrix",
-    "assert_equivariant",
-    "assert_gradcheck",
-    "assert_gradgradcheck",
-    "equivariance_error",
-    "rand_orthogonal",
-    "rand_reflection",
-    "rand_rotation",
-]
+The names are those of :mod:`mlpot.testing.equivariance`; the physics battery for whole models is
+:mod:`mlpot.testing.model_checks`.
+"""
+from mlpot.testing import equivariance as _equivariance
+from mlpot.testing.equivariance import *  # noqa: F403 - the package re-exports the module's API
+
+__all__ = list(_equivariance.__all__)
