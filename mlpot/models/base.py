@@ -28,6 +28,7 @@ from mlpot.models.registry import (  # noqa: F401 - re-exported: models register
     get_model_class,
     register_model,
 )
+from mlpot.nn.radial import PolynomialCutoff
 from mlpot.voigt import full_3x3_to_voigt
 
 
@@ -273,15 +274,7 @@ class ZBLRepulsion(nn.Module):
         rc = self.covalent_radii.to(dtype)[atomic_numbers[edge_index[0]]] + self.covalent_radii.to(dtype)[
             atomic_numbers[edge_index[1]]
         ]
-        u = r / rc
-        p = self.p
-        env = (
-            1.0
-            - (p + 1.0) * (p + 2.0) / 2.0 * u.pow(p)
-            + p * (p + 2.0) * u.pow(p + 1)
-            - p * (p + 1.0) / 2.0 * u.pow(p + 2)
-        )
-        env = torch.where(u < 1.0, env, torch.zeros_like(env))
+        env = PolynomialCutoff.envelope(r, rc, self.p)
         e_pair = 14.399645 * zi * zj / r * phi * env
         node = torch.zeros(atomic_numbers.shape[0], dtype=dtype, device=vectors.device)
         return node.index_add(0, edge_index[1], 0.5 * e_pair)
