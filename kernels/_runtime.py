@@ -15,8 +15,6 @@ from collections import Counter
 
 import torch
 
-#: launches per kernel function name since import (tests assert that a model runs its kernels)
-LAUNCHES: Counter = Counter()
 # Active launch recorders: (list the launches go to, whether the launches still run).
 _RECORDERS: list[tuple[list, bool]] = []
 
@@ -35,6 +33,16 @@ def record_launches(execute: bool = True):
         yield launches
     finally:
         _RECORDERS.remove(entry)
+
+
+@contextlib.contextmanager
+def count_launches():
+    """Launches inside the block by kernel function name: a ``Counter``, filled when the block
+    ends (tests use it to assert that a model ran its own kernels)."""
+    counts: Counter = Counter()
+    with record_launches(execute=True) as launches:
+        yield counts
+    counts.update(kernel.fn.__name__ for kernel, _, _ in launches)
 
 
 def _recorded(kernel, args, kwargs) -> bool:
@@ -100,7 +108,6 @@ class LazyKernel:
         return self._built[interp]
 
     def __getitem__(self, grid):
-        LAUNCHES[self.fn.__name__] += 1
         interp = interpret_mode()
         kernel = self._build(interp)
         if interp or len(self.configs) == 1:

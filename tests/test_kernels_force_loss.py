@@ -170,9 +170,9 @@ def _training_gradients(name: str, backend: str, **config):
 def _reference_and_triton(name: str, **config):
     """``(reference, triton, launched kernel names)``, each of the first two ``(out, grads)``."""
     ref = _training_gradients(name, "reference", **config)
-    launches = RT.LAUNCHES.copy()
-    tri = _training_gradients(name, "triton", **config)
-    return ref, tri, {k for k, n in RT.LAUNCHES.items() if n > launches[k]}
+    with RT.count_launches() as launched:
+        tri = _training_gradients(name, "triton", **config)
+    return ref, tri, set(launched)
 
 
 @pytest.mark.parametrize("variant", sorted(MACE_VARIANTS))

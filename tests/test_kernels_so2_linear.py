@@ -40,19 +40,18 @@ def test_so2_linear_kernel_equals_reference(lmax, mmax, cin, cout, dtype, monkey
     # edge chunks of 3 in the weight gradient: several partial sums, one of them ragged
     monkeypatch.setattr(LK, "_E_CHUNK", 3)
     table, x, ws = _inputs(lmax, mmax, cin, cout, 7, dtype, seed=lmax + 10 * mmax + cin)
-    before = RT.LAUNCHES.copy()
-    y = LK.so2_linear(x, ws, table)
-    ref = so2_linear(x, ws, edge_frame_index(lmax, mmax)[2])
-    assert y.shape == ref.shape == (7, table.K, cout)
-    assert _rel(y, ref) < _tol(dtype)
-    gy = torch.randn_like(y)
-    gk = torch.autograd.grad(y, [x, *ws], gy)
-    gr = torch.autograd.grad(ref, [x, *ws], gy)
-    for i, (a, b) in enumerate(zip(gk, gr)):
-        assert b.abs().max() > 0, f"operand {i}: vanishing reference gradient"
-        assert _rel(a, b) < _tol(dtype), f"operand {i}: {_rel(a, b):.2e}"
-    launched = {k for k, n in RT.LAUNCHES.items() if n > before[k]}
-    assert {"_so2_linear_gemm_kernel", "_so2_linear_wgrad_kernel"} <= launched
+    with RT.count_launches() as launched:
+        y = LK.so2_linear(x, ws, table)
+        ref = so2_linear(x, ws, edge_frame_index(lmax, mmax)[2])
+        assert y.shape == ref.shape == (7, table.K, cout)
+        assert _rel(y, ref) < _tol(dtype)
+        gy = torch.randn_like(y)
+        gk = torch.autograd.grad(y, [x, *ws], gy)
+        gr = torch.autograd.grad(ref, [x, *ws], gy)
+        for i, (a, b) in enumerate(zip(gk, gr)):
+            assert b.abs().max() > 0, f"operand {i}: vanishing reference gradient"
+            assert _rel(a, b) < _tol(dtype), f"operand {i}: {_rel(a, b):.2e}"
+    assert {"_so2_linear_gemm_kernel", "_so2_linear_wgrad_kernel"} <= set(launched)
 
 
 def test_so2_linear_kernel_second_order_equals_reference():
@@ -82,9 +81,10 @@ def test_so2_linear_module_dispatches_to_the_kernel():
     tri = SO2Linear(2, 1, 3, 2, backend="triton").double()
     tri.load_state_dict(ref.state_dict())
     x = torch.randn(4, len(edge_frame_index(2, 1)[0]), 3, dtype=torch.float64)
-    before = RT.LAUNCHES["_so2_linear_gemm_kernel"]
-    assert _rel(tri(x), ref(x)) < 1e-12
-    assert RT.LAUNCHES["_so2_linear_gemm_kernel"] == before + 1
+    with RT.count_launches() as launched:
+        y = tri(x)
+    assert _rel(y, ref(x)) < 1e-12
+    assert launched["_so2_linear_gemm_kernel"] == 1
     assert tri(x[:0]).shape == (0, x.shape[1], 2)
 
 
