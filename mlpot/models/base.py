@@ -120,8 +120,16 @@ class PotentialModel(nn.Module):
         return self.atomic_energies.to(graph["positions"].dtype)[idx]
 
     # ---- to implement -----------------------------------------------------------------------
-    def compute_node_energies(self, graph: dict, vectors: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Return ``{"node_energy": (N,), optionally "node_features": (N, F)}`` (E0 included)."""
+    def compute_node_energies(
+        self, graph: dict, vectors: torch.Tensor, between_layers=None
+    ) -> dict[str, torch.Tensor]:
+        """Return ``{"node_energy": (N,), optionally "node_features": (N, F)}`` (E0 included).
+
+        ``between_layers``: optional callable ``h -> h'`` applied to the node features after
+        every message-passing layer but the last (LAMMPS's ghost-feature exchange uses it,
+        :mod:`mlpot.lammps.exchange`). A model that runs layer by layer accepts it; ``None``
+        leaves the numbers unchanged.
+        """
         raise NotImplementedError
 
     # ---- physics ----------------------------------------------------------------------------

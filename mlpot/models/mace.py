@@ -343,13 +343,17 @@ class MACE(PotentialModel):
             backend=self.config["backend"],
         )
 
-    def _interaction_energy(self, node_attrs, vectors, sender, receiver):
-        """Sum of the readouts of all layers (before scale/shift) and the invariant features."""
+    def _interaction_energy(self, node_attrs, vectors, sender, receiver, between_layers=None):
+        """Sum of the readouts of all layers (before scale/shift) and the invariant features.
+
+        ``between_layers`` (optional) maps the node features between two layers."""
         geometry = self.edge_geometry(vectors)
         node_feats = self.node_embedding(node_attrs)
         node_inter = node_attrs.new_zeros(node_attrs.shape[0])
         invariants = []
-        for interaction, product, readout in zip(self.interactions, self.products, self.readouts):
+        for t, (interaction, product, readout) in enumerate(zip(self.interactions, self.products, self.readouts)):
+            if t > 0 and between_layers is not None:
+                node_feats = between_layers(node_feats)
             node_feats, sc = interaction(node_attrs, node_feats, geometry, sender, receiver)
             node_feats = product(node_feats, sc, node_attrs)
             invariants.append(node_feats[:, : self.num_features])
@@ -374,11 +378,11 @@ class MACE(PotentialModel):
 
         return cached_on_weights(self, "_iso_cache", self.isolated_interaction_energy, dtype, device)
 
-    def compute_node_energies(self, graph: dict, vectors: torch.Tensor) -> dict[str, torch.Tensor]:
+    def compute_node_energies(self, graph: dict, vectors: torch.Tensor, between_layers=None) -> dict[str, torch.Tensor]:
         node_attrs = self.node_attrs(graph)
         node_e0 = self.node_e0(graph)
         sender, receiver = graph["edge_index"][0], graph["edge_index"][1]
-        node_inter, invariants = self._interaction_energy(node_attrs, vectors, sender, receiver)
+        node_inter, invariants = self._interaction_energy(node_attrs, vectors, sender, receiver, between_layers)
         if self.config["subtract_isolated"]:
             species = self.species_index(graph["atomic_numbers"])
             node_inter = node_inter - self._isolated_cached(vectors.dtype, vectors.device)[species]
