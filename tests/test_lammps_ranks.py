@@ -173,3 +173,45 @@ def test_export_cli_mode_exchange_roundtrip(tmp_path):
     assert dec.energy() == pytest.approx(_reference(model, atoms)[0], abs=TOL)
     export_mliap(model, tmp_path / "again.pt", mode="exchange")
     assert load_mliap(tmp_path / "again.pt").mode == "exchange"
+
+
+@pytest.mark.parametrize("key", ["mace2", "escn2"])
+def test_unused_or_identity_hook_leaves_numbers_bit_identical(key):
+    from mlpot.data import atoms_to_graph
+
+    model = _model(key)
+    graph = atoms_to_graph(_cuau(), model.r_max, dtype=torch.float64)
+    s, r = graph["edge_index"]
+    vectors = graph["positions"][r] - graph["positions"][s] + graph["unit_shifts"] @ graph["cell"][0]
+    calls = []
+
+    def identity(h):
+        calls.append(h.shape)
+        return h
+
+    plain = model.compute_node_energies(graph, vectors)["node_energy"]
+    hooked = model.compute_node_energies(graph, vectors, between_layers=identity)["node_energy"]
+    assert torch.equal(plain, hooked)
+    assert len(calls) == 1 and calls[0][0] == len(graph["atomic_numbers"])  # once between 2 layers
+
+
+def test_the_exchange_is_what_makes_forces_exact(monkeypatch):
+    """Without the ghost refresh ('local' mode) or without the reverse exchange in the backward
+    pass, a 2-layer model on 2 slabs misses terms: the tests above can fail."""
+    from mlpot.lammps import exchange
+
+    model, atoms = _model("mace2"), _cuau()
+    _, f_ref, _, _ = _reference(model, atoms)
+    mliap = MLPotMLIAP(model, mode="local")
+    dec = MockDecomposition(atoms, model.r_max, mliap.element_types, 2)
+    dec.run(mliap)
+    assert np.abs(dec.forces() - f_ref).max() > 1e4 * TOL
+
+    def forward_only(ctx, grad_out):  # ghost gradients dropped instead of sent to their owners
+        return grad_out.clone(), None, None
+
+    monkeypatch.setattr(exchange.GhostExchange, "backward", staticmethod(forward_only))
+    dec = MockDecomposition(atoms, model.r_max, mliap.element_types, 2)
+    dec.run(MLPotMLIAP(model, mode="exchange"))
+    assert dec.energy() == pytest.approx(_reference(model, atoms)[0], abs=TOL)  # energy still right
+    assert np.abs(dec.forces() - f_ref).max() > 1e4 * TOL
