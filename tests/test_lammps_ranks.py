@@ -202,9 +202,18 @@ def test_the_exchange_is_what_makes_forces_exact(monkeypatch):
 
     model, atoms = _model("mace2"), _cuau()
     _, f_ref, _, _ = _reference(model, atoms)
-    mliap = MLPotMLIAP(model, mode="local")
-    dec = MockDecomposition(atoms, model.r_max, mliap.element_types, 2)
-    dec.run(mliap)
+    with pytest.raises(ConfigError, match="one-layer"):
+        MLPotMLIAP(model, mode="local")
+    mliap = MLPotMLIAP(model, mode="exchange")
+
+    def stale_ghosts(ctx, feats, anchor, data):  # ghost rows keep what this rank computed
+        ctx.data = data
+        return feats.detach().clone()
+
+    with monkeypatch.context() as m:
+        m.setattr(exchange.GhostExchange, "forward", staticmethod(stale_ghosts))
+        dec = MockDecomposition(atoms, model.r_max, mliap.element_types, 2)
+        dec.run(mliap)
     assert np.abs(dec.forces() - f_ref).max() > 1e4 * TOL
 
     def forward_only(ctx, grad_out):  # ghost gradients dropped instead of sent to their owners

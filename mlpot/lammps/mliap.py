@@ -32,8 +32,8 @@ Which ``MLIAPDataPy`` attribute needs which LAMMPS (checked against lammps/lammp
 ``src/KOKKOS/pair_mliap_kokkos.cpp`` on the develop branch):
 
 * ``pair_i``, ``jatoms``/``pair_j``, ``rij``, ``elems``, ``ntotal``, ``nlistatoms``, ``npairs``,
-  ``update_pair_forces``, ``energy`` (write-only): every LAMMPS with ``mliap unified``
-  (since 28 Mar 2023); numpy arrays in the CPU build, device arrays (cupy; read here through
+  ``update_pair_forces``, ``energy`` (write-only): every LAMMPS with ``pair_style mliap
+  unified``; numpy arrays in the CPU build, device arrays (cupy; read here through
   DLPack, never copied to the host) in the Kokkos build.
 * ``eatoms``: CPU build: a write-only attribute (assign a float64 array of ``nlistatoms``);
   Kokkos build: a read-only property returning the device array LAMMPS owns, written in place.
@@ -123,6 +123,11 @@ class MLPotMLIAP(_MLIAPBase):
         self.device = str(device)
         self.model = self._prepare(model, device, dtype)
         self.layers = message_passing_layers(self.model)
+        if mode == "local" and self.layers != 1:
+            raise ConfigError(
+                f"mode 'local' is exact only for one-layer models; this one has "
+                f"{self.layers or 'an unknown number of'} message-passing layers: use auto, exchange or fold"
+            )
         if mode == "exchange" and self.layers != 1 and not supports_layer_hook(self.model):
             raise ConfigError(
                 f"mode 'exchange' needs a model that runs layer by layer (MACE, ESCN); "
@@ -217,6 +222,12 @@ class MLPotMLIAP(_MLIAPBase):
             return "fold"
         if self.layers == 1:
             return "local"
+        if has_exchange(data):
+            raise RuntimeError(
+                f"mlpot ML-IAP: {type(self.model).__name__} cannot run layer by layer (no between_layers "
+                "hook), so its ghost features cannot be exchanged between MPI ranks: use MACE or ESCN, "
+                "or one MPI rank with mode 'fold' and a LAMMPS whose MLIAPDataPy has jtags"
+            )
         raise RuntimeError(
             f"mlpot ML-IAP: this model has {self.layers or 'an unknown number of'} message-passing layers "
             "and ghost atoms whose owners are not known on this MPI rank; exact forces need "
