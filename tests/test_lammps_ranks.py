@@ -224,3 +224,22 @@ def test_the_exchange_is_what_makes_forces_exact(monkeypatch):
     dec.run(MLPotMLIAP(model, mode="exchange"))
     assert dec.energy() == pytest.approx(_reference(model, atoms)[0], abs=TOL)  # energy still right
     assert np.abs(dec.forces() - f_ref).max() > 1e4 * TOL
+
+
+def test_float32_export_exchanges_float32_buffers():
+    model, atoms = _model("escn2"), _cuau()
+    mliap = MLPotMLIAP(model, dtype="float32")
+    dec = MockDecomposition(atoms, mliap.cutoff, mliap.element_types, 2, flavour="torch")
+    seen = []
+    fwd = dec.ranks[0]._forward_exchange
+
+    def spy(copy_from, copy_to, vec_len):
+        seen.append(copy_from.dtype)
+        return fwd(copy_from, copy_to, vec_len)
+
+    dec.ranks[0]._forward_exchange = spy
+    dec.run(mliap, copy_model=False)
+    e, f, _, _ = _reference(model, atoms)
+    assert seen == [torch.float32]
+    assert dec.energy() == pytest.approx(e, abs=1e-4)
+    np.testing.assert_allclose(dec.forces(), f, rtol=0, atol=1e-4)
