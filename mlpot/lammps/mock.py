@@ -199,7 +199,9 @@ class MockMLIAPData:
             raise ValueError(f"update_pair_forces: expected ({self._npairs}, 3), got {tuple(f.shape)}")
         self.fij = f.detach().cpu().numpy().copy()
 
-    def _forward_exchange(self, copy_from, copy_to, vec_len):
+    def _collective(self, copy_from, copy_to, vec_len, combine):
+        """Post this rank's buffer, wait for every rank, ``copy_to = copy_from`` then
+        ``combine(out, buffers)``, wait again (no rank reuses a buffer another still reads)."""
         _check_exchange_args(copy_from, copy_to, vec_len, self._ntotal)
         comm, me = self._comm, self._rank
         comm.calls[me] += 1
@@ -207,29 +209,35 @@ class MockMLIAPData:
         comm.wait()
         out = copy_to.reshape(self._ntotal, vec_len)
         out.copy_(comm.slots[me])
-        for r, peer in enumerate(comm.ranks):
-            sel = np.nonzero(self.owner_rank == r)[0]
-            if len(sel):
-                src = comm.slots[r][torch.as_tensor(self.owner_local[sel], device=out.device)]
-                out[torch.as_tensor(self._nlocal + sel, device=out.device)] = src
+        combine(out, comm.slots)
         comm.wait()
 
+    def _forward_exchange(self, copy_from, copy_to, vec_len):
+        """Ghost rows <- their owners' rows (on any rank)."""
+
+        def fill_ghosts(out, slots):
+            for r in range(len(slots)):
+                sel = np.nonzero(self.owner_rank == r)[0]
+                if len(sel):
+                    owners = torch.as_tensor(self.owner_local[sel], device=out.device)
+                    out[torch.as_tensor(self._nlocal + sel, device=out.device)] = slots[r][owners]
+
+        self._collective(copy_from, copy_to, vec_len, fill_ghosts)
+
     def _reverse_exchange(self, copy_from, copy_to, vec_len):
-        _check_exchange_args(copy_from, copy_to, vec_len, self._ntotal)
-        comm, me = self._comm, self._rank
-        comm.calls[me] += 1
-        comm.slots[me] = copy_from.reshape(self._ntotal, vec_len)
-        comm.wait()
-        out = copy_to.reshape(self._ntotal, vec_len)
-        out.copy_(comm.slots[me])
-        for r, peer in enumerate(comm.ranks):
-            sel = np.nonzero(peer.owner_rank == me)[0]
-            if len(sel):
-                idx = torch.as_tensor(peer.owner_local[sel], device=out.device)
-                src = comm.slots[r][torch.as_tensor(peer._nlocal + sel, device=out.device)]
-                out.index_add_(0, idx, src.to(out.device))
-        out[self._nlocal:] = 0
-        comm.wait()
+        """Owner rows += every rank's ghost rows of them; ghost rows <- 0."""
+        me = self._rank
+
+        def sum_into_owners(out, slots):
+            for r, peer in enumerate(self._comm.ranks):
+                sel = np.nonzero(peer.owner_rank == me)[0]
+                if len(sel):
+                    owners = torch.as_tensor(peer.owner_local[sel], device=out.device)
+                    ghosts = slots[r][torch.as_tensor(peer._nlocal + sel, device=out.device)]
+                    out.index_add_(0, owners, ghosts.to(out.device))
+            out[self._nlocal:] = 0
+
+        self._collective(copy_from, copy_to, vec_len, sum_into_owners)
 
 
 class MockDecomposition:
