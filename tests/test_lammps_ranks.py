@@ -243,3 +243,20 @@ def test_float32_export_exchanges_float32_buffers():
     assert seen == [torch.float32]
     assert dec.energy() == pytest.approx(e, abs=1e-4)
     np.testing.assert_allclose(dec.forces(), f, rtol=0, atol=1e-4)
+
+
+def test_kokkos_gpu_path_keeps_everything_on_the_device():
+    """With CUDA: LAMMPS's device arrays, the model, the exchange buffers, the pair forces and
+    eatoms all stay on the GPU (the mock refuses host buffers where Kokkos passes pointers)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model, atoms = _model("mace2"), _cuau()
+    mliap = MLPotMLIAP(model, device="cuda")
+    dec = MockDecomposition(atoms, mliap.cutoff, mliap.element_types, 2, flavour="torch", device="cuda")
+    assert all(torch.from_dlpack(d.rij).is_cuda for d in dec.ranks)
+    dec.run(mliap, copy_model=False)
+    e, f, ea, _ = _reference(model, atoms)
+    assert all(d._eatoms.is_cuda for d in dec.ranks)
+    assert dec.energy() == pytest.approx(e, abs=TOL)
+    np.testing.assert_allclose(dec.forces(), f, rtol=0, atol=TOL)
+    np.testing.assert_allclose(dec.atom_energies(), ea, rtol=0, atol=TOL)

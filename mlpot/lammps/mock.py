@@ -95,7 +95,7 @@ class _Comm:
             ) from None
 
 
-def _check_exchange_args(copy_from, copy_to, vec_len, ntotal):
+def _check_exchange_args(copy_from, copy_to, vec_len, ntotal, device):
     if not (isinstance(copy_from, torch.Tensor) and isinstance(copy_to, torch.Tensor)):
         raise TypeError("forward/reverse_exchange take torch tensors (LAMMPS reads their data_ptr)")
     if copy_from.dtype != copy_to.dtype:
@@ -103,6 +103,8 @@ def _check_exchange_args(copy_from, copy_to, vec_len, ntotal):
     if copy_from.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"Unsupported comms type: ({copy_from.dtype})")
     for t in (copy_from, copy_to):
+        if t.device != device:
+            raise TypeError(f"exchange buffer on {t.device}; LAMMPS's arrays are on {device}")
         if not t.is_contiguous() or t.numel() != ntotal * vec_len:
             raise ValueError(f"exchange buffers must be contiguous with ntotal * vec_len = {ntotal * vec_len} "
                              f"values, got shape {tuple(t.shape)}")
@@ -115,7 +117,7 @@ class MockMLIAPData:
                  owner_local, flavour, exchange, device):
         self._comm, self._rank = comm, rank
         self._flavour = flavour
-        self._device = torch.device(device)
+        self._device = torch.empty(0, device=device).device  # "cuda" -> "cuda:0", as tensors report it
         self._nlocal, self._ntotal, self._npairs = int(nlocal), int(ntotal), int(len(pair_i))
         self.owner_rank, self.owner_local = owner_rank, owner_local  # the mock's bookkeeping
         self.pair_i_np, self.jatoms_np, self.rij_np = pair_i, jatoms, rij
@@ -202,7 +204,8 @@ class MockMLIAPData:
     def _collective(self, copy_from, copy_to, vec_len, combine):
         """Post this rank's buffer, wait for every rank, ``copy_to = copy_from`` then
         ``combine(out, buffers)``, wait again (no rank reuses a buffer another still reads)."""
-        _check_exchange_args(copy_from, copy_to, vec_len, self._ntotal)
+        device = self._device if self._flavour == "torch" else torch.device("cpu")
+        _check_exchange_args(copy_from, copy_to, vec_len, self._ntotal, device)
         comm, me = self._comm, self._rank
         comm.calls[me] += 1
         comm.slots[me] = copy_from.reshape(self._ntotal, vec_len)
