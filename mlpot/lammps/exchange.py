@@ -26,7 +26,9 @@ LAMMPS versions: ``forward_exchange``/``reverse_exchange`` are methods of ``MLIA
 Kokkos build (``src/KOKKOS/mliap_unified_couple_kokkos.pyx``, forwarding to
 ``PairMLIAPKokkos::forward_comm``/``reverse_comm``) of LAMMPS develop since 2025; the 29 Aug 2024
 stable release lacks them (mace-torch issues #986, #989). They take two C-contiguous torch
-tensors (``data_ptr``) of the same dtype, float32 or float64, with ``ntotal`` rows.
+tensors (``data_ptr``) of the same dtype, float32 or float64, with ``ntotal`` rows. mace-torch
+(PR #1331) reports correct results through them only with LAMMPS develop newer than
+15 Dec 2025 (lammps PR #4808).
 """
 from __future__ import annotations
 
