@@ -32,6 +32,8 @@ tensors (``data_ptr``) of the same dtype, float32 or float64, with ``ntotal`` ro
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 __all__ = ["GhostExchange", "between_layers_exchange", "has_exchange"]
@@ -67,7 +69,7 @@ def between_layers_exchange(data, anchor: torch.Tensor):
     the ghost rows of any (ntotal, ...) feature tensor from their owners."""
 
     def refresh(h: torch.Tensor) -> torch.Tensor:
-        flat = h.reshape(h.shape[0], -1)
+        flat = h.reshape(h.shape[0], math.prod(h.shape[1:]))  # also for a rank with no atoms
         return GhostExchange.apply(flat, anchor, data).reshape(h.shape)
 
     return refresh

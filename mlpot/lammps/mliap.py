@@ -252,7 +252,9 @@ class MLPotMLIAP(_MLIAPBase):
         else:
             pair_i = pair_j = torch.zeros(0, dtype=torch.long, device=dev)
             rij = torch.zeros(0, 3, dtype=dtype, device=dev)
-        elems = _as_tensor(data.elems, dev)[:ntotal].long()
+        elems_in = data.elems if ntotal else None  # LAMMPS hands None for an unallocated array
+        elems = (_as_tensor(elems_in, dev)[:ntotal].long() if elems_in is not None
+                 else torch.zeros(0, dtype=torch.long, device=dev))
 
         def fold_owner():
             pj = pair_j.cpu().numpy()
