@@ -135,3 +135,17 @@ def test_bad_mode_is_one_clear_error(two_species_model, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "between_layers" in err[0]
     assert not (tmp_path / "x.pkl").exists()
+
+
+def test_fold_does_not_mistake_another_ranks_atom_for_an_own_image():
+    """Rank 0 holds one Cu atom whose only neighbour is an Au atom of rank 1: the lone unmatched
+    ghost tag is not an image of the local atom, so fold refuses instead of folding it in."""
+    from ase import Atoms
+
+    atoms = Atoms("CuAu", positions=[[4.5, 2.0, 2.0], [5.8, 2.0, 2.0]], cell=[10.0, 4.0, 4.0], pbc=True)
+    model = ToyMP(r_max=3.0, atomic_numbers=[29, 79], num_layers=2, seed=1)
+    mliap = MLPotMLIAP(model, mode="fold")
+    dec = MockDecomposition(atoms, model.r_max, mliap.element_types, 2, tags=True, exchange=False)
+    assert [d.nlocal for d in dec.ranks] == [1, 1] and [d.npairs for d in dec.ranks] == [1, 1]
+    with pytest.raises(RuntimeError, match="one MPI rank"):
+        dec.run(mliap)

@@ -187,7 +187,8 @@ class MLPotMLIAP(_MLIAPBase):
         """Not used by ``pair_style mliap unified`` energy/force evaluation."""
 
     @staticmethod
-    def _owner_map(jtags, nlocal: int, ntotal: int, pair_j: np.ndarray) -> np.ndarray:
+    def _owner_map(jtags, nlocal: int, ntotal: int, pair_i: np.ndarray, pair_j: np.ndarray,
+                   rij: np.ndarray) -> np.ndarray:
         """Local owner of every atom index 0..ntotal-1 (-1 where unknown), from jtags."""
         owner = np.full(ntotal, -1, dtype=np.int64)
         owner[:nlocal] = np.arange(nlocal)
@@ -200,12 +201,17 @@ class MLPotMLIAP(_MLIAPBase):
             tag_to_local[t] = j
         ghost = ~local
         gj, gt = pair_j[ghost], jtags[ghost]
-        # a local atom that is nobody's local neighbour (e.g. one atom per cell) has no tag seen;
-        # one such atom and one unmatched ghost tag can only belong together
+        # a local atom that is nobody's local neighbour (e.g. one atom per cell) has no tag seen.
+        # One such atom u and one unmatched ghost tag t belong together when the ghosts of tag t
+        # around u are u's own periodic images: their rij are lattice vectors, a set symmetric
+        # under v -> -v (the images of an atom of another rank generally are not)
         unseen_local = sorted(set(range(nlocal)) - set(tag_to_local.values()))
         unmatched = sorted(set(gt.tolist()) - set(tag_to_local))
         if len(unseen_local) == 1 and len(unmatched) == 1:
-            tag_to_local[unmatched[0]] = unseen_local[0]
+            u, t = unseen_local[0], unmatched[0]
+            v = rij[(pair_i == u) & ghost & (jtags == t)]
+            if len(v) and np.abs(v[:, None, :] + v[None, :, :]).sum(-1).min(1).max() < 1e-6:
+                tag_to_local[t] = u
         owner[gj] = np.array([tag_to_local.get(t, -1) for t in gt.tolist()], dtype=np.int64)
         return owner
 
@@ -258,7 +264,8 @@ class MLPotMLIAP(_MLIAPBase):
 
         def fold_owner():
             pj = pair_j.cpu().numpy()
-            owner = self._owner_map(getattr(data, "jtags", None), nlocal, ntotal, pj)
+            owner = self._owner_map(getattr(data, "jtags", None), nlocal, ntotal, pair_i.cpu().numpy(), pj,
+                                    rij.detach().cpu().numpy())
             return owner[pj] if npairs else np.zeros(0, dtype=np.int64)
 
         mode = self._choose_mode(data, fold_owner)
