@@ -206,7 +206,9 @@ class Trainer:
                                             num_workers=tr["num_workers"])
         self.has_stress = any("stress" in self.train_set[k] for k in range(len(self.train_set)))
         self.loss_fn = WeightedLoss(tr["loss"], tr["energy_weight"], tr["forces_weight"], tr["stress_weight"],
-                                    tr["huber_delta"])
+                                    tr["huber_delta"], hessian_weight=tr["hessian_weight"])
+        if tr["hessian_weight"] and getattr(self.model, "hessian_head", None) is None:
+            raise ConfigError("training.hessian_weight > 0 needs a model with a Hessian head (model.hessian_head: true)")
         params = [p for p in self.model.parameters() if p.requires_grad]
         opt_cls = torch.optim.AdamW if tr["optimizer"] == "adamw" else torch.optim.Adam
         self.optimizer = opt_cls(params, lr=tr["lr"], amsgrad=tr["amsgrad"], weight_decay=tr["weight_decay"])
