@@ -19,7 +19,8 @@ and written last, atomically, after them. A later call reuses the files only whe
 names the same parameters and every hash still matches, so an interrupted or tampered
 generation is regenerated.
 
-``system: molecules`` draws small H/C/N/O molecules (:data:`MOLECULES`), rattled (``rattled``)
+``system: molecules`` draws small H/C/N/O molecules (:data:`MOLECULES`) at their EMT-relaxed
+geometries (:func:`emt_molecule`), rattled (``rattled``)
 or scaled by up to ±4 % (``strained``, ``md``), without a cell or stress. ``hessian: true``
 labels every structure with its EMT Hessian by central differences of the forces
 (``REF_hessian`` in ``info``, eV/Å², flattened; :mod:`mlpot.data.hessians`), for training a
@@ -35,6 +36,7 @@ strained cell to relax) into ``<output>/data/`` unless ``cache_dir`` says otherw
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -45,13 +47,13 @@ import numpy as np
 from mlpot.errors import ConfigError
 from mlpot.fileio import atomic_path, atomic_write_text, remove_stale_temps
 
-__all__ = ["SYSTEMS", "generate_emt_dataset", "emt_structures", "default_cache_dir"]
+__all__ = ["SYSTEMS", "MOLECULES", "generate_emt_dataset", "emt_structures", "emt_molecule", "default_cache_dir"]
 
 #: system name -> elements it mixes
 SYSTEMS = {"cu-ni": ("Cu", "Ni"), "cu": ("Cu",), "ni": ("Ni",), "molecules": ("H", "C", "N", "O")}
 #: the small H/C/N/O molecules of ``system: molecules`` (ASE's g2 names)
 MOLECULES = ("H2O", "NH3", "CH4", "CO2", "C2H2", "C2H4", "HCN", "H2CO", "CH3OH", "C2H6", "HCOOH", "CH3CHO",
-             "CH3NH2", "N2H4", "H2O2", "CH2NH")
+             "N2H4", "H2O2", "CH3CN", "CH3CH2OH")
 _LATTICE = {"Cu": 3.61, "Ni": 3.52}
 _REPEATS = [(1, 1, 1), (2, 1, 1), (1, 2, 1), (2, 2, 1), (2, 1, 2), (2, 2, 2)]
 _KINDS = ("rattled", "strained", "md")
@@ -107,12 +109,33 @@ def _label(atoms, kind: str, hessian: bool = False):
     return atoms
 
 
-def _make_molecule(rng: np.random.Generator, kind: str):
-    """A small g2 molecule, rattled (sigma 0.02-0.06 Å), or uniformly compressed / stretched by up
-    to 4 % and lightly rattled, in a non-periodic box."""
+@functools.cache
+def _emt_relaxed_positions(name: str) -> np.ndarray:
+    """Positions of g2 molecule ``name`` relaxed with EMT (BFGS to 1e-4 eV/Å; deterministic)."""
+    from ase.build import molecule
+    from ase.calculators.emt import EMT
+    from ase.optimize import BFGS
+
+    atoms = molecule(name)
+    atoms.calc = EMT()
+    BFGS(atoms, logfile=None).run(fmax=1e-4, steps=1000)
+    return atoms.positions.copy()
+
+
+def emt_molecule(name: str):
+    """g2 molecule ``name`` at its EMT-relaxed geometry (a minimum or saddle of EMT), no cell."""
     from ase.build import molecule
 
-    atoms = molecule(MOLECULES[rng.integers(len(MOLECULES))])
+    atoms = molecule(name)
+    atoms.positions = _emt_relaxed_positions(name)
+    atoms.pbc = False
+    return atoms
+
+
+def _make_molecule(rng: np.random.Generator, kind: str):
+    """A small g2 molecule at its EMT-relaxed geometry, rattled (sigma 0.02-0.06 Å), or uniformly
+    compressed / stretched by up to 4 % and lightly rattled, in a non-periodic box."""
+    atoms = emt_molecule(MOLECULES[rng.integers(len(MOLECULES))])
     if kind == "rattled":
         atoms.positions += rng.normal(0.0, float(rng.uniform(0.02, 0.06)), size=atoms.positions.shape)
     else:
