@@ -127,3 +127,34 @@ def test_cli_reports_bad_hessian_in_one_line(tmp_path, capsys):
     assert main(["train", str(cfg)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "asym.xyz: frame 0: Hessian is not symmetric" in err[0], err
+
+
+def test_hdf5_hessian_round_trip_lazy_graph_and_bad_frame(tmp_path):
+    import h5py
+
+    from mlpot.data.dataset import LazyDataset
+    from mlpot.data.hdf5 import write_hdf5
+
+    frames = emt_structures(3, seed=0, system="molecules", hessian=True)
+    path = tmp_path / "h.xyz"
+    from ase.io import write
+
+    write(path, frames, format="extxyz")
+    atoms = read(path)
+    atoms[1].calc.results.pop("hessian")  # a frame without a Hessian in the middle
+    h5 = tmp_path / "d.h5"
+    write_hdf5(atoms, h5, cutoff=3.0)
+    back = read(h5)
+    assert "hessian" not in back[1].calc.results
+    for k in (0, 2):
+        np.testing.assert_allclose(back[k].calc.results["hessian"], atoms[k].calc.results["hessian"])
+    lazy = LazyDataset(h5, 3.0)
+    batch = collate([lazy[k] for k in range(3)])
+    assert batch["hessian_weight"].tolist() == [1.0, 0.0, 1.0]
+    np.testing.assert_allclose(lazy[2]["hessian"].numpy(), atoms[2].calc.results["hessian"].reshape(-1))
+    lazy.close()
+    with h5py.File(h5, "r+") as f:
+        h0, h1 = (int(x) for x in f["hessian_ptr"][2:4])
+        f["hessian"][h0 + 1] += 10.0
+    with pytest.raises(DataError, match=r"d\.h5: frame 2: Hessian is not symmetric"):
+        read(h5)
