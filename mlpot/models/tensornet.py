@@ -144,8 +144,9 @@ class TensorInteraction(nn.Module):
         xn = x / (_sq_norm(x) + 1.0)[..., None, None]
         y = sum(self.mix_in(decompose(xn)))
         phi = (self.radial(radial) * envelope).view(-1, 3, C)  # (E, 3, C)
-        yi, ya, ys = decompose(y[sender])
-        msg = phi[:, 0, :, None, None] * yi + phi[:, 1, :, None, None] * ya + phi[:, 2, :, None, None] * ys
+        yi, ya, ys = decompose(y)  # on atoms, then gathered to the edges
+        msg = (phi[:, 0, :, None, None] * yi[sender] + phi[:, 1, :, None, None] * ya[sender]
+               + phi[:, 2, :, None, None] * ys[sender])
         m = torch.zeros_like(x).index_add(0, receiver, msg) * inv_avg
         p = m @ y + y @ m if self.anticommute else m @ y
         p = p / (_sq_norm(p) + 1.0)[..., None, None]
