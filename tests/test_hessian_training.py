@@ -91,3 +91,15 @@ def test_hessian_cli_refuses_direct_without_head_and_never_overwrites_input(tmp_
     assert not (tmp_path / "w_hessian.npz").exists()
     assert main(["hessian", str(tmp_path / "w.xyz"), "--model", str(tmp_path / "m.pt"),
                  "--output", str(tmp_path / "m.pt")]) == 1
+
+
+def test_hessian_weight_without_a_head_is_a_config_error(tmp_path, capsys):
+    data = tmp_path / "h2o.xyz"
+    write(data, _h2o_frames(4), format="extxyz")
+    cfg = {"output": str(tmp_path / "run"), "data": {"train": str(data), "valid": 0.25},
+           "model": {"name": "TensorNet", "num_channels": 4, "num_layers": 1},
+           "training": {"epochs": 1, "hessian_weight": 1.0}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(tmp_path / "c.yaml")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "hessian_head" in err[0], err
