@@ -78,6 +78,22 @@ def skew(v: torch.Tensor) -> torch.Tensor:
     )
 
 
+def axial(a: torch.Tensor) -> torch.Tensor:
+    r"""The vector :math:`v` of an antisymmetric ``(..., 3, 3)`` matrix :math:`a = [v]_\times`."""
+    return torch.stack([a[..., 2, 1], a[..., 0, 2], a[..., 1, 0]], -1)
+
+
+def assemble_parts(index: torch.Tensor, n: int, iso: torch.Tensor, vec: torch.Tensor, sym: torch.Tensor):
+    r""":math:`\sum_e \big(s_e \mathbb 1 + [v_e]_\times + S_e\big)` over the edges ``e`` of each atom
+    (``index``): per-edge scalars ``iso (E, C)``, axial vectors ``vec (E, C, 3)`` and matrices
+    ``sym (E, C, 3, 3)``, summed first and turned into matrices on the ``n`` atoms."""
+    C = iso.shape[1]
+    s = iso.new_zeros(n, C).index_add(0, index, iso)
+    v = vec.new_zeros(n, C, 3).index_add(0, index, vec)
+    m = sym.new_zeros(n, C, 3, 3).index_add(0, index, sym)
+    return s[..., None, None] * torch.eye(3, dtype=iso.dtype, device=iso.device) + skew(v) + m
+
+
 def _sq_norm(x: torch.Tensor) -> torch.Tensor:
     """Squared Frobenius norm over the last two axes (smooth at 0, unlike the norm)."""
     return (x * x).sum((-1, -2))
@@ -115,12 +131,12 @@ class TensorEmbedding(nn.Module):
         w = self.radial(radial).view(-1, 3, C) * z[:, None, :]  # (E, 3, C)
         unit = vectors / lengths
         eye = torch.eye(3, dtype=vectors.dtype, device=vectors.device)
-        edge_i = eye.expand(vectors.shape[0], 3, 3)
-        edge_a = skew(unit)
         edge_s = unit[:, :, None] * unit[:, None, :] - eye / 3.0
-        msg = (w[:, 0, :, None, None] * edge_i[:, None] + w[:, 1, :, None, None] * edge_a[:, None]
-               + w[:, 2, :, None, None] * edge_s[:, None])  # (E, C, 3, 3)
-        x = vectors.new_zeros(species.shape[0], C, 3, 3).index_add(0, receiver, msg) * inv_avg
+        # the I, A and S parts are summed over neighbours as 1, 3 and 9 numbers per channel
+        x = assemble_parts(
+            receiver, species.shape[0], w[:, 0], w[:, 1, :, None] * unit[:, None, :],
+            w[:, 2, :, None, None] * edge_s[:, None],
+        ) * inv_avg
         parts = decompose(x)
         q = torch.cat([_sq_norm(p) for p in parts], dim=-1)  # (N, 3C)
         g = self.gate(q).view(-1, 3, C)
@@ -144,10 +160,12 @@ class TensorInteraction(nn.Module):
         xn = x / (_sq_norm(x) + 1.0)[..., None, None]
         y = sum(self.mix_in(decompose(xn)))
         phi = (self.radial(radial) * envelope).view(-1, 3, C)  # (E, 3, C)
-        yi, ya, ys = decompose(y)  # on atoms, then gathered to the edges
-        msg = (phi[:, 0, :, None, None] * yi[sender] + phi[:, 1, :, None, None] * ya[sender]
-               + phi[:, 2, :, None, None] * ys[sender])
-        m = torch.zeros_like(x).index_add(0, receiver, msg) * inv_avg
+        yi, ya, ys = decompose(y)  # on atoms; gathered to the edges as 1, 3 and 9 numbers per channel
+        trace3, axial_a = yi[..., 0, 0], axial(ya)
+        m = assemble_parts(
+            receiver, x.shape[0], phi[:, 0] * trace3[sender], phi[:, 1, :, None] * axial_a[sender],
+            phi[:, 2, :, None, None] * ys[sender],
+        ) * inv_avg
         p = m @ y + y @ m if self.anticommute else m @ y
         p = p / (_sq_norm(p) + 1.0)[..., None, None]
         z = sum(self.mix_out(decompose(p)))
