@@ -55,6 +55,10 @@ ESCN_HYPER = dict(
     num_bessel=8, avg_num_neighbors=20.0,
 )
 
+# TensorNet as in its paper's rMD17 setup (128 channels, 2 layers, 32 radial functions), same cutoff
+TENSORNET_HYPER = dict(r_max=5.0, num_channels=128, num_layers=2, num_rbf=32, readout_hidden=128,
+                       avg_num_neighbors=20.0)
+
 # mlpot model variants: (registered name, extra config); MACE keys follow mlpot.models.mace
 MODEL_VARIANTS = {
     "mace": ("MACE", {}),
@@ -62,6 +66,7 @@ MODEL_VARIANTS = {
     "mace_gaunt_product": ("MACE", {"product": "gaunt"}),
     "mace_so2_tp": ("MACE", {"interaction_tp": "so2"}),
     "escn": ("ESCN", {}),
+    "tensornet": ("TensorNet", {}),
 }
 
 
@@ -99,6 +104,8 @@ def mlpot_config(variant: str, species: list[int]) -> tuple[str, dict]:
     name, extra = MODEL_VARIANTS[variant]
     if name == "ESCN":
         cfg = dict(ESCN_HYPER, atomic_numbers=species, seed=0)
+    elif name == "TensorNet":
+        cfg = dict(TENSORNET_HYPER, atomic_numbers=species, seed=0)
     else:
         cfg = dict(MACE_HYPER, atomic_numbers=species)
     cfg.update(extra)

@@ -225,3 +225,27 @@ class MLPotCalculator(Calculator):
                 f"model {type(self.model).__name__} does not return node_features (descriptors)"
             )
         return out["node_features"].detach().cpu().double().numpy()
+
+    # ---- Hessian (mlpot.models.hessian, mlpot.models.hip) ------------------------------------
+    def get_hessian(self, atoms=None, method: str = "autograd") -> np.ndarray:
+        """The ``(3N, 3N)`` Hessian :math:`\\partial^2 E / \\partial r_{i\\alpha} \\partial r_{j\\beta}`
+        in eV/Å² (row ``3 i + alpha``, ASE's layout), float64 numpy.
+
+        method: ``"autograd"`` (second derivative of the model's energy) or ``"direct"`` (the
+        model's HIP head; a model without one is a ConfigError). A non-finite Hessian is an error.
+        """
+        from mlpot.models.hessian import check_hessian_method
+
+        atoms = self.atoms if atoms is None else atoms
+        if atoms is None:
+            raise ValueError("get_hessian needs an Atoms object")
+        check_hessian_method(self.model, method)
+        graph = self.build_graph(atoms)
+        out = self.model(graph, compute_force=method == "autograd", compute_stress=False, create_graph=False,
+                         compute_hessian=True, hessian_method=method)
+        hessian = out["hessian"].detach().cpu().double().numpy()
+        if not np.all(np.isfinite(hessian)):
+            raise NonFiniteError(
+                f"the model gave a non-finite Hessian for {atoms.get_chemical_formula()} ({len(atoms)} atoms)"
+            )
+        return hessian

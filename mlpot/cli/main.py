@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "import-mace": ("mlpot.cli.import_mace", "convert an exported mace-torch model into an mlpot model file"),
     "export-lammps": ("mlpot.cli.export_lammps", "write a model for LAMMPS `pair_style mliap unified`"),
     "data": ("mlpot.cli.data", "dataset tools: statistics, conversion to the lazy on-disk format"),
+    "hessian": ("mlpot.cli.hessian", "Hessian, harmonic frequencies (cm^-1) and zero-point energy of structures"),
 }
 
 

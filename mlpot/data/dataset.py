@@ -123,6 +123,7 @@ class LazyDataset(Dataset):
             weight=fr["weight"], energy_weight=fr["energy_weight"],
             forces_weight=fr["forces_weight"], stress_weight=fr["stress_weight"],
             config_type=fr["config_type"], dtype=self.dtype, edges=edges,
+            hessian=fr.get("hessian"),
         )
 
     def close(self):

@@ -125,6 +125,7 @@ def frame_to_graph(
     dtype: torch.dtype = torch.float64,
     edges: tuple | None = None,
     neighbor_backend: str = "auto",
+    hessian=None,
 ) -> AtomicGraph:
     """Build a one-structure graph from arrays (``stress`` in ASE Voigt or 3x3, eV/Å^3).
 
@@ -161,6 +162,9 @@ def frame_to_graph(
     g["forces_weight"] = torch.tensor([fw if forces is not None else 0.0], dtype=dtype)
     g["stress_weight"] = torch.tensor([sw if stress is not None else 0.0], dtype=dtype)
     g["config_type"] = [str(config_type)]
+    if hessian is not None:  # (3n, 3n) eV/Å², stored flat (mlpot.models.hessian)
+        g["hessian"] = torch.as_tensor(np.asarray(hessian, dtype=np.float64), dtype=dtype).reshape(-1)
+        g["hessian_weight"] = torch.ones(1, dtype=dtype)
     return g
 
 
@@ -201,6 +205,7 @@ def atoms_to_graph(
         config_type=str(info.get("config_type", "Default")),
         dtype=dtype,
         neighbor_backend=neighbor_backend,
+        hessian=results.get("hessian"),
     )
 
 
@@ -251,6 +256,12 @@ def collate(graphs: Sequence[AtomicGraph]) -> AtomicGraph:
     for key in ("weight", "energy_weight", "forces_weight", "stress_weight"):
         out[key] = torch.cat([g[key] for g in graphs])
     out["config_type"] = [c for g in graphs for c in g["config_type"]]
+    if any("hessian" in g for g in graphs):  # flat per-structure Hessians; zeros (weight 0) where absent
+        out["hessian"] = torch.cat([
+            g["hessian"] if "hessian" in g else torch.zeros(9 * int(g["positions"].shape[0]) ** 2, dtype=dtype)
+            for g in graphs
+        ])
+        out["hessian_weight"] = torch.cat([g.get("hessian_weight", torch.zeros(1, dtype=dtype)) for g in graphs])
     for g in graphs:  # any extra keys: keep them when every graph has them per structure
         for key in g:
             if key not in out and all(key in h for h in graphs):

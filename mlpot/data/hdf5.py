@@ -19,6 +19,8 @@ dataset                shape, dtype  meaning
 ``edge_ptr``           (F+1,) i8     only with a cutoff: edges of frame k
 ``edges``              (E, 2) i4     (i, j) local to the frame
 ``shifts``             (E, 3) i2     S
+``hessian_ptr``        (F+1,) i8     Hessian values of frame k: ``hessian[ptr[k]:ptr[k+1]]``
+``hessian``            (H,) f8       eV/Å², each frame's (3n, 3n) Hessian flattened, or none
 =====================  ============  ===================================================
 
 Writing streams frames in chunks (the input may be an iterator, never held in memory) into a
@@ -86,6 +88,8 @@ def write_hdf5(atoms_iter: Iterable, path, cutoff: float | None = None, *, chunk
                 "stress_weight": mk("stress_weight", (), "f8"),
                 "config_type": mk("config_type", (), str_dt),
                 "atom_ptr": mk("atom_ptr", (), "i8"),
+                "hessian": mk("hessian", (), "f8"),
+                "hessian_ptr": mk("hessian_ptr", (), "i8"),
             }
             if cutoff is not None:
                 d["edges"] = mk("edges", (2,), "i4")
@@ -95,6 +99,8 @@ def write_hdf5(atoms_iter: Iterable, path, cutoff: float | None = None, *, chunk
             n_atoms_total = 0
             n_edges_total = 0
             buf["atom_ptr"].append(np.array([0]))
+            buf["hessian_ptr"].append(np.array([0]))
+            n_hessian_total = 0
             if cutoff is not None:
                 buf["edge_ptr"].append(np.array([0]))
 
@@ -137,6 +143,11 @@ def write_hdf5(atoms_iter: Iterable, path, cutoff: float | None = None, *, chunk
                 buf["config_type"].append(np.array([str(info.get("config_type", "Default"))], dtype=object))
                 n_atoms_total += n
                 buf["atom_ptr"].append(np.array([n_atoms_total]))
+                hs = res.get("hessian")
+                if hs is not None:
+                    buf["hessian"].append(np.asarray(hs, dtype=np.float64).reshape(-1))
+                    n_hessian_total += 9 * n * n
+                buf["hessian_ptr"].append(np.array([n_hessian_total]))
                 if cutoff is not None:
                     i, j, S = neighbor_list(atoms.positions, cutoff, atoms.cell.array, atoms.pbc)
                     buf["edges"].append(np.stack([i.numpy(), j.numpy()], 1).astype(np.int32).reshape(-1, 2))
@@ -181,6 +192,11 @@ def read_hdf5_frame(f, k: int) -> dict:
         out["stress"] = s
     for key in ("weight", "energy_weight", "forces_weight", "stress_weight"):
         out[key] = float(f[key][k])
+    out["hessian"] = None
+    if "hessian_ptr" in f:
+        h0, h1 = (int(x) for x in f["hessian_ptr"][k : k + 2])
+        if h1 > h0:
+            out["hessian"] = f["hessian"][h0:h1]
     ct = f["config_type"][k]
     out["config_type"] = ct.decode() if isinstance(ct, bytes) else str(ct)
     if "edge_ptr" in f:
@@ -195,7 +211,7 @@ def frame_to_atoms(fr: dict):
     from ase.calculators.singlepoint import SinglePointCalculator
 
     atoms = Atoms(numbers=fr["numbers"], positions=fr["positions"], cell=fr["cell"], pbc=fr["pbc"])
-    res = {k: fr[k] for k in ("energy", "forces", "stress") if fr[k] is not None}
+    res = {k: fr[k] for k in ("energy", "forces", "stress", "hessian") if fr.get(k) is not None}
     if res:
         calc = SinglePointCalculator(atoms)
         calc.results.update(res)

@@ -27,6 +27,9 @@ Formats (chosen from the suffix, or ``format=``):
     Si elastic set: ``sigma_xx = (a/V) dE/da`` by finite differences matches this sign.)
 pymatgen ``Structure`` objects: :func:`from_pymatgen`.
 
+A Hessian target (extxyz ``info["REF_hessian"]``, npz ``hessians``, HDF5 ``hessian``) is read
+into ``calc.results["hessian"]`` as ``(3n, 3n)`` eV/Å² and checked (:mod:`mlpot.data.hessians`).
+
 Bad input raises :class:`~mlpot.errors.DataError` naming the file, the frame index and the
 problem: NaN/inf positions, cells, targets or weights, unknown element, missing required
 target, forces shape mismatch, singular cell with periodic boundaries, empty structure, and
@@ -354,6 +357,7 @@ def _iter_ase(path, fmt, e_unit, l_unit, s_unit, energy_key, forces_key, stress_
         virials = None
         if stress is None:
             virials = _lookup(atoms, virials_key, VIRIAL_KEYS, per_atom=False)
+        hessian = _pop_hessian(atoms)  # mlpot.data.hessians
         for key in set(ENERGY_KEYS + STRESS_KEYS + VIRIAL_KEYS) | {energy_key, stress_key, virials_key}:
             if key is not None:
                 atoms.info.pop(key, None)
@@ -377,6 +381,8 @@ def _iter_ase(path, fmt, e_unit, l_unit, s_unit, energy_key, forces_key, stress_
                 if vol <= 0:
                     raise DataError(f"{path}: frame {k}: virials given for a structure without a 3D cell")
                 results["stress"] = full_3x3_to_voigt(-W / vol)
+            if hessian is not None:
+                results["hessian"] = np.asarray(hessian, dtype=float) * (e_unit / l_unit**2)
         except DataError:
             raise
         except Exception as exc:
@@ -384,6 +390,18 @@ def _iter_ase(path, fmt, e_unit, l_unit, s_unit, energy_key, forces_key, stress_
         _attach(atoms, results)
         yield k, atoms
         k += 1
+
+
+def _pop_hessian(atoms: Atoms):
+    """The Hessian target in ``info`` (``REF_hessian`` / ``hessian``), removed from it, or None."""
+    from mlpot.data.hessians import HESSIAN_KEYS
+
+    found = None
+    for key in HESSIAN_KEYS:
+        if key in atoms.info:
+            value = atoms.info.pop(key)
+            found = value if found is None else found
+    return found
 
 
 def _attach(atoms: Atoms, results: dict) -> None:
@@ -425,6 +443,9 @@ def _iter_npz(path, e_unit, l_unit, energy_key, forces_key):
             F = F[None]
         if len(F) != len(R):
             raise DataError(f"{path}: {len(F)} force frames for {len(R)} coordinate frames")
+    H = np.asarray(data["hessians"], dtype=float) if "hessians" in keys else None
+    if H is not None and len(H) != len(R):
+        raise DataError(f"{path}: {len(H)} Hessian frames for {len(R)} coordinate frames")
     for k in range(len(R)):
         if R[k].shape != (len(Z), 3):
             raise DataError(f"{path}: frame {k}: coords shape {R[k].shape} != ({len(Z)}, 3)")
@@ -437,6 +458,8 @@ def _iter_npz(path, e_unit, l_unit, energy_key, forces_key):
             if F[k].shape != (len(Z), 3):
                 raise DataError(f"{path}: frame {k}: forces shape {F[k].shape} != ({len(Z)}, 3)")
             results["forces"] = F[k] * (e_unit / l_unit)
+        if H is not None:
+            results["hessian"] = H[k] * (e_unit / l_unit**2)
         _attach(atoms, results)
         yield k, atoms
 
@@ -671,6 +694,10 @@ def validate_atoms(atoms: Atoms, source: str = "<atoms>", frame: int | None = No
             raise DataError(f"{where}: forces shape {tuple(f.shape)} does not match {n} atoms (expected ({n}, 3))")
         if not np.all(np.isfinite(f)):
             raise DataError(f"{where}: non-finite forces")
+    if "hessian" in results:
+        from mlpot.data.hessians import as_hessian_matrix
+
+        results["hessian"] = as_hessian_matrix(results["hessian"], n, where)
     if "stress" in results:
         s = np.asarray(results["stress"])
         if s.shape not in ((6,), (3, 3)):

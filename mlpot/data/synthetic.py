@@ -19,6 +19,13 @@ and written last, atomically, after them. A later call reuses the files only whe
 names the same parameters and every hash still matches, so an interrupted or tampered
 generation is regenerated.
 
+``system: molecules`` draws small H/C/N/O molecules (:data:`MOLECULES`) at their EMT-relaxed
+geometries (:func:`emt_molecule`), rattled (``rattled``)
+or scaled by up to ±4 % (``strained``, ``md``), without a cell or stress. ``hessian: true``
+labels every structure with its EMT Hessian by central differences of the forces
+(``REF_hessian`` in ``info``, eV/Å², flattened; :mod:`mlpot.data.hessians`), for training a
+Hessian head (``training.hessian_weight``).
+
 In a training config::
 
     data:
@@ -29,6 +36,7 @@ strained cell to relax) into ``<output>/data/`` unless ``cache_dir`` says otherw
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -39,10 +47,13 @@ import numpy as np
 from mlpot.errors import ConfigError
 from mlpot.fileio import atomic_path, atomic_write_text, remove_stale_temps
 
-__all__ = ["SYSTEMS", "generate_emt_dataset", "emt_structures", "default_cache_dir"]
+__all__ = ["SYSTEMS", "MOLECULES", "generate_emt_dataset", "emt_structures", "emt_molecule", "default_cache_dir"]
 
 #: system name -> elements it mixes
-SYSTEMS = {"cu-ni": ("Cu", "Ni"), "cu": ("Cu",), "ni": ("Ni",)}
+SYSTEMS = {"cu-ni": ("Cu", "Ni"), "cu": ("Cu",), "ni": ("Ni",), "molecules": ("H", "C", "N", "O")}
+#: the small H/C/N/O molecules of ``system: molecules`` (ASE's g2 names)
+MOLECULES = ("H2O", "NH3", "CH4", "CO2", "C2H2", "C2H4", "HCN", "H2CO", "CH3OH", "C2H6", "HCOOH", "CH3CHO",
+             "N2H4", "H2O2", "CH3CN", "CH3CH2OH")
 _LATTICE = {"Cu": 3.61, "Ni": 3.52}
 _REPEATS = [(1, 1, 1), (2, 1, 1), (1, 2, 1), (2, 2, 1), (2, 1, 2), (2, 2, 2)]
 _KINDS = ("rattled", "strained", "md")
@@ -76,23 +87,67 @@ def _symmetric_strain(rng: np.random.Generator, magnitude: float) -> np.ndarray:
     return 0.5 * (e + e.T)
 
 
-def _label(atoms, kind: str):
+def _label(atoms, kind: str, hessian: bool = False):
     from ase.calculators.emt import EMT
 
     atoms = atoms.copy()
     atoms.calc = EMT()
     energy = float(atoms.get_potential_energy())
     forces = np.array(atoms.get_forces())
-    stress = np.array(atoms.get_stress(voigt=True))
+    periodic = bool(atoms.pbc.all())
+    stress = np.array(atoms.get_stress(voigt=True)) if periodic else None
+    if hessian:  # central differences of EMT forces (mlpot.data.hessians)
+        from mlpot.data.hessians import finite_difference_hessian
+
+        atoms.info["REF_hessian"] = finite_difference_hessian(atoms, EMT()).reshape(-1)
     atoms.calc = None
     atoms.info["REF_energy"] = energy
-    atoms.info["REF_stress"] = stress
+    if stress is not None:
+        atoms.info["REF_stress"] = stress
     atoms.arrays["REF_forces"] = forces
     atoms.info["config_type"] = kind
     return atoms
 
 
-def _make_one(rng: np.random.Generator, elements, kind: str):
+@functools.cache
+def _emt_relaxed_positions(name: str) -> np.ndarray:
+    """Positions of g2 molecule ``name`` relaxed with EMT (BFGS to 1e-4 eV/Å; deterministic)."""
+    from ase.build import molecule
+    from ase.calculators.emt import EMT
+    from ase.optimize import BFGS
+
+    atoms = molecule(name)
+    atoms.calc = EMT()
+    BFGS(atoms, logfile=None).run(fmax=1e-4, steps=1000)
+    return atoms.positions.copy()
+
+
+def emt_molecule(name: str):
+    """g2 molecule ``name`` at its EMT-relaxed geometry (a minimum or saddle of EMT), no cell."""
+    from ase.build import molecule
+
+    atoms = molecule(name)
+    atoms.positions = _emt_relaxed_positions(name)
+    atoms.pbc = False
+    return atoms
+
+
+def _make_molecule(rng: np.random.Generator, kind: str):
+    """A small g2 molecule at its EMT-relaxed geometry, rattled (sigma 0.02-0.06 Å), or uniformly
+    compressed / stretched by up to 4 % and lightly rattled, in a non-periodic box."""
+    atoms = emt_molecule(MOLECULES[rng.integers(len(MOLECULES))])
+    if kind == "rattled":
+        atoms.positions += rng.normal(0.0, float(rng.uniform(0.02, 0.06)), size=atoms.positions.shape)
+    else:
+        atoms.positions *= float(rng.uniform(0.96, 1.04))
+        atoms.positions += rng.normal(0.0, 0.02, size=atoms.positions.shape)
+    atoms.pbc = False
+    return atoms
+
+
+def _make_one(rng: np.random.Generator, elements, kind: str, hessian: bool = False):
+    if elements == SYSTEMS["molecules"]:
+        return _label(_make_molecule(rng, kind), kind, hessian)
     atoms = _random_cell(rng, elements)
     if kind == "rattled":
         sigma = float(rng.uniform(0.03, 0.12))
@@ -119,18 +174,19 @@ def _make_one(rng: np.random.Generator, elements, kind: str):
     else:  # pragma: no cover - internal
         raise ValueError(kind)
     atoms.wrap()
-    return _label(atoms, kind)
+    return _label(atoms, kind, hessian)
 
 
-def emt_structures(n: int, seed: int = 0, system: str = "cu-ni") -> list:
-    """``n`` labelled structures, kinds cycling rattled / strained / md; deterministic in ``seed``."""
+def emt_structures(n: int, seed: int = 0, system: str = "cu-ni", hessian: bool = False) -> list:
+    """``n`` labelled structures, kinds cycling rattled / strained / md; deterministic in ``seed``.
+    ``hessian``: also label each with its EMT Hessian (``info["REF_hessian"]``, flattened)."""
     if system not in SYSTEMS:
         raise ConfigError(f"data.synthetic.system: unknown system {system!r}; choose from {sorted(SYSTEMS)}")
     elements = SYSTEMS[system]
     out = []
     for k in range(n):
         rng = np.random.default_rng([int(seed), k])
-        out.append(_make_one(rng, elements, _KINDS[k % len(_KINDS)]))
+        out.append(_make_one(rng, elements, _KINDS[k % len(_KINDS)], hessian))
     return out
 
 
@@ -188,6 +244,7 @@ def generate_emt_dataset(
     n_test: int = 60,
     seed: int = 0,
     system: str = "cu-ni",
+    hessian: bool = False,
 ) -> dict[str, Path]:
     """Write (or reuse) ``train.xyz``, ``valid.xyz``, ``test.xyz``, ``relax_start.xyz`` in ``out_dir``.
 
@@ -206,6 +263,8 @@ def generate_emt_dataset(
         "generator": "emt", "version": GENERATOR_VERSION, "system": system, "seed": int(seed),
         "n_train": n_train, "n_valid": n_valid, "n_test": n_test,
     }
+    if hessian:
+        params["hessian"] = True
     paths = {k: out_dir / f"{k}.xyz" for k in ("train", "valid", "test", "relax_start")}
     manifest = out_dir / "manifest.json"
     if manifest.exists() and _manifest_matches(manifest, params, paths):
@@ -219,9 +278,10 @@ def generate_emt_dataset(
     # independent streams per split: seed offsets far apart
     splits = {"train": (n_train, 0), "valid": (n_valid, 1), "test": (n_test, 2)}
     for name, (n, offset) in splits.items():
-        images = emt_structures(n, seed=int(seed) * 1000 + offset, system=system)
+        images = emt_structures(n, seed=int(seed) * 1000 + offset, system=system, hessian=bool(hessian))
         _atomic_write(paths[name], images)
-    _atomic_write(paths["relax_start"], [_relax_start(seed, system)])
+    _atomic_write(paths["relax_start"], [_relax_start(seed, system)] if system != "molecules" else
+                  emt_structures(1, seed=int(seed) * 1000 + 3, system=system))
     record = {"params": params, "sha256": {k: _sha256(p) for k, p in paths.items()}}
     atomic_write_text(manifest, json.dumps(record, indent=1) + "\n")
     return paths

@@ -87,6 +87,8 @@ class PotentialModel(nn.Module):
             torch.tensor(_e0_vector(config.get("e0s"), self.atomic_numbers), dtype=torch.float64),
         )
         self.zbl = ZBLRepulsion(self.atomic_numbers) if config.get("zbl", False) else None
+        # a direct (HIP) Hessian head, attached by models that support one (mlpot.models.hip)
+        self.hessian_head = None
 
     # ---- helpers for subclasses -------------------------------------------------------------
     @property
@@ -139,13 +141,25 @@ class PotentialModel(nn.Module):
         compute_force: bool = True,
         compute_stress: bool = False,
         create_graph: bool | None = None,
+        compute_hessian: bool = False,
+        hessian_method: str = "autograd",
     ) -> dict[str, torch.Tensor]:
         """Energies, and forces / stress / virials by autograd.
 
         ``create_graph`` defaults to ``self.training`` (training needs the double backward).
+        ``compute_hessian``: also return ``hessian``, the block-diagonal ``(3N, 3N)`` Hessian of
+        the batch (:mod:`mlpot.models.hessian`), by ``hessian_method`` ``"autograd"`` (second
+        derivative of the energy) or ``"direct"`` (the model's HIP head, :mod:`mlpot.models.hip`).
         """
         if create_graph is None:
             create_graph = self.training
+        if compute_hessian:
+            from mlpot.models.hessian import check_hessian_method
+
+            check_hessian_method(self, hessian_method)
+        autograd_hessian_wanted = compute_hessian and hessian_method == "autograd"
+        if autograd_hessian_wanted:
+            compute_force = True
         positions = graph["positions"]
         batch = graph["batch"]
         edge_index = graph["edge_index"]
@@ -175,6 +189,8 @@ class PotentialModel(nn.Module):
         result: dict[str, torch.Tensor] = {"energy": energy, "node_energy": node_energy}
         if "node_features" in out:
             result["node_features"] = out["node_features"]
+        if self.hessian_head is not None and (self.training or (compute_hessian and hessian_method == "direct")):
+            result["hessian"] = self.hessian_head(graph, vectors, out)
 
         inputs = []
         if compute_force:
@@ -183,8 +199,13 @@ class PotentialModel(nn.Module):
             inputs.append(displacement)
         if inputs:
             grads = torch.autograd.grad(
-                [energy.sum()], inputs, create_graph=create_graph, allow_unused=True
+                [energy.sum()], inputs, create_graph=create_graph or autograd_hessian_wanted, allow_unused=True
             )
+            if autograd_hessian_wanted:
+                from mlpot.models.hessian import autograd_hessian
+
+                g = grads[0] if grads[0] is not None else torch.zeros_like(leaf_positions)
+                result["hessian"] = autograd_hessian(g, leaf_positions, graph["ptr"], create_graph=create_graph)
             k = 0
             if compute_force:
                 g = grads[0]

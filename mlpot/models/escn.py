@@ -64,6 +64,7 @@ from torch import nn
 
 from mlpot.errors import ConfigError
 from mlpot.models.base import PotentialModel, register_model
+from mlpot.models.hip import attach_hessian_head
 from mlpot.nn.edge_geometry import build_edge_geometry, check_edge_geometry_backend
 from mlpot.nn.norm import EquivariantLayerNorm
 from mlpot.nn.radial import BesselRadial
@@ -215,7 +216,7 @@ class ESCN(PotentialModel):
     azimuths twice that). backend: ``reference | triton | auto``; ``triton`` runs the edge-frame
     SO(2) linear maps (registry op ``so2_linear``) and the radial basis (``edge_embedding``) on
     their kernels; the Wigner rotations, norms, gates and MLPs stay torch ops. zbl: add ZBL repulsion. seed: weight initialisation
-    seed (None: torch's global RNG).
+    seed (None: torch's global RNG). hessian_head: a direct (HIP) Hessian head (:mod:`mlpot.models.hip`).
     """
 
     def __init__(
@@ -240,6 +241,7 @@ class ESCN(PotentialModel):
         zbl: bool = False,
         seed: int | None = None,
         dtype: str = "float64",
+        hessian_head=False,
     ):
         if atomic_numbers is None:
             raise ConfigError("ESCN: `atomic_numbers` is required (the species the model knows)")
@@ -252,6 +254,8 @@ class ESCN(PotentialModel):
             grid_resolution=None if grid_resolution is None else int(grid_resolution), backend=str(backend),
             zbl=bool(zbl), seed=seed, dtype=str(dtype),
         )
+        if hessian_head:  # only when set, so that existing model files keep their config
+            config["hessian_head"] = hessian_head
         if isinstance(e0s, dict):
             config["e0s"] = {str(k): float(v) for k, v in e0s.items()}
         super().__init__(config)
@@ -294,6 +298,7 @@ class ESCN(PotentialModel):
         # a backend without one of them is a ConfigError here
         check_edge_geometry_backend(config["backend"])
         self.to(torch.float32 if config["dtype"] == "float32" else torch.float64)
+        attach_hessian_head(self, C)
 
     # ------------------------------------------------------------------------------------
     def _embed(self, species: torch.Tensor, dtype) -> torch.Tensor:

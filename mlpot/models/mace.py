@@ -35,7 +35,8 @@ layer), ``num_interactions``, ``MLP_irreps``, ``gate``, ``radial_MLP``, ``avg_nu
 * ``subtract_isolated``: subtract the interaction energy of a lone atom of the same species, so
   that an isolated atom has exactly the energy ``E_0 + shift`` (default True; an imported
   mace-torch model sets it False, as mace-torch has no such term);
-* ``seed``: seed for the weight initialisation (None: torch's global RNG); ``dtype``.
+* ``seed``: seed for the weight initialisation (None: torch's global RNG); ``dtype``;
+* ``hessian_head``: a direct (HIP) Hessian head on the invariant features (:mod:`mlpot.models.hip`).
 
 ``MACE`` with ``scale=1, shift=0`` is mace-torch's ``MACE``; ``ScaleShiftMACE`` is the same
 class (an alias kept for mace-torch users and imported models).
@@ -48,6 +49,7 @@ from torch import nn
 
 from mlpot.errors import ConfigError
 from mlpot.models.base import PotentialModel, register_model
+from mlpot.models.hip import attach_hessian_head
 from mlpot.nn.blocks import (
     GATES,
     EquivariantProductBasisBlock,
@@ -145,6 +147,7 @@ class MACE(PotentialModel):
         subtract_isolated: bool = True,
         seed: int | None = None,
         dtype: str = "float64",
+        hessian_head=False,
     ):
         if atomic_numbers is None:
             raise ConfigError("MACE: `atomic_numbers` is required (the species the model knows)")
@@ -217,6 +220,8 @@ class MACE(PotentialModel):
             "seed": seed,
             "dtype": str(dtype),
         }
+        if hessian_head:  # only when set, so that existing model files keep their config
+            config["hessian_head"] = hessian_head
         if isinstance(e0s, dict):
             config["e0s"] = {str(k): float(v) for k, v in e0s.items()}
         elif e0s is not None:
@@ -237,6 +242,7 @@ class MACE(PotentialModel):
             if rng_state is not None:
                 torch.random.set_rng_state(rng_state)
         self.to(dt)
+        attach_hessian_head(self, self.num_features * num_interactions)
 
     # ------------------------------------------------------------------------------------------
     def _build(self, c: dict) -> None:

@@ -27,6 +27,7 @@ _LAZY_MODELS = {
     "MACE": "mlpot.models.mace",
     "ScaleShiftMACE": "mlpot.models.mace",
     "ESCN": "mlpot.models.escn",
+    "TensorNet": "mlpot.models.tensornet",
 }
 
 

@@ -70,7 +70,8 @@ DATA_SCHEMA: dict[str, Any] = {
 }
 
 SYNTHETIC_SCHEMA: dict[str, Any] = {
-    "system": F(str, "cu-ni", choices=("cu-ni", "cu", "ni")),
+    "system": F(str, "cu-ni", choices=("cu-ni", "cu", "ni", "molecules")),
+    "hessian": F(bool, False, doc="label every structure with its EMT Hessian (finite differences)"),
     "n_train": F(int, 200),
     "n_valid": F(int, 40),
     "n_test": F(int, 60),
@@ -104,6 +105,7 @@ TRAINING_SCHEMA: dict[str, Any] = {
     "energy_weight": F(_num, 1.0),
     "forces_weight": F(_num, 100.0),
     "stress_weight": F(_num, 1.0),
+    "hessian_weight": F(_num, 0.0, doc="weight of the Hessian loss (needs model.hessian_head: true and Hessian data)"),
     "config_type_weights": F(dict, {}, doc="{config_type: weight}"),
     "stage_two": F((dict, NoneType), None, doc="MACE's second stage (SWA): higher energy weight, new lr"),
     "patience": F((int, NoneType), None, doc="early stopping: epochs without validation improvement"),
@@ -326,6 +328,7 @@ RANGES: dict[str, tuple] = {
     "training.energy_weight": (0.0, None, True, True),
     "training.forces_weight": (0.0, None, True, True),
     "training.stress_weight": (0.0, None, True, True),
+    "training.hessian_weight": (0.0, None, True, True),
     "training.patience": (1, None, True, True),
     "training.eval_every": (1, None, True, True),
     "training.checkpoint_every": (1, None, True, True),

@@ -9,6 +9,7 @@ weights :math:`w^E_b, w^F_b, w^S_b`, 0 where a target is absent) and elementwise
     L = \lambda_E \frac{1}{B}\sum_b w_b w^E_b \rho\Big(\frac{\hat E_b - E_b}{N_b}\Big)
       + \lambda_F \frac{1}{3N}\sum_{i} w_{b(i)} w^F_{b(i)} \sum_\alpha \rho(\hat F_{i\alpha} - F_{i\alpha})
       + \lambda_S \frac{1}{9B}\sum_b w_b w^S_b \sum_{\alpha\beta} \rho(\hat\sigma_{b\alpha\beta} - \sigma_{b\alpha\beta})
+      + \lambda_H \frac{1}{\sum_b 9 N_b^2}\sum_b w_b w^H_b \sum_{kl} \rho(\hat H_{b,kl} - H_{b,kl})
 
 * ``mse``: :math:`\rho(x) = x^2` (mace-torch's weighted energy/forces/stress loss).
 * ``huber``: :math:`\rho` = Huber with threshold :math:`\delta` (quadratic below, linear above).
@@ -32,7 +33,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["WeightedLoss", "LOSSES", "huber", "conditional_huber_forces"]
+__all__ = ["WeightedLoss", "LOSSES", "huber", "conditional_huber_forces", "hessian_errors", "hessian_term"]
 
 LOSSES = ("mse", "huber", "universal")
 
@@ -62,6 +63,25 @@ def conditional_huber_forces(pred: torch.Tensor, ref: torch.Tensor, delta: float
     return huber(pred - ref, force_huber_thresholds(ref, delta))
 
 
+def hessian_errors(pred: dict, graph: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Entry-wise errors of the predicted Hessian against the flat per-structure reference
+    (:mod:`mlpot.models.hessian`) and the structure index of each entry."""
+    from mlpot.models.hessian import hessian_block_index
+
+    n = graph["num_atoms"]
+    diff = pred["hessian"].reshape(-1)[hessian_block_index(n)] - graph["hessian"]
+    owner = torch.repeat_interleave(torch.arange(n.shape[0], device=n.device), (3 * n) ** 2)
+    return diff, owner
+
+
+def hessian_term(pred: dict, graph: dict, rho) -> tuple[torch.Tensor, int]:
+    r""":math:`\sum_b w_b w^H_b \sum_{kl} \rho(\hat H_{b,kl} - H_{b,kl})` over the entries of
+    every structure's :math:`(3n_b, 3n_b)` Hessian, and the number of entries."""
+    diff, owner = hessian_errors(pred, graph)
+    w = (graph["weight"] * graph["hessian_weight"])[owner]
+    return (w * rho(diff)).sum(), int(diff.numel())
+
+
 class WeightedLoss:
     """Weighted energy / forces / stress loss (see the module doc).
 
@@ -72,7 +92,7 @@ class WeightedLoss:
     """
 
     def __init__(self, kind: str = "mse", energy_weight: float = 1.0, forces_weight: float = 100.0,
-                 stress_weight: float = 1.0, huber_delta: float = 0.01):
+                 stress_weight: float = 1.0, huber_delta: float = 0.01, hessian_weight: float = 0.0):
         if kind not in LOSSES:
             raise ValueError(f"unknown loss {kind!r}; choose from {LOSSES}")
         self.kind = kind
@@ -80,6 +100,7 @@ class WeightedLoss:
         self.forces_weight = float(forces_weight)
         self.stress_weight = float(stress_weight)
         self.huber_delta = float(huber_delta)
+        self.hessian_weight = float(hessian_weight)
 
     def _rho(self, x):
         if self.kind == "mse":
@@ -106,11 +127,13 @@ class WeightedLoss:
             ws = (w * graph["stress_weight"])[:, None, None]
             diff = pred["stress"] - graph["stress"]
             out["stress"] = ((ws * self._rho(diff)).sum(), int(diff.numel()))
+        if self.hessian_weight and "hessian" in graph and "hessian" in pred:
+            out["hessian"] = hessian_term(pred, graph, self._rho)
         return out
 
     def __call__(self, pred: dict, graph: dict, world_size: int = 1, group=None):
         terms = self.terms(pred, graph)
-        names = ("energy", "forces", "stress")
+        names = ("energy", "forces", "stress", "hessian")
         counts = [terms[n][1] if n in terms else 0 for n in names]
         if world_size > 1:
             import torch.distributed as dist
@@ -120,7 +143,8 @@ class WeightedLoss:
                 t = t.cuda()
             dist.all_reduce(t, group=group)
             counts = [int(round(c)) for c in t.cpu().tolist()]
-        lambdas = {"energy": self.energy_weight, "forces": self.forces_weight, "stress": self.stress_weight}
+        lambdas = {"energy": self.energy_weight, "forces": self.forces_weight, "stress": self.stress_weight,
+                   "hessian": self.hessian_weight}
         dtype = graph["positions"].dtype
         total = torch.zeros((), dtype=dtype, device=graph["positions"].device)
         parts = {}

@@ -5,7 +5,9 @@ Units of the reported metrics (what MACE users read):
 * ``e_mae``, ``e_rmse``: energy per atom, meV/atom (``|E_pred - E_ref| / N``, over structures);
 * ``f_mae``, ``f_rmse``: force components, meV/Å (over all atoms and the 3 components);
 * ``s_mae``, ``s_rmse``: stress components, meV/Å^3 (over structures and the 9 components),
-  only when the data has stress.
+  only when the data has stress;
+* ``h_mae``, ``h_rmse``: Hessian entries, eV/Å² (over every structure's :math:`(3n, 3n)` block),
+  only when the data has Hessians and the model predicts them (a HIP head, :mod:`mlpot.models.hip`).
 
 Only structures whose target is present (its weight ``energy_weight`` / ``forces_weight`` /
 ``stress_weight`` is non-zero) enter that target's errors. Sums are kept per config_type and
@@ -21,8 +23,9 @@ import torch
 
 __all__ = ["ErrorAccumulator", "evaluate_loader", "format_table", "METRIC_KEYS"]
 
-METRIC_KEYS = ("e_mae", "e_rmse", "f_mae", "f_rmse", "s_mae", "s_rmse")
-_FIELDS = ("e_abs", "e_sq", "e_n", "f_abs", "f_sq", "f_n", "s_abs", "s_sq", "s_n", "n_configs")
+METRIC_KEYS = ("e_mae", "e_rmse", "f_mae", "f_rmse", "s_mae", "s_rmse", "h_mae", "h_rmse")
+_FIELDS = ("e_abs", "e_sq", "e_n", "f_abs", "f_sq", "f_n", "s_abs", "s_sq", "s_n", "h_abs", "h_sq", "h_n",
+           "n_configs")
 
 
 class ErrorAccumulator:
@@ -30,8 +33,8 @@ class ErrorAccumulator:
 
     def __init__(self):
         self.sums: dict[str, dict[str, float]] = defaultdict(lambda: dict.fromkeys(_FIELDS, 0.0))
-        self.loss_sums = {"energy": 0.0, "forces": 0.0, "stress": 0.0}
-        self.loss_counts = {"energy": 0, "forces": 0, "stress": 0}
+        self.loss_sums = {"energy": 0.0, "forces": 0.0, "stress": 0.0, "hessian": 0.0}
+        self.loss_counts = {"energy": 0, "forces": 0, "stress": 0, "hessian": 0}
 
     def add(self, pred: dict, graph: dict) -> None:
         ct = graph["config_type"]
@@ -51,8 +54,21 @@ class ErrorAccumulator:
             mask = (graph["stress_weight"] != 0).cpu().numpy()
             s = (pred["stress"] - graph["stress"]).detach().cpu().numpy() * 1000.0
             s_err = (s, mask)
+        h_err = None
+        if "hessian" in graph and "hessian" in pred:
+            from mlpot.train.losses import hessian_errors
+
+            diff, owner = hessian_errors(pred, graph)
+            diff, owner = diff.detach().cpu().numpy(), owner.cpu().numpy()
+            mask = (graph["hessian_weight"] != 0).cpu().numpy()
+            h_err = (np.abs(diff), diff * diff, owner, mask)
         for b in range(B):
             acc = self.sums[ct[b]]
+            if h_err is not None and h_err[3][b]:
+                sel = h_err[2] == b
+                acc["h_abs"] += float(h_err[0][sel].sum())
+                acc["h_sq"] += float(h_err[1][sel].sum())
+                acc["h_n"] += int(sel.sum())
             acc["n_configs"] += 1
             if e_err is not None and e_err[1][b]:
                 x = e_err[0][b]
@@ -96,7 +112,7 @@ class ErrorAccumulator:
     # ---- results ----------------------------------------------------------------------------
     def loss(self, loss_fn) -> float:
         lambdas = {"energy": loss_fn.energy_weight, "forces": loss_fn.forces_weight,
-                   "stress": loss_fn.stress_weight}
+                   "stress": loss_fn.stress_weight, "hessian": getattr(loss_fn, "hessian_weight", 0.0)}
         total = 0.0
         for k, lam in lambdas.items():
             if self.loss_counts[k]:
@@ -106,7 +122,7 @@ class ErrorAccumulator:
     @staticmethod
     def _finish(acc: dict) -> dict:
         out: dict = {}
-        for p in ("e", "f", "s"):
+        for p in ("e", "f", "s", "h"):
             n = acc[f"{p}_n"]
             if n:
                 out[f"{p}_mae"] = acc[f"{p}_abs"] / n
@@ -146,8 +162,10 @@ def evaluate_loader(model, loader, device, loss_fn=None, info=None, predictions:
             want_stress = "stress" in graph and bool((graph["stress_weight"] != 0).any())
             if predictions is not None:  # predictions: stress of every periodic cell
                 want_stress = want_stress or bool(graph["pbc"].all(dim=1).any())
+            want_hessian = "hessian" in graph and getattr(model, "hessian_head", None) is not None
             with torch.enable_grad():
-                out = model(graph, compute_force=True, compute_stress=want_stress, create_graph=False)
+                out = model(graph, compute_force=True, compute_stress=want_stress, create_graph=False,
+                            **({"compute_hessian": True, "hessian_method": "direct"} if want_hessian else {}))
             acc.add(out, graph)
             if loss_fn is not None:
                 acc.add_loss_terms(loss_fn.terms(out, graph))
@@ -176,6 +194,9 @@ def format_table(metrics: dict[str, dict], by_config_type: bool = True) -> str:
     has_s = any("s_mae" in m for m in metrics.values())
     cols = ["E MAE", "E RMSE", "F MAE", "F RMSE"] + (["S MAE", "S RMSE"] if has_s else [])
     keys = ["e_mae", "e_rmse", "f_mae", "f_rmse"] + (["s_mae", "s_rmse"] if has_s else [])
+    has_h = any("h_mae" in m for m in metrics.values())
+    cols += ["H MAE", "H RMSE"] if has_h else []
+    keys += ["h_mae", "h_rmse"] if has_h else []
     rows = []
     for split, m in metrics.items():
         rows.append((split, m))
@@ -183,7 +204,7 @@ def format_table(metrics: dict[str, dict], by_config_type: bool = True) -> str:
             for ct, mm in m["by_config_type"].items():
                 rows.append((f"  {ct}", mm))
     width = max([len("split / config_type")] + [len(r[0]) for r in rows]) + 2
-    units = "E: meV/atom  F: meV/Å" + ("  S: meV/Å^3" if has_s else "")
+    units = "E: meV/atom  F: meV/Å" + ("  S: meV/Å^3" if has_s else "") + ("  H: eV/Å^2" if has_h else "")
     lines = [units, "split / config_type".ljust(width) + "".join(c.rjust(10) for c in cols) + "N".rjust(8)]
     lines.append("-" * len(lines[-1]))
     for name, m in rows:

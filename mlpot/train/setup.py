@@ -60,7 +60,7 @@ def synthetic_paths(cfg: dict) -> dict:
     out_dir = syn["cache_dir"] or str(Path(cfg["output"]) / "data")
     return generate_emt_dataset(
         out_dir, n_train=syn["n_train"], n_valid=syn["n_valid"], n_test=syn["n_test"],
-        seed=syn["seed"], system=syn["system"],
+        seed=syn["seed"], system=syn["system"], hessian=syn["hessian"],
     )
 
 

@@ -206,7 +206,9 @@ class Trainer:
                                             num_workers=tr["num_workers"])
         self.has_stress = any("stress" in self.train_set[k] for k in range(len(self.train_set)))
         self.loss_fn = WeightedLoss(tr["loss"], tr["energy_weight"], tr["forces_weight"], tr["stress_weight"],
-                                    tr["huber_delta"])
+                                    tr["huber_delta"], hessian_weight=tr["hessian_weight"])
+        if tr["hessian_weight"] and getattr(self.model, "hessian_head", None) is None:
+            raise ConfigError("training.hessian_weight > 0 needs a model with a Hessian head (model.hessian_head: true)")
         params = [p for p in self.model.parameters() if p.requires_grad]
         opt_cls = torch.optim.AdamW if tr["optimizer"] == "adamw" else torch.optim.Adam
         self.optimizer = opt_cls(params, lr=tr["lr"], amsgrad=tr["amsgrad"], weight_decay=tr["weight_decay"])
@@ -362,7 +364,7 @@ class Trainer:
                 self.ema.update(self.model)
             sums["loss"] += loss_value
             for k, v in parts.items():
-                sums[k] += v
+                sums[k] = sums.get(k, 0.0) + v  # "hessian" only with a Hessian loss
             n_batches += 1
             if bar is not None:
                 bar.update(1)
@@ -470,6 +472,8 @@ class Trainer:
                     self.bad_epochs += tr["eval_every"]
                 row.update({"valid_loss": valid.get("loss"), "valid_e_mae": valid.get("e_mae"),
                             "valid_f_mae": valid.get("f_mae"), "valid_s_mae": valid.get("s_mae")})
+                if "h_mae" in valid:  # a Hessian head on Hessian data (eV/Å²)
+                    row["valid_h_mae"] = valid["h_mae"]
             if isinstance(self.scheduler, torch.optim.lr_scheduler.CosineAnnealingLR) and self.stage == 1:
                 self.scheduler.step()
             row["time"] = time.perf_counter() - t0
@@ -530,6 +534,8 @@ class Trainer:
             return
         cols = ["epoch", "stage", "lr", "train_loss", "train_e", "train_f", "train_s", "valid_loss",
                 "valid_e_mae", "valid_f_mae", "valid_s_mae", "time"]
+        if any("valid_h_mae" in row for row in self.history):
+            cols.insert(-1, "valid_h_mae")
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
