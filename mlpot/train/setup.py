@@ -27,6 +27,9 @@ class Splits:
     tests: dict = field(default_factory=dict)  # name -> list[Atoms]
     isolated: list = field(default_factory=list)
     files: dict = field(default_factory=dict)
+    # lazy (HDF5) training only: streamed statistics and whether any frame has a stress
+    moments: object = None
+    has_stress: bool | None = None
 
 
 def read_frames(path, data_cfg: dict, require=()) -> list:
@@ -100,6 +103,12 @@ def prepare_data(cfg: dict, generate: bool = True) -> Splits:
         else:
             test_spec = dict(t)
 
+    if data["synthetic"] is None:  # HDF5 dataset files train lazily (mlpot.train.lazy_data)
+        from mlpot.train.lazy_data import is_hdf5_source, prepare_lazy_splits
+
+        if is_hdf5_source(train_files):
+            return prepare_lazy_splits(cfg, train_files, valid_spec, test_spec)
+
     train = []
     for p in train_files:
         train.extend(read_frames(p, data))
@@ -156,7 +165,8 @@ def resolve_model_config(cfg: dict, splits: Splits) -> tuple[str, dict, dict]:
     m = dict(cfg["model"])
     name = m.pop("name")
     r_max = float(m["r_max"])
-    species = sorted({int(z) for a in splits.train for z in a.numbers})
+    lazy = splits.moments is not None
+    species = splits.moments.species() if lazy else sorted({int(z) for a in splits.train for z in a.numbers})
     if m.get("atomic_numbers"):
         given = [int(z) for z in m["atomic_numbers"]]
         missing = sorted(set(species) - set(given))
@@ -179,11 +189,20 @@ def resolve_model_config(cfg: dict, splits: Splits) -> tuple[str, dict, dict]:
         e0_table = e0s_from_isolated_atoms(splits.isolated)
     else:
         e0_table = None  # least squares below
-    has_energy = any("energy" in (a.calc.results if a.calc is not None else {}) for a in splits.train)
+    if lazy:
+        has_energy = splits.moments.n_energy > 0
+    else:
+        has_energy = any("energy" in (a.calc.results if a.calc is not None else {}) for a in splits.train)
     if e0_table is None and not has_energy:
         e0_table = {z: 0.0 for z in species}
-    stats = compute_statistics(splits.train, r_max, e0s=e0_table if e0_table is not None else "fit",
-                               species=species)
+    if lazy:
+        from mlpot.data.streaming_stats import finalize_statistics
+
+        stats = finalize_statistics(splits.moments, e0s=e0_table if e0_table is not None else "fit",
+                                    species=species)
+    else:
+        stats = compute_statistics(splits.train, r_max, e0s=e0_table if e0_table is not None else "fit",
+                                   species=species)
     e0_table = {int(z): float(v) for z, v in stats.e0s.items()}
     missing = [z for z in species if z not in e0_table]
     if missing:
@@ -229,6 +248,8 @@ def check_elements(splits: Splits, species) -> None:
     known = set(int(z) for z in species)
     sets = {"valid": splits.valid, **{f"test set {n!r}": v for n, v in splits.tests.items()}}
     for name, frames in sets.items():
+        if not isinstance(frames, list):
+            continue  # lazy HDF5 sets: checked from their streamed species (mlpot.train.lazy_data)
         for k, atoms in enumerate(frames):
             bad = sorted({int(z) for z in atoms.numbers} - known)
             if bad:

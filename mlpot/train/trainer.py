@@ -196,15 +196,22 @@ class Trainer:
             dump_config(resolved, self.out / "config.yaml")
 
         r_max = float(kwargs["r_max"])
-        self.train_set = AtomicDataset(self.splits.train, r_max, self.dtype, precompute=True)
-        self.valid_set = AtomicDataset(self.splits.valid, r_max, self.dtype, precompute=True) if self.splits.valid else None
+        # lists of Atoms are built into graphs once; lazy HDF5 splits (mlpot.train.lazy_data) stay on disk
+        def _graphs(frames):
+            return AtomicDataset(frames, r_max, self.dtype, precompute=True) if isinstance(frames, list) else frames
+
+        self.train_set = _graphs(self.splits.train)
+        self.valid_set = _graphs(self.splits.valid) if self.splits.valid else None
         self.sampler = torch.utils.data.DistributedSampler(
             self.train_set, num_replicas=self.info.world_size, rank=self.info.rank, shuffle=True,
             seed=cfg["seed"], drop_last=False,
         )
         self.train_loader = make_dataloader(self.train_set, tr["batch_size"], sampler=self.sampler,
                                             num_workers=tr["num_workers"])
-        self.has_stress = any("stress" in self.train_set[k] for k in range(len(self.train_set)))
+        if self.splits.has_stress is not None:
+            self.has_stress = self.splits.has_stress
+        else:
+            self.has_stress = any("stress" in self.train_set[k] for k in range(len(self.train_set)))
         self.loss_fn = WeightedLoss(tr["loss"], tr["energy_weight"], tr["forces_weight"], tr["stress_weight"],
                                     tr["huber_delta"])
         params = [p for p in self.model.parameters() if p.requires_grad]
