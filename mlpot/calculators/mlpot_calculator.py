@@ -74,8 +74,8 @@ class MLPotCalculator(Calculator):
     models: a committee (list of paths or models, instead of ``model``): results are the means,
         with ``forces_std`` (per atom), ``energy_std`` and ``max_force_std`` as uncertainty
         (:mod:`mlpot.calculators.committee`).
-    dispersion, xc: ``dispersion="d3bj", xc="pbe"`` adds Grimme's D3(BJ) energy, forces and stress
-        (:mod:`mlpot.calculators.dispersion`; needs the ``d3`` extra).
+    dispersion, xc, dispersion_cutoff: ``dispersion="d3bj", xc="pbe"`` adds Grimme's D3(BJ)
+        energy, forces and stress (:mod:`mlpot.calculators.dispersion`; needs the ``d3`` extra).
     min_distance: atoms closer than this (Å) are an error (two atoms on one site make every
         model output meaningless); 0 switches the check off.
 
@@ -87,7 +87,7 @@ class MLPotCalculator(Calculator):
     implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]
 
     def __init__(self, model=None, device="auto", dtype=None, compile=False, skin=0.0, min_distance=0.1,
-                 models=None, dispersion=None, xc=None, **kwargs):
+                 models=None, dispersion=None, xc=None, dispersion_cutoff=None, **kwargs):
         # committee (models=[...]) and D3 dispersion (dispersion="d3bj", xc=...): see
         # mlpot.calculators.committee and mlpot.calculators.dispersion
         if models is not None:
@@ -127,7 +127,7 @@ class MLPotCalculator(Calculator):
         if dispersion is not None or xc is not None:
             from mlpot.calculators.dispersion import D3Dispersion
 
-            self.dispersion = D3Dispersion(dispersion, xc)
+            self.dispersion = D3Dispersion(dispersion, xc, dispersion_cutoff)
 
     # ---- neighbour list -------------------------------------------------------------------
     def _check_species(self, numbers: np.ndarray) -> None:

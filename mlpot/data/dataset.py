@@ -77,6 +77,7 @@ class LazyDataset(Dataset):
         state = dict(self.__dict__)
         state["_file"] = None
         state["_pid"] = None
+        state["_columns"] = None
         return state
 
     def _handle(self):
@@ -85,7 +86,9 @@ class LazyDataset(Dataset):
 
             self._file = h5py.File(self.path, "r")
             self._pid = os.getpid()
-        return self._file
+            # dataset handles looked up once per process: a lookup by name costs as much as a read
+            self._columns = {name: self._file[name] for name in self._file.keys()}
+        return self._columns
 
     def __len__(self) -> int:
         return self._len
@@ -144,6 +147,7 @@ class LazyDataset(Dataset):
         if self._file is not None:
             self._file.close()
             self._file = None
+            self._columns = None
 
 
 class ShardedDataset(Dataset):
