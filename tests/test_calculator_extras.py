@@ -98,3 +98,29 @@ def test_dispersion_needs_a_known_damping_and_functional():
         MLPotCalculator(model, device="cpu", dispersion="d4", xc="pbe")
     with pytest.raises(ConfigError, match="needs the functional"):
         MLPotCalculator(model, device="cpu", dispersion="d3bj")
+
+
+def test_md_committee_stops_or_flags_on_force_spread(tmp_path, capsys):
+    import ase.io
+
+    from mlpot.cli.main import main
+
+    paths = []
+    for k, m in enumerate(_members()):
+        paths.append(tmp_path / f"m{k}.pt")
+        m.save(paths[-1])
+    inp = tmp_path / "cu.xyz"
+    ase.io.write(inp, rattled_cu((1, 1, 2)))
+    base = ["md", str(inp), "--model", str(paths[0]), "--model", str(paths[1]), "--model", str(paths[2]),
+            "--steps", "6", "--log", "2", "--seed", "1", "--no-progress", "--dtype", "float64"]
+    assert main(base + ["--uncertainty-threshold", "1e-6"]) == 3  # members disagree at step 0 already
+    out = capsys.readouterr().out
+    assert "stopped: committee force std" in out and "at step 0" in out
+    assert main(base + ["--uncertainty-threshold", "1e-6", "--on-uncertainty", "flag"]) == 0
+    assert "above 1e-06 eV/Å at 7 of 7 steps (0..6)" in capsys.readouterr().out
+    flagged = [ln for ln in (tmp_path / "cu_md.log").read_text().splitlines() if ln.startswith("# uncertain")]
+    assert len(flagged) == 7
+    assert main(base + ["--uncertainty-threshold", "100"]) == 0
+    assert "at 0 of 7 steps" in capsys.readouterr().out
+    assert main(["md", str(inp), "--model", str(paths[0]), "--uncertainty-threshold", "0.1"]) == 1
+    assert "needs a committee" in capsys.readouterr().err
