@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "import-mace": ("mlpot.cli.import_mace", "convert an exported mace-torch model into an mlpot model file"),
     "export-lammps": ("mlpot.cli.export_lammps", "write a model for LAMMPS `pair_style mliap unified`"),
     "data": ("mlpot.cli.data", "dataset tools: statistics, conversion to the lazy on-disk format"),
+    "phonons": ("mlpot.cli.phonons", "phonon band structure and DOS through phonopy (finite displacements)"),
 }
 
 
