@@ -443,6 +443,11 @@ class Trainer:
             self.log(f"note: {ckpt} exists; starting a new run over it (use --resume to continue)")
         self.t_start = time.monotonic()
         writer = self._tensorboard()
+        self._wandb = None
+        if self.tr["wandb"] and self.info.is_main:  # mlpot.train.wandb_log
+            from mlpot.train.wandb_log import WandbLogger
+
+            self._wandb = WandbLogger(self.tr["wandb"], self.out, self.cfg)
         stop_reason = "epochs"
         epoch = self.epoch
         while epoch < tr["epochs"]:
@@ -503,6 +508,8 @@ class Trainer:
         self._write_log()
         if writer is not None:
             writer.close()
+        if self._wandb is not None:
+            self._wandb.close()
         return self.finish(stop_reason)
 
     def _report(self, row: dict, writer) -> None:
@@ -517,6 +524,8 @@ class Trainer:
             msg += f"  S {row['valid_s_mae']:.3f} meV/Å^3"
         msg += f"  lr {row['lr']:.2e}  {row['time']:.1f} s"
         self.log(msg)
+        if getattr(self, "_wandb", None) is not None:
+            self._wandb.log(row)
         if writer is not None and self.info.is_main:
             for k, v in row.items():
                 if isinstance(v, (int, float)) and k != "epoch" and v is not None:
