@@ -103,15 +103,12 @@ def prepare_lazy_splits(cfg: dict, train_files: list, valid_spec, test_spec: dic
             valid = vfull.subset(keep)
         train = full.subset(idx)
     else:
-        frac = float(valid_spec or 0.0)
-        n_valid = int(round(frac * len(idx)))
-        if frac > 0:
-            n_valid = max(1, n_valid)
-        if n_valid >= len(idx):
-            raise ConfigError(f"data.valid={frac} leaves no training structures ({len(idx)} in total)")
-        perm = np.random.default_rng(cfg["seed"]).permutation(len(idx))
-        train = full.subset(idx[np.sort(perm[n_valid:])])
-        valid = full.subset(idx[np.sort(perm[:n_valid])]) if n_valid else []
+        from mlpot.train.setup import split_fraction
+
+        keep, held = split_fraction(len(idx), valid_spec, cfg["seed"])
+        n_valid = len(held)
+        train = full.subset(idx[keep])
+        valid = full.subset(idx[held]) if n_valid else []
         if n_valid:
             log(f"lazy data: statistics over all {moments.n_frames} training-file frames "
                 f"(the {n_valid} held-out validation frames included)")

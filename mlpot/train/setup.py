@@ -124,15 +124,9 @@ def prepare_data(cfg: dict, generate: bool = True) -> Splits:
     if isinstance(valid_spec, str):
         valid = [a for a in read_frames(valid_spec, data) if not _is_isolated(a)]
     else:
-        frac = float(valid_spec or 0.0)
-        n_valid = int(round(frac * len(train)))
-        if frac > 0:
-            n_valid = max(1, n_valid)
-        if n_valid >= len(train):
-            raise ConfigError(f"data.valid={frac} leaves no training structures ({len(train)} in total)")
-        perm = np.random.default_rng(cfg["seed"]).permutation(len(train))
-        valid = [train[k] for k in sorted(perm[:n_valid])]
-        train = [train[k] for k in sorted(perm[n_valid:])]
+        keep, held = split_fraction(len(train), valid_spec, cfg["seed"])
+        valid = [train[k] for k in held]
+        train = [train[k] for k in keep]
     tests = {name: read_frames(p, data) for name, p in test_spec.items()}
 
     weights = cfg["training"]["config_type_weights"]
@@ -143,6 +137,19 @@ def prepare_data(cfg: dict, generate: bool = True) -> Splits:
                 atoms.info["weight"] = float(atoms.info.get("weight", 1.0)) * float(weights[ct])
     files.update({"train": train_files, "valid": valid_spec, "test": test_spec})
     return Splits(train=train, valid=valid, tests=tests, isolated=isolated, files=files)
+
+
+def split_fraction(n: int, valid_spec, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, valid) positions, each sorted, for holding out the fraction ``valid_spec`` of
+    ``n`` frames by a permutation seeded with ``seed`` (at least one frame when > 0)."""
+    frac = float(valid_spec or 0.0)
+    n_valid = int(round(frac * n))
+    if frac > 0:
+        n_valid = max(1, n_valid)
+    if n_valid >= n:
+        raise ConfigError(f"data.valid={frac} leaves no training structures ({n} in total)")
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[n_valid:]), np.sort(perm[:n_valid])
 
 
 def _e0_dict(e0s) -> dict[int, float]:
