@@ -202,11 +202,12 @@ def _peak_rss_kb(tmp_path, n_frames, nat, batch_size):
 
 
 def test_peak_memory_does_not_grow_with_the_file(tmp_path):
-    """10x the frames, same peak RSS (+-20 %). In memory, the 1,500 graphs of 32 atoms (~1,300
-    edges each) alone would add more than 20 % to the ~0.4 GB of a training process."""
-    small = _peak_rss_kb(tmp_path, 150, nat=32, batch_size=50)
-    big = _peak_rss_kb(tmp_path, 1_500, nat=32, batch_size=50)
-    assert big <= 1.2 * small, f"peak RSS {big} kB for 1,500 frames vs {small} kB for 150"
+    """Fast variant of the slow test below: 10x the frames, same peak RSS (+-20 %). At this size
+    it is a check of the lazy path end to end more than a discriminating one (in memory, 1,000
+    such frames added about 9 % in a manual run); the slow test is the one the issue asks for."""
+    small = _peak_rss_kb(tmp_path, 60, nat=32, batch_size=30)
+    big = _peak_rss_kb(tmp_path, 600, nat=32, batch_size=30)
+    assert big <= 1.2 * small, f"peak RSS {big} kB for 600 frames vs {small} kB for 60"
 
 
 @pytest.mark.slow
