@@ -6,7 +6,11 @@
   access, so a dataset larger than memory trains. The file is opened once per process (the
   handle is dropped when pickled, so every DataLoader worker opens its own). Stored neighbor
   lists are reused when the requested cutoff is not larger than the stored one (edges beyond
-  the requested cutoff are filtered out); otherwise they are recomputed.
+  the requested cutoff are filtered out); otherwise they are recomputed. The HDF5 dataset
+  handles are looked up once per process (a lookup by name costs as much as a read).
+* :class:`ShardedDataset` joins several such files (shards) and an index subset (a split) into
+  one lazy dataset; it is what ``mlpot train`` uses for ``.h5`` training data
+  (:mod:`mlpot.train.lazy_data`).
 """
 from __future__ import annotations
 
