@@ -24,6 +24,7 @@ else
 	$(PY) -m pip install -q torch==$(TORCH_VERSION)
 	$(PY) -m pip install -q -e ".[dev,gpu]"
 endif
+	$(PY) -m pip install -q -e ".[d3,phonons,wandb]"
 	touch $(STAMP)
 
 quickstart: $(STAMP)

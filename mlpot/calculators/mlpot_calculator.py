@@ -71,6 +71,11 @@ class MLPotCalculator(Calculator):
         on e3nn's ``Irreps`` while building guards); ``True`` is a :class:`ConfigError` rather
         than a silent fallback to eager.
     skin: Verlet skin in Å for neighbour-list reuse (0 = rebuild every call).
+    models: a committee (list of paths or models, instead of ``model``): results are the means,
+        with ``forces_std`` (per atom), ``energy_std`` and ``max_force_std`` as uncertainty
+        (:mod:`mlpot.calculators.committee`).
+    dispersion, xc, dispersion_cutoff: ``dispersion="d3bj", xc="pbe"`` adds Grimme's D3(BJ)
+        energy, forces and stress (:mod:`mlpot.calculators.dispersion`; needs the ``d3`` extra).
     min_distance: atoms closer than this (Å) are an error (two atoms on one site make every
         model output meaningless); 0 switches the check off.
 
@@ -81,7 +86,17 @@ class MLPotCalculator(Calculator):
 
     implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]
 
-    def __init__(self, model, device="auto", dtype=None, compile=False, skin=0.0, min_distance=0.1, **kwargs):
+    def __init__(self, model=None, device="auto", dtype=None, compile=False, skin=0.0, min_distance=0.1,
+                 models=None, dispersion=None, xc=None, dispersion_cutoff=None, **kwargs):
+        # committee (models=[...]) and D3 dispersion (dispersion="d3bj", xc=...): see
+        # mlpot.calculators.committee and mlpot.calculators.dispersion
+        if models is not None:
+            if model is not None:
+                raise ConfigError("MLPotCalculator: give either model or models=[...], not both")
+            models = list(models)
+            model = models[0] if models else None
+        if model is None:
+            raise ConfigError("MLPotCalculator: no model given (model=PATH or models=[PATH, ...])")
         if compile:
             raise ConfigError(
                 "MLPotCalculator(compile=True): torch.compile of mlpot models is not supported "
@@ -101,6 +116,18 @@ class MLPotCalculator(Calculator):
             raise ConfigError(f"min_distance must be finite and >= 0, got {min_distance}")
         self._nl = None  # cached neighbour list state
         self.nl_builds = 0  # number of neighbour-list builds (for tests / diagnostics)
+        self.committee = None
+        if models is not None:
+            from mlpot.calculators.committee import check_committee
+
+            self.committee = [self.model] + [_load(m, self.device, resolve_dtype(dtype) or self.dtype)
+                                             for m in models[1:]]
+            check_committee(self.committee)
+        self.dispersion = None
+        if dispersion is not None or xc is not None:
+            from mlpot.calculators.dispersion import D3Dispersion
+
+            self.dispersion = D3Dispersion(dispersion, xc, dispersion_cutoff)
 
     # ---- neighbour list -------------------------------------------------------------------
     def _check_species(self, numbers: np.ndarray) -> None:
@@ -194,16 +221,27 @@ class MLPotCalculator(Calculator):
             raise PropertyNotImplementedError("stress needs a cell periodic in all three directions")
         compute_stress = periodic
         graph = self.build_graph(atoms)
-        out = self.model(graph, compute_force=True, compute_stress=compute_stress)
-        energy = float(out["energy"].detach().sum().cpu())
-        self.results = {
-            "energy": energy,
-            "free_energy": energy,
-            "energies": out["node_energy"].detach().cpu().double().numpy(),
-            "forces": out["forces"].detach().cpu().double().numpy(),
-        }
-        if compute_stress:
-            self.results["stress"] = full_3x3_to_voigt(out["stress"].detach()[0].cpu().double().numpy())
+        members = []
+        for model in self.committee or [self.model]:
+            out = model(dict(graph), compute_force=True, compute_stress=compute_stress)
+            energy = float(out["energy"].detach().sum().cpu())
+            res = {
+                "energy": energy,
+                "free_energy": energy,
+                "energies": out["node_energy"].detach().cpu().double().numpy(),
+                "forces": out["forces"].detach().cpu().double().numpy(),
+            }
+            if compute_stress:
+                res["stress"] = full_3x3_to_voigt(out["stress"].detach()[0].cpu().double().numpy())
+            members.append(res)
+        if self.committee is not None:
+            from mlpot.calculators.committee import committee_mean_and_spread
+
+            self.results = committee_mean_and_spread(members)
+        else:
+            self.results = members[0]
+        if self.dispersion is not None:
+            self.dispersion.add_to(self.results, atoms, compute_stress)
         for key in ("energy", "forces", "stress"):
             if key in self.results and not np.all(np.isfinite(self.results[key])):
                 self.results = {}

@@ -1,11 +1,13 @@
 """``mlpot data``: dataset tools.
 
     mlpot data convert IN OUT.h5 [--format F] [--energy-key K] [--forces-key K] [--stress-key K]
-                                 [--energy-unit U] [--cutoff R]
+                                 [--energy-unit U] [--cutoff R] [--shard-size M --workers W] [--progress]
     mlpot data stats FILE [--r-max 5.0] [--e0s auto|fit|isolated] [--json OUT.json]
 
 ``convert`` streams any readable file (extxyz, ASE formats, rMD17 npz, mlearn JSON) into the
-lazy HDF5 dataset format (optionally with neighbor lists for ``--cutoff``). ``stats`` prints
+lazy HDF5 dataset format (optionally with neighbor lists for ``--cutoff``); with
+``--shard-size`` it writes shards of M frames, ``--workers`` of them in parallel, which
+``data.train: [OUT-00000.h5, ...]`` trains on lazily (:mod:`mlpot.train.lazy_data`). ``stats`` prints
 E0s, average number of neighbours, mean/std interaction energy per atom and force RMS (the
 definitions of mace-torch) and can save them as JSON.
 """
@@ -33,6 +35,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     c.add_argument("input")
     c.add_argument("output", help="output .h5 file")
     c.add_argument("--cutoff", type=float, default=None, help="also store neighbor lists for this cutoff (Å)")
+    c.add_argument("--shard-size", type=int, default=None, metavar="M",
+                   help="write shards OUT-00000.h5, OUT-00001.h5, ... of M frames each (for data.train: [list])")
+    c.add_argument("--workers", type=int, default=1, help="shards written in parallel processes (default 1)")
+    c.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar (default: when stderr is a terminal)")
     _reader_args(c)
     s = sub.add_parser("stats", help="dataset statistics (E0s, avg. neighbours, energy/force scales)")
     s.add_argument("input")
@@ -67,6 +74,21 @@ def run(args) -> int:
         check_not_input(args.output, args.input)
         if args.cutoff is not None and not (args.cutoff > 0 and math.isfinite(args.cutoff)):
             raise ConfigError(f"--cutoff must be a finite number > 0, got {args.cutoff}")
+        if args.workers < 1:
+            raise ConfigError(f"--workers must be >= 1, got {args.workers}")
+        if args.shard_size is not None:
+            from mlpot.data.hdf5 import shard_path, write_hdf5_shards
+
+            if args.shard_size < 1:
+                raise ConfigError(f"--shard-size must be >= 1, got {args.shard_size}")
+            check_not_input(shard_path(args.output, 0), args.input)
+            progress = sys.stderr.isatty() if args.progress is None else args.progress
+            shards = write_hdf5_shards(iread(args.input, **_read_kwargs(args)), args.output, args.shard_size,
+                                       cutoff=args.cutoff, workers=args.workers, progress=progress)
+            total = sum(n for _, n in shards)
+            print(f"wrote {total} frames to {len(shards)} shards; in a training config:")
+            print("data:\n  train:\n" + "".join(f"    - {p}\n" for p, _ in shards), end="")
+            return 0
         n = write_hdf5(iread(args.input, **_read_kwargs(args)), args.output, cutoff=args.cutoff)
         print(f"wrote {n} frames to {args.output}")
         return 0

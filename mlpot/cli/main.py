@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export-lammps": ("mlpot.cli.export_lammps", "write a model for LAMMPS `pair_style mliap unified`"),
     "data": ("mlpot.cli.data", "dataset tools: statistics, conversion to the lazy on-disk format"),
     "hessian": ("mlpot.cli.hessian", "Hessian, harmonic frequencies (cm^-1) and zero-point energy of structures"),
+    "phonons": ("mlpot.cli.phonons", "phonon band structure and DOS through phonopy (finite displacements)"),
 }
 
 

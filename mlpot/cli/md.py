@@ -10,7 +10,8 @@ from mlpot.fileio import check_not_input
 
 def add_arguments(p) -> None:
     p.add_argument("input", help="structure file (first frame is used)")
-    p.add_argument("--model", required=True, help="mlpot model file")
+    p.add_argument("--model", required=True, action="append",
+                   help="mlpot model file; repeat it for a committee (mean forces, force spread as uncertainty)")
     p.add_argument("--ensemble", default="nve", choices=["nve", "nvt", "npt"])
     p.add_argument("--temperature", type=float, default=300.0, help="K (initial velocities; thermostat target)")
     p.add_argument("--timestep", type=float, default=1.0, help="fs")
@@ -27,6 +28,11 @@ def add_arguments(p) -> None:
     p.add_argument("--min-distance", type=float, default=0.1,
                    help="atoms closer than this (Å) are an error (default 0.1; 0: no check)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--uncertainty-threshold", type=float, default=None, metavar="EV_PER_A",
+                   help="committee only: largest per-atom force std (eV/Å) allowed (see --on-uncertainty)")
+    p.add_argument("--on-uncertainty", default="stop", choices=["stop", "flag"],
+                   help="stop: end the run (exit 3) at the first step above the threshold; flag: keep going "
+                        "and write every such step as a '# uncertain' line in the log (default stop)")
 
 
 def run(args) -> int:
@@ -52,12 +58,19 @@ def run(args) -> int:
         raise ConfigError(f"--log must be >= 1, got {args.log}")
     inp = Path(args.input)
     logpath = Path(args.logfile) if args.logfile else inp.with_name(inp.stem + "_md.log")
-    check_not_input(logpath, inp, args.model, what="--logfile")
+    check_not_input(logpath, inp, *args.model, what="--logfile")
     if args.trajectory:
-        check_not_input(args.trajectory, inp, args.model, logpath, what="--trajectory")
+        check_not_input(args.trajectory, inp, *args.model, logpath, what="--trajectory")
+    watch = args.uncertainty_threshold
+    if watch is not None:
+        if len(args.model) < 2:
+            raise ConfigError("--uncertainty-threshold needs a committee: give --model two or more times")
+        if not (watch > 0 and math.isfinite(watch)):
+            raise ConfigError(f"--uncertainty-threshold must be a finite number > 0 eV/Å, got {watch}")
     frames, _ = read_structures(args.input, min_distance=args.min_distance)
     atoms = frames[0]
-    atoms.calc = MLPotCalculator(args.model, device=args.device, dtype=args.dtype, skin=args.skin,
+    models = dict(model=args.model[0]) if len(args.model) == 1 else dict(models=args.model)
+    atoms.calc = MLPotCalculator(**models, device=args.device, dtype=args.dtype, skin=args.skin,
                                  min_distance=args.min_distance)
     init_velocities(atoms, args.temperature, args.seed)
     dyn = make_integrator(atoms, args.ensemble, args.timestep, temperature=args.temperature,
@@ -70,16 +83,28 @@ def run(args) -> int:
             traj = Trajectory(args.trajectory, "w")
         else:
             traj = _XYZWriter(args.trajectory)
+    flagged: list[tuple[int, float]] = []
     try:
         with atomic_output(logpath) as tmp, open(tmp, "w") as log:
-            s = run_md(atoms, dyn, args.steps, args.timestep, log_every=args.log, logfile=log, trajectory=traj,
-                       progress=not args.no_progress)
+            if watch is not None:
+                from mlpot.sim.uncertainty import UncertaintyWatch
+
+                dyn.attach(UncertaintyWatch(atoms, dyn, watch, args.on_uncertainty, log, flagged), interval=1)
+            try:
+                s = run_md(atoms, dyn, args.steps, args.timestep, log_every=args.log, logfile=log,
+                           trajectory=traj, progress=not args.no_progress)
+            except UncertaintyWatch.Exceeded as stop:
+                print(f"mlpot md: stopped: {stop}; log: {logpath}")
+                return 3
     finally:
         if traj is not None:
             traj.close()
     drift = (s.e_total_last - s.e_total_first) / s.natoms
     print(f"{s.steps} steps of {s.natoms} atoms in {s.wall_s:.2f} s: {s.ns_per_day:.4f} ns/day, "
           f"{s.atom_steps_per_s:.4g} atom-steps/s; total-energy change {1000 * drift:+.3f} meV/atom")
+    if watch is not None:
+        print(f"committee force std above {watch} eV/Å at {len(flagged)} of {s.steps + 1} steps (0..{s.steps})"
+              + (f" (first: step {flagged[0][0]}, {flagged[0][1]:.4g} eV/Å)" if flagged else ""))
     print(f"log: {logpath}")
     return 0
 

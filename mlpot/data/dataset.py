@@ -6,7 +6,11 @@
   access, so a dataset larger than memory trains. The file is opened once per process (the
   handle is dropped when pickled, so every DataLoader worker opens its own). Stored neighbor
   lists are reused when the requested cutoff is not larger than the stored one (edges beyond
-  the requested cutoff are filtered out); otherwise they are recomputed.
+  the requested cutoff are filtered out); otherwise they are recomputed. The HDF5 dataset
+  handles are looked up once per process (a lookup by name costs as much as a read).
+* :class:`ShardedDataset` joins several such files (shards) and an index subset (a split) into
+  one lazy dataset; it is what ``mlpot train`` uses for ``.h5`` training data
+  (:mod:`mlpot.train.lazy_data`).
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from mlpot.data.graph import AtomicGraph, atoms_to_graph, collate, frame_to_graph
 from mlpot.errors import DataError
 
-__all__ = ["AtomicDataset", "LazyDataset", "make_dataloader"]
+__all__ = ["AtomicDataset", "LazyDataset", "ShardedDataset", "make_dataloader"]
 
 
 class AtomicDataset(Dataset):
@@ -77,6 +81,7 @@ class LazyDataset(Dataset):
         state = dict(self.__dict__)
         state["_file"] = None
         state["_pid"] = None
+        state["_columns"] = None
         return state
 
     def _handle(self):
@@ -85,7 +90,9 @@ class LazyDataset(Dataset):
 
             self._file = h5py.File(self.path, "r")
             self._pid = os.getpid()
-        return self._file
+            # dataset handles looked up once per process: a lookup by name costs as much as a read
+            self._columns = {name: self._file[name] for name in self._file.keys()}
+        return self._columns
 
     def __len__(self) -> int:
         return self._len
@@ -104,19 +111,34 @@ class LazyDataset(Dataset):
 
         return frame_to_atoms(self.frame(idx))
 
+    def stored_edges(self, fr: dict):
+        """The frame's stored neighbor list restricted to ``self.cutoff`` (``|D| < cutoff``), or
+        None when the file has none or its cutoff is smaller than ours."""
+        edges = fr.get("edges")
+        if edges is None or self.stored_cutoff is None or self.cutoff > self.stored_cutoff:
+            return None
+        if self.cutoff < self.stored_cutoff:
+            i, j, S = edges
+            pbc = np.asarray(fr["pbc"], dtype=bool)
+            cell = fr["cell"] * pbc[:, None]
+            D = fr["positions"][j] - fr["positions"][i] + S @ cell
+            keep = np.einsum("ij,ij->i", D, D) < self.cutoff**2
+            edges = (i[keep], j[keep], S[keep])
+        return edges
+
+    def frame_edges(self, fr: dict):
+        """``(i, j, S)`` of a frame at ``self.cutoff``: stored when usable, else computed."""
+        edges = self.stored_edges(fr)
+        if edges is not None:
+            return edges
+        from mlpot.data.neighbors import neighbor_list
+
+        i, j, S = neighbor_list(fr["positions"], self.cutoff, fr["cell"], fr["pbc"])
+        return i.numpy(), j.numpy(), S.numpy()
+
     def __getitem__(self, idx: int) -> AtomicGraph:
         fr = self.frame(int(idx))
-        edges = fr.get("edges")
-        if edges is not None and self.stored_cutoff is not None and self.cutoff <= self.stored_cutoff:
-            if self.cutoff < self.stored_cutoff:
-                i, j, S = edges
-                pbc = np.asarray(fr["pbc"], dtype=bool)
-                cell = fr["cell"] * pbc[:, None]
-                D = fr["positions"][j] - fr["positions"][i] + S @ cell
-                keep = np.einsum("ij,ij->i", D, D) < self.cutoff**2
-                edges = (i[keep], j[keep], S[keep])
-        else:
-            edges = None
+        edges = self.stored_edges(fr)
         return frame_to_graph(
             fr["positions"], fr["numbers"], fr["cell"], fr["pbc"], self.cutoff,
             energy=fr["energy"], forces=fr["forces"], stress=fr["stress"],
@@ -130,6 +152,64 @@ class LazyDataset(Dataset):
         if self._file is not None:
             self._file.close()
             self._file = None
+            self._columns = None
+
+
+class ShardedDataset(Dataset):
+    """Lazy graphs from one or several HDF5 dataset files (shards) seen as one dataset.
+
+    ``indices`` (global frame numbers, shard after shard) selects and orders a subset, e.g. a
+    training or validation split; only this int64 array is held in memory, never the frames.
+    ``config_type_weights`` multiplies a frame's ``weight`` by the weight of its config_type
+    (``training.config_type_weights``). ``atoms(k)`` carries ``info["_mlpot_source"] =
+    (file, frame)`` so that errors name the frame on disk.
+    """
+
+    def __init__(self, paths, cutoff: float, dtype: torch.dtype = torch.float64, indices=None,
+                 config_type_weights: dict | None = None):
+        self.shards = [LazyDataset(p, cutoff=cutoff, dtype=dtype) for p in paths]
+        self.offsets = np.cumsum([0] + [len(s) for s in self.shards])
+        total = int(self.offsets[-1])
+        self.indices = np.arange(total, dtype=np.int64) if indices is None else np.asarray(indices, dtype=np.int64)
+        if len(self.indices) and (self.indices.min() < 0 or self.indices.max() >= total):
+            raise IndexError(f"frame index out of range ({total} frames in {len(self.shards)} file(s))")
+        self.cutoff = float(cutoff)
+        self.dtype = dtype
+        self.config_type_weights = dict(config_type_weights or {})
+
+    def subset(self, indices) -> ShardedDataset:
+        """The frames ``self.indices[indices]`` as a new dataset over the same files."""
+        out = ShardedDataset.__new__(ShardedDataset)
+        out.__dict__.update(self.__dict__)
+        out.indices = self.indices[np.asarray(indices, dtype=np.int64)]
+        return out
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def locate(self, idx: int) -> tuple[int, int]:
+        """(shard number, frame within the shard) of item ``idx``."""
+        g = int(self.indices[idx])
+        s = int(np.searchsorted(self.offsets, g, side="right")) - 1
+        return s, g - int(self.offsets[s])
+
+    def __getitem__(self, idx: int) -> AtomicGraph:
+        s, k = self.locate(idx)
+        g = self.shards[s][k]
+        w = self.config_type_weights.get(g["config_type"][0]) if self.config_type_weights else None
+        if w is not None:
+            g["weight"] = g["weight"] * float(w)
+        return g
+
+    def atoms(self, idx: int):
+        s, k = self.locate(idx)
+        a = self.shards[s].atoms(k)
+        a.info["_mlpot_source"] = (self.shards[s].path, k)
+        return a
+
+    def close(self) -> None:
+        for s in self.shards:
+            s.close()
 
 
 def make_dataloader(

@@ -41,7 +41,8 @@ from mlpot.voigt import as_voigt
 FORMAT_NAME = "mlpot-dataset"
 FORMAT_VERSION = 1
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "iter_hdf5_atoms", "read_hdf5_frame", "write_hdf5"]
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "iter_hdf5_atoms", "read_hdf5_frame", "shard_path", "write_hdf5",
+           "write_hdf5_shards"]
 
 
 def _h5():
@@ -229,3 +230,66 @@ def iter_hdf5_atoms(path) -> Iterator:
         check_file(f, path)
         for k in range(int(f.attrs["n_frames"])):
             yield frame_to_atoms(read_hdf5_frame(f, k))
+
+
+def shard_path(out, k: int):
+    """``data.h5`` -> ``data-00003.h5``: the name of shard ``k``."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}-{k:05d}{out.suffix}")
+
+
+def _write_shard(task) -> tuple[int, str, int]:
+    k, frames, out, cutoff = task
+    path = shard_path(out, k)
+    return k, str(path), write_hdf5(frames, path, cutoff=cutoff)
+
+
+def write_hdf5_shards(atoms_iter: Iterable, out, frames_per_shard: int, *, cutoff: float | None = None,
+                      workers: int = 1, progress: bool = False) -> list[tuple[str, int]]:
+    """Stream structures into shards ``OUT-00000.h5, OUT-00001.h5, ...`` of ``frames_per_shard``
+    frames each (frame order kept: shard ``k`` holds frames ``k*M .. (k+1)*M - 1``), writing up
+    to ``workers`` shards in parallel processes (neighbor lists are the costly part). At most
+    ``2 * workers`` shards are in flight, so memory stays bounded for any input size. Each shard
+    appears atomically. Returns ``[(path, n_frames), ...]`` in order."""
+    import itertools
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    if frames_per_shard < 1:
+        raise DataError(f"frames per shard must be >= 1, got {frames_per_shard}")
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(desc="frames written", unit="frame", dynamic_ncols=True)
+    it = iter(atoms_iter)
+    tasks = ((k, chunk, str(out), cutoff) for k, chunk in enumerate(
+        iter(lambda: list(itertools.islice(it, frames_per_shard)), [])))
+    done: dict[int, tuple[str, int]] = {}
+
+    def record(res):
+        k, path, n = res
+        done[k] = (path, n)
+        if bar is not None:
+            bar.update(n)
+
+    try:
+        if workers <= 1:
+            for t in tasks:
+                record(_write_shard(t))
+        else:
+            import multiprocessing as mp
+
+            with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+                pending = set()
+                for t in tasks:
+                    pending.add(pool.submit(_write_shard, t))
+                    if len(pending) >= 2 * workers:
+                        finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                        for f in finished:
+                            record(f.result())
+                for f in pending:
+                    record(f.result())
+    finally:
+        if bar is not None:
+            bar.close()
+    return [done[k] for k in sorted(done)]

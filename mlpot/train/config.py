@@ -115,6 +115,7 @@ TRAINING_SCHEMA: dict[str, Any] = {
     "time_limit": F((int, float, NoneType), None, doc="minutes of training; then stop cleanly and evaluate"),
     "progress": F((bool, NoneType), None, doc="progress bar (default: when stderr is a terminal)"),
     "tensorboard": F(bool, False),
+    "wandb": F((bool, dict), False, doc="Weights & Biases: true or {project, entity, name, mode, tags}"),
 }
 
 SCHEDULER_PARAMS = {

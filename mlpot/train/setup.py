@@ -27,6 +27,9 @@ class Splits:
     tests: dict = field(default_factory=dict)  # name -> list[Atoms]
     isolated: list = field(default_factory=list)
     files: dict = field(default_factory=dict)
+    # lazy (HDF5) training only: streamed statistics and whether any frame has a stress
+    moments: object = None
+    has_stress: bool | None = None
 
 
 def read_frames(path, data_cfg: dict, require=()) -> list:
@@ -100,6 +103,12 @@ def prepare_data(cfg: dict, generate: bool = True) -> Splits:
         else:
             test_spec = dict(t)
 
+    if data["synthetic"] is None:  # HDF5 dataset files train lazily (mlpot.train.lazy_data)
+        from mlpot.train.lazy_data import is_hdf5_source, prepare_lazy_splits
+
+        if is_hdf5_source(train_files):
+            return prepare_lazy_splits(cfg, train_files, valid_spec, test_spec)
+
     train = []
     for p in train_files:
         train.extend(read_frames(p, data))
@@ -115,15 +124,9 @@ def prepare_data(cfg: dict, generate: bool = True) -> Splits:
     if isinstance(valid_spec, str):
         valid = [a for a in read_frames(valid_spec, data) if not _is_isolated(a)]
     else:
-        frac = float(valid_spec or 0.0)
-        n_valid = int(round(frac * len(train)))
-        if frac > 0:
-            n_valid = max(1, n_valid)
-        if n_valid >= len(train):
-            raise ConfigError(f"data.valid={frac} leaves no training structures ({len(train)} in total)")
-        perm = np.random.default_rng(cfg["seed"]).permutation(len(train))
-        valid = [train[k] for k in sorted(perm[:n_valid])]
-        train = [train[k] for k in sorted(perm[n_valid:])]
+        keep, held = split_fraction(len(train), valid_spec, cfg["seed"])
+        valid = [train[k] for k in held]
+        train = [train[k] for k in keep]
     tests = {name: read_frames(p, data) for name, p in test_spec.items()}
 
     weights = cfg["training"]["config_type_weights"]
@@ -134,6 +137,19 @@ def prepare_data(cfg: dict, generate: bool = True) -> Splits:
                 atoms.info["weight"] = float(atoms.info.get("weight", 1.0)) * float(weights[ct])
     files.update({"train": train_files, "valid": valid_spec, "test": test_spec})
     return Splits(train=train, valid=valid, tests=tests, isolated=isolated, files=files)
+
+
+def split_fraction(n: int, valid_spec, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, valid) positions, each sorted, for holding out the fraction ``valid_spec`` of
+    ``n`` frames by a permutation seeded with ``seed`` (at least one frame when > 0)."""
+    frac = float(valid_spec or 0.0)
+    n_valid = int(round(frac * n))
+    if frac > 0:
+        n_valid = max(1, n_valid)
+    if n_valid >= n:
+        raise ConfigError(f"data.valid={frac} leaves no training structures ({n} in total)")
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[n_valid:]), np.sort(perm[:n_valid])
 
 
 def _e0_dict(e0s) -> dict[int, float]:
@@ -156,7 +172,8 @@ def resolve_model_config(cfg: dict, splits: Splits) -> tuple[str, dict, dict]:
     m = dict(cfg["model"])
     name = m.pop("name")
     r_max = float(m["r_max"])
-    species = sorted({int(z) for a in splits.train for z in a.numbers})
+    lazy = splits.moments is not None
+    species = splits.moments.species() if lazy else sorted({int(z) for a in splits.train for z in a.numbers})
     if m.get("atomic_numbers"):
         given = [int(z) for z in m["atomic_numbers"]]
         missing = sorted(set(species) - set(given))
@@ -179,11 +196,20 @@ def resolve_model_config(cfg: dict, splits: Splits) -> tuple[str, dict, dict]:
         e0_table = e0s_from_isolated_atoms(splits.isolated)
     else:
         e0_table = None  # least squares below
-    has_energy = any("energy" in (a.calc.results if a.calc is not None else {}) for a in splits.train)
+    if lazy:
+        has_energy = splits.moments.n_energy > 0
+    else:
+        has_energy = any("energy" in (a.calc.results if a.calc is not None else {}) for a in splits.train)
     if e0_table is None and not has_energy:
         e0_table = {z: 0.0 for z in species}
-    stats = compute_statistics(splits.train, r_max, e0s=e0_table if e0_table is not None else "fit",
-                               species=species)
+    if lazy:
+        from mlpot.data.streaming_stats import finalize_statistics
+
+        stats = finalize_statistics(splits.moments, e0s=e0_table if e0_table is not None else "fit",
+                                    species=species)
+    else:
+        stats = compute_statistics(splits.train, r_max, e0s=e0_table if e0_table is not None else "fit",
+                                   species=species)
     e0_table = {int(z): float(v) for z, v in stats.e0s.items()}
     missing = [z for z in species if z not in e0_table]
     if missing:
@@ -229,6 +255,8 @@ def check_elements(splits: Splits, species) -> None:
     known = set(int(z) for z in species)
     sets = {"valid": splits.valid, **{f"test set {n!r}": v for n, v in splits.tests.items()}}
     for name, frames in sets.items():
+        if not isinstance(frames, list):
+            continue  # lazy HDF5 sets: checked from their streamed species (mlpot.train.lazy_data)
         for k, atoms in enumerate(frames):
             bad = sorted({int(z) for z in atoms.numbers} - known)
             if bad:

@@ -196,15 +196,22 @@ class Trainer:
             dump_config(resolved, self.out / "config.yaml")
 
         r_max = float(kwargs["r_max"])
-        self.train_set = AtomicDataset(self.splits.train, r_max, self.dtype, precompute=True)
-        self.valid_set = AtomicDataset(self.splits.valid, r_max, self.dtype, precompute=True) if self.splits.valid else None
+        # lists of Atoms are built into graphs once; lazy HDF5 splits (mlpot.train.lazy_data) stay on disk
+        def _graphs(frames):
+            return AtomicDataset(frames, r_max, self.dtype, precompute=True) if isinstance(frames, list) else frames
+
+        self.train_set = _graphs(self.splits.train)
+        self.valid_set = _graphs(self.splits.valid) if self.splits.valid else None
         self.sampler = torch.utils.data.DistributedSampler(
             self.train_set, num_replicas=self.info.world_size, rank=self.info.rank, shuffle=True,
             seed=cfg["seed"], drop_last=False,
         )
         self.train_loader = make_dataloader(self.train_set, tr["batch_size"], sampler=self.sampler,
                                             num_workers=tr["num_workers"])
-        self.has_stress = any("stress" in self.train_set[k] for k in range(len(self.train_set)))
+        if self.splits.has_stress is not None:
+            self.has_stress = self.splits.has_stress
+        else:
+            self.has_stress = any("stress" in self.train_set[k] for k in range(len(self.train_set)))
         self.loss_fn = WeightedLoss(tr["loss"], tr["energy_weight"], tr["forces_weight"], tr["stress_weight"],
                                     tr["huber_delta"], hessian_weight=tr["hessian_weight"])
         if tr["hessian_weight"] and getattr(self.model, "hessian_head", None) is None:
@@ -438,6 +445,11 @@ class Trainer:
             self.log(f"note: {ckpt} exists; starting a new run over it (use --resume to continue)")
         self.t_start = time.monotonic()
         writer = self._tensorboard()
+        self._wandb = None
+        if self.tr["wandb"] and self.info.is_main:  # mlpot.train.wandb_log
+            from mlpot.train.wandb_log import WandbLogger
+
+            self._wandb = WandbLogger(self.tr["wandb"], self.out, self.cfg)
         stop_reason = "epochs"
         epoch = self.epoch
         while epoch < tr["epochs"]:
@@ -500,6 +512,8 @@ class Trainer:
         self._write_log()
         if writer is not None:
             writer.close()
+        if self._wandb is not None:
+            self._wandb.close()
         return self.finish(stop_reason)
 
     def _report(self, row: dict, writer) -> None:
@@ -514,6 +528,8 @@ class Trainer:
             msg += f"  S {row['valid_s_mae']:.3f} meV/Å^3"
         msg += f"  lr {row['lr']:.2e}  {row['time']:.1f} s"
         self.log(msg)
+        if getattr(self, "_wandb", None) is not None:
+            self._wandb.log(row)
         if writer is not None and self.info.is_main:
             for k, v in row.items():
                 if isinstance(v, (int, float)) and k != "epoch" and v is not None:
