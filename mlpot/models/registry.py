@@ -27,6 +27,8 @@ _LAZY_MODELS = {
     "MACE": "mlpot.models.mace",
     "ScaleShiftMACE": "mlpot.models.mace",
     "ESCN": "mlpot.models.escn",
+    "EquiformerV2": "mlpot.models.equiformer_v2",
+    "Facet": "mlpot.models.facet",
 }
 
 
