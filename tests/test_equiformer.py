@@ -64,6 +64,10 @@ def get_model(key: str):
 
 
 TOL_CHECKS = {"rotation", "reflection", "permutation", "translation"}
+# randomized attention logits and spline coefficients give this model large third derivatives:
+# the central-difference error, measured, falls as h^2 (h = 1e-3, 3e-4, 1e-4, 3e-5: relative 1e-3,
+# 1e-4, 1e-5, 1e-6), so the forces are right and the step is made smaller
+FD_STEP = {"equiformer_v2_spline_s2mlp": 3e-5}
 
 
 @pytest.mark.parametrize("check", list(mc.ALL_CHECKS))
@@ -72,6 +76,8 @@ def test_model_check(key, check):
     model = get_model(key)
     fn = mc.ALL_CHECKS[check]
     kwargs = {"tol": MODELS[key][2]} if check in TOL_CHECKS else {}
+    if check == "forces_fd" and key in FD_STEP:
+        kwargs["h"] = FD_STEP[key]
     if check in ("isolated_atoms", "cutoff", "unknown_element"):
         fn(model, **kwargs)
     else:
@@ -92,7 +98,7 @@ def test_options_change_the_model():
     mace = build_model("MACE", **dict(MACE_SMALL, node_mixing="s2_mlp", node_mixing_position="replace_product"))
     assert mace.config["correlation"] == [1, 1]
     assert isinstance(build_model("MACE", **dict(MACE_SMALL, radial="spline")).radial_embedding, SplineBasis)
-    e = [float(m.double()(mc.build_batch([atoms], R_MAX), compute_force=False)["energy"][0]) for m in
+    e = [float(m.double()(mc.build_batch([atoms], R_MAX), compute_force=False)["energy"][0].detach()) for m in
          (base, spline, mixing)]
     assert len({round(v, 12) for v in e}) == 3
 
@@ -155,7 +161,7 @@ def test_s2_mlp_equivariant_to_grid_accuracy_inversion_exact_and_nonlinear():
     for res in (6, 12, 24):
         torch.manual_seed(1)
         mix = S2MLPNodeMixing(lmax, C, 8, res_beta=res).double()
-        errs.append(float((mix(_rotate(x, Q)) - _rotate(mix(x), Q)).abs().max()))
+        errs.append(float((mix(_rotate(x, Q)) - _rotate(mix(x), Q)).abs().max().detach()))
         inv = -np.eye(3)
         torch.testing.assert_close(mix(_rotate(x, inv)), _rotate(mix(x), inv), atol=1e-12, rtol=0)
     assert errs[2] < 1e-3 * errs[0] and errs[2] < 1e-6, errs
