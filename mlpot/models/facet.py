@@ -27,49 +27,28 @@ radial has no kernel yet, so ``triton`` is a ConfigError naming the op ``spline_
 """
 from __future__ import annotations
 
+import inspect
+
 from mlpot.models.base import register_model
 from mlpot.models.escn import ESCN
 
-__all__ = ["Facet"]
+__all__ = ["FACET_DEFAULTS", "Facet"]
+
+#: where Facet's defaults differ from ESCN's
+FACET_DEFAULTS = dict(num_layers=3, lmax=3, mmax=2, sphere_channels=64, hidden_channels=128, radial="spline",
+                      num_knots=16, node_mixing="s2_mlp")
 
 
 @register_model("Facet")
 class Facet(ESCN):
     """Facet potential: :class:`~mlpot.models.escn.ESCN` with spline radials and S2-MLP node mixing
-    (see the module doc). Hyperparameters are ESCN's; ``radial`` and ``node_mixing`` default to
-    Facet's ``spline`` and ``s2_mlp``."""
+    (see the module doc). Hyperparameters are ESCN's, with :data:`FACET_DEFAULTS`."""
 
-    def __init__(
-        self,
-        r_max: float = 5.0,
-        atomic_numbers=None,
-        num_layers: int = 3,
-        lmax: int = 3,
-        mmax: int = 2,
-        sphere_channels: int = 64,
-        hidden_channels: int = 128,
-        edge_channels: int = 64,
-        num_bessel: int = 8,
-        polynomial_cutoff_p: int = 5,
-        avg_num_neighbors: float = 10.0,
-        e0s=None,
-        scale: float = 1.0,
-        shift: float = 0.0,
-        ffn_activation: str = "s2",
-        grid_resolution: int | None = None,
-        backend: str = "reference",
-        zbl: bool = False,
-        seed: int | None = None,
-        dtype: str = "float64",
-        radial: str = "spline",
-        num_knots: int = 16,
-        node_mixing: str = "s2_mlp",
-    ):
-        super().__init__(
-            r_max=r_max, atomic_numbers=atomic_numbers, num_layers=num_layers, lmax=lmax, mmax=mmax,
-            sphere_channels=sphere_channels, hidden_channels=hidden_channels, edge_channels=edge_channels,
-            num_bessel=num_bessel, polynomial_cutoff_p=polynomial_cutoff_p, avg_num_neighbors=avg_num_neighbors,
-            e0s=e0s, scale=scale, shift=shift, ffn_activation=ffn_activation, grid_resolution=grid_resolution,
-            backend=backend, zbl=zbl, seed=seed, dtype=dtype, radial=radial, num_knots=num_knots,
-            node_mixing=node_mixing,
-        )
+    def __init__(self, **config):
+        super().__init__(**{**FACET_DEFAULTS, **config})
+
+
+# ESCN's keyword arguments with Facet's defaults: what configs are checked against
+Facet.__init__.__signature__ = inspect.signature(ESCN.__init__).replace(parameters=[
+    p.replace(default=FACET_DEFAULTS.get(p.name, p.default)) for p in inspect.signature(ESCN.__init__).parameters.values()
+])
