@@ -259,7 +259,7 @@ def _ethanol(shared):
             raw["forces"] * KCAL_TO_EV)
 
 
-def _learn(name, config, shared, steps=250):
+def _learn(name, config, shared, steps=150):
     """Train on 300 ethanol frames for ``steps`` Adam steps of 16 frames; return the initial and final
     test force MAE (eV/Å) and the wall time."""
     from ase import Atoms
