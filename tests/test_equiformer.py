@@ -307,9 +307,9 @@ def _learn(name, config, shared, steps=150):
 ])
 def test_learns_rmd17_ethanol(name, config, shared_data):
     """150 Adam steps of 16 frames from 300 ethanol frames bring the test force MAE (100 other
-    frames) below 0.35 eV/Å (8 kcal/mol/Å; the force standard deviation is about 1 eV/Å) and cut it
-    at least 2.5x. Measured (2-core CPU shared with other jobs): EquiformerV2 0.877 -> 0.113 eV/Å
-    in 390 s."""
+    frames) below 0.2 eV/Å (4.6 kcal/mol/Å; the force standard deviation is about 1 eV/Å) and cut it
+    at least 4x. Measured (2-core CPU shared with other jobs): EquiformerV2 0.877 -> 0.113 eV/Å in
+    390 s, Facet 0.888 -> 0.082 eV/Å in 395 s."""
     start, end, wall = _learn(name, config, shared_data)
     print(f"{name} ethanol: force MAE {start:.3f} -> {end:.3f} eV/A in {wall:.0f} s")
-    assert end < 0.35 and end < start / 2.5, (start, end)
+    assert end < 0.2 and end < start / 4, (start, end)
