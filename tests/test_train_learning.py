@@ -64,13 +64,14 @@ def test_bench_train_runs_each_variant(tmp_path):
     out = tmp_path / "bt"
     rc = main(["bench", "train", "--molecule", "ethanol", "--data-dir", str(DATA), "--n-train", "24",
                "--n-test", "8", "--minutes", "0.05", "--channels", "4", "--variants", "cg/symmetric",
-               "so2/gaunt", "--out", str(out)])
+               "so2/gaunt", "--out", str(out), "--cost-systems", "si64", "--cost-repeats", "1"])
     assert rc == 0
     res = json.loads((out / "results.json").read_text())["results"]
     assert [r["variant"] for r in res] == ["cg/symmetric", "so2/gaunt"]
     for r in res:
         assert r["epochs"] >= 1 and r["curve"], r
         assert 0 < r["test_f_mae"] < 1e5
+        assert r["params"] > 0 and r["force_call_s"]["si64"] > 0  # the cost columns (issue 17)
         cfg = (out / r["variant"].replace("/", "_") / "config.yaml").read_text()
         tp, product = r["variant"].split("/")
         assert f"interaction_tp: {tp}" in cfg and f"product: {product}" in cfg

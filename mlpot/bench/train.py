@@ -1,10 +1,13 @@
 r"""Learning speed of the MACE tensor-product variants: validation force MAE against wall time.
 
-Each variant trains the same MACE (same data, seed, hyperparameters) for a fixed wall-clock
-budget (``--minutes``, the trainer's ``time_limit``) and differs only in ``interaction_tp``
-(``cg`` | ``gaunt`` | ``so2``) and ``product`` (``symmetric`` | ``gaunt``). Reported per variant:
-epochs done, seconds per epoch, the best validation force MAE reached by 25 %, 50 % and 100 % of the
-budget, and the test energy/force MAE of the best (EMA) model. Curves go to
+Each variant trains on the same data with the same seed, loss and schedule for a fixed wall-clock
+budget (``--minutes``, the trainer's ``time_limit``). A variant is a MACE ``interaction_tp/product``
+pair (``cg`` | ``gaunt`` | ``so2`` / ``symmetric`` | ``gaunt``), optionally ``+spline`` (Facet's
+spline radial functions in MACE), or a whole model of :data:`MODEL_VARIANTS` (``escn``,
+``equiformer_v2``, ``facet``) at ``--channels`` channels and ``--max-ell`` degrees. Reported per
+variant: parameters, epochs done, seconds per epoch, the best validation force MAE reached by 25 %,
+50 % and 100 % of the budget, the test energy/force MAE of the best (EMA) model, and the force-call
+time of the same architecture on ``--cost-systems`` (default Si64 and Cu864, random weights). Curves go to
 ``<out>/curves.png``, everything to ``<out>/results.json`` and a markdown table to stdout.
 
 Data: revised MD17 (``--molecule aspirin|ethanol``, split 01) from ``--data-dir``
@@ -25,7 +28,46 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULT_VARIANTS = ["cg/symmetric", "gaunt/symmetric", "so2/symmetric", "cg/gaunt"]
+DEFAULT_VARIANTS = ["cg/symmetric", "cg/gaunt", "escn", "equiformer_v2", "facet", "cg/symmetric+spline"]
+
+#: variants that are whole models rather than MACE ``interaction_tp/product`` pairs: name ->
+#: ``model:`` section at ``--channels`` channels and ``--max-ell`` degrees (same cutoff as MACE)
+MODEL_VARIANTS = {
+    "escn": lambda a: {"name": "ESCN", "num_layers": 2, "lmax": a.max_ell, "mmax": 2, "sphere_channels": a.channels,
+                       "hidden_channels": 2 * a.channels, "edge_channels": a.channels},
+    "equiformer_v2": lambda a: {"name": "EquiformerV2", "num_layers": 2, "lmax": a.max_ell, "mmax": 2,
+                                "sphere_channels": a.channels, "attn_hidden_channels": a.channels, "num_heads": 4,
+                                "attn_alpha_channels": 8, "attn_value_channels": max(a.channels // 4, 1),
+                                "ffn_hidden_channels": 2 * a.channels, "edge_channels": a.channels},
+    "facet": lambda a: {"name": "Facet", "num_layers": 2, "lmax": a.max_ell, "mmax": 2, "sphere_channels": a.channels,
+                        "hidden_channels": 2 * a.channels, "num_knots": 16},
+}
+
+
+def model_section(variant: str, args) -> dict:
+    """The ``model:`` section of a variant: a name of :data:`MODEL_VARIANTS`, or a MACE
+    ``interaction_tp/product`` pair, optionally ``+spline`` (``radial: spline``, 16 intervals)."""
+    if variant in MODEL_VARIANTS:
+        return {"r_max": 5.0, **MODEL_VARIANTS[variant](args)}
+    pair, _, option = variant.partition("+")
+    tp, product = pair.split("/")
+    model = {
+        "name": "MACE", "r_max": 5.0, "max_ell": args.max_ell, "num_interactions": 2,
+        "hidden_irreps": f"{args.channels}x0e + {args.channels}x1o", "correlation": args.correlation,
+        "radial_MLP": [32, 32], "interaction_tp": tp, "product": product,
+    }
+    if option == "spline":
+        model.update(radial="spline", num_knots=16)
+    return model
+
+
+def check_variant(variant: str) -> None:
+    from mlpot.errors import ConfigError
+
+    pair, _, option = variant.partition("+")
+    if variant not in MODEL_VARIANTS and (pair.count("/") != 1 or option not in ("", "spline")):
+        raise ConfigError(f"--variants: {variant!r} is not one of {', '.join(MODEL_VARIANTS)} or of the form "
+                          "interaction_tp/product[+spline] (e.g. cg/symmetric)")
 
 
 def _subset_npz(src: Path, dst: Path, n: int) -> Path:
@@ -42,18 +84,13 @@ def _subset_npz(src: Path, dst: Path, n: int) -> Path:
 
 
 def variant_config(variant: str, args, out: Path, train: Path, test: Path) -> dict:
-    tp, product = variant.split("/")
     return {
         "output": str(out / variant.replace("/", "_")),
         "seed": args.seed,
         "device": args.device,
         "dtype": args.dtype,
         "data": {"train": str(train), "valid": 0.05, "test": str(test)},
-        "model": {
-            "name": "MACE", "r_max": 5.0, "max_ell": args.max_ell, "num_interactions": 2,
-            "hidden_irreps": f"{args.channels}x0e + {args.channels}x1o", "correlation": args.correlation,
-            "radial_MLP": [32, 32], "interaction_tp": tp, "product": product,
-        },
+        "model": model_section(variant, args),
         "training": {
             "epochs": 100000, "batch_size": args.batch_size, "lr": 0.01, "amsgrad": True,
             "energy_weight": 1.0, "forces_weight": 100.0, "ema": True, "ema_decay": 0.99,
@@ -86,7 +123,11 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--n-train", type=int, default=200)
     p.add_argument("--n-test", type=int, default=200)
     p.add_argument("--minutes", type=float, default=5.0, help="wall-clock budget per variant")
-    p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, help="interaction_tp/product pairs")
+    p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS,
+                   help=f"interaction_tp/product[+spline] MACE pairs or models: {', '.join(MODEL_VARIANTS)}")
+    p.add_argument("--cost-systems", default="si64,cu864",
+                   help="systems (mlpot.bench.model) for the force-call time of each architecture; '' for none")
+    p.add_argument("--cost-repeats", type=int, default=3)
     p.add_argument("--channels", type=int, default=16)
     p.add_argument("--max-ell", type=int, default=2)
     p.add_argument("--correlation", type=int, default=2)
@@ -102,8 +143,7 @@ def main(argv=None) -> list[dict]:
     from mlpot.train.config import validate_config
 
     for v in args.variants:
-        if v.count("/") != 1:
-            raise ConfigError(f"--variants: {v!r} is not of the form interaction_tp/product (e.g. cg/symmetric)")
+        check_variant(v)
     src = Path(args.data_dir) / "rmd17"
     train_src, test_src = src / f"rmd17_{args.molecule}_train_01.npz", src / f"rmd17_{args.molecule}_test_01.npz"
     for f in (train_src, test_src):
@@ -130,6 +170,8 @@ def main(argv=None) -> list[dict]:
             "test_e_mae": metrics["test"]["e_mae"], "test_f_mae": metrics["test"]["f_mae"],
             "wall_s": wall, "curve": curve,
         }
+        row.update(variant_costs(run_dir / "model.pt", [s for s in args.cost_systems.split(",") if s],
+                                 args.cost_repeats, args.dtype))
         results.append(row)
         print(f"{v}: {epochs} epochs, test F MAE {row['test_f_mae']:.1f} meV/Å", flush=True)
 
@@ -143,13 +185,36 @@ def main(argv=None) -> list[dict]:
     _plot(results, out / "curves.png", args)
     print(f"\nrMD17 {args.molecule}, {args.n_train} train frames, {args.minutes} min per variant, "
           f"{args.dtype}, device {args.device}")
-    print("| interaction_tp / product | epochs | s/epoch | best valid F MAE by 25 % / 50 % / 100 % of budget (meV/Å) "
-          "| test E MAE (meV/atom) | test F MAE (meV/Å) |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    systems = [s for s in args.cost_systems.split(",") if s]
+    print("| variant | params | epochs | s/epoch | best valid F MAE by 25 % / 50 % / 100 % of budget (meV/Å) "
+          "| test E MAE (meV/atom) | test F MAE (meV/Å) |" + "".join(f" force call {s} (s) |" for s in systems))
+    print("| --- | --- | --- | --- | --- | --- | --- |" + " --- |" * len(systems))
     for r in results:
-        print(f"| {r['variant']} | {r['epochs']} | {r['s_per_epoch']:.1f} | {r['valid_f_25']:.1f} / "
-              f"{r['valid_f_50']:.1f} / {r['valid_f_100']:.1f} | {r['test_e_mae']:.2f} | {r['test_f_mae']:.1f} |")
+        print(f"| {r['variant']} | {r['params']} | {r['epochs']} | {r['s_per_epoch']:.1f} | {r['valid_f_25']:.1f} / "
+              f"{r['valid_f_50']:.1f} / {r['valid_f_100']:.1f} | {r['test_e_mae']:.2f} | {r['test_f_mae']:.1f} |"
+              + "".join(f" {r['force_call_s'][s]:.3f} |" for s in systems))
     return results
+
+
+def variant_costs(model_file: Path, systems: list[str], repeats: int, dtype: str) -> dict:
+    """Parameters of the trained model, and the median force-call time (through the calculator,
+    :func:`mlpot.bench.model._time_calls`) of the same architecture built for each system's
+    elements (random weights: the cost does not depend on them)."""
+    import torch
+
+    from mlpot import load_model
+    from mlpot.bench.model import _mlpot_calculator, _time_calls, make_system
+    from mlpot.models import build_model
+
+    trained = load_model(model_file, device="cpu")
+    costs = {"params": sum(p.numel() for p in trained.parameters()), "force_call_s": {}}
+    for name in systems:
+        atoms, _ = make_system(name)
+        config = dict(trained.config, atomic_numbers=sorted(set(int(z) for z in atoms.numbers)), e0s=None)
+        torch.manual_seed(0)
+        model = build_model(trained.model_name, **config).to(torch.float64 if dtype == "float64" else torch.float32)
+        costs["force_call_s"][name] = _time_calls(atoms, _mlpot_calculator(model.eval(), dtype)[0], repeats)
+    return costs
 
 
 def _plot(results, path: Path, args) -> None:

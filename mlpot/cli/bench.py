@@ -18,7 +18,7 @@ BENCHMARKS = {
     "o3": "equivariant products: scaling with L",
     "md": "molecular-dynamics throughput",
     "relax": "batched FIRE against the per-structure ASE loop",
-    "train": "learning speed of the MACE tensor-product variants on rMD17",
+    "train": "learning speed of MACE variants, ESCN, EquiformerV2 and Facet on rMD17",
     "aot": "ahead-of-time compile of the models' Triton kernels for sm_80/sm_90: registers, spills",
 }
 

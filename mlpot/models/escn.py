@@ -67,8 +67,10 @@ from mlpot.models.base import PotentialModel, register_model
 from mlpot.models.hip import attach_hessian_head
 from mlpot.nn.edge_geometry import build_edge_geometry, check_edge_geometry_backend
 from mlpot.nn.norm import EquivariantLayerNorm
-from mlpot.nn.radial import BesselRadial
+from mlpot.nn.radial import BesselRadial, PolynomialCutoff
 from mlpot.nn.s2_activation import SeparableS2Activation
+from mlpot.nn.s2_mlp import S2MLPNodeMixing
+from mlpot.nn.spline_radial import SplineRadial, check_radial_backend
 from mlpot.o3.so2 import EdgeFrameRotation, SO2Linear, edge_frame_index
 
 __all__ = ["ESCN", "SO2Linear", "EdgeFrameRotation", "edge_frame_index"]
@@ -164,23 +166,29 @@ class ESCNLayer(nn.Module):
     """One message-passing layer plus node feed-forward (see the module doc, steps 1-7)."""
 
     def __init__(self, lmax, mmax, channels, hidden, edge_channels, num_bessel, ffn_activation, grid_resolution,
-                 backend="reference"):
+                 backend="reference", radial="mlp", num_knots=16, r_max=5.0, p=5, node_mixing="ffn"):
         super().__init__()
         rows, half, _ = edge_frame_index(lmax, mmax)
         self.num_half = max(half) + 1
         self.register_buffer("half_index", torch.tensor(half, dtype=torch.long), persistent=False)
         self.channels = channels
         self.norm_msg = EquivariantLayerNorm(lmax, channels)
-        self.radial = nn.Sequential(
-            nn.Linear(num_bessel + 2 * edge_channels, edge_channels),
-            nn.SiLU(),
-            nn.Linear(edge_channels, self.num_half * 2 * channels),
-        )
+        if radial == "spline":  # Facet's option: rho = spline(r_ij) by table lookup (mlpot.nn.spline_radial)
+            self.radial = SplineRadial(r_max, num_knots, self.num_half * 2 * channels, p)
+        else:
+            self.radial = nn.Sequential(
+                nn.Linear(num_bessel + 2 * edge_channels, edge_channels),
+                nn.SiLU(),
+                nn.Linear(edge_channels, self.num_half * 2 * channels),
+            )
         self.conv1 = SO2Linear(lmax, mmax, 2 * channels, hidden, backend=backend)
         self.act = EdgeFrameGate(lmax, mmax, hidden)
         self.conv2 = SO2Linear(lmax, mmax, hidden, channels, backend=backend)
         self.norm_ffn = EquivariantLayerNorm(lmax, channels)
-        self.ffn = FeedForward(lmax, channels, hidden, ffn_activation, grid_resolution)
+        if node_mixing == "s2_mlp":  # Facet's option: a pointwise MLP on the S2 grid (mlpot.nn.s2_mlp)
+            self.ffn = S2MLPNodeMixing(lmax, channels, hidden, grid_resolution)
+        else:
+            self.ffn = FeedForward(lmax, channels, hidden, ffn_activation, grid_resolution)
 
     def message(self, x, edge_index, frame, Ds, edge_feats, envelope, avg_num_neighbors):
         sender, receiver = edge_index[0], edge_index[1]
@@ -242,6 +250,9 @@ class ESCN(PotentialModel):
         seed: int | None = None,
         dtype: str = "float64",
         hessian_head=False,
+        radial: str = "mlp",
+        num_knots: int = 16,
+        node_mixing: str = "ffn",
     ):
         if atomic_numbers is None:
             raise ConfigError("ESCN: `atomic_numbers` is required (the species the model knows)")
@@ -253,12 +264,16 @@ class ESCN(PotentialModel):
             e0s=e0s, scale=float(scale), shift=float(shift), ffn_activation=str(ffn_activation),
             grid_resolution=None if grid_resolution is None else int(grid_resolution), backend=str(backend),
             zbl=bool(zbl), seed=seed, dtype=str(dtype),
+            radial=str(radial), num_knots=int(num_knots), node_mixing=str(node_mixing),
         )
         if hessian_head:  # only when set, so that existing model files keep their config
             config["hessian_head"] = hessian_head
         if isinstance(e0s, dict):
             config["e0s"] = {str(k): float(v) for k, v in e0s.items()}
         super().__init__(config)
+        if config["node_mixing"] not in ("ffn", "s2_mlp"):
+            raise ConfigError(f"ESCN: node_mixing must be 'ffn' or 's2_mlp', got {node_mixing!r}")
+        check_radial_backend(config["radial"], config["backend"])
         if config["lmax"] < 0 or config["mmax"] < 0:
             raise ConfigError(f"ESCN: lmax and mmax must be >= 0, got lmax={lmax}, mmax={mmax}")
         if config["num_layers"] < 1:
@@ -276,11 +291,13 @@ class ESCN(PotentialModel):
             torch.manual_seed(int(seed))
         try:
             self.node_embedding = nn.Embedding(self.num_elements, C)
-            self.edge_embedding_src = nn.Embedding(self.num_elements, Ce)
-            self.edge_embedding_dst = nn.Embedding(self.num_elements, Ce)
+            if config["radial"] == "mlp":
+                self.edge_embedding_src = nn.Embedding(self.num_elements, Ce)
+                self.edge_embedding_dst = nn.Embedding(self.num_elements, Ce)
             self.layers = nn.ModuleList(
                 ESCNLayer(self.lmax, self.mmax, C, H, Ce, config["num_bessel"], config["ffn_activation"],
-                          config["grid_resolution"], config["backend"])
+                          config["grid_resolution"], config["backend"], config["radial"], config["num_knots"],
+                          self.r_max, config["polynomial_cutoff_p"], config["node_mixing"])
                 for _ in range(config["num_layers"])
             )
             self.final_norm = EquivariantLayerNorm(self.lmax, C)
@@ -296,7 +313,8 @@ class ESCN(PotentialModel):
         )
         # the registry ops this model runs: so2_linear (checked by SO2Linear) and edge_embedding;
         # a backend without one of them is a ConfigError here
-        check_edge_geometry_backend(config["backend"])
+        if config["radial"] == "mlp":
+            check_edge_geometry_backend(config["backend"])
         self.to(torch.float32 if config["dtype"] == "float32" else torch.float64)
         attach_hessian_head(self, C)
 
@@ -329,15 +347,20 @@ class ESCN(PotentialModel):
         x = self._embed(species, dtype)
 
         p = self.config["polynomial_cutoff_p"]
-        geometry = build_edge_geometry(
-            vectors, radial_embedding=BesselRadial(self.bessel_freqs.to(dtype), self.r_max, p),
-            frames_lmax=self.lmax, backend=self.config["backend"], envelope=True,
-        )
-        rbf = geometry.radial  # Bessel basis x envelope (the fused kernel with backend triton)
-        envelope = geometry.envelope[:, 0]
-        edge_feats = torch.cat(
-            [rbf, self.edge_embedding_src(species[sender]), self.edge_embedding_dst(species[receiver])], -1
-        )
+        if self.config.get("radial", "mlp") == "spline":  # the spline radial reads the lengths only
+            geometry = build_edge_geometry(vectors, frames_lmax=self.lmax, backend=self.config["backend"])
+            envelope = PolynomialCutoff.envelope(geometry.lengths, self.r_max, p)[:, 0]
+            edge_feats = geometry.lengths
+        else:
+            geometry = build_edge_geometry(
+                vectors, radial_embedding=BesselRadial(self.bessel_freqs.to(dtype), self.r_max, p),
+                frames_lmax=self.lmax, backend=self.config["backend"], envelope=True,
+            )
+            rbf = geometry.radial  # Bessel basis x envelope (the fused kernel with backend triton)
+            envelope = geometry.envelope[:, 0]
+            edge_feats = torch.cat(
+                [rbf, self.edge_embedding_src(species[sender]), self.edge_embedding_dst(species[receiver])], -1
+            )
         Ds = self.frame.setup(vectors, geometry.wigner)  # per degree, rows |m| <= mmax of D^l(R_e)
         for t, layer in enumerate(self.layers):
             if t > 0 and between_layers is not None:

@@ -36,7 +36,17 @@ layer), ``num_interactions``, ``MLP_irreps``, ``gate``, ``radial_MLP``, ``avg_nu
   that an isolated atom has exactly the energy ``E_0 + shift`` (default True; an imported
   mace-torch model sets it False, as mace-torch has no such term);
 * ``seed``: seed for the weight initialisation (None: torch's global RNG); ``dtype``;
-* ``hessian_head``: a direct (HIP) Hessian head on the invariant features (:mod:`mlpot.models.hip`).
+* ``hessian_head``: a direct (HIP) Hessian head on the invariant features (:mod:`mlpot.models.hip`);
+* ``radial``: ``"mlp"`` (mace-torch's Bessel basis and radial MLP) | ``"spline"`` (Facet's: each
+  tensor-product weight is its own learnable cubic B-spline of the edge length with ``num_knots``
+  intervals, times the envelope, :mod:`mlpot.nn.spline_radial`; ``radial_MLP`` and
+  ``num_bessel`` are not used, and it has no Triton kernel);
+* ``node_mixing``: None | ``"s2_mlp"`` (Facet's pointwise MLP on the S2 grid with a residual,
+  :mod:`mlpot.nn.s2_mlp`, width ``node_mixing_hidden``, default twice the channels, S2 grid of
+  ``node_mixing_resolution`` polar nodes, default ``2 L + 8``);
+  ``node_mixing_position``: ``"after_product"`` (following the product basis) or
+  ``"replace_product"`` (the product basis reduced to its linear, body-order-2 part, i.e.
+  ``correlation`` 1 in every layer, followed by the S2 MLP).
 
 ``MACE`` with ``scale=1, shift=0`` is mace-torch's ``MACE``; ``ScaleShiftMACE`` is the same
 class (an alias kept for mace-torch users and imported models).
@@ -61,6 +71,8 @@ from mlpot.nn.blocks import (
 )
 from mlpot.nn.edge_geometry import EdgeGeometry, build_edge_geometry, check_edge_geometry_backend
 from mlpot.nn.radial import RadialEmbeddingBlock
+from mlpot.nn.s2_mlp import IrrepsS2MLPNodeMixing
+from mlpot.nn.spline_radial import SplineBasis, check_radial_backend
 
 __all__ = ["MACE", "ScaleShiftMACE", "mace_hidden_irreps", "tune_malloc"]
 
@@ -148,9 +160,24 @@ class MACE(PotentialModel):
         seed: int | None = None,
         dtype: str = "float64",
         hessian_head=False,
+        radial: str = "mlp",
+        num_knots: int = 8,
+        node_mixing: str | None = None,
+        node_mixing_position: str = "after_product",
+        node_mixing_hidden: int | None = None,
+        node_mixing_resolution: int | None = None,
     ):
         if atomic_numbers is None:
             raise ConfigError("MACE: `atomic_numbers` is required (the species the model knows)")
+        # Facet's options (mlpot.nn.spline_radial, mlpot.nn.s2_mlp)
+        if node_mixing not in (None, "s2_mlp"):
+            raise ConfigError(f"MACE: node_mixing must be null or 's2_mlp', got {node_mixing!r}")
+        if node_mixing_position not in ("after_product", "replace_product"):
+            raise ConfigError(
+                f"MACE: node_mixing_position must be after_product or replace_product, got {node_mixing_position!r}"
+            )
+        if node_mixing is not None and node_mixing_position == "replace_product":
+            correlation = 1
         if hidden_irreps is None:
             if num_channels is not None or max_L is not None:
                 hidden_irreps = mace_hidden_irreps(
@@ -219,6 +246,12 @@ class MACE(PotentialModel):
             "subtract_isolated": bool(subtract_isolated),
             "seed": seed,
             "dtype": str(dtype),
+            "radial": str(radial),
+            "num_knots": int(num_knots),
+            "node_mixing": node_mixing,
+            "node_mixing_position": str(node_mixing_position),
+            "node_mixing_hidden": None if node_mixing_hidden is None else int(node_mixing_hidden),
+            "node_mixing_resolution": None if node_mixing_resolution is None else int(node_mixing_resolution),
         }
         if hessian_head:  # only when set, so that existing model files keep their config
             config["hessian_head"] = hessian_head
@@ -269,8 +302,14 @@ class MACE(PotentialModel):
         interaction_irreps_first = (sh_irreps * num_features).sort()[0].simplify()
 
         self.node_embedding = LinearNodeEmbeddingBlock(node_attr_irreps, node_feats_irreps)
-        self.radial_embedding = RadialEmbeddingBlock(self.r_max, c["num_bessel"], c["num_polynomial_cutoff"])
-        edge_feats_irreps = o3.Irreps(f"{c['num_bessel']}x0e")
+        radial_MLP = c["radial_MLP"]
+        check_radial_backend(c.get("radial", "mlp"), c["backend"])
+        if c.get("radial", "mlp") == "spline":  # B-spline basis; a linear map of it is a learnable spline
+            self.radial_embedding = SplineBasis(self.r_max, c["num_knots"], c["num_polynomial_cutoff"])
+            radial_MLP = []
+        else:
+            self.radial_embedding = RadialEmbeddingBlock(self.r_max, c["num_bessel"], c["num_polynomial_cutoff"])
+        edge_feats_irreps = o3.Irreps(f"{self.radial_embedding.out_dim}x0e")
         self.spherical_harmonics = o3.SphericalHarmonics(sh_irreps, normalize=True, normalization="component")
 
         gate = GATES["none" if c["gate"] is None else c["gate"]]
@@ -279,7 +318,7 @@ class MACE(PotentialModel):
         sizes = c["product_basis_sizes"]
         common = {
             "avg_num_neighbors": c["avg_num_neighbors"],
-            "radial_MLP": c["radial_MLP"],
+            "radial_MLP": radial_MLP,
             "interaction_tp": c["interaction_tp"],
             "backend": c["backend"],
             "gaunt_method": c.get("gaunt_method", "grid"),
@@ -321,6 +360,12 @@ class MACE(PotentialModel):
             else:
                 self.readouts.append(LinearReadoutBlock(hidden_out, o3.Irreps("0e")))
         self.scale_shift = ScaleShiftBlock(c["scale"], c["shift"])
+        self.node_mixers = None
+        if c.get("node_mixing") == "s2_mlp":
+            hidden = c.get("node_mixing_hidden") or 2 * num_features
+            outs = [hidden_irreps] * (num_inter - 1) + [o3.Irreps(str(hidden_irreps[0]))]  # the products' outputs
+            self.node_mixers = nn.ModuleList(
+                IrrepsS2MLPNodeMixing(irreps, hidden, c.get("node_mixing_resolution")) for irreps in outs)
         # what the shared edge geometry holds: SH only when a layer reads them, frames when asked
         self._needs_sh = any(inter.conv_tp.needs_sh for inter in self.interactions)
         frames = [inter.conv_tp.frames_lmax for inter in self.interactions if inter.conv_tp.frames_lmax is not None]
@@ -346,7 +391,8 @@ class MACE(PotentialModel):
             spherical_harmonics=self.spherical_harmonics if self._needs_sh else None,
             radial_embedding=self.radial_embedding,
             frames_lmax=self._frames_lmax,
-            backend=self.config["backend"],
+            # the spline basis has no fused kernel: under auto its geometry stays on the reference
+            backend=self.config["backend"] if self.config.get("radial", "mlp") == "mlp" else "reference",
         )
 
     def _interaction_energy(self, node_attrs, vectors, sender, receiver, between_layers=None):
@@ -357,11 +403,16 @@ class MACE(PotentialModel):
         node_feats = self.node_embedding(node_attrs)
         node_inter = node_attrs.new_zeros(node_attrs.shape[0])
         invariants = []
-        for t, (interaction, product, readout) in enumerate(zip(self.interactions, self.products, self.readouts)):
+        mixers = self.node_mixers if self.node_mixers is not None else [None] * len(self.products)
+        for t, (interaction, product, readout, mixer) in enumerate(
+            zip(self.interactions, self.products, self.readouts, mixers)
+        ):
             if t > 0 and between_layers is not None:
                 node_feats = between_layers(node_feats)
             node_feats, sc = interaction(node_attrs, node_feats, geometry, sender, receiver)
             node_feats = product(node_feats, sc, node_attrs)
+            if mixer is not None:  # node_mixing: s2_mlp (x + S2-MLP(x))
+                node_feats = mixer(node_feats)
             invariants.append(node_feats[:, : self.num_features])
             node_inter = node_inter + readout(node_feats).squeeze(-1)
         return node_inter, invariants

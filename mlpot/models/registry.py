@@ -28,6 +28,8 @@ _LAZY_MODELS = {
     "ScaleShiftMACE": "mlpot.models.mace",
     "ESCN": "mlpot.models.escn",
     "TensorNet": "mlpot.models.tensornet",
+    "EquiformerV2": "mlpot.models.equiformer_v2",
+    "Facet": "mlpot.models.facet",
 }
 
 

@@ -73,6 +73,7 @@ OPS: dict[str, str] = {
     "gaunt_product": "Gaunt S2-grid product (Gaunt message tensor product and Gaunt product basis)",
     "so2_message_passing": "SO(2) message passing in the edge frames (gather, rotate, per-m linear, rotate back, scatter)",
     "so2_linear": "eSCN's shared-weight SO(2) linear map on edge-frame features",
+    "spline_radial": "learnable cubic B-spline radial functions (table lookup) times the cutoff envelope",
 }
 
 REGISTRY: dict[tuple[str, str], OpImplementation] = {}
@@ -99,6 +100,7 @@ register("so2_message_passing", "reference", "mlpot.o3.so2:so2_message_passing")
 register("so2_message_passing", "triton", "mlpot.kernels.so2:so2_message_passing", layout=("uniform",))
 register("so2_linear", "reference", "mlpot.o3.so2:so2_linear")
 register("so2_linear", "triton", "mlpot.kernels.so2_linear:so2_linear")
+register("spline_radial", "reference", "mlpot.nn.spline_radial:SplineRadial")  # no kernel yet
 
 
 def supported_backends(op: str) -> tuple[str, ...]:
