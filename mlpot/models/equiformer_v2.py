@@ -79,6 +79,7 @@ from torch import nn
 from mlpot.errors import ConfigError
 from mlpot.models.base import PotentialModel, register_model
 from mlpot.models.escn import DegreeWiseLinear, EdgeFrameGate, FeedForward
+from mlpot.models.hip import attach_hessian_head
 from mlpot.nn.edge_geometry import build_edge_geometry, check_edge_geometry_backend
 from mlpot.nn.norm import SeparableLayerNorm
 from mlpot.nn.radial import BesselRadial, PolynomialCutoff
@@ -185,7 +186,8 @@ class EquiformerV2(PotentialModel):
     normalisation), e0s, scale, shift, grid_resolution (S2 grid polar nodes, default ``2 lmax + 8``),
     backend (``reference | triton | auto``: ``triton`` runs the SO(2) linear maps (``so2_linear``)
     and the Bessel basis (``edge_embedding``) on their kernels; ``radial: spline`` has no kernel
-    and is a ConfigError under ``triton``), zbl, seed, dtype.
+    and is a ConfigError under ``triton``), zbl, seed, dtype, hessian_head (a direct HIP Hessian
+    head, :mod:`mlpot.models.hip`).
     """
 
     def __init__(
@@ -216,6 +218,7 @@ class EquiformerV2(PotentialModel):
         zbl: bool = False,
         seed: int | None = None,
         dtype: str = "float64",
+        hessian_head=False,
     ):
         name = type(self).__name__
         if atomic_numbers is None:
@@ -232,6 +235,8 @@ class EquiformerV2(PotentialModel):
             grid_resolution=None if grid_resolution is None else int(grid_resolution), backend=str(backend),
             zbl=bool(zbl), seed=seed, dtype=str(dtype),
         )
+        if hessian_head:  # only when set, so that existing model files keep their config
+            config["hessian_head"] = hessian_head
         if isinstance(e0s, dict):
             config["e0s"] = {str(k): float(v) for k, v in e0s.items()}
         elif e0s is not None:
@@ -293,6 +298,7 @@ class EquiformerV2(PotentialModel):
             persistent=False,
         )
         self.to(torch.float32 if c["dtype"] == "float32" else torch.float64)
+        attach_hessian_head(self, C)
 
     # ------------------------------------------------------------------------------------
     def _edges(self, species, vectors, edge_index) -> dict:
