@@ -26,7 +26,7 @@ per block, pass 2 adds the partial sums of each element's blocks in order (deter
 atomics). It is skipped when no weight needs a gradient (MD: forces only).
 
 Double backward: :func:`sparse_symmetric_contraction`, the same sparse table in torch, over chunks
-of ``DOUBLE_BACKWARD_CHUNK`` nodes; each chunk is differentiated on its own (the chunks share only
+of nodes (``DOUBLE_BACKWARD_ELEMENTS`` bounds one ``(nodes, entries, C)`` temporary); each chunk is differentiated on its own (the chunks share only
 the weights, whose gradients add up), so the temporaries are bounded by the chunk and the memory
 grows like the outputs, ``O(N D C)``, not like the dense ``O(N D^nu C)`` contraction.
 """
@@ -37,8 +37,9 @@ from ._runtime import LazyKernel, check_device, reference_vjp, tl
 NU_MAX = 4
 #: nodes per block of the weight gradient's first pass (one element per block)
 WEIGHT_BLOCK_NODES = 32
-#: nodes per chunk of the double backward (bounds its temporaries)
-DOUBLE_BACKWARD_CHUNK = 64
+#: elements of one ``(nodes, entries, channels)`` temporary of the double backward: its chunk of
+#: nodes is ``max(1, DOUBLE_BACKWARD_ELEMENTS // (entries * channels))``
+DOUBLE_BACKWARD_ELEMENTS = 1 << 22
 _CFG_C = [({"BLOCK_C": bc}, w, 2) for bc, w in ((32, 1), (64, 2), (128, 4))]
 
 
@@ -244,7 +245,7 @@ def _weight_launch(table: SCTable, A, G, elem, num_elements, C):
     out = torch.empty(num_elements, table.Q, C, device=A.device, dtype=A.dtype)
     if num_elements == 0 or C == 0 or table.Q == 0:
         return out.zero_()
-    perm, start, end, blk_off = weight_blocks(elem, num_elements)
+    perm, start, end, blk_off = weight_blocks(elem, num_elements, WEIGHT_BLOCK_NODES)
     part = torch.empty(start.shape[0], table.Q, C, device=A.device, dtype=A.dtype)
     grid = lambda m: (start.shape[0], (C + m["BLOCK_C"] - 1) // m["BLOCK_C"])
     _WEIGHT[grid](part, A, G, start, end, perm, ptr, idx, gcol, val, C, table.D, table.D_out, table.Q,
@@ -274,9 +275,13 @@ def sparse_symmetric_contraction(A, elem, W, table: SCTable):
     return A.new_zeros(A.shape[0], table.D_out, A.shape[2]).index_add(1, table.fwd_rows(A.device), prod)
 
 
-def double_backward(A, W, g, elem, table: SCTable, ggA, ggW, chunk: int = DOUBLE_BACKWARD_CHUNK):
+def double_backward(A, W, g, elem, table: SCTable, ggA, ggW, chunk: int | None = None):
     """Gradients of ``<ggA, dL/dA> + <ggW, dL/dW>`` (``dL`` the first backward with upstream ``g``)
     with respect to ``A``, ``W`` and ``g``, chunk by chunk over the nodes (see the module doc)."""
+    table.get("fwd", A.device, A.dtype)  # fill the table's caches outside the function transforms
+    table.fwd_rows(A.device)
+    if chunk is None:
+        chunk = max(1, DOUBLE_BACKWARD_ELEMENTS // max(1, len(table.entries) * A.shape[2]))
     gA = torch.empty_like(A)
     gg = torch.empty_like(g)
     gW = torch.zeros_like(W)
@@ -349,5 +354,5 @@ def build_table(Us) -> SCTable:
     return t
 
 
-__all__ = ["DOUBLE_BACKWARD_CHUNK", "SCTable", "build_table", "double_backward", "reference_symmetric_contraction",
+__all__ = ["DOUBLE_BACKWARD_ELEMENTS", "SCTable", "build_table", "double_backward", "reference_symmetric_contraction",
            "sparse_symmetric_contraction", "symmetric_contraction", "weight_blocks"]
