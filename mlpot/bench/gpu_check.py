@@ -92,8 +92,8 @@ def parity(dry: bool, device: str, kernels, dtypes) -> list[dict]:
 
 def mace_parity(dry: bool, device: str, dtypes) -> list[dict]:
     from mlpot.bench.fcc import fcc_cu_graph
-    from mlpot.bench.model_cuda import TINY_HYPER, build_mace
     from mlpot.bench.model import MACE_HYPER
+    from mlpot.bench.model_cuda import TINY_HYPER, build_mace
 
     hyper, n = (TINY_HYPER, 1) if dry else (MACE_HYPER, 3)
     # dry run: the interpreter would take minutes on a MACE; the plumbing runs reference vs reference
@@ -118,7 +118,8 @@ def mace_parity(dry: bool, device: str, dtypes) -> list[dict]:
 
 def _median_time(fn, device, repeats: int) -> float:
     fn()
-    torch.cuda.synchronize(device) if device.type == "cuda" else None
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     ts = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -129,19 +130,23 @@ def _median_time(fn, device, repeats: int) -> float:
     return statistics.median(ts)
 
 
+def _copy_time(dev, nbytes: int, repeats: int) -> float:
+    """Median time of a device-to-device copy of ``nbytes`` (reads ``nbytes``, writes ``nbytes``)."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=dev).uniform_()
+    dst = torch.empty_like(src)
+    return _median_time(lambda: dst.copy_(src), dev, repeats)
+
+
 def bandwidth(dry: bool, device: str) -> dict:
     from e3nn import o3
 
-    from mlpot.bench.kernel_cost import mp_layer2_shapes, mp_costs
+    from mlpot.bench.kernel_cost import mp_costs, mp_layer2_shapes
     from mlpot.o3.backend import kernels_module
 
     dev = torch.device(device)
     copy_bytes = (1 << 20) if dry else (2 << 30)
-    src_buf = torch.empty(copy_bytes // 4, dtype=torch.float32, device=dev).uniform_()
-    dst_buf = torch.empty_like(src_buf)
-    t_copy = _median_time(lambda: dst_buf.copy_(src_buf), dev, 3 if dry else 20)
+    t_copy = _copy_time(dev, copy_bytes, 3 if dry else 20)
     copy_gbs = 2 * copy_bytes / t_copy / 1e9
-    del src_buf, dst_buf
 
     C, E, L = (2, 8, 1) if dry else (128, 1_000_000, 3)
     N = max(2, E // 40)
