@@ -170,6 +170,21 @@ def check_device(*tensors: torch.Tensor) -> None:
             )
 
 
+def dot_precision(dtype: torch.dtype) -> str:
+    """``input_precision`` of ``tl.dot`` for operands of ``dtype``: ``"tf32x3"`` for float32,
+    ``"ieee"`` otherwise.
+
+    tf32x3 runs on tensor cores (``mma``/``wgmma``): each float32 operand is split into a TF32 head
+    and a TF32 tail, ``a = a_h + a_t`` with ``|a_t| <= 2^-11 |a|``, and ``a b`` is computed as
+    ``a_h b_h + a_h b_t + a_t b_h`` with float32 accumulation. The dropped ``a_t b_t`` and the
+    rounding of the tails give a relative error of at most about ``3 * 2^-22 ~ 7e-7`` per product,
+    so a length-``K`` dot product is off by at most ``(3 * 2^-22 + K * 2^-24) * sum_k |a_k b_k|``
+    (``K * 2^-24`` is plain float32 accumulation, the same as ``ieee``). Plain TF32 would be
+    ``2^-11 ~ 5e-4``, which fp32 force tests would see.
+    """
+    return "tf32x3" if dtype == torch.float32 else "ieee"
+
+
 def next_pow2(n: int) -> int:
     p = 1
     while p < n:

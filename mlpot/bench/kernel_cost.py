@@ -114,8 +114,10 @@ def _sc_tables(L: int, correlation: int):
     return res
 
 
-def sc_costs(C, L, N, correlation=3, bytes_per=4, num_elements=1, nu_max_current=4, **_) -> dict:
-    """Symmetric contraction: forward, dA, dW (current: one CTA per (element, channel block))."""
+def sc_costs(C, L, N, correlation=3, bytes_per=4, num_elements=1, **_) -> dict:
+    """Symmetric contraction: forward, dA, dW. Current: the node kernel loads ``W`` and ``NU``
+    factors of ``A`` (``NU`` = the correlation; ``correlation - 1`` and ``G`` for dA) per entry;
+    dW over blocks of 32 nodes (two-pass)."""
     s = bytes_per
     tabs = _sc_tables(L, correlation)
     D = tabs[0]["D"]
@@ -124,10 +126,12 @@ def sc_costs(C, L, N, correlation=3, bytes_per=4, num_elements=1, nu_max_current
     cur = {"fwd_bytes": 0, "dA_bytes": 0, "dW_bytes": 0, "fwd_flops": 0}
     new = dict(cur)
     for t in tabs:
-        # current: per (node, entry) loads W and NU_MAX (=4, padded) factors of A, C each
-        cur["fwd_bytes"] += N * t["T"] * (1 + nu_max_current) * C * s + N * t["D_out"] * C * s
-        cur["dA_bytes"] += N * t["T_dA"] * (2 + nu_max_current) * C * s + N * D * C * s
-        cur["dW_bytes"] += N * t["T"] * (1 + nu_max_current) * C * s + num_elements * t["Q"] * C * s
+        # current: per (node, entry) loads W and NU factors of A, C each
+        nu = correlation
+        cur["fwd_bytes"] += N * t["T"] * (1 + nu) * C * s + N * t["D_out"] * C * s
+        cur["dA_bytes"] += N * t["T_dA"] * (2 + max(1, nu - 1)) * C * s + N * D * C * s
+        cur["dW_bytes"] += (N * t["T"] * (1 + nu) * C * s
+                            + 2 * (N // 32 + num_elements) * t["Q"] * C * s)
         cur["fwd_flops"] += N * t["T"] * (t["nu_mean"] + 2) * C
         # redesign: NU specialised to the correlation (mean factors per entry, not 4); A rows of one
         # node block staged once (D x C) and reused by every entry; W rows once per node block
@@ -142,12 +146,13 @@ def sc_costs(C, L, N, correlation=3, bytes_per=4, num_elements=1, nu_max_current
              "dA_bytes": N * (D + d_out + D) * C * s + num_elements * q_all * C * s,
              "dW_bytes": N * (D + d_out) * C * s + num_elements * q_all * C * s,
              "fwd_flops": new["fwd_flops"]}
-    # parallelism of the current dW: num_elements x C/BLOCK_C CTAs (BLOCK_C = 32 at best)
-    cur["dW_ctas"] = num_elements * max(1, C // 32)
-    new["dW_ctas"] = (N // 64 + 1) * max(1, C // 32)
-    # the dense double backward it had: (N, D_out, 16, 16, 16, C) per output irrep
-    cur["double_bytes_per_atom"] = sum(t["D_out"] for t in tabs) * D ** 3 * C * s
-    new["double_bytes_per_atom"] = (D + sum(t["D_out"] for t in tabs)) * C * s * 4  # O(D*C): chunked
+    # parallelism of dW: before issue 13 one CTA per (element, channel block of 32); now node blocks
+    out["dW_ctas_before"] = num_elements * max(1, C // 32)
+    cur["dW_ctas"] = (N // 32 + num_elements) * max(1, C // 32)
+    # double backward: before, the dense (N, D_out, D, D, D, C) tensor per output irrep; now chunks
+    # of nodes, temporaries bounded by the chunk, per-node memory a few (D + D_out) x C rows
+    out["double_bytes_per_atom_before"] = sum(t["D_out"] for t in tabs) * D ** 3 * C * s
+    cur["double_bytes_per_atom"] = (D + sum(t["D_out"] for t in tabs)) * C * s * 4
     out.update(current=cur, new=new, floor=floor)
     return out
 
@@ -241,10 +246,12 @@ def table(sizes=MACE_SIZES, dtype="fp32") -> tuple[str, list[dict]]:
         lines.append(f"| {name} | {cur / 1e9:.1f} | {new / 1e9:.1f} | {flo / 1e9:.1f} | {new / flo:.2f} | "
                      f"{cur / flo:.1f} | {r['floor_ms_H100']:.2f} | {r['floor_ms_H200']:.2f} |")
     lines.append("")
-    lines.append(f"symmetric-contraction weight gradient: current grid {sc['current']['dW_ctas']} CTAs "
-                 f"(one element), redesign {sc['new']['dW_ctas']}; double backward "
-                 f"{sc['current']['double_bytes_per_atom'] / 1e6:.0f} MB/atom dense before, "
-                 f"{sc['new']['double_bytes_per_atom'] / 1e3:.0f} kB/atom chunked.")
+    lines.append(f"Symmetric contraction, one element: weight-gradient grid {sc['dW_ctas_before']} CTAs before "
+                 f"issue 13, {sc['current']['dW_ctas']} now (node blocks, two-pass); double backward "
+                 f"{sc['double_bytes_per_atom_before'] / 1e6:.0f} MB/atom dense before, about "
+                 f"{sc['current']['double_bytes_per_atom'] / 1e3:.0f} kB/atom now (chunked sparse). "
+                 "'current' = the kernels of this commit; 'redesign' = issue 13's designs not yet built "
+                 "(edge-outer message passing, A rows staged once per node block, SO(2) rotated once per edge).")
     return "\n".join(lines), out
 
 
