@@ -36,18 +36,9 @@ IDX = 8  # int64 index
 
 def mp_layer2_shapes(C: int, L: int):
     """(irreps_in, irreps_sh, irreps_out, instructions) of MACE's layer-2 ``uvu`` message."""
-    from e3nn import o3
+    from mlpot.bench.kernels import uvu_message_irreps
 
-    irreps_in = o3.Irreps(f"{C}x0e + {C}x1o")
-    irreps_sh = o3.Irreps.spherical_harmonics(L)
-    outs, ins = [], []
-    for i1, (_, ir1) in enumerate(irreps_in):
-        for i2, (_, ir2) in enumerate(irreps_sh):
-            for ir3 in ir1 * ir2:
-                if ir3.l <= L:
-                    ins.append((i1, i2, len(outs)))
-                    outs.append((C, ir3))
-    return irreps_in, irreps_sh, o3.Irreps(outs), ins
+    return uvu_message_irreps(f"{C}x0e + {C}x1o", L)
 
 
 @functools.cache

@@ -74,17 +74,23 @@ def _runner(fn, inputs, mode):
 
 
 # ----------------------------------------------------------------------------- problem builders
-def _mace_irreps(C, L):
-    irreps_in = o3.Irreps([(C, (l, (-1) ** l)) for l in range(L + 1)])
+def uvu_message_irreps(irreps_in, L):
+    """(irreps_in, irreps_sh, irreps_out, instructions) of a MACE-style ``uvu`` message: every path
+    of ``irreps_in x Y^{0..L}`` into its own output irrep of degree ``<= L``."""
+    irreps_in = o3.Irreps(irreps_in)
     irreps_sh = o3.Irreps.spherical_harmonics(L)
     outs, ins = [], []
-    for i1, (_, ir1) in enumerate(irreps_in):
+    for i1, (mul, ir1) in enumerate(irreps_in):
         for i2, (_, ir2) in enumerate(irreps_sh):
             for ir3 in ir1 * ir2:
                 if ir3.l <= L:
                     ins.append((i1, i2, len(outs)))
-                    outs.append((C, ir3))
+                    outs.append((mul, ir3))
     return irreps_in, irreps_sh, o3.Irreps(outs), ins
+
+
+def _mace_irreps(C, L):
+    return uvu_message_irreps(o3.Irreps([(C, (l, (-1) ** l)) for l in range(L + 1)]), L)
 
 
 def _graph(E, device, gen):
