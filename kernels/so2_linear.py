@@ -27,7 +27,7 @@ differentiate saved tensors.
 Kernels: the GEMM runs one program per (edge block, half, output-column block) with ``tl.dot``
 over ``BLOCK_K`` chunks on tensor cores (float32: ``tf32x3``, see
 :func:`mlpot.kernels._runtime.dot_precision` for its error bound; float64: ``ieee``); the weight
-gradient one program per (block, tile of W, edge chunk).
+gradient one program per (block, tile of W, edge chunk), ``ieee`` (tf32x3 spills there).
 """
 import torch
 
@@ -185,7 +185,7 @@ def _wgrad(table: SO2LinearTable, X: torch.Tensor, G: torch.Tensor) -> torch.Ten
 
     _WGRAD[grid](X, G, out, x_off, g_off, k, n, w_off, halves, E, _E_CHUNK,
                  table.K * table.CI, table.K * table.CO, table.weight_numel, max_n,
-                 DOT_PRECISION=dot_precision(X.dtype))
+                 DOT_PRECISION="ieee")  # tf32x3 spills 168 B here on sm_90 fp32 (mlpot bench aot)
     return out.sum(0)
 
 
