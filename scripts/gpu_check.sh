@@ -47,7 +47,7 @@ main() {
     echo "# gpu_check DRY RUN on $(uname -m): tiny sizes, CPU; numbers mean nothing"
   else
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-    local site=${MLPOT_SITE:-/tmp/site}
+    local site=${MLPOT_SITE:-$(mktemp -d)}
     local wheels=(.whl/*.whl)
     if [[ -e ${wheels[0]} ]]; then
       $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl \
