@@ -4,8 +4,9 @@ Triton decides at decoration time whether a ``@triton.jit`` function runs compil
 CPU interpreter (``TRITON_INTERPRET=1``). :class:`LazyKernel` delays the decoration to the first
 launch, so importing ``mlpot.kernels`` before the environment variable is set (by a test module, in
 any process order) still gives interpreter kernels later. On a GPU it wraps the kernel in
-``triton.autotune`` over the given configs; under the interpreter it launches the first config only
-(autotuning there would only burn CPU time).
+``triton.autotune`` over the given configs (duplicates removed); under the interpreter it launches
+one config, the first unless :func:`interpreter_config` picks another (tests walk through all of
+them; autotuning there would only burn CPU time).
 """
 from __future__ import annotations
 
@@ -52,6 +53,32 @@ def _recorded(kernel, args, kwargs) -> bool:
     return not all(execute for _, execute in _RECORDERS)
 
 
+# Config index launched under the interpreter (None: the first); see interpreter_config.
+_INTERPRETER_CONFIG: list = [None]
+
+
+@contextlib.contextmanager
+def interpreter_config(index: int):
+    """Under the interpreter, launch every kernel with its config ``index`` (modulo its number of
+    configs) instead of the first, so that tests can run each autotune config."""
+    _INTERPRETER_CONFIG.append(int(index))
+    try:
+        yield
+    finally:
+        _INTERPRETER_CONFIG.pop()
+
+
+def dedupe_configs(configs) -> list:
+    """``configs`` without repeats, first occurrence kept (the autotuner would time a repeat twice)."""
+    seen, out = set(), []
+    for meta, warps, stages in configs:
+        key = (tuple(sorted(meta.items())), warps, stages)
+        if key not in seen:
+            seen.add(key)
+            out.append((dict(meta), warps, stages))
+    return out
+
+
 def interpret_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
@@ -90,7 +117,7 @@ class LazyKernel:
 
     def __init__(self, fn, configs=None, key=()):
         self.fn = fn
-        self.configs = configs or [({}, 4, 2)]
+        self.configs = dedupe_configs(configs or [({}, 4, 2)])
         self.key = list(key)
         self._built: dict[bool, object] = {}
 
@@ -111,7 +138,8 @@ class LazyKernel:
         interp = interpret_mode()
         kernel = self._build(interp)
         if interp or len(self.configs) == 1:
-            meta, warps, stages = self.configs[0]
+            pick = _INTERPRETER_CONFIG[-1] if interp else None
+            meta, warps, stages = self.configs[0 if pick is None else pick % len(self.configs)]
 
             def launch(*args, **kwargs):
                 if _RECORDERS and _recorded(self, args, kwargs):
@@ -140,6 +168,21 @@ def check_device(*tensors: torch.Tensor) -> None:
                 "Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter); "
                 f"got a tensor on {t.device}"
             )
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``input_precision`` of ``tl.dot`` for operands of ``dtype``: ``"tf32x3"`` for float32,
+    ``"ieee"`` otherwise.
+
+    tf32x3 runs on tensor cores (``mma``/``wgmma``): each float32 operand is split into a TF32 head
+    and a TF32 tail, ``a = a_h + a_t`` with ``|a_t| <= 2^-11 |a|``, and ``a b`` is computed as
+    ``a_h b_h + a_h b_t + a_t b_h`` with float32 accumulation. The dropped ``a_t b_t`` and the
+    rounding of the tails give a relative error of at most about ``3 * 2^-22 ~ 7e-7`` per product,
+    so a length-``K`` dot product is off by at most ``(3 * 2^-22 + K * 2^-24) * sum_k |a_k b_k|``
+    (``K * 2^-24`` is plain float32 accumulation, the same as ``ieee``). Plain TF32 would be
+    ``2^-11 ~ 5e-4``, which fp32 force tests would see.
+    """
+    return "tf32x3" if dtype == torch.float32 else "ieee"
 
 
 def next_pow2(n: int) -> int:

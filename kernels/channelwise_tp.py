@@ -27,7 +27,7 @@ Layout (internal, converted at the boundary by :mod:`mlpot.o3.layout`): node ten
 channel-last ``(N, D, C)``; ``Y`` is ``(E, D_sh)``; ``w`` is ``(E, P, C)``, which is exactly e3nn's
 flat ``uvu`` weight order ``(E, P*C)`` reshaped. Edges need not be sorted: a CSR over receivers
 (and one over senders for the gradient w.r.t. ``x``) is built once per graph in
-:class:`EdgePlan`; each program owns one node and one channel block and loops over its edges, so
+:class:`EdgePlan` and reused while the edges are unchanged (:meth:`EdgePlan.cached`); each program owns one node and one channel block and loops over its edges, so
 the reduction is deterministic and needs no atomics and no ``(E, C, P)`` intermediate.
 """
 from dataclasses import dataclass, field
@@ -155,10 +155,35 @@ class EdgePlan:
     def build(cls, src: torch.Tensor, dst: torch.Tensor, num_nodes: int):
         return cls(src.to(torch.int64).contiguous(), dst.to(torch.int64).contiguous(), int(num_nodes))
 
+    @classmethod
+    def cached(cls, src: torch.Tensor, dst: torch.Tensor, num_nodes: int):
+        """The plan of this graph, reused while the edges are unchanged.
+
+        The layers of one model call, and the calls of an MD run or a relaxation between two
+        neighbour-list builds, pass equal ``(src, dst)`` (often as new tensors: the calculator
+        builds a new graph each call), so the sorts run once per neighbour list. Equality is
+        checked by content (``torch.equal``, one pass over the indices), never by address.
+        """
+        src = src.to(torch.int64)
+        dst = dst.to(torch.int64)
+        key = (src.shape[0], int(num_nodes), str(src.device))
+        for k, plan in _PLAN_CACHE:
+            if k == key and torch.equal(plan.src, src) and torch.equal(plan.dst, dst):
+                return plan
+        plan = cls.build(src, dst, num_nodes)
+        _PLAN_CACHE.insert(0, (key, plan))
+        del _PLAN_CACHE[PLAN_CACHE_SIZE:]
+        return plan
+
     def segments(self, side: str) -> tuple[torch.Tensor, torch.Tensor]:
         if side not in self._csr:
             self._csr[side] = _csr(self.dst if side == "dst" else self.src, self.num_nodes)
         return self._csr[side]
+
+
+#: plans kept by :meth:`EdgePlan.cached` (most recent first)
+PLAN_CACHE_SIZE = 4
+_PLAN_CACHE: list = []
 
 
 @dataclass
@@ -321,7 +346,7 @@ class FusedChannelwiseTP:
 
     def __call__(self, node_feats, edge_attrs, weights, sender, receiver, num_nodes=None, plan=None):
         if plan is None:
-            plan = EdgePlan.build(sender, receiver, node_feats.shape[0] if num_nodes is None else num_nodes)
+            plan = EdgePlan.cached(sender, receiver, node_feats.shape[0] if num_nodes is None else num_nodes)
         x = mul_ir_to_channel_last(node_feats, self.irreps_in).contiguous()
         w = weights.reshape(weights.shape[0], self.table.P, self.C)
         out = channelwise_message_passing(x, edge_attrs, w, plan, self.table)

@@ -13,7 +13,8 @@ Gaunt coefficients in component normalization) whenever the grid integrates degr
 normalization can be used; the default is :mod:`mlpot.o3`'s S2 grid (:func:`grid_matrices`).
 
 One program = one node and a block of channels; it loops over grid chunks of ``BLOCK_G`` points
-with three ``tl.dot`` (tensor cores on GPU), so the grid values never go to global memory.
+with three ``tl.dot`` (``ieee``: float32 on CUDA cores; ``tf32x3`` was tried and spills registers
+in 87 of 420 sm_80/sm_90 variants), so the grid values never go to global memory.
 
 Gradients: with ``K(X, MX, Z, MZ, MO) = ((X MX) * (Z MZ)) MO``,
 ``dL/dX = K(g, MO^T, Z, MZ, MX^T)`` and ``dL/dZ = K(g, MO^T, X, MX, MZ^T)``, the same kernel; so
@@ -30,7 +31,7 @@ from ._runtime import LazyKernel, check_device, next_pow2, tl
 def _grid_product_kernel(out_ptr, x_ptr, z_ptr, mx_ptr, mz_ptr, mo_ptr,
                          C, DX, DZ, G, DO,
                          BLOCK_C: tl.constexpr, DXP: tl.constexpr, DZP: tl.constexpr,
-                         DOP: tl.constexpr, BLOCK_G: tl.constexpr):
+                         DOP: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_G: tl.constexpr):
     n = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < C
@@ -46,9 +47,9 @@ def _grid_product_kernel(out_ptr, x_ptr, z_ptr, mx_ptr, mz_ptr, mo_ptr,
         MX = tl.load(mx_ptr + ix[:, None] * G + gg[None, :], mask=(ix[:, None] < DX) & gm[None, :], other=0.0)
         MZ = tl.load(mz_ptr + iz[:, None] * G + gg[None, :], mask=(iz[:, None] < DZ) & gm[None, :], other=0.0)
         MO = tl.load(mo_ptr + gg[:, None] * DO + io[None, :], mask=gm[:, None] & (io[None, :] < DO), other=0.0)
-        FX = tl.dot(X, MX, input_precision="ieee")
-        FZ = tl.dot(Z, MZ, input_precision="ieee")
-        acc += tl.dot(FX * FZ, MO, input_precision="ieee")
+        FX = tl.dot(X, MX, input_precision=DOT_PRECISION)
+        FZ = tl.dot(Z, MZ, input_precision=DOT_PRECISION)
+        acc += tl.dot(FX * FZ, MO, input_precision=DOT_PRECISION)
     tl.store(out_ptr + (n * C + c[:, None]) * DO + io[None, :], acc, mask=cm[:, None] & (io[None, :] < DO))
 
 
@@ -65,7 +66,8 @@ def _launch(X, Z, MX, MZ, MO):
         return out.zero_()
     p = lambda d: max(16, next_pow2(d))
     grid = lambda m: (N, (C + m["BLOCK_C"] - 1) // m["BLOCK_C"])
-    _KERNEL[grid](out, X, Z, MX, MZ, MO, C, DX, DZ, G, DO, DXP=p(DX), DZP=p(DZ), DOP=p(DO))
+    _KERNEL[grid](out, X, Z, MX, MZ, MO, C, DX, DZ, G, DO, DXP=p(DX), DZP=p(DZ), DOP=p(DO),
+                  DOT_PRECISION="ieee")  # tf32x3 spills on sm_80/sm_90 here (mlpot bench aot, 87 of 420 variants)
     return out
 
 

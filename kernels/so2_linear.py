@@ -25,18 +25,19 @@ with respect to another operand is again one of them (``_SO2LinearForm``, the pa
 differentiate saved tensors.
 
 Kernels: the GEMM runs one program per (edge block, half, output-column block) with ``tl.dot``
-over ``BLOCK_K`` chunks (``input_precision="ieee"``: no TF32 rounding in float32); the weight
-gradient one program per (block, tile of W, edge chunk).
+over ``BLOCK_K`` chunks on tensor cores (float32: ``tf32x3``, see
+:func:`mlpot.kernels._runtime.dot_precision` for its error bound; float64: ``ieee``); the weight
+gradient one program per (block, tile of W, edge chunk), ``ieee`` (tf32x3 spills there).
 """
 import torch
 
-from ._runtime import LazyKernel, check_device, multilinear_form_backward, tl
+from ._runtime import LazyKernel, check_device, dot_precision, multilinear_form_backward, tl
 
 
 def _so2_linear_gemm_kernel(a_ptr, w_ptr, out_ptr, a_off_ptr, o_off_ptr, k_ptr, n_ptr, w_off_ptr,
                             E, stride_a, stride_o,
-                            TRANS_W: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_K: tl.constexpr):
+                            TRANS_W: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_E: tl.constexpr,
+                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """``out[e, o_off + j] = sum_k a[e, a_off + k] W[k, j]`` for one half (``W^T`` when ``TRANS_W``)."""
     seg = tl.program_id(1)
     a_off = tl.load(a_off_ptr + seg)
@@ -57,12 +58,12 @@ def _so2_linear_gemm_kernel(a_ptr, w_ptr, out_ptr, a_off_ptr, o_off_ptr, k_ptr, 
             w = tl.load(w_ptr + w_off + j[None, :] * K + k[:, None], mask=km[:, None] & jm[None, :], other=0.0)
         else:
             w = tl.load(w_ptr + w_off + k[:, None] * N + j[None, :], mask=km[:, None] & jm[None, :], other=0.0)
-        acc += tl.dot(a, w, input_precision="ieee")
+        acc += tl.dot(a, w, input_precision=DOT_PRECISION)
     tl.store(out_ptr + e[:, None] * stride_o + o_off + j[None, :], acc, mask=em[:, None] & jm[None, :])
 
 
 def _so2_linear_wgrad_kernel(x_ptr, g_ptr, out_ptr, x_off_ptr, g_off_ptr, k_ptr, n_ptr, w_off_ptr, halves_ptr,
-                             E, E_CHUNK, stride_x, stride_g, numel, max_n,
+                             E, E_CHUNK, stride_x, stride_g, numel, max_n, DOT_PRECISION: tl.constexpr,
                              BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """``out[chunk, w_off + k N + j] = sum_{e in chunk} sum_h x[e, x_off + h K + k] g[e, g_off + h N + j]``."""
     b = tl.program_id(0)
@@ -89,7 +90,7 @@ def _so2_linear_wgrad_kernel(x_ptr, g_ptr, out_ptr, x_off_ptr, g_off_ptr, k_ptr,
                          mask=km[:, None] & em[None, :], other=0.0)
             gt = tl.load(g_ptr + e[:, None] * stride_g + g_off + h * N + j[None, :],
                          mask=em[:, None] & jm[None, :], other=0.0)
-            acc += tl.dot(xt, gt, input_precision="ieee")
+            acc += tl.dot(xt, gt, input_precision=DOT_PRECISION)
     tl.store(out_ptr + chunk * numel + w_off + k[:, None] * N + j[None, :], acc, mask=km[:, None] & jm[None, :])
 
 
@@ -162,7 +163,8 @@ def _gemm(table: SO2LinearTable, A: torch.Tensor, W: torch.Tensor, transpose: bo
     a_off, o_off, k, n, w_off = table.get("transpose" if transpose else "forward", A.device)
     max_n = max(nb for _, nb, _ in table.halves()) * c_out
     grid = lambda meta: (_cdiv(E, meta["BLOCK_E"]), len(table.halves()), _cdiv(max_n, meta["BLOCK_N"]))
-    _GEMM[grid](A, W, out, a_off, o_off, k, n, w_off, E, table.K * c_in, table.K * c_out, TRANS_W=transpose)
+    _GEMM[grid](A, W, out, a_off, o_off, k, n, w_off, E, table.K * c_in, table.K * c_out, TRANS_W=transpose,
+                DOT_PRECISION=dot_precision(A.dtype))
     return out
 
 
@@ -182,7 +184,8 @@ def _wgrad(table: SO2LinearTable, X: torch.Tensor, G: torch.Tensor) -> torch.Ten
         return (len(table.blocks), tiles, chunks)
 
     _WGRAD[grid](X, G, out, x_off, g_off, k, n, w_off, halves, E, _E_CHUNK,
-                 table.K * table.CI, table.K * table.CO, table.weight_numel, max_n)
+                 table.K * table.CI, table.K * table.CO, table.weight_numel, max_n,
+                 DOT_PRECISION="ieee")  # tf32x3 spills 168 B here on sm_90 fp32 (mlpot bench aot)
     return out.sum(0)
 
 

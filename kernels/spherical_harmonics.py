@@ -29,13 +29,15 @@ import math
 import torch
 from e3nn import o3
 
-from ._runtime import LazyKernel, check_device, reference_vjp, tl
+from ._runtime import LazyKernel, check_device, next_pow2, reference_vjp, tl
 
 
 def _sh_fwd_kernel(vec_ptr, y_ptr, r_ptr, freq_ptr,
                    row_ptr, col_i_ptr, col_j_ptr, coef_ptr,
-                   E, D, NB, r_max, norm,
+                   E, D, NB, scal_ptr, E_BUCKET,
                    P_CUT: tl.constexpr, WITH_RADIAL: tl.constexpr, BLOCK_E: tl.constexpr):
+    """``scal = [r_max, norm]`` in the edge dtype (a Python float would be typed fp32);
+    ``E_BUCKET`` (the autotune key) is the edge count rounded up to a power of two."""
     e = (tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)).to(tl.int64)
     em = e < E
     vx = tl.load(vec_ptr + e * 3 + 0, mask=em, other=1.0)
@@ -60,6 +62,8 @@ def _sh_fwd_kernel(vec_ptr, y_ptr, r_ptr, freq_ptr,
             acc += cf * yi * uj
         tl.store(y_ptr + e * D + k, acc, mask=em)
     if WITH_RADIAL:
+        r_max = tl.load(scal_ptr)
+        norm = tl.load(scal_ptr + 1)
         x = r / r_max
         xp = x * x * x * x * x if P_CUT == 5 else tl.exp(P_CUT * tl.log(x))
         pc = P_CUT * 1.0
@@ -74,7 +78,7 @@ def _sh_fwd_kernel(vec_ptr, y_ptr, r_ptr, freq_ptr,
 
 def _sh_bwd_kernel(vec_ptr, gy_ptr, gr_ptr, freq_ptr, gv_ptr, ws_ptr,
                    row_ptr, col_i_ptr, col_j_ptr, coef_ptr,
-                   E, D, NB, r_max, norm,
+                   E, D, NB, scal_ptr, E_BUCKET,
                    P_CUT: tl.constexpr, WITH_RADIAL: tl.constexpr, BLOCK_E: tl.constexpr):
     """Workspace ``ws`` (E, D, 4): per row [Y, dY/dux, dY/duy, dY/duz]."""
     e = (tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)).to(tl.int64)
@@ -131,6 +135,8 @@ def _sh_bwd_kernel(vec_ptr, gy_ptr, gr_ptr, freq_ptr, gv_ptr, ws_ptr,
     oy = (gyy - dot * uy) / r
     oz = (gz - dot * uz) / r
     if WITH_RADIAL:
+        r_max = tl.load(scal_ptr)
+        norm = tl.load(scal_ptr + 1)
         x = r / r_max
         pc = P_CUT * 1.0
         xpm1 = tl.exp((pc - 1.0) * tl.log(x))
@@ -159,8 +165,25 @@ def _sh_bwd_kernel(vec_ptr, gy_ptr, gr_ptr, freq_ptr, gv_ptr, ws_ptr,
 
 
 _CFG_E = [({"BLOCK_E": 64}, 2, 2), ({"BLOCK_E": 128}, 4, 2), ({"BLOCK_E": 256}, 4, 2)]
-_FWD = LazyKernel(_sh_fwd_kernel, _CFG_E, key=["E", "D", "NB"])
-_BWD = LazyKernel(_sh_bwd_kernel, _CFG_E, key=["E", "D", "NB"])
+# autotune key: E_BUCKET (next power of two of E), not E, so MD steps do not re-tune
+_FWD = LazyKernel(_sh_fwd_kernel, _CFG_E, key=["E_BUCKET", "D", "NB"])
+_BWD = LazyKernel(_sh_bwd_kernel, _CFG_E, key=["E_BUCKET", "D", "NB"])
+
+
+def edge_bucket(E: int) -> int:
+    """The autotune key of an edge count: the next power of two (at least 1024)."""
+    return max(1024, next_pow2(int(E)))
+
+
+_SCALARS: dict = {}
+
+
+def _scalars(r_max: float, norm: float, device, dtype) -> torch.Tensor:
+    """``[r_max, norm]`` as a tensor of the edge dtype (cached: no host-to-device copy per call)."""
+    key = (float(r_max), float(norm), str(device), dtype)
+    if key not in _SCALARS:
+        _SCALARS[key] = torch.tensor([float(r_max), float(norm)], device=device, dtype=dtype)
+    return _SCALARS[key]
 
 
 @functools.cache
@@ -216,7 +239,8 @@ def _forward(vec, lmax, freqs, r_max, p):
         return Y, R
     ptr, ci, cj, cf = _table(lmax, vec.device, vec.dtype)
     fr = freqs if with_r else Y
-    _FWD[_grid(E)](vec, Y, R, fr, ptr, ci, cj, cf, E, D, NB, float(r_max), math.sqrt(2.0 / r_max),
+    scal = _scalars(r_max, math.sqrt(2.0 / r_max), vec.device, vec.dtype)
+    _FWD[_grid(E)](vec, Y, R, fr, ptr, ci, cj, cf, E, D, NB, scal, edge_bucket(E),
                    P_CUT=p, WITH_RADIAL=with_r)
     return Y, R
 
@@ -232,8 +256,9 @@ def _backward(vec, gY, gR, lmax, freqs, r_max, p):
     NB = freqs.shape[0] if with_r else 0
     gR_ = gR if with_r else gv
     fr = freqs if with_r else gv
-    _BWD[_grid(E)](vec, gY, gR_, fr, gv, ws, ptr, ci, cj, cf, E, D, NB, float(r_max),
-                   math.sqrt(2.0 / r_max) if with_r else 0.0, P_CUT=p, WITH_RADIAL=with_r)
+    scal = _scalars(r_max, math.sqrt(2.0 / r_max) if with_r else 0.0, vec.device, vec.dtype)
+    _BWD[_grid(E)](vec, gY, gR_, fr, gv, ws, ptr, ci, cj, cf, E, D, NB, scal, edge_bucket(E),
+                   P_CUT=p, WITH_RADIAL=with_r)
     return gv
 
 

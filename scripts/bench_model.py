@@ -1,7 +1,18 @@
-"""Model force-call time against mace-torch. See mlpot/bench/model.py for options."""
+"""Model force-call time against mace-torch. See mlpot/bench/model.py for options.
+
+``python scripts/bench_model.py cuda ...``: MACE per-step time and peak memory on a GPU, fcc Cu
+from 1k atoms to the largest that fits (mlpot/bench/model_cuda.py; needs no ASE).
+"""
+import sys
+
 from mlpot.bench.model import main
 from mlpot.models.mace import tune_malloc
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["cuda"]:  # the GPU scaling benchmark (scripts/gpu_check.sh step 4)
+        from mlpot.bench.model_cuda import main as main_cuda
+
+        main_cuda(sys.argv[2:])
+        sys.exit(0)
     tune_malloc()  # the allocator setting the `mlpot` command applies (process-wide: entry points only)
     main()

@@ -52,7 +52,27 @@ def test_default_configs_compile_for_sm90_without_spills(tmp_path):
               if r["spill_stores"] or r["spill_loads"]]
     assert not spills
     assert all(0 < r["regs"] <= 255 for r in rows)
+    # the kernels written on tl.dot run on tensor cores: the SO(2) GEMM of ESCN
+    gemm = [r for r in rows if r["kernel"] == "_so2_linear_gemm_kernel"]
+    assert gemm and all(r["mma"] + r["wgmma"] > 0 for r in gemm)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
+def test_fp64_edge_embedding_takes_no_fp32_scalars(tmp_path):
+    """r_max and the Bessel normalisation reach the fp64 spherical-harmonics kernels in fp64: no
+    kernel parameter is typed .f32 in the PTX (a Python float argument would be, and fp64
+    results would then carry ~1e-8 relative error on a GPU; the interpreter hides this)."""
+    out = tmp_path / "aot.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlpot.bench.aot", "--arch", "90", "--dtype", "fp64", "--first-config",
+         "--only", "_sh_", "--json", str(out), "--model", SMALL_MACE], env=env, capture_output=True, text=True,
+        timeout=900,
+    )
+    assert out.exists(), proc.stdout[-2000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert {r["kernel"] for r in rows} == {"_sh_fwd_kernel", "_sh_bwd_kernel"}
+    assert all(r["ok"] and r["param_f32"] == 0 for r in rows), [(r["kernel"], r.get("param_f32")) for r in rows]
 
 
 def test_model_spec_parsing():

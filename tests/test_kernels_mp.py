@@ -106,3 +106,37 @@ def test_layout_roundtrip_and_channel_last():
     assert cl.shape == (2, 9, 3)
     assert torch.equal(cl[:, 1:4, 1], x[:, 3 + 3:3 + 6])  # channel 1 of the 1o block
     assert torch.equal(LAYOUT.channel_last_to_mul_ir(cl, irreps), x)
+
+
+def test_edge_plan_is_cached_per_graph_content():
+    """The calculator builds new edge tensors each call; the plan (and its sorts) is reused while
+    their content is unchanged, and rebuilt when one edge changes (same sizes)."""
+    g = torch.Generator().manual_seed(8)
+    src = torch.randint(0, 5, (12,), generator=g)
+    dst = torch.randint(0, 5, (12,), generator=g)
+    plan = CT.EdgePlan.cached(src, dst, 5)
+    seg = plan.segments("dst")
+    again = CT.EdgePlan.cached(src.clone(), dst.clone(), 5)
+    assert again is plan and again.segments("dst") is seg
+    dst2 = dst.clone()
+    dst2[3] = (dst2[3] + 1) % 5
+    other = CT.EdgePlan.cached(src.clone(), dst2, 5)
+    assert other is not plan and torch.equal(other.dst, dst2)
+    assert CT.EdgePlan.cached(src, dst, 6) is not plan  # another node count
+
+
+def test_fused_mp_with_cached_plan_follows_the_graph():
+    """Two graphs of the same size through one FusedChannelwiseTP: each result is its own."""
+    irreps_in, irreps_sh, irreps_out, ins = _mace_like(2, 1, 1, 1)
+    tp = _e3nn_reference(irreps_in, irreps_sh, irreps_out, ins, torch.float64)
+    fused = CT.FusedChannelwiseTP(irreps_in, irreps_sh, irreps_out, ins)
+    g = torch.Generator().manual_seed(9)
+    N, E = 3, 5
+    x = torch.randn(N, irreps_in.dim, generator=g, dtype=torch.float64)
+    Y = torch.randn(E, irreps_sh.dim, generator=g, dtype=torch.float64)
+    w = torch.randn(E, tp.weight_numel, generator=g, dtype=torch.float64)
+    for _ in range(2):
+        src = torch.randint(0, N, (E,), generator=g)
+        dst = torch.randint(0, N, (E,), generator=g)
+        ref = torch.zeros(N, irreps_out.dim, dtype=torch.float64).index_add(0, dst, tp(x[src], Y, w))
+        assert (fused(x, Y, w, src, dst) - ref).abs().max() < 1e-12

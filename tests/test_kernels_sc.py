@@ -51,3 +51,129 @@ def test_table_merges_permutations():
     u[0, 0, 1, 0], u[0, 1, 0, 0] = 1.0, 2.0
     table = SC.build_table([u])
     assert table.entries == [(0, (0, 1), 0, 3.0)]
+
+
+# ---------------------------------------------------------------------------- issue 13
+RT = kernels_module("_runtime")
+
+
+def _mace_table(L=1, correlation=3, ir="0e"):
+    from e3nn import o3
+
+    from mlpot.o3.symmetric_contraction import coupling_basis
+
+    irreps = o3.Irreps([(1, (l, (-1) ** l)) for l in range(L + 1)])
+    Us = [coupling_basis(irreps, nu, ir) for nu in range(1, correlation + 1)]
+    return SC.build_table(Us), Us
+
+
+def test_weight_blocks_partition_each_element():
+    elem = torch.tensor([2, 0, 2, 2, 1, 2, 0, 2, 2])
+    perm, start, end, off = SC.weight_blocks(elem, 4, block_nodes=2)
+    assert start.shape[0] == 9 // 2 + 4
+    covered = []
+    for z in range(4):
+        for b in range(int(off[z]), int(off[z + 1])):
+            nodes = perm[int(start[b]):int(end[b])]
+            assert 0 < len(nodes) <= 2 and (elem[nodes] == z).all()
+            covered += nodes.tolist()
+    assert sorted(covered) == list(range(9))
+    assert (start[int(off[-1]):] == end[int(off[-1]):]).all()  # unused blocks are empty
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_weight_gradient_over_many_node_blocks(dtype, monkeypatch):
+    """dL/dW of several elements, each spread over several node blocks (two-pass reduction)."""
+    monkeypatch.setattr(SC, "WEIGHT_BLOCK_NODES", 2)
+    table, Us = _mace_table(L=1, correlation=3)
+    g = torch.Generator().manual_seed(5)
+    N, C, Z = 7, 3, 3
+    elem = torch.tensor([2, 0, 2, 2, 0, 2, 2])  # element 1 has no node: its gradient is zero
+    A = torch.randn(N, table.D, C, generator=g, dtype=dtype)
+    W = torch.randn(Z, table.Q, C, generator=g, dtype=dtype).requires_grad_()
+    gout = torch.randn(N, table.D_out, C, generator=g, dtype=dtype)
+    gk = torch.autograd.grad(SC.symmetric_contraction(A, elem, W, table), W, gout)[0]
+    ref = SC.reference_symmetric_contraction(A, elem, [u.to(dtype) for u in Us],
+                                             list(torch.split(W, table.Qs, dim=1)))
+    gr = torch.autograd.grad(ref, W, gout)[0]
+    assert _rel(gk, gr) < (1e-10 if dtype == torch.float64 else 1e-4)
+    assert (gk[1] == 0).all()
+
+
+def test_weight_gradient_skipped_when_no_weight_needs_it():
+    """MD asks for forces only: the weight-gradient kernels must not run."""
+    table, _ = _mace_table(L=1, correlation=2)
+    g = torch.Generator().manual_seed(6)
+    A = torch.randn(3, table.D, 2, generator=g, dtype=torch.float64).requires_grad_()
+    elem = torch.tensor([0, 1, 0])
+    for w_grad, want in ((False, 0), (True, 1)):
+        W = torch.randn(2, table.Q, 2, generator=g, dtype=torch.float64).requires_grad_(w_grad)
+        with RT.count_launches() as counts:
+            out = SC.symmetric_contraction(A, elem, W, table)
+            torch.autograd.grad(out.square().sum(), A)
+        assert counts["_sc_weight_partial_kernel"] == want and counts["_sc_block_sum_kernel"] == want
+        assert counts["_sc_node_kernel"] == 2  # forward and dL/dA
+
+
+@pytest.mark.parametrize("correlation", [1, 2, 3])
+def test_nu_constexpr_is_the_correlation(correlation):
+    """The node kernel is specialised to the table's correlation (factors per entry), not padded to 4."""
+    table, _ = _mace_table(L=1, correlation=correlation)
+    A = torch.randn(2, table.D, 2, dtype=torch.float64).requires_grad_()
+    W = torch.randn(1, table.Q, 2, dtype=torch.float64).requires_grad_()
+    with RT.record_launches(execute=False) as launches:
+        out = SC.symmetric_contraction(A, torch.zeros(2, dtype=torch.int64), W, table)
+        torch.autograd.grad(out.sum(), (A, W))
+    nus = [(k.fn.__name__, kw["NU"]) for k, _, kw in launches if "NU" in kw]
+    assert nus == [("_sc_node_kernel", correlation), ("_sc_node_kernel", max(1, correlation - 1)),
+                   ("_sc_weight_partial_kernel", correlation)]
+
+
+_PEAK_SCRIPT = r"""
+import resource, sys, torch
+from e3nn import o3
+from mlpot.o3.backend import kernels_module
+from mlpot.o3.symmetric_contraction import coupling_basis
+SC = kernels_module("symmetric_contraction")
+N, C = int(sys.argv[1]), int(sys.argv[2])
+irreps = o3.Irreps("0e+1o+2e+3o")  # MACE's A rows, L = 3: D = 16
+table = SC.build_table([coupling_basis(irreps, nu, "0e") for nu in (1, 2, 3)])
+SC.DOUBLE_BACKWARD_ELEMENTS = 32 * len(table.entries) * C  # chunks of 32 nodes
+g = torch.Generator().manual_seed(0)
+def run(n):
+    A = torch.randn(n, table.D, C, generator=g, dtype=torch.float64)
+    W = torch.randn(1, table.Q, C, generator=g, dtype=torch.float64)
+    gout = torch.randn(n, table.D_out, C, generator=g, dtype=torch.float64)
+    ggA, ggW = torch.randn_like(A), torch.randn_like(W)
+    SC.double_backward(A, W, gout, torch.zeros(n, dtype=torch.int64), table, ggA, ggW)
+run(8)  # warm-up: everything loaded and cached
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+run(N)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024, len(table.entries))
+"""
+
+
+def _peak_growth(N, C):
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536")
+    proc = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(N), str(C)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    grow, entries = proc.stdout.split()
+    return int(grow), int(entries)
+
+
+def test_double_backward_memory_grows_like_the_outputs():
+    """Peak memory of the double backward at N and 4N nodes (MACE's D = 16 rows, correlation 3):
+    it grows like O(N D C) (a few copies of A), not like the dense O(N D^3 C) contraction
+    (here 4096 x 16 x 8 B = 0.5 MB per node)."""
+    C, N1, N2 = 16, 128, 512
+    g1, entries = _peak_growth(N1, C)
+    g2, _ = _peak_growth(N2, C)
+    per_node = 16 * C * 8  # one row of A, fp64
+    assert entries > 16  # a real table (sparse, but far more entries than rows)
+    assert g2 - g1 < 12 * (N2 - N1) * per_node + (8 << 20), (g1, g2)
+    dense_growth = (N2 - N1) * 16 ** 3 * C * 8
+    assert g2 - g1 < dense_growth / 20

@@ -50,3 +50,26 @@ def test_sh_only_and_normalization():
     Y = SH.spherical_harmonics(vec, 3)
     for l in range(4):  # component normalization: |Y^l|^2 = 2l + 1
         assert torch.allclose(Y[:, l * l:(l + 1) ** 2].pow(2).sum(-1), torch.full((5,), 2.0 * l + 1, dtype=torch.float64), atol=1e-12)
+
+
+def test_autotune_key_is_stable_across_md_steps():
+    """The autotune key buckets the edge count (next power of two), so the small changes of the
+    edge count between MD steps do not re-tune; a 2x larger graph does."""
+    assert "E" not in SH._FWD.key and "E" not in SH._BWD.key
+    assert "E_BUCKET" in SH._FWD.key and "E_BUCKET" in SH._BWD.key
+    assert {SH.edge_bucket(E) for E in range(40_000, 65_537)} == {65_536}
+    assert SH.edge_bucket(65_537) == 131_072 and SH.edge_bucket(3) == 1024
+
+
+def test_scalars_are_passed_in_the_edge_dtype():
+    """r_max and the Bessel normalisation reach the kernels as a tensor of the edge dtype (fp64
+    stays fp64 on a GPU; the PTX is checked in tests/test_kernels_aot.py)."""
+    RT = kernels_module("_runtime")
+    vec = torch.randn(4, 3, dtype=torch.float64).requires_grad_()
+    with RT.record_launches(execute=False) as launches:
+        SH.edge_embedding(vec, 2, 3, 4.0)
+    (_, args, _), = launches
+    scal = [a for a in args if torch.is_tensor(a) and a.shape == (2,)]
+    assert len(scal) == 1 and scal[0].dtype == torch.float64
+    assert scal[0].tolist() == [4.0, math.sqrt(2.0 / 4.0)]
+    assert not any(isinstance(a, float) for a in args)

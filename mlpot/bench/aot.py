@@ -47,6 +47,17 @@ ARCHS = (80, 90)
 DTYPES = ("fp32", "fp64")
 _TORCH_DTYPES = {"fp32": "float32", "fp64": "float64"}
 
+# PTX features counted per variant: tensor-core instructions (mma.sync on sm_80+, wgmma on sm_90),
+# float kernel parameters by width (a Python float argument arrives as .f32 whatever the dtype),
+# and local memory (spills or arrays that did not fit in registers)
+_PTX = {
+    "mma": re.compile(r"^\s*mma\.sync", re.M),
+    "wgmma": re.compile(r"^\s*wgmma\.mma_async", re.M),
+    "param_f32": re.compile(r"\.param \.f32 "),
+    "param_f64": re.compile(r"\.param \.f64 "),
+    "local": re.compile(r"\.local "),
+}
+
 _PTXAS = {
     "regs": re.compile(r"Used (\d+) registers"),
     "spill_stores": re.compile(r"(\d+) bytes spill stores"),
@@ -204,6 +215,8 @@ def compile_variant(variant: dict, arch: int) -> dict:
     finally:
         knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = False, False
     stats = {"compile_s": round(time.perf_counter() - t0, 2), "shared": int(kernel.metadata.shared or 0)}
+    ptx = kernel.asm.get("ptx", "")
+    stats.update({key: len(pattern.findall(ptx)) for key, pattern in _PTX.items()})
     for key, pattern in _PTXAS.items():
         found = pattern.findall(log.getvalue())
         if key == "regs" and not found:
@@ -220,11 +233,11 @@ def _constexpr_text(variant: dict) -> str:
 
 def markdown_table(rows: list[dict]) -> str:
     head = ("| kernel | sm | dtype | warps | stages | constexprs (and ints folded to 1) | registers | "
-            "spill st/ld (B) | shared (B) | models |\n|---|---|---|---|---|---|---|---|---|---|\n")
+            "spill st/ld (B) | shared (B) | mma/wgmma | models |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for r in rows:
-        res = (f"{r['regs']} | {r['spill_stores']}/{r['spill_loads']} | {r['shared']}" if r["ok"]
-               else f"**failed**: {r['error'][:80]} | | ")
+        res = (f"{r['regs']} | {r['spill_stores']}/{r['spill_loads']} | {r['shared']} | {r['mma']}/{r['wgmma']}"
+               if r["ok"] else f"**failed**: {r['error'][:80]} | | | ")
         lines.append(f"| {r['kernel']} | {r['arch']} | {r['dtype']} | {r['num_warps']} | {r['num_stages']} | "
                      f"{r['constexprs']} | {res} | {', '.join(r['models'])} |")
     return head + "\n".join(lines) + "\n"

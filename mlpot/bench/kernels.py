@@ -74,17 +74,23 @@ def _runner(fn, inputs, mode):
 
 
 # ----------------------------------------------------------------------------- problem builders
-def _mace_irreps(C, L):
-    irreps_in = o3.Irreps([(C, (l, (-1) ** l)) for l in range(L + 1)])
+def uvu_message_irreps(irreps_in, L):
+    """(irreps_in, irreps_sh, irreps_out, instructions) of a MACE-style ``uvu`` message: every path
+    of ``irreps_in x Y^{0..L}`` into its own output irrep of degree ``<= L``."""
+    irreps_in = o3.Irreps(irreps_in)
     irreps_sh = o3.Irreps.spherical_harmonics(L)
     outs, ins = [], []
-    for i1, (_, ir1) in enumerate(irreps_in):
+    for i1, (mul, ir1) in enumerate(irreps_in):
         for i2, (_, ir2) in enumerate(irreps_sh):
             for ir3 in ir1 * ir2:
                 if ir3.l <= L:
                     ins.append((i1, i2, len(outs)))
-                    outs.append((C, ir3))
+                    outs.append((mul, ir3))
     return irreps_in, irreps_sh, o3.Irreps(outs), ins
+
+
+def _mace_irreps(C, L):
+    return uvu_message_irreps(o3.Irreps([(C, (l, (-1) ** l)) for l in range(L + 1)]), L)
 
 
 def _graph(E, device, gen):
@@ -92,6 +98,42 @@ def _graph(E, device, gen):
     src = torch.randint(0, N, (E,), generator=gen).to(device)
     dst = torch.randint(0, N, (E,), generator=gen).to(device)
     return N, src, dst
+
+
+def cuequivariance_status() -> str:
+    """``"installed <version>"`` or ``"not installed"`` (the benchmark then skips that column)."""
+    import importlib.util
+
+    if importlib.util.find_spec("cuequivariance_torch") is None:
+        return "not installed"
+    import cuequivariance_torch
+
+    return f"installed {getattr(cuequivariance_torch, '__version__', '?')}"
+
+
+def _add_cuequivariance_mp(impls, info, irreps_in, irreps_sh, irreps_out, N, src, dst, x, Y, dtype, device, gen):
+    """cuEquivariance's channel-wise tensor product with gather (``indices_1``) and scatter
+    (``indices_out``), the same message as ours (its output irreps in its own order, and its own
+    weight layout: timing only), when the package is installed."""
+    info["cuequivariance"] = cuequivariance_status()
+    if info["cuequivariance"] == "not installed":
+        return
+    import cuequivariance as cue
+    import cuequivariance_torch as cuet
+
+    try:
+        filt = [cue.O3(l, p) for l, p in sorted({(ir.l, ir.p) for _, ir in irreps_out})]
+        tp = cuet.ChannelWiseTensorProduct(
+            cue.Irreps("O3", str(irreps_in)), cue.Irreps("O3", str(irreps_sh)), filt, layout=cue.mul_ir,
+            shared_weights=False, internal_weights=False, device=device, dtype=dtype, math_dtype=dtype)
+        w = torch.randn(Y.shape[0], tp.weight_numel, generator=gen, dtype=dtype).to(device).requires_grad_()
+
+        def cue_mp(x, Y, w):
+            return tp(x, Y, w, indices_1=src, indices_out=dst, size_out=N)
+
+        impls["cuequivariance"] = (cue_mp, (x, Y, w))
+    except Exception as exc:  # noqa: BLE001 - reported in the table's info, the other columns still run
+        info["cuequivariance"] += f" (setup failed: {type(exc).__name__}: {exc})"[:200]
 
 
 def build(kernel, L, C, E, dtype, device, with_triton, compile_e3nn):
@@ -123,12 +165,7 @@ def build(kernel, L, C, E, dtype, device, with_triton, compile_e3nn):
         if compile_e3nn:
             ctp = torch.compile(tp)
             impls["e3nn-compile"] = (lambda x, Y, w: e3nn_mp(x, Y, w, tp=ctp), (x, Y, w))
-        try:  # cuEquivariance, when installed
-            import cuequivariance_torch  # noqa: F401
-
-            info["cuequivariance"] = "importable (not wired in this version of the benchmark)"
-        except Exception:  # noqa: BLE001
-            info["cuequivariance"] = "not installed"
+        _add_cuequivariance_mp(impls, info, irreps_in, irreps_sh, irreps_out, N, src, dst, x, Y, dtype, device, gen)
         if with_triton:
             fused = CT.FusedChannelwiseTP(irreps_in, irreps_sh, irreps_out, ins)
             plan = CT.EdgePlan.build(src, dst, N)
@@ -144,6 +181,14 @@ def build(kernel, L, C, E, dtype, device, with_triton, compile_e3nn):
         nb, r_max = 8, 5.0
         freqs = (torch.arange(1, nb + 1, dtype=dtype) * math.pi / r_max).to(device)
         impls["reference"] = (lambda v: SH.reference_edge_embedding(v, L, freqs, r_max, 5), (v,))
+        ls = list(range(L + 1))
+        # harmonics only (no radial basis): timing columns, not parity references
+        impls["e3nn Y"] = (lambda v: o3.spherical_harmonics(ls, v, True, normalization="component"), (v,))
+        info["cuequivariance"] = cuequivariance_status()
+        if info["cuequivariance"] != "not installed":
+            import cuequivariance_torch as cuet
+
+            impls["cuequivariance Y"] = (lambda v: cuet.spherical_harmonics(ls, v, normalize=True), (v,))
         if with_triton:
             impls["triton"] = (lambda v: SH.edge_embedding(v, L, nb, r_max), (v,))
     elif kernel == "sc":

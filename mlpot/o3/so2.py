@@ -564,7 +564,7 @@ class SO2MessageTP(MessageTensorProduct):
         mod = kernels_module("so2")
         if self._table is None:
             self._table = mod.SO2Table(self.plan)
-        edge_plan = kernels_module("channelwise_tp").EdgePlan.build(sender, receiver, num_nodes)
+        edge_plan = kernels_module("channelwise_tp").EdgePlan.cached(sender, receiver, num_nodes)
         x = mul_ir_to_channel_last(node_feats, self.irreps_in)
         blocks = block_diagonal(wigner[: self.plan.lmax + 1])
         y = implementation("so2_message_passing", "triton")(x, weights, blocks, edge_plan, self._table)

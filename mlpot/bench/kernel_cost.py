@@ -1,0 +1,271 @@
+r"""A cost MODEL (not a measurement) of the Triton kernels at MACE sizes: the bytes each kernel
+moves through device memory and the FLOPs it does, for the current kernel, for the redesign of
+issue #13, and the floor (each operand read once, each output written once); with the time
+those take at the H100 / H200 rates below.
+
+Counting rules (stated so that the numbers can be checked by hand):
+
+* **bytes** are the bytes the kernel's loads and stores *request* from global memory, element
+  size ``s`` (4 fp32, 8 fp64), index tensors int64. Repeated loads of the same address by one
+  program are counted each time: the L1/L2 caches may serve them, so the current-kernel numbers
+  are an upper bound of DRAM traffic and a lower bound of load instructions. Small tables (CG
+  coefficients, CSR pointers) that fit in L1 are not counted.
+* **FLOPs**: one multiply or add = 1.
+* **time floor** = ``max(bytes / bandwidth, FLOPs / rate)``; rates are datasheet numbers
+  (dense, no sparsity), to be replaced by the copy bandwidth that ``scripts/gpu_check.sh``
+  measures.
+
+Shapes (MACE, the defaults of :data:`mlpot.bench.model.MACE_HYPER`): ``C = 128`` channels,
+spherical harmonics to ``L = 3``, correlation 3, ``N = 100k`` atoms, ``E = 5M`` edges. Message
+passing is layer 2 (input ``128x0e + 128x1o``, every ``uvu`` path of ``Y^{0..3}`` into outputs
+``l <= 3``); the symmetric contraction acts on the ``D = 16`` rows of ``A`` (``l <= 3``) into
+``0e`` and ``1o``.
+"""
+from __future__ import annotations
+
+import functools
+
+GPUS = {
+    # bandwidth GB/s, fp32 CUDA-core, fp64 (tensor-core DMMA on Hopper), tf32 tensor-core, TFLOP/s
+    "H100 SXM": {"GBs": 3350.0, "fp32": 67.0, "fp64": 67.0, "tf32": 495.0},
+    "H200": {"GBs": 4800.0, "fp32": 67.0, "fp64": 67.0, "tf32": 495.0},
+}
+MACE_SIZES = dict(C=128, L=3, N=100_000, E=5_000_000, correlation=3)
+IDX = 8  # int64 index
+
+
+def mp_layer2_shapes(C: int, L: int):
+    """(irreps_in, irreps_sh, irreps_out, instructions) of MACE's layer-2 ``uvu`` message."""
+    from mlpot.bench.kernels import uvu_message_irreps
+
+    return uvu_message_irreps(f"{C}x0e + {C}x1o", L)
+
+
+@functools.cache
+def _mp_table(L: int):
+    from mlpot.o3.backend import kernels_module
+
+    CT = kernels_module("channelwise_tp")
+    t = CT.build_uvu_table(*mp_layer2_shapes(1, L))
+    per_row = lambda rows, n: [int((rows == r).sum()) for r in range(n)]
+    return {"T": int(t.coef.numel()), "D_in": t.D_in, "D_sh": t.D_sh, "D_out": t.D_out, "P": t.P,
+            "T_by_b": per_row(t.b, t.D_out)}
+
+
+def mp_costs(C, L, N, E, bytes_per=4, **_) -> dict:
+    """Fused message passing (gather, uvu product, scatter), forward and backward."""
+    t = _mp_table(L)
+    s, T, Din, Dsh, Dout, P = bytes_per, t["T"], t["D_in"], t["D_sh"], t["D_out"], t["P"]
+    flops_fwd = 3 * E * T * C  # (coef*Y) * x * w, accumulated
+    out = {"shape": f"C={C} L={L} N={N} E={E} D_in={Din} D_out={Dout} P={P} CG entries={T}"}
+    # current _node_kernel: rows -> edges -> entries; x[src], w[e] (C each) and Y[e] per entry
+    cur_fwd = E * T * (2 * C * s + s) + E * Dout * 2 * IDX + N * Dout * C * s
+    # current backward: dx = node kernel over sender segments (g[dst] and w per entry),
+    # dw = _edge_channel_kernel (x[src], g[dst] per entry), dY = _edge_kernel (x, g, w per entry)
+    cur_bwd = (E * T * (2 * C * s + s) + E * Din * 2 * IDX + N * Din * C * s
+               + E * T * 2 * C * s + E * P * C * s
+               + E * T * 3 * C * s + E * Dsh * s)
+    # redesign: receiver-sorted CSR, edge-outer loop, x[src] (D_in x C), Y[e], w[e] loaded once per
+    # edge, accumulator (D_out x C block) in registers. Backward, also receiver-outer: g[n] (D_out x C)
+    # loaded once per receiver, then per edge x[src], w[e], Y[e] read once and dw[e], dY[e] and the
+    # per-edge input gradient h[e] (D_in x C) written; dx = sum of h over each sender's edges
+    # (sender-sorted CSR, h read once)
+    new_fwd = E * (Din * C + P * C + Dsh) * s + E * 2 * IDX + N * Dout * C * s
+    new_bwd = (N * Dout * C * s + E * (Din * C + P * C + Dsh) * s + E * 2 * IDX
+               + E * (P * C + Dsh + Din * C) * s
+               + E * Din * C * s + E * IDX + N * Din * C * s)
+    floor_fwd = (N * Din * C + E * Dsh + E * P * C + N * Dout * C) * s + E * 2 * IDX
+    floor_bwd = (N * Din * C + N * Dout * C + E * Dsh + E * P * C) * s + E * 2 * IDX \
+        + (N * Din * C + E * P * C + E * Dsh) * s
+    out["current"] = {"fwd_bytes": cur_fwd, "bwd_bytes": cur_bwd, "fwd_flops": flops_fwd, "bwd_flops": 3 * flops_fwd}
+    out["new"] = {"fwd_bytes": new_fwd, "bwd_bytes": new_bwd, "fwd_flops": flops_fwd, "bwd_flops": 3 * flops_fwd}
+    out["floor"] = {"bytes": floor_fwd, "fwd_bytes": floor_fwd, "bwd_bytes": floor_bwd,
+                    "fwd_flops": flops_fwd, "bwd_flops": 3 * flops_fwd}
+    return out
+
+
+@functools.cache
+def _sc_tables(L: int, correlation: int):
+    """Entry counts of the symmetric-contraction tables (0e and 1o outputs) of MACE."""
+    from e3nn import o3
+
+    from mlpot.o3.backend import kernels_module
+    from mlpot.o3.symmetric_contraction import coupling_basis
+
+    SC = kernels_module("symmetric_contraction")
+    irreps = o3.Irreps([(1, (l, (-1) ** l)) for l in range(L + 1)])
+    res = []
+    for ir in ("0e", "1o"):
+        Us = [coupling_basis(irreps, nu, ir) for nu in range(1, correlation + 1)]
+        tab = SC.build_table(Us)
+        n_fwd = len(tab.entries)
+        n_dA = sum(len(idx) for _, idx, _, _ in tab.entries)
+        nu_mean = n_dA / max(1, n_fwd)
+        res.append({"ir": ir, "D": tab.D, "D_out": tab.D_out, "Q": tab.Q, "T": n_fwd, "T_dA": n_dA, "nu_mean": nu_mean})
+    return res
+
+
+def sc_costs(C, L, N, correlation=3, bytes_per=4, num_elements=1, **_) -> dict:
+    """Symmetric contraction: forward, dA, dW. Current: the node kernel loads ``W`` and ``NU``
+    factors of ``A`` (``NU`` = the correlation; ``correlation - 1`` and ``G`` for dA) per entry;
+    dW over blocks of 32 nodes (two-pass)."""
+    s = bytes_per
+    tabs = _sc_tables(L, correlation)
+    D = tabs[0]["D"]
+    out = {"shape": f"C={C} L={L} N={N} correlation={correlation} elements={num_elements} "
+                    + " ".join(f"{t['ir']}: Q={t['Q']} entries={t['T']}" for t in tabs)}
+    cur = {"fwd_bytes": 0, "dA_bytes": 0, "dW_bytes": 0, "fwd_flops": 0}
+    new = dict(cur)
+    for t in tabs:
+        # current: per (node, entry) loads W and NU factors of A, C each
+        nu = correlation
+        cur["fwd_bytes"] += N * t["T"] * (1 + nu) * C * s + N * t["D_out"] * C * s
+        cur["dA_bytes"] += N * t["T_dA"] * (2 + max(1, nu - 1)) * C * s + N * D * C * s
+        cur["dW_bytes"] += (N * t["T"] * (1 + nu) * C * s
+                            + 2 * (N // 32 + num_elements) * t["Q"] * C * s)
+        cur["fwd_flops"] += N * t["T"] * (t["nu_mean"] + 2) * C
+        # redesign: NU specialised to the correlation (mean factors per entry, not 4); A rows of one
+        # node block staged once (D x C) and reused by every entry; W rows once per node block
+        new["fwd_bytes"] += N * (D + t["D_out"]) * C * s + (N // 64 + 1) * t["Q"] * C * s
+        new["dA_bytes"] += N * (D + t["D_out"] + D) * C * s + (N // 64 + 1) * t["Q"] * C * s
+        # dW: node blocks of 64 write partial sums (pass 1), a second pass reduces them
+        new["dW_bytes"] += N * (D + t["D_out"]) * C * s + 2 * (N // 64 + 1) * t["Q"] * C * s
+        new["fwd_flops"] += N * t["T"] * (t["nu_mean"] + 1) * C
+    d_out = sum(t["D_out"] for t in tabs)
+    q_all = sum(t["Q"] for t in tabs)
+    floor = {"fwd_bytes": N * (D + d_out) * C * s + num_elements * q_all * C * s,
+             "dA_bytes": N * (D + d_out + D) * C * s + num_elements * q_all * C * s,
+             "dW_bytes": N * (D + d_out) * C * s + num_elements * q_all * C * s,
+             "fwd_flops": new["fwd_flops"]}
+    # parallelism of dW: before issue 13 one CTA per (element, channel block of 32); now node blocks
+    out["dW_ctas_before"] = num_elements * max(1, C // 32)
+    cur["dW_ctas"] = (N // 32 + num_elements) * max(1, C // 32)
+    # double backward: before, the dense (N, D_out, D, D, D, C) tensor per output irrep; now chunks
+    # of nodes, temporaries bounded by the chunk, per-node memory a few (D + D_out) x C rows
+    out["double_bytes_per_atom_before"] = sum(t["D_out"] for t in tabs) * D ** 3 * C * s
+    cur["double_bytes_per_atom"] = (D + sum(t["D_out"] for t in tabs)) * C * s * 4
+    out.update(current=cur, new=new, floor=floor)
+    return out
+
+
+def sh_costs(L, E, bytes_per=8, num_basis=8, **_) -> dict:
+    """Spherical harmonics + Bessel x cutoff, forward and backward."""
+    s, D = bytes_per, (L + 1) ** 2
+    from mlpot.o3.backend import kernels_module
+
+    T = int(kernels_module("spherical_harmonics").sh_recursion_table(L)[1].numel())
+    # current: the recursion reads earlier rows back from the output (T loads), backward uses an
+    # (E, D, 4) workspace written and read back
+    cur_fwd = E * 3 * s + E * (D + num_basis) * s + E * T * s
+    cur_bwd = E * 3 * s * 2 + E * (D + num_basis) * s + E * D * 4 * s + E * T * 4 * s
+    floor_fwd = E * 3 * s + E * (D + num_basis) * s
+    floor_bwd = E * 3 * s * 2 + E * (D + num_basis) * s
+    flops = E * (3 * T + 12 * num_basis + 20)
+    return {"shape": f"L={L} E={E} num_basis={num_basis} recursion entries={T}",
+            "current": {"fwd_bytes": cur_fwd, "bwd_bytes": cur_bwd, "fwd_flops": flops},
+            "new": {"fwd_bytes": floor_fwd, "bwd_bytes": floor_bwd, "fwd_flops": flops},
+            "floor": {"bytes": floor_fwd, "fwd_bytes": floor_fwd, "bwd_bytes": floor_bwd, "fwd_flops": flops}}
+
+
+def so2_costs(C, L, N, E, bytes_per=4, mmax=2, **_) -> dict:
+    """SO(2) message passing (depthwise): rotate x[src] into the edge frame, per-m weights, rotate back."""
+    s, D = bytes_per, (L + 1) ** 2
+    rot = sum((2 * l + 1) ** 2 for l in range(L + 1))  # Wigner block entries per edge
+    flops_rot = 2 * 2 * rot * C  # rotate in and out, multiply-add
+    flops_m = 2 * 2 * D * C  # per-m 2x2 (real/imag) mixing, depthwise
+    # current: the rotation is recomputed for each output entry (D of them) from the Wigner blocks
+    cur = {"fwd_bytes": E * D * (rot * s + D * C * s) + E * D * C * s + N * D * C * s,
+           "fwd_flops": E * D * flops_rot // 2 + E * flops_m}
+    new = {"fwd_bytes": E * (rot * s + D * C * s + D * C * s) + N * D * C * s,
+           "fwd_flops": E * (flops_rot + flops_m)}
+    floor = {"bytes": N * D * C * s + E * rot * s + E * D * C * s + N * D * C * s, "fwd_flops": new["fwd_flops"]}
+    return {"shape": f"C={C} L={L} N={N} E={E} Wigner entries/edge={rot}", "current": cur, "new": new, "floor": floor}
+
+
+def gaunt_costs(C, L, N, bytes_per=4, **_) -> dict:
+    """Gaunt product of two node tensors through an S2 grid (to grid, multiply, back)."""
+    s, D = bytes_per, (L + 1) ** 2
+    G = (2 * L + 1) * (4 * L + 1)  # grid points resolving degree 2L products (Gauss-Legendre x uniform)
+    flops = N * C * (2 * 2 * D * G + G + 2 * G * D)
+    byts = 3 * N * D * C * s
+    return {"shape": f"C={C} L={L} N={N} grid={G}",
+            "current": {"fwd_bytes": byts, "fwd_flops": flops, "unit": "fp32 CUDA cores (ieee dot)"},
+            "new": {"fwd_bytes": byts, "fwd_flops": 3 * flops, "unit": "tf32 tensor cores, 3 products (tf32x3)"},
+            "floor": {"bytes": byts, "fwd_flops": flops}}
+
+
+def _ms(byts, flops, gpu, unit):
+    g = GPUS[gpu]
+    return max(byts / (g["GBs"] * 1e9), flops / (g[unit] * 1e12)) * 1e3
+
+
+def table(sizes=MACE_SIZES, dtype="fp32") -> tuple[str, list[dict]]:
+    """Markdown table and rows: current / redesign / floor bytes and times on H100 and H200."""
+    s = 4 if dtype == "fp32" else 8
+    unit = dtype
+    rows = []
+    mp = mp_costs(bytes_per=s, **sizes)
+    for d in ("fwd", "bwd"):
+        rows.append(("message passing " + d, mp["shape"], mp["current"][f"{d}_bytes"], mp["new"][f"{d}_bytes"],
+                     mp["floor"][f"{d}_bytes"], mp["floor"][f"{d}_flops"]))
+    sc = sc_costs(bytes_per=s, **sizes)
+    for d in ("fwd", "dA", "dW"):
+        rows.append(("symmetric contraction " + d, sc["shape"], sc["current"][f"{d}_bytes"], sc["new"][f"{d}_bytes"],
+                     sc["floor"][f"{d}_bytes"], sc["floor"]["fwd_flops"]))
+    sh = sh_costs(bytes_per=s, **sizes)
+    for d in ("fwd", "bwd"):
+        rows.append(("spherical harmonics " + d, sh["shape"], sh["current"][f"{d}_bytes"], sh["new"][f"{d}_bytes"],
+                     sh["floor"][f"{d}_bytes"], sh["floor"]["fwd_flops"]))
+    so2 = so2_costs(bytes_per=s, **sizes)
+    rows.append(("SO(2) message passing fwd", so2["shape"], so2["current"]["fwd_bytes"], so2["new"]["fwd_bytes"],
+                 so2["floor"]["bytes"], so2["floor"]["fwd_flops"]))
+    ga = gaunt_costs(bytes_per=s, **sizes)
+    rows.append(("Gaunt product fwd", ga["shape"], ga["current"]["fwd_bytes"], ga["new"]["fwd_bytes"],
+                 ga["floor"]["bytes"], ga["floor"]["fwd_flops"]))
+    lines = [f"MODEL, not a measurement ({dtype}; {', '.join(f'{k}={v}' for k, v in sizes.items())}). "
+             "GB = 1e9 bytes requested; floor time = max(bytes/bandwidth, FLOPs/rate) at datasheet rates.",
+             "",
+             "| kernel | current GB | redesign GB | floor GB | redesign / floor | current / floor "
+             "| floor ms H100 | floor ms H200 |",
+             "|---|---|---|---|---|---|---|---|"]
+    out = []
+    for name, shape, cur, new, flo, flops in rows:
+        r = {"kernel": name, "shape": shape, "current_bytes": cur, "new_bytes": new, "floor_bytes": flo,
+             "floor_flops": flops, "new_over_floor": new / flo, "current_over_floor": cur / flo,
+             "floor_ms_H100": _ms(flo, flops, "H100 SXM", unit), "floor_ms_H200": _ms(flo, flops, "H200", unit)}
+        out.append(r)
+        lines.append(f"| {name} | {cur / 1e9:.1f} | {new / 1e9:.1f} | {flo / 1e9:.1f} | {new / flo:.2f} | "
+                     f"{cur / flo:.1f} | {r['floor_ms_H100']:.2f} | {r['floor_ms_H200']:.2f} |")
+    lines.append("")
+    lines.append(f"Symmetric contraction, one element: weight-gradient grid {sc['dW_ctas_before']} CTAs before "
+                 f"issue 13, {sc['current']['dW_ctas']} now (node blocks, two-pass); double backward "
+                 f"{sc['double_bytes_per_atom_before'] / 1e6:.0f} MB/atom dense before, about "
+                 f"{sc['current']['double_bytes_per_atom'] / 1e3:.0f} kB/atom now (chunked sparse). "
+                 "'current' = the kernels of this commit; 'redesign' = issue 13's designs not yet built "
+                 "(edge-outer message passing, A rows staged once per node block, SO(2) rotated once per edge).")
+    return "\n".join(lines), out
+
+
+def main(argv=None) -> list[dict]:
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(prog="scripts/kernel_cost.py", description=__doc__.split("\n")[0])
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "fp64"))
+    p.add_argument("--atoms", type=int, default=MACE_SIZES["N"])
+    p.add_argument("--edges", type=int, default=MACE_SIZES["E"])
+    p.add_argument("--channels", type=int, default=MACE_SIZES["C"])
+    p.add_argument("--json", metavar="PATH")
+    args = p.parse_args(argv)
+    sizes = dict(MACE_SIZES, N=args.atoms, E=args.edges, C=args.channels)
+    md, rows = table(sizes, args.dtype)
+    print(md)
+    if args.json:
+        from mlpot.fileio import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(rows, indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
