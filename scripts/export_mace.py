@@ -46,7 +46,8 @@ FORMAT_VERSION = 2  # 2: sparse U matrices (``NAME.coo_indices`` / ``NAME.coo_va
 SPARSE_SUFFIXES = (".coo_indices", ".coo_values", ".coo_shape")
 
 SUPPORTED_MODELS = ("MACE", "ScaleShiftMACE")
-SUPPORTED_INTERACTIONS = ("RealAgnosticResidualInteractionBlock", "RealAgnosticInteractionBlock")
+SUPPORTED_INTERACTIONS = ("RealAgnosticResidualInteractionBlock", "RealAgnosticInteractionBlock",
+                          "RealAgnosticDensityInteractionBlock", "RealAgnosticDensityResidualInteractionBlock")
 RADIAL_TYPES = {"BesselBasis": "bessel", "GaussianBasis": "gaussian", "ChebychevBasis": "chebyshev"}
 DISTANCE_TRANSFORMS = {"AgnesiTransform": "Agnesi", "SoftTransform": "Soft"}
 
@@ -154,20 +155,19 @@ def _check_supported(model) -> None:
         problems.append(f"distance transform {_class_name(radial.distance_transform)}")
     if getattr(model, "use_so3", False):
         problems.append("use_so3=True")
-    if getattr(model, "use_agnostic_product", False):
-        problems.append("use_agnostic_product=True")
-    if getattr(model, "use_last_readout_only", False):
-        problems.append("use_last_readout_only=True")
-    if getattr(model, "edge_irreps", None) is not None:
-        problems.append(f"edge_irreps={model.edge_irreps}")
     if hasattr(model, "joint_embedding") or hasattr(model, "embedding_readout"):
-        problems.append("embeddings of extra inputs (embedding_specs)")
+        problems.append("embeddings of extra inputs (embedding_specs, use_embedding_readout)")
+    n_layers = len(model.interactions)
+    if n_layers > 1 and any(ir.l > 0 for _, ir in model.products[-1].linear.irreps_out):
+        problems.append("keep_last_layer_irreps=True")
     n = len(model.interactions)
-    for k, ro in enumerate(model.readouts):
+    last_only = bool(getattr(model, "use_last_readout_only", False))
+    layers = [n - 1] if last_only else list(range(n))
+    for k, ro in zip(layers, model.readouts):
         want = "NonLinearReadoutBlock" if (k == n - 1 and n > 1) else "LinearReadoutBlock"
         if _class_name(ro) != want:
             problems.append(f"readout {k} is {_class_name(ro)} (expected {want})")
-    if len(model.readouts) != n:
+    if len(model.readouts) != len(layers):
         problems.append(f"{len(model.readouts)} readouts for {n} interactions")
     cueq = getattr(model, "cueq_config", None)
     if cueq is not None and getattr(cueq, "enabled", False):
@@ -271,6 +271,10 @@ def hyperparameters(model) -> dict:
                                if hasattr(model.radial_embedding, "distance_transform") else None),
         "apply_cutoff": bool(getattr(model.radial_embedding, "apply_cutoff", True)),
         "pair_repulsion": hasattr(model, "pair_repulsion_fn"),
+        "use_agnostic_product": bool(getattr(model, "use_agnostic_product", False)),
+        "use_last_readout_only": bool(getattr(model, "use_last_readout_only", False)),
+        "edge_irreps": None if getattr(model, "edge_irreps", None) is None else str(o3.Irreps(str(model.edge_irreps))),
+        "use_edge_irreps_first": bool(getattr(model, "use_edge_irreps_first", False)),
         "num_polynomial_cutoff": int(model.radial_embedding.cutoff_fn.p),
         "max_ell": sh_lmax,
         "hidden_irreps": str(hidden_irreps),

@@ -37,7 +37,7 @@ DEFAULT_OUT = HERE.parent / "tests" / "fixtures" / "mace_parity"
 def build_model(seed: int = 7, hidden_irreps: str = "8x0e + 8x1o", max_ell: int = 2, correlation=3,
                 num_interactions: int = 2, interaction: str = "RealAgnosticResidualInteractionBlock",
                 interaction_first: str = "RealAgnosticResidualInteractionBlock", model_class: str = "ScaleShiftMACE",
-                heads=None, options=None, num_bessel: int = 6):
+                heads=None, options=None, num_bessel: int = 6, num_elements: int = 3):
     """A small mace-torch model; ``heads`` (names) gives per-head E0s and scale/shift, ``options``
     any further ``mace.modules.MACE`` keyword arguments (``pair_repulsion``, ``distance_transform``,
     ``radial_type``, ...)."""
@@ -54,12 +54,13 @@ def build_model(seed: int = 7, hidden_irreps: str = "8x0e + 8x1o", max_ell: int 
         "interaction_cls": modules.interaction_classes[interaction],
         "interaction_cls_first": modules.interaction_classes[interaction_first],
         "num_interactions": num_interactions,
-        "num_elements": 3,
+        "num_elements": num_elements,
         "hidden_irreps": o3.Irreps(hidden_irreps),
         "MLP_irreps": o3.Irreps("16x0e"),
-        "atomic_energies": np.array([-13.587, -1029.41, -2042.61]),
+        "atomic_energies": (np.array([-13.587, -1029.41, -2042.61]) if num_elements == 3
+                            else -1.5 * np.arange(1, num_elements + 1, dtype=float)),
         "avg_num_neighbors": 6.5,
-        "atomic_numbers": [1, 6, 8],
+        "atomic_numbers": [1, 6, 8] if num_elements == 3 else list(range(1, num_elements + 1)),
         "correlation": correlation,
         "gate": torch.nn.functional.silu,
         "radial_MLP": [16, 16, 16],
@@ -71,6 +72,8 @@ def build_model(seed: int = 7, hidden_irreps: str = "8x0e + 8x1o", max_ell: int 
         kwargs["atomic_energies"] = np.stack([kwargs["atomic_energies"] + 0.25 * h for h in range(H)])
         scale, shift = [1.7 - 0.3 * h for h in range(H)], [-0.35 + 0.2 * h for h in range(H)]
     kwargs.update(options or {})
+    if isinstance(kwargs.get("edge_irreps"), str):
+        kwargs["edge_irreps"] = o3.Irreps(kwargs["edge_irreps"])
     if model_class == "ScaleShiftMACE":
         model = modules.ScaleShiftMACE(atomic_inter_scale=scale, atomic_inter_shift=shift, **kwargs)
     else:
@@ -180,6 +183,7 @@ def main(argv=None) -> int:
     p.add_argument("--interaction-first", default="RealAgnosticResidualInteractionBlock")
     p.add_argument("--model-class", default="ScaleShiftMACE", choices=["MACE", "ScaleShiftMACE"])
     p.add_argument("--num-bessel", type=int, default=6)
+    p.add_argument("--num-elements", type=int, default=3, help="3: H, C, O; else Z = 1..N (89: MACE-MP's table)")
     p.add_argument("--heads", default=None, help="comma-separated head names (per-head E0s, scale/shift)")
     p.add_argument("--options", default=None,
                    help='JSON of further mace.modules.MACE arguments, e.g. {"pair_repulsion": true}')
@@ -196,7 +200,8 @@ def main(argv=None) -> int:
     model = build_model(args.seed, args.hidden_irreps, args.max_ell, corr, args.num_interactions,
                         args.interaction, args.interaction_first, args.model_class,
                         heads=args.heads.split(",") if args.heads else None,
-                        options=json.loads(args.options) if args.options else None, num_bessel=args.num_bessel)
+                        options=json.loads(args.options) if args.options else None, num_bessel=args.num_bessel,
+                        num_elements=args.num_elements)
     out = export(model, args.out)
     if args.save_model:
         torch.save(model, out / "mace.model")

@@ -40,6 +40,10 @@ DIRS = [Path(os.environ["MLPOT_MACE_FIXTURE"])] if os.environ.get("MLPOT_MACE_FI
     FIXTURES / "soft_no_cutoff",
     FIXTURES / "chebyshev",
     FIXTURES / "lmax3_corr3",
+    FIXTURES / "density",
+    FIXTURES / "density_residual_no_cutoff",
+    FIXTURES / "agnostic_last_readout_edge_irreps",
+    FIXTURES / "elements89",
 ]
 TOL = 1e-8
 
@@ -114,13 +118,13 @@ def test_unsupported_features_are_named(tmp_path):
     d = tmp_path / "export"
     shutil.copytree(FIXTURES, d, ignore=shutil.ignore_patterns("odd_parity"))
     hp = json.loads((d / "hyperparameters.json").read_text())
-    hp["interaction_cls"] = "RealAgnosticDensityInteractionBlock"
-    hp["edge_irreps"] = "8x0e+8x1o"
+    hp["interaction_cls"] = "RealAgnosticResidualNonLinearInteractionBlock"
+    hp["use_so3"] = True
     (d / "hyperparameters.json").write_text(json.dumps(hp))
-    with pytest.raises(ModelFileError, match="RealAgnosticDensityInteractionBlock.*edge_irreps"):
+    with pytest.raises(ModelFileError, match="RealAgnosticResidualNonLinearInteractionBlock.*use_so3"):
         import_mace(d)
     hp["interaction_cls"] = "RealAgnosticResidualInteractionBlock"
-    hp["edge_irreps"] = None
+    hp["use_so3"] = False
     hp["model_class"] = "AtomicDipolesMACE"
     (d / "hyperparameters.json").write_text(json.dumps(hp))
     with pytest.raises(ModelFileError, match="AtomicDipolesMACE"):
@@ -146,6 +150,9 @@ def test_per_head_shapes_of_a_trained_model(tmp_path):
     ("zbl_agnesi_gaussian", "pair_repulsion"), ("zbl_agnesi_gaussian", "distance_transform"),
     ("zbl_agnesi_gaussian", "radial_type"), ("soft_no_cutoff", "distance_transform"),
     ("soft_no_cutoff", "apply_cutoff"), ("chebyshev", "radial_type"), ("lmax3_corr3", "pair_repulsion"),
+    ("agnostic_last_readout_edge_irreps", "use_agnostic_product"),
+    ("agnostic_last_readout_edge_irreps", "use_last_readout_only"),
+    ("agnostic_last_readout_edge_irreps", "use_edge_irreps_first"),
 ])
 def test_each_option_changes_the_numbers(name, option):
     """The fixtures exercise their options: the same weights without the option give other energies."""
@@ -155,9 +162,23 @@ def test_each_option_changes_the_numbers(name, option):
     assert abs(model.predict([atoms])["energy"][0] - r["energy"]) < TOL
     config = dict(model.config)
     config[option] = {"pair_repulsion": False, "distance_transform": None, "radial_type": "bessel",
-                      "apply_cutoff": True}[option]
+                      "apply_cutoff": True, "use_agnostic_product": False, "use_last_readout_only": False,
+                      "use_edge_irreps_first": False}[option]
     other = type(model)(**config)
     state = {k: v for k, v in model.state_dict().items() if k in other.state_dict()
              and other.state_dict()[k].shape == v.shape}
     other.load_state_dict(state, strict=False)
     assert abs(other.predict([atoms])["energy"][0] - r["energy"]) > 1e-4
+
+
+def test_native_mace_computes_mace_torch_function_by_default():
+    """A natively built MACE with mace-torch's hyperparameters (no mlpot-only flag) and the same
+    weights gives mace-torch's numbers (``subtract_isolated`` defaults to False)."""
+    from mlpot.models.mace import ScaleShiftMACE
+
+    imported = import_mace(FIXTURES)
+    config = {k: v for k, v in imported.config.items() if k != "subtract_isolated"}
+    native = ScaleShiftMACE(**config)
+    assert native.config["subtract_isolated"] is False
+    native.load_state_dict(imported.state_dict())
+    _compare(native, FIXTURES)

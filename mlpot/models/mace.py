@@ -33,8 +33,18 @@ layer), ``num_interactions``, ``MLP_irreps``, ``gate``, ``radial_MLP``, ``avg_nu
   columns of the product basis (set by :mod:`mlpot.models.mace_import` to hold mace-torch's
   own ``U`` matrices; new models use the reduced basis);
 * ``subtract_isolated``: subtract the interaction energy of a lone atom of the same species, so
-  that an isolated atom has exactly the energy ``E_0 + shift`` (default True; an imported
-  mace-torch model sets it False, as mace-torch has no such term);
+  that an isolated atom has exactly the energy ``E_0 + shift`` (default False: mace-torch's
+  function, which has no such term; set True for mlpot's earlier default);
+* ``heads``: head names of a multi-head model (mace-torch's ``heads``; default one head,
+  ``Default``): ``e0s`` then takes one table per head (a list, or ``{head: table}``), ``scale`` and
+  ``shift`` one value per head, and every readout one output channel per head (the gated one
+  ``H x MLP_irreps`` hidden scalars, masked to the atom's head); the head of each structure is
+  ``graph["head"]`` or the model's ``active_head`` (:mod:`mlpot.models.heads`);
+* mace-torch's radial and pair options: ``radial_type`` (``bessel`` | ``gaussian`` |
+  ``chebyshev``), ``distance_transform`` (None | ``Agnesi`` | ``Soft``), ``apply_cutoff`` (False:
+  the envelope multiplies the radial MLP's output instead of the basis), ``pair_repulsion``
+  (mace-torch's ZBL, :class:`mlpot.nn.radial.MaceZBLRepulsion`, added per atom before
+  scale/shift as in ``ScaleShiftMACE``);
 * ``seed``: seed for the weight initialisation (None: torch's global RNG); ``dtype``.
 
 ``MACE`` with ``scale=1, shift=0`` is mace-torch's ``MACE``; ``ScaleShiftMACE`` is the same
@@ -143,7 +153,7 @@ class MACE(PotentialModel):
         backend: str = "reference",
         zbl: bool = False,
         product_basis_sizes=None,
-        subtract_isolated: bool = True,
+        subtract_isolated: bool = False,
         seed: int | None = None,
         dtype: str = "float64",
         heads=None,
@@ -151,6 +161,10 @@ class MACE(PotentialModel):
         distance_transform: str | None = None,
         radial_type: str = "bessel",
         apply_cutoff: bool = True,
+        use_agnostic_product: bool = False,
+        use_last_readout_only: bool = False,
+        edge_irreps: str | None = None,
+        use_edge_irreps_first: bool = False,
     ):
         if atomic_numbers is None:
             raise ConfigError("MACE: `atomic_numbers` is required (the species the model knows)")
@@ -228,6 +242,10 @@ class MACE(PotentialModel):
             "distance_transform": None if distance_transform in (None, "None") else str(distance_transform),
             "radial_type": str(radial_type),
             "apply_cutoff": bool(apply_cutoff),
+            "use_agnostic_product": bool(use_agnostic_product),
+            "use_last_readout_only": bool(use_last_readout_only),
+            "edge_irreps": None if edge_irreps is None else _irreps_str(edge_irreps),
+            "use_edge_irreps_first": bool(use_edge_irreps_first),
         }
         if len(heads) > 1:
             config["e0s"] = head_e0s_config(e0s, heads)
@@ -323,10 +341,21 @@ class MACE(PotentialModel):
         self.interactions = nn.ModuleList()
         self.products = nn.ModuleList()
         self.readouts = nn.ModuleList()
+        # mace-torch's use_last_readout_only: one readout, on the last layer's features
+        last_only = c.get("use_last_readout_only", False)
+        if last_only and num_inter == 1:
+            raise ConfigError("MACE: use_last_readout_only needs num_interactions > 1 (mace-torch builds no readout)")
+        self._readout_layers = [num_inter - 1] if last_only else list(range(num_inter))
+        edge_irreps = None if c.get("edge_irreps") is None else o3.Irreps(c["edge_irreps"])
         for t in range(num_inter):
             last = t == num_inter - 1
             hidden_out = o3.Irreps(str(hidden_irreps[0])) if last else hidden_irreps
             block_cls = cls_first if t == 0 else cls
+            layer_edge_irreps = edge_irreps
+            if t == 0:
+                layer_edge_irreps = None
+                if edge_irreps is not None and c.get("use_edge_irreps_first", False):
+                    layer_edge_irreps = o3.Irreps(f"{edge_irreps.count(o3.Irrep(0, 1))}x0e")
             inter = block_cls(
                 node_attrs_irreps=node_attr_irreps,
                 node_feats_irreps=node_feats_irreps if t == 0 else hidden_irreps,
@@ -334,6 +363,7 @@ class MACE(PotentialModel):
                 edge_feats_irreps=edge_feats_irreps,
                 target_irreps=interaction_irreps_first if t == 0 else interaction_irreps,
                 hidden_irreps=hidden_out,
+                edge_irreps=layer_edge_irreps,
                 **common,
             )
             self.interactions.append(inter)
@@ -343,7 +373,7 @@ class MACE(PotentialModel):
                     node_feats_irreps=inter.target_irreps,
                     target_irreps=hidden_out,
                     correlation=c["correlation"][t],
-                    num_elements=S,
+                    num_elements=1 if c.get("use_agnostic_product", False) else S,
                     use_sc=use_sc,
                     product=c["product"],
                     basis_sizes=None if sizes is None else sizes[t],
@@ -353,6 +383,8 @@ class MACE(PotentialModel):
             )
             H = len(c.get("heads") or ["Default"])
             out_irreps = o3.Irreps(f"{H}x0e")
+            if t not in self._readout_layers:
+                continue
             if last and num_inter > 1:  # mace-torch: a single layer has a linear readout
                 mlp = (H * o3.Irreps(c["MLP_irreps"])).simplify()
                 self.readouts.append(NonLinearReadoutBlock(hidden_out, mlp, gate, out_irreps, num_heads=H))
@@ -410,10 +442,15 @@ class MACE(PotentialModel):
             node_inter = node_inter + self.pair_repulsion_fn(geometry.lengths, z_s, z_r, receiver, node_attrs.shape[0])
         invariants = []
         rows = torch.arange(node_attrs.shape[0], device=node_attrs.device)
-        for interaction, product, readout in zip(self.interactions, self.products, self.readouts):
+        product_attrs = torch.ones_like(node_attrs[:, :1]) if self.config.get("use_agnostic_product") else node_attrs
+        readouts = dict(zip(self._readout_layers, self.readouts))
+        for t, (interaction, product) in enumerate(zip(self.interactions, self.products)):
             node_feats, sc = interaction(node_attrs, node_feats, geometry, sender, receiver)
-            node_feats = product(node_feats, sc, node_attrs)
+            node_feats = product(node_feats, sc, product_attrs)
             invariants.append(node_feats[:, : self.num_features])
+            if t not in readouts:
+                continue
+            readout = readouts[t]
             if node_heads is None:
                 node_inter = node_inter + readout(node_feats).squeeze(-1)
             else:

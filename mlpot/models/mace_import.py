@@ -85,8 +85,9 @@ def _check_supported(hp: dict) -> None:
     for key in ("interaction_cls", "interaction_cls_first"):
         if hp.get(key) not in INTERACTION_BLOCKS:
             problems.append(f"{key} {hp.get(key)!r}")
-    if hp.get("edge_irreps") not in (None,):
-        problems.append(f"edge_irreps={hp.get('edge_irreps')!r}")
+    for key in ("use_so3", "use_embedding_readout", "embedding_specs", "keep_last_layer_irreps"):
+        if hp.get(key):
+            problems.append(f"{key}={hp.get(key)!r}")
     if hp.get("radial_type", "bessel") not in ("bessel", "gaussian", "chebyshev"):
         problems.append(f"radial_type={hp.get('radial_type')!r}")
     if hp.get("distance_transform") not in (None, "Agnesi", "Soft"):
@@ -120,6 +121,10 @@ def _config_from_hparams(hp: dict) -> dict:
         "distance_transform": hp.get("distance_transform"),
         "radial_type": hp.get("radial_type", "bessel"),
         "apply_cutoff": bool(hp.get("apply_cutoff", True)),
+        "use_agnostic_product": bool(hp.get("use_agnostic_product", False)),
+        "use_last_readout_only": bool(hp.get("use_last_readout_only", False)),
+        "edge_irreps": hp.get("edge_irreps"),
+        "use_edge_irreps_first": bool(hp.get("use_edge_irreps_first", False)),
         "interaction_tp": "cg",
         "product": "symmetric",
         "product_basis_sizes": hp["product_basis_sizes"],

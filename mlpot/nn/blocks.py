@@ -175,20 +175,24 @@ class InteractionBlock(nn.Module):
         backend: str = "reference",
         gaunt_method: str | None = None,
         mmax: int | None = None,
+        edge_irreps=None,
     ):
         super().__init__()
         self.node_attrs_irreps = o3.Irreps(node_attrs_irreps)
         self.node_feats_irreps = o3.Irreps(node_feats_irreps)
+        # mace-torch's edge_irreps: linear_up maps the node features onto them, the message
+        # product reads them (default: the node features' irreps)
+        self.edge_irreps = self.node_feats_irreps if edge_irreps is None else o3.Irreps(edge_irreps)
         self.edge_attrs_irreps = o3.Irreps(edge_attrs_irreps)
         self.edge_feats_irreps = o3.Irreps(edge_feats_irreps)
         self.target_irreps = o3.Irreps(target_irreps)
         self.hidden_irreps = o3.Irreps(hidden_irreps)
         self.avg_num_neighbors = float(avg_num_neighbors)
         self.interaction_tp = interaction_tp
-        self.linear_up = o3.Linear(self.node_feats_irreps, self.node_feats_irreps)
+        self.linear_up = o3.Linear(self.node_feats_irreps, self.edge_irreps)
         self.conv_tp = make_message_tp(
             interaction_tp,
-            self.node_feats_irreps,
+            self.edge_irreps,
             self.edge_attrs_irreps.lmax,
             self.target_irreps,
             backend=backend,
@@ -199,7 +203,6 @@ class InteractionBlock(nn.Module):
         self.conv_tp_weights = radial_mlp(self.edge_feats_irreps.num_irreps, radial_MLP, self.conv_tp.weight_numel)
         self.irreps_out = self.target_irreps
         self.linear = o3.Linear(irreps_mid, self.irreps_out)
-        self._fused_linear = None
         uniform = len({mul for mul, _ in self.irreps_out}) == 1
         if isinstance(self.conv_tp, ChannelwiseTensorProduct) and self.conv_tp.fast and uniform:
             self._fused_linear = _ChannelLastLinear(irreps_mid, self.irreps_out)
@@ -260,6 +263,62 @@ INTERACTION_BLOCKS = {
     "RealAgnosticResidualInteractionBlock": RealAgnosticResidualInteractionBlock,
     "RealAgnosticInteractionBlock": RealAgnosticInteractionBlock,
 }
+
+
+# ---------------------------------------------------------------- density-normalised variants
+class _DensityNormalised(InteractionBlock):
+    r"""mace-torch's density variants: the message is divided by :math:`1 + 
+ho_i` instead of
+    ``avg_num_neighbors``, with the learned local density
+    :math:`
+ho_i = \sum_{j \in N(i)} 	anhig(w \cdot R(r_{ij}) / \sqrt{N}ig)^2` (one linear
+    layer ``density_fn`` on the radial features; times the envelope when the envelope
+    multiplies the weights, ``apply_cutoff=False``)."""
+
+    def _density_message(self, node_feats, geometry: EdgeGeometry, sender, receiver):
+        node_feats = self.linear_up(node_feats)
+        tp_weights = self.conv_tp_weights(geometry.radial)
+        edge_density = torch.tanh(self.density_fn(geometry.radial) ** 2)
+        if self.envelope_on_weights:
+            envelope = geometry.require("envelope", type(self).__name__)
+            tp_weights, edge_density = tp_weights * envelope, edge_density * envelope
+        N = node_feats.shape[0]
+        density = edge_density.new_zeros(N, 1).index_add(0, receiver, edge_density)
+        message = self.conv_tp.message_passing(node_feats, geometry, tp_weights, sender, receiver, N)
+        return self.linear(message) / (density + 1)
+
+
+class RealAgnosticDensityInteractionBlock(_DensityNormalised):
+    """Density-normalised message, species-dependent product applied to it, no self connection."""
+
+    residual = False
+
+    def _setup_skip(self) -> None:
+        self.skip_tp = o3.FullyConnectedTensorProduct(self.irreps_out, self.node_attrs_irreps, self.irreps_out)
+        self.density_fn = radial_mlp(self.edge_feats_irreps.num_irreps, [], 1)
+
+    def forward(self, node_attrs, node_feats, edge_geometry: EdgeGeometry, sender, receiver):
+        message = self.skip_tp(self._density_message(node_feats, edge_geometry, sender, receiver), node_attrs)
+        return irreps_to_channels(message, self.irreps_out), None
+
+
+class RealAgnosticDensityResidualInteractionBlock(_DensityNormalised):
+    """Density-normalised message; the self connection ``sc`` is returned for the product block."""
+
+    residual = True
+
+    def _setup_skip(self) -> None:
+        self.skip_tp = o3.FullyConnectedTensorProduct(self.node_feats_irreps, self.node_attrs_irreps, self.hidden_irreps)
+        self.density_fn = radial_mlp(self.edge_feats_irreps.num_irreps, [], 1)
+
+    def forward(self, node_attrs, node_feats, edge_geometry: EdgeGeometry, sender, receiver):
+        sc = self.skip_tp(node_feats, node_attrs)
+        message = self._density_message(node_feats, edge_geometry, sender, receiver)
+        return irreps_to_channels(message, self.irreps_out), sc
+
+
+INTERACTION_BLOCKS["RealAgnosticDensityInteractionBlock"] = RealAgnosticDensityInteractionBlock
+INTERACTION_BLOCKS["RealAgnosticDensityResidualInteractionBlock"] = RealAgnosticDensityResidualInteractionBlock
 
 
 def interaction_block_class(name: str) -> type[InteractionBlock]:
