@@ -182,3 +182,38 @@ def test_native_mace_computes_mace_torch_function_by_default():
     assert native.config["subtract_isolated"] is False
     native.load_state_dict(imported.state_dict())
     _compare(native, FIXTURES)
+
+
+@pytest.mark.parametrize("k, L", [(0, "0e"), (1, "1o"), (2, "2e")])
+@pytest.mark.parametrize("nu", [2, 3])
+def test_coupling_basis_spans_mace_torch_couplings(nu, k, L):
+    """mlpot's own product basis (new models) against mace-torch's coupling tensors ``U`` stored
+    in the ``lmax3_corr3`` fixture (A = 0e+1o+2e+3o, max_ell 3): as symmetric polynomials of
+    degree nu of A, both span the same space, and mlpot's columns are independent."""
+    from e3nn import o3
+
+    from mlpot.models.mace_import import read_export
+    from mlpot.o3.symmetric_contraction import coupling_basis
+
+    _, weights = read_export(FIXTURES / "lmax3_corr3")
+    theirs = weights[f"products.0.symmetric_contractions.contractions.{k}.U_matrix_{nu}"]
+    irreps = o3.Irreps("0e+1o+2e+3o")
+    if theirs.dim() == nu + 1:  # scalar outputs: mace-torch drops the component axis
+        theirs = theirs[None]
+    ours = coupling_basis(irreps, nu, o3.Irrep(L))
+    assert ours.shape[:-1] == theirs.shape[:-1]
+    g = torch.Generator().manual_seed(nu)
+    a = torch.randn(theirs.shape[-1] + ours.shape[-1], irreps.dim, generator=g, dtype=torch.float64)
+
+    def features(U):
+        """(samples * d, columns): every column's polynomial U(a, ..., a) at every sample."""
+        T = torch.einsum("d...ic,si->sd...c", U, a)
+        for _ in range(nu - 1):
+            T = torch.einsum("sd...ic,si->sd...c", T, a)
+        return T.reshape(-1, U.shape[-1])
+
+    F_ours, F_theirs = features(ours), features(theirs)
+    rank = torch.linalg.matrix_rank
+    r = rank(F_ours)
+    assert ours.shape[-1] == r > 0
+    assert rank(F_theirs) == r == rank(torch.cat([F_ours, F_theirs], 1))
