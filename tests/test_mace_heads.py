@@ -195,3 +195,46 @@ def test_head_survives_save_and_load(tmp_path):
     atoms = molecule("H2O")
     for h in model.heads:
         assert abs(back.predict([atoms], head=h)["energy"][0] - model.predict([atoms], head=h)["energy"][0]) < 1e-12
+
+
+def test_head_on_the_command_line(tmp_path, capsys):
+    """``--head`` on ``mlpot eval``, ``relax`` and ``md`` reads the model with that head; an
+    unknown name is one error line and exit status 1."""
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.io import read, write
+
+    from mlpot.cli.main import main
+
+    model = two_heads()
+    model.save(tmp_path / "m.pt")
+    frames = []
+    for name in ("H2O", "CH4"):
+        a = molecule(name)
+        a.rattle(0.05, seed=1)
+        a.calc = SinglePointCalculator(a, energy=-100.0, forces=np.zeros((len(a), 3)))
+        frames.append(a)
+    data = tmp_path / "data.xyz"
+    write(data, frames)
+    maes = {}
+    for head in model.heads:
+        out = tmp_path / f"{head}.json"
+        assert main(["eval", "--model", str(tmp_path / "m.pt"), "--data", str(data), "--head", head,
+                     "--format", "json", "--output", str(out), "--device", "cpu"]) == 0
+        maes[head] = json.loads(out.read_text())["data"]["e_mae"]
+        expected = model.predict(frames, head=head)["energy"]
+        n = sum(len(a) for a in frames)
+        assert abs(maes[head] - 1000 * np.mean(np.abs(expected + 100.0) / [len(a) for a in frames])) < 1e-6 * n
+    assert abs(maes["dft_a"] - maes["dft_b"]) > 1.0
+    assert main(["eval", "--model", str(tmp_path / "m.pt"), "--data", str(data), "--head", "nope",
+                 "--device", "cpu"]) == 1
+    assert "head 'nope' not in" in capsys.readouterr().err
+    start = tmp_path / "start.xyz"
+    write(start, molecule("H2O"))
+    for cmd in (["relax", str(start), "--steps", "2", "--quiet"], ["md", str(start), "--steps", "2", "--no-progress"]):
+        assert main([*cmd, "--model", str(tmp_path / "m.pt"), "--head", "nope", "--device", "cpu"]) == 1
+        assert "head 'nope' not in" in capsys.readouterr().err
+    out = tmp_path / "relaxed.xyz"
+    assert main(["relax", str(start), "--model", str(tmp_path / "m.pt"), "--head", "dft_b", "--steps", "0",
+                 "--output", str(out), "--quiet", "--device", "cpu"]) in (0, 3)
+    e = read(out).get_potential_energy()
+    assert abs(e - model.predict([molecule("H2O")], head="dft_b")["energy"][0]) < 1e-8
