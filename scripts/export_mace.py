@@ -22,10 +22,13 @@ Then, in mlpot's environment::
 
     mlpot import-mace OUT_DIR model.pt
 
-Unsupported mace-torch features (multi-head models, ZBL pair repulsion, interaction classes
-other than ``RealAgnostic[Residual]InteractionBlock``, non-Bessel radial bases, distance
-transforms, cuequivariance/OEQ layouts, LoRA, embeddings of extra inputs, other model classes)
-are a clear error naming them.
+Supported: ``MACE`` / ``ScaleShiftMACE`` with heads (per-head E0s, scale/shift), mace-torch's ZBL
+pair repulsion, the Agnesi / Soft distance transforms, Bessel / Gaussian / Chebyshev radial bases,
+``apply_cutoff=False``, the plain, residual and density interaction blocks, ``use_agnostic_product``,
+``use_last_readout_only``, ``edge_irreps``. Everything else (the attention and non-linear interaction
+blocks, ``use_so3``, ``keep_last_layer_irreps``, embeddings of extra inputs, cuequivariance/OEQ
+layouts, LoRA, other model classes) is a clear error naming it. The ``U`` matrices of the product
+basis, mostly zeros, are stored as coordinates and values (format version 2).
 
 End-to-end check (two venvs, both from the repository root)::
 

@@ -14,7 +14,10 @@ Weight mapping (mace-torch name -> mlpot name):
   axis of size 1 added for scalar outputs (mlpot always keeps the output-component axis);
 * ``...contractions.k.weights_max`` -> ``weights_{correlation}`` and ``weights.j`` ->
   ``weights_{correlation - 1 - j}``;
-* ``atomic_energies_fn.atomic_energies`` -> the model's ``e0s``.
+* ``atomic_energies_fn.atomic_energies`` -> the model's ``e0s`` (one row per head);
+* ``radial_embedding.distance_transform.*``, ``radial_embedding.bessel_fn.*`` (Gaussian / Chebyshev
+  too) and ``pair_repulsion_fn.*`` -> same names (:mod:`mlpot.nn.radial`);
+* a format-2 export's sparse ``U`` matrices (``NAME.coo_*``) are made dense again.
 
 Wigner 3j symbols: e3nn changed the sign of some ``wigner_3j(l1, l2, l3)`` between versions. The
 export carries the symbols of the e3nn that built the model; where one of the message product's
@@ -37,8 +40,8 @@ EXPORT_FORMAT = "mlpot-mace-export"
 EXPORT_VERSION = 2
 SUPPORTED_MODELS = ("MACE", "ScaleShiftMACE")
 UNSUPPORTED_HINT = (
-    "mlpot imports MACE / ScaleShiftMACE with RealAgnostic[Residual]InteractionBlock, Bessel radial "
-    "basis, one head, no pair repulsion"
+    "mlpot imports MACE / ScaleShiftMACE with RealAgnostic[Density][Residual]InteractionBlock, any "
+    "radial_type / distance_transform, heads, pair repulsion, edge_irreps (see the README table)"
 )
 
 # mace-torch state-dict entries that carry no information mlpot needs (derived from the architecture)
