@@ -24,9 +24,9 @@ Then, in mlpot's environment::
 
 Supported: ``MACE`` / ``ScaleShiftMACE`` with heads (per-head E0s, scale/shift), mace-torch's ZBL
 pair repulsion, the Agnesi / Soft distance transforms, Bessel / Gaussian / Chebyshev radial bases,
-``apply_cutoff=False``, the plain, residual and density interaction blocks, ``use_agnostic_product``,
-``use_last_readout_only``, ``edge_irreps``. Everything else (the attention and non-linear interaction
-blocks, ``use_so3``, ``keep_last_layer_irreps``, embeddings of extra inputs, cuequivariance/OEQ
+``apply_cutoff=False``, the plain, residual, density and non-linear residual interaction blocks,
+``use_agnostic_product``, ``use_last_readout_only``, ``edge_irreps``. Everything else (the attention
+interaction block, ``use_so3``, ``keep_last_layer_irreps``, embeddings of extra inputs, cuequivariance/OEQ
 layouts, LoRA, other model classes) is a clear error naming it. The ``U`` matrices of the product
 basis, mostly zeros, are stored as coordinates and values (format version 2).
 
@@ -50,7 +50,8 @@ SPARSE_SUFFIXES = (".coo_indices", ".coo_values", ".coo_shape")
 
 SUPPORTED_MODELS = ("MACE", "ScaleShiftMACE")
 SUPPORTED_INTERACTIONS = ("RealAgnosticResidualInteractionBlock", "RealAgnosticInteractionBlock",
-                          "RealAgnosticDensityInteractionBlock", "RealAgnosticDensityResidualInteractionBlock")
+                          "RealAgnosticDensityInteractionBlock", "RealAgnosticDensityResidualInteractionBlock",
+                          "RealAgnosticResidualNonLinearInteractionBlock")
 RADIAL_TYPES = {"BesselBasis": "bessel", "GaussianBasis": "gaussian", "ChebychevBasis": "chebyshev"}
 DISTANCE_TRANSFORMS = {"AgnesiTransform": "Agnesi", "SoftTransform": "Soft"}
 
@@ -194,6 +195,13 @@ def _check_supported(model) -> None:
         raise UnsupportedMaceModel("mace-torch model uses features mlpot does not support: " + "; ".join(problems))
 
 
+def _radial_hidden(mlp) -> list[int]:
+    """Hidden sizes of a radial MLP (e3nn FullyConnectedNet or mace-torch's LayerNorm RadialMLP)."""
+    if hasattr(mlp, "hs"):
+        return [int(h) for h in list(mlp.hs)[1:-1]]
+    return [int(layer.weight.shape[1]) for layer in list(mlp)[:-1]]
+
+
 def _irreps_lmax(irreps) -> int:
     return max((ir.l for _, ir in irreps), default=0)
 
@@ -254,7 +262,7 @@ def hyperparameters(model) -> dict:
         for i1, i2, io in ins:
             triples.add((tp.irreps_in1[i1].ir.l, tp.irreps_in2[i2].ir.l, tp.irreps_out[io].ir.l))
         sk = inter.skip_tp
-        for i in sk.instructions:
+        for i in (sk.instructions if hasattr(sk, "irreps_in2") else []):  # a plain Linear has no CG
             triples.add((sk.irreps_in1[i.i_in1].ir.l, sk.irreps_in2[i.i_in2].ir.l, sk.irreps_out[i.i_out].ir.l))
     w3j = {f"{a},{b},{c}": o3.wigner_3j(a, b, c, dtype=torch.float64).tolist() for a, b, c in sorted(triples)}
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
@@ -285,7 +293,7 @@ def hyperparameters(model) -> dict:
         "gate": _gate_name(model.readouts[-1]),
         "num_interactions": len(interactions),
         "correlation": correlation,
-        "radial_MLP": [int(layer.weight.shape[1]) for layer in list(interactions[0].conv_tp_weights)[:-1]],
+        "radial_MLP": _radial_hidden(interactions[0].conv_tp_weights),
         "avg_num_neighbors": avg.pop(),
         "atomic_numbers": [int(z) for z in model.atomic_numbers.tolist()],
         "heads": heads,

@@ -40,7 +40,7 @@ EXPORT_FORMAT = "mlpot-mace-export"
 EXPORT_VERSION = 2
 SUPPORTED_MODELS = ("MACE", "ScaleShiftMACE")
 UNSUPPORTED_HINT = (
-    "mlpot imports MACE / ScaleShiftMACE with RealAgnostic[Density][Residual]InteractionBlock, any "
+    "mlpot imports MACE / ScaleShiftMACE with RealAgnostic[Density][Residual][NonLinear]InteractionBlock, any "
     "radial_type / distance_transform, heads, pair repulsion, edge_irreps (see the README table)"
 )
 
@@ -174,7 +174,7 @@ def _path_signs(model, hp: dict) -> list[list[float]]:
             layer.append(sign(l1, l2, l3, f"message path {l1}x{l2}->{l3} of layer {t}"))
         signs.append(layer)
         sk = inter.skip_tp
-        for ins in sk.instructions:
+        for ins in (sk.instructions if hasattr(sk, "irreps_in2") else []):  # a plain Linear has no CG
             ls = (sk.irreps_in1[ins.i_in1].ir.l, sk.irreps_in2[ins.i_in2].ir.l, sk.irreps_out[ins.i_out].ir.l)
             if sign(*ls, f"self-connection path of layer {t}") != 1.0:
                 raise ModelFileError(f"wigner_3j{ls} of the self connection differs in sign (not supported)")
@@ -246,13 +246,18 @@ def import_mace(path):
     for t, layer_signs in enumerate(signs):
         inter = model.interactions[t]
         mlp = inter.conv_tp_weights
-        last = f"interactions.{t}.conv_tp_weights.layer{len(mlp) - 1}.weight"
-        W = new_state[last].clone()
-        off = 0
-        for s, (a, b) in zip(layer_signs, inter.conv_tp.weight_shapes):
-            W[:, off : off + a * b] *= s
-            off += a * b
-        new_state[last] = W
+        if hasattr(mlp, "net"):  # LayerNormRadialMLP: torch Linear (out, in) with a bias
+            last = f"interactions.{t}.conv_tp_weights.net.{len(mlp.net) - 1}"
+            keys = [(f"{last}.weight", 0), (f"{last}.bias", 0)]
+        else:  # e3nn FullyConnectedNet: weight (in, out), no bias
+            keys = [(f"interactions.{t}.conv_tp_weights.layer{len(mlp) - 1}.weight", 1)]
+        for key, axis in keys:
+            W = new_state[key].clone()
+            off = 0
+            for s, (a, b) in zip(layer_signs, inter.conv_tp.weight_shapes):
+                W.narrow(axis, off, a * b).mul_(s)
+                off += a * b
+            new_state[key] = W
     model.load_state_dict(new_state, strict=True)
     model.metadata = {
         "imported_from": "mace-torch",

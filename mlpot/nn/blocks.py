@@ -200,6 +200,7 @@ class InteractionBlock(nn.Module):
             mmax=mmax,
         )
         irreps_mid = o3.Irreps(self.conv_tp.irreps_out)
+        self._radial_hidden = [int(h) for h in radial_MLP]
         self.conv_tp_weights = radial_mlp(self.edge_feats_irreps.num_irreps, radial_MLP, self.conv_tp.weight_numel)
         self.irreps_out = self.target_irreps
         self.linear = o3.Linear(irreps_mid, self.irreps_out)
@@ -317,6 +318,66 @@ class RealAgnosticDensityResidualInteractionBlock(_DensityNormalised):
         return irreps_to_channels(message, self.irreps_out), sc
 
 
+class RealAgnosticResidualNonLinearInteractionBlock(InteractionBlock):
+    r"""mace-torch's non-linear residual interaction block.
+
+    Edge features are the radial basis concatenated with learned species embeddings of the
+    sender and the receiver; the radial MLP and the local density are
+    :class:`~mlpot.nn.radial.LayerNormRadialMLP`\ s of them. The message
+    :math:`m_i = W_1 \sum_j TP(W_{up} h_j, Y_{ij}, R_{ij}) / (\beta \rho_i + \alpha) + W_{res} W_{up} h_i`
+    goes through a gate (SiLU on scalars, sigmoid gates on ``l > 0``) and a last linear map
+    ``linear_2``; the self connection is a plain linear map of ``h_i`` (``skip_tp``).
+    """
+
+    residual = True
+
+    def _setup_skip(self) -> None:
+        from e3nn import nn as e3nn_nn
+
+        from mlpot.nn.radial import LayerNormRadialMLP
+
+        scalars = o3.Irreps([(self.node_feats_irreps.count(o3.Irrep(0, 1)), (0, 1))])
+        self.source_embedding = o3.Linear(self.node_attrs_irreps, scalars)
+        self.target_embedding = o3.Linear(self.node_attrs_irreps, scalars)
+        hidden = self._radial_hidden
+        num_in = self.edge_feats_irreps.num_irreps + 2 * scalars.dim
+        self.conv_tp_weights = LayerNormRadialMLP([num_in, *hidden, self.conv_tp.weight_numel])
+        self.skip_tp = o3.Linear(self.node_feats_irreps, self.hidden_irreps)
+        out_scalars = o3.Irreps([(mul, ir) for mul, ir in self.irreps_out if ir.l == 0])
+        gated = o3.Irreps([(mul, ir) for mul, ir in self.irreps_out if ir.l > 0])
+        gates = o3.Irreps([(mul, "0e") for mul, _ in gated])
+        self.equivariant_nonlin = e3nn_nn.Gate(out_scalars, [torch.nn.functional.silu] * len(out_scalars), gates,
+                                               [torch.sigmoid] * len(gates), gated)
+        self.irreps_nonlin = self.equivariant_nonlin.irreps_in.simplify()
+        self.linear_res = o3.Linear(self.edge_irreps, self.irreps_nonlin)
+        self.linear_1 = o3.Linear(o3.Irreps(self.conv_tp.irreps_out), self.irreps_nonlin)
+        self.linear_2 = o3.Linear(self.irreps_out, self.irreps_out)
+        del self.linear  # mace-torch's block has linear_1 / linear_2 instead
+        self._fused_linear = None
+        self.density_fn = LayerNormRadialMLP([num_in, 64, 1])
+        self.alpha = nn.Parameter(torch.tensor(20.0))
+        self.beta = nn.Parameter(torch.tensor(0.0))
+
+    def forward(self, node_attrs, node_feats, edge_geometry: EdgeGeometry, sender, receiver):
+        sc = self.skip_tp(node_feats)
+        node_feats = self.linear_up(node_feats)
+        residual = self.linear_res(node_feats)
+        edge_feats = torch.cat([edge_geometry.radial, self.source_embedding(node_attrs)[sender],
+                                self.target_embedding(node_attrs)[receiver]], dim=-1)
+        tp_weights = self.conv_tp_weights(edge_feats)
+        edge_density = torch.tanh(self.density_fn(edge_feats) ** 2)
+        if self.envelope_on_weights:
+            envelope = edge_geometry.require("envelope", type(self).__name__)
+            tp_weights, edge_density = tp_weights * envelope, edge_density * envelope
+        N = node_feats.shape[0]
+        density = edge_density.new_zeros(N, 1).index_add(0, receiver, edge_density)
+        message = self.conv_tp.message_passing(node_feats, edge_geometry, tp_weights, sender, receiver, N)
+        message = self.linear_1(message) / (density * self.beta + self.alpha) + residual
+        message = self.linear_2(self.equivariant_nonlin(message))
+        return irreps_to_channels(message, self.irreps_out), sc
+
+
+INTERACTION_BLOCKS["RealAgnosticResidualNonLinearInteractionBlock"] = RealAgnosticResidualNonLinearInteractionBlock
 INTERACTION_BLOCKS["RealAgnosticDensityInteractionBlock"] = RealAgnosticDensityInteractionBlock
 INTERACTION_BLOCKS["RealAgnosticDensityResidualInteractionBlock"] = RealAgnosticDensityResidualInteractionBlock
 

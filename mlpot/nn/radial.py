@@ -299,3 +299,21 @@ class MaceZBLRepulsion(nn.Module):
                + self.c[2] * torch.exp(-0.4028 * x) + self.c[3] * torch.exp(-0.2016 * x))
         v = 0.5 * (14.3996 * z_s * z_r) / r * phi * PolynomialCutoff.envelope(r, rc, self.p.to(torch.int))
         return r.new_zeros(num_nodes).index_add(0, receiver, v.squeeze(-1))
+
+
+class LayerNormRadialMLP(nn.Module):
+    r"""``[Linear (bias) -> LayerNorm -> SiLU] x hidden, Linear (bias)`` on the channel sizes
+    ``channels = [in, *hidden, out]`` (mace-torch's ``RadialMLP``, used by its non-linear
+    interaction block; the modules sit in ``net`` under mace-torch's indices)."""
+
+    def __init__(self, channels: list[int]):
+        super().__init__()
+        layers: list[nn.Module] = []
+        for k, (a, b) in enumerate(zip(channels[:-1], channels[1:])):
+            layers.append(nn.Linear(int(a), int(b), bias=True))
+            if k < len(channels) - 2:
+                layers += [nn.LayerNorm(int(b)), nn.SiLU()]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
