@@ -24,9 +24,9 @@ Then, in mlpot's environment::
 
 Supported: ``MACE`` / ``ScaleShiftMACE`` with heads (per-head E0s, scale/shift), mace-torch's ZBL
 pair repulsion, the Agnesi / Soft distance transforms, Bessel / Gaussian / Chebyshev radial bases,
-``apply_cutoff=False``, the plain, residual, density and non-linear residual interaction blocks,
-``use_agnostic_product``, ``use_last_readout_only``, ``edge_irreps``. Everything else (the attention
-interaction block, ``use_so3``, ``keep_last_layer_irreps``, embeddings of extra inputs, cuequivariance/OEQ
+``apply_cutoff=False``, every interaction class of ``mace.modules.interaction_classes`` (plain,
+residual, density, density residual, attention residual, non-linear residual),
+``use_agnostic_product``, ``use_last_readout_only``, ``edge_irreps``. Everything else (``use_so3``, ``keep_last_layer_irreps``, embeddings of extra inputs, cuequivariance/OEQ
 layouts, LoRA, other model classes) is a clear error naming it. The ``U`` matrices of the product
 basis, mostly zeros, are stored as coordinates and values (format version 2).
 
@@ -51,7 +51,7 @@ SPARSE_SUFFIXES = (".coo_indices", ".coo_values", ".coo_shape")
 SUPPORTED_MODELS = ("MACE", "ScaleShiftMACE")
 SUPPORTED_INTERACTIONS = ("RealAgnosticResidualInteractionBlock", "RealAgnosticInteractionBlock",
                           "RealAgnosticDensityInteractionBlock", "RealAgnosticDensityResidualInteractionBlock",
-                          "RealAgnosticResidualNonLinearInteractionBlock")
+                          "RealAgnosticResidualNonLinearInteractionBlock", "RealAgnosticAttResidualInteractionBlock")
 RADIAL_TYPES = {"BesselBasis": "bessel", "GaussianBasis": "gaussian", "ChebychevBasis": "chebyshev"}
 DISTANCE_TRANSFORMS = {"AgnesiTransform": "Agnesi", "SoftTransform": "Soft"}
 
@@ -261,7 +261,7 @@ def hyperparameters(model) -> dict:
                      "modes": [str(i.connection_mode) for i in tp.instructions]})
         for i1, i2, io in ins:
             triples.add((tp.irreps_in1[i1].ir.l, tp.irreps_in2[i2].ir.l, tp.irreps_out[io].ir.l))
-        sk = inter.skip_tp
+        sk = getattr(inter, "skip_tp", None)
         for i in (sk.instructions if hasattr(sk, "irreps_in2") else []):  # a plain Linear has no CG
             triples.add((sk.irreps_in1[i.i_in1].ir.l, sk.irreps_in2[i.i_in2].ir.l, sk.irreps_out[i.i_out].ir.l))
     w3j = {f"{a},{b},{c}": o3.wigner_3j(a, b, c, dtype=torch.float64).tolist() for a, b, c in sorted(triples)}

@@ -89,6 +89,10 @@ def build_model(seed: int = 7, hidden_irreps: str = "8x0e + 8x1o", max_ell: int 
             # energies stay O(10^3) eV and a 1e-8 eV comparison is meaningful
             for inter in model.interactions:
                 inter.conv_tp_weights.layer0.weight.mul_(0.01)
+        for inter in model.interactions:
+            if type(inter).__name__ == "RealAgnosticAttResidualInteractionBlock":
+                # its fixed 3 x 256 radial MLP amplifies the randomised weights: keep energies O(10^3) eV
+                inter.conv_tp_weights.layer3.weight.mul_(0.01)
     return model.double().eval()
 
 

@@ -96,8 +96,8 @@ def test_defaults_and_config():
 def test_bad_config_is_clear():
     with pytest.raises(ConfigError, match="atomic_numbers"):
         build_model("MACE")
-    with pytest.raises(ConfigError, match="RealAgnosticAttResidualInteractionBlock"):
-        build_model("MACE", atomic_numbers=[1], interaction_cls="RealAgnosticAttResidualInteractionBlock")
+    with pytest.raises(ConfigError, match="ResidualElementDependentInteractionBlock"):
+        build_model("MACE", atomic_numbers=[1], interaction_cls="ResidualElementDependentInteractionBlock")
     with pytest.raises(ConfigError, match="correlation"):
         build_model("MACE", atomic_numbers=[1], correlation=[3, 3, 3])
     with pytest.raises(ConfigError, match="interaction_tp"):
@@ -275,7 +275,8 @@ def test_building_a_model_leaves_the_allocator_alone():
 
 
 @pytest.mark.parametrize("options", [
-    {"interaction_cls": "RealAgnosticResidualNonLinearInteractionBlock", "edge_irreps": "4x0e + 4x1o"},
+    {"interaction_cls": "RealAgnosticResidualNonLinearInteractionBlock", "edge_irreps": "4x0e + 4x1o",
+     "interaction_cls_first": "RealAgnosticAttResidualInteractionBlock"},
     {"interaction_cls_first": "RealAgnosticDensityInteractionBlock",
      "interaction_cls": "RealAgnosticDensityResidualInteractionBlock", "apply_cutoff": False},
     {"pair_repulsion": True, "distance_transform": "Agnesi", "radial_type": "gaussian",

@@ -45,6 +45,7 @@ DIRS = [Path(os.environ["MLPOT_MACE_FIXTURE"])] if os.environ.get("MLPOT_MACE_FI
     FIXTURES / "agnostic_last_readout_edge_irreps",
     FIXTURES / "elements89",
     FIXTURES / "nonlinear",
+    FIXTURES / "attention",
 ]
 TOL = 1e-8
 
@@ -119,10 +120,10 @@ def test_unsupported_features_are_named(tmp_path):
     d = tmp_path / "export"
     shutil.copytree(FIXTURES, d, ignore=shutil.ignore_patterns("odd_parity"))
     hp = json.loads((d / "hyperparameters.json").read_text())
-    hp["interaction_cls"] = "RealAgnosticAttResidualInteractionBlock"
+    hp["interaction_cls"] = "ResidualElementDependentInteractionBlock"  # an older mace-torch class
     hp["use_so3"] = True
     (d / "hyperparameters.json").write_text(json.dumps(hp))
-    with pytest.raises(ModelFileError, match="RealAgnosticAttResidualInteractionBlock.*use_so3"):
+    with pytest.raises(ModelFileError, match="ResidualElementDependentInteractionBlock.*use_so3"):
         import_mace(d)
     hp["interaction_cls"] = "RealAgnosticResidualInteractionBlock"
     hp["use_so3"] = False

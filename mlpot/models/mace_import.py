@@ -40,7 +40,7 @@ EXPORT_FORMAT = "mlpot-mace-export"
 EXPORT_VERSION = 2
 SUPPORTED_MODELS = ("MACE", "ScaleShiftMACE")
 UNSUPPORTED_HINT = (
-    "mlpot imports MACE / ScaleShiftMACE with RealAgnostic[Density][Residual][NonLinear]InteractionBlock, any "
+    "mlpot imports MACE / ScaleShiftMACE with every mace.modules.interaction_classes block, any "
     "radial_type / distance_transform, heads, pair repulsion, edge_irreps (see the README table)"
 )
 
@@ -173,7 +173,7 @@ def _path_signs(model, hp: dict) -> list[list[float]]:
             l1, l2, l3 = tp.irreps_in1[i1].ir.l, tp.irreps_in2[i2].ir.l, tp.irreps_out[io].ir.l
             layer.append(sign(l1, l2, l3, f"message path {l1}x{l2}->{l3} of layer {t}"))
         signs.append(layer)
-        sk = inter.skip_tp
+        sk = getattr(inter, "skip_tp", None)
         for ins in (sk.instructions if hasattr(sk, "irreps_in2") else []):  # a plain Linear has no CG
             ls = (sk.irreps_in1[ins.i_in1].ir.l, sk.irreps_in2[ins.i_in2].ir.l, sk.irreps_out[ins.i_out].ir.l)
             if sign(*ls, f"self-connection path of layer {t}") != 1.0:

@@ -377,6 +377,36 @@ class RealAgnosticResidualNonLinearInteractionBlock(InteractionBlock):
         return irreps_to_channels(message, self.irreps_out), sc
 
 
+class RealAgnosticAttResidualInteractionBlock(InteractionBlock):
+    r"""mace-torch's "attention" residual block: the radial MLP (three hidden layers of 256, fixed
+    in mace-torch) reads the radial basis concatenated with ``64x0e`` projections
+    (``linear_down``) of the sender's and the receiver's features; message as the residual
+    block (``/ avg_num_neighbors``); the self connection is a linear map ``skip_linear`` of ``h_i``."""
+
+    residual = True
+
+    def _setup_skip(self) -> None:
+        self.node_feats_down_irreps = o3.Irreps("64x0e")
+        self.linear_down = o3.Linear(self.node_feats_irreps, self.node_feats_down_irreps)
+        num_in = self.edge_feats_irreps.num_irreps + 2 * self.node_feats_down_irreps.num_irreps
+        self.conv_tp_weights = radial_mlp(num_in, [256, 256, 256], self.conv_tp.weight_numel)
+        self.skip_linear = o3.Linear(self.node_feats_irreps, self.hidden_irreps)
+
+    def forward(self, node_attrs, node_feats, edge_geometry: EdgeGeometry, sender, receiver):
+        sc = self.skip_linear(node_feats)
+        down = self.linear_down(node_feats)
+        up = self.linear_up(node_feats)
+        edge_feats = torch.cat([edge_geometry.radial, down[sender], down[receiver]], dim=-1)
+        tp_weights = self.conv_tp_weights(edge_feats)
+        if self.envelope_on_weights:
+            tp_weights = tp_weights * edge_geometry.require("envelope", type(self).__name__)
+        N = node_feats.shape[0]
+        message = self.conv_tp.message_passing(up, edge_geometry, tp_weights, sender, receiver, N)
+        message = self.linear(message) / self.avg_num_neighbors
+        return irreps_to_channels(message, self.irreps_out), sc
+
+
+INTERACTION_BLOCKS["RealAgnosticAttResidualInteractionBlock"] = RealAgnosticAttResidualInteractionBlock
 INTERACTION_BLOCKS["RealAgnosticResidualNonLinearInteractionBlock"] = RealAgnosticResidualNonLinearInteractionBlock
 INTERACTION_BLOCKS["RealAgnosticDensityInteractionBlock"] = RealAgnosticDensityInteractionBlock
 INTERACTION_BLOCKS["RealAgnosticDensityResidualInteractionBlock"] = RealAgnosticDensityResidualInteractionBlock
