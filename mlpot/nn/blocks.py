@@ -267,6 +267,18 @@ INTERACTION_BLOCKS = {
 
 
 # ---------------------------------------------------------------- density-normalised variants
+def _weights_and_density(block, edge_feats, geometry: EdgeGeometry, receiver, num_nodes: int):
+    r"""``(tp_weights (E, W), density (N, 1))`` of a density block: its radial MLP of ``edge_feats`` and
+    :math:`\rho_i = \sum_{j} \tanh(\text{density\_fn}(\text{edge\_feats}_{ij}))^2`, both times the
+    envelope when it multiplies the weights (``apply_cutoff=False``)."""
+    tp_weights = block.conv_tp_weights(edge_feats)
+    edge_density = torch.tanh(block.density_fn(edge_feats) ** 2)
+    if block.envelope_on_weights:
+        envelope = geometry.require("envelope", type(block).__name__)
+        tp_weights, edge_density = tp_weights * envelope, edge_density * envelope
+    return tp_weights, edge_density.new_zeros(num_nodes, 1).index_add(0, receiver, edge_density)
+
+
 class _DensityNormalised(InteractionBlock):
     r"""mace-torch's density variants: the message is divided by :math:`1 + 
 ho_i` instead of
@@ -276,15 +288,17 @@ ho_i = \sum_{j \in N(i)} 	anhig(w \cdot R(r_{ij}) / \sqrt{N}ig)^2` (one linear
     layer ``density_fn`` on the radial features; times the envelope when the envelope
     multiplies the weights, ``apply_cutoff=False``)."""
 
+    def _setup_skip(self) -> None:
+        self.skip_tp = self._self_connection()
+        self.density_fn = radial_mlp(self.edge_feats_irreps.num_irreps, [], 1)
+
+    def _self_connection(self) -> nn.Module:
+        raise NotImplementedError
+
     def _density_message(self, node_feats, geometry: EdgeGeometry, sender, receiver):
         node_feats = self.linear_up(node_feats)
-        tp_weights = self.conv_tp_weights(geometry.radial)
-        edge_density = torch.tanh(self.density_fn(geometry.radial) ** 2)
-        if self.envelope_on_weights:
-            envelope = geometry.require("envelope", type(self).__name__)
-            tp_weights, edge_density = tp_weights * envelope, edge_density * envelope
         N = node_feats.shape[0]
-        density = edge_density.new_zeros(N, 1).index_add(0, receiver, edge_density)
+        tp_weights, density = _weights_and_density(self, geometry.radial, geometry, receiver, N)
         message = self.conv_tp.message_passing(node_feats, geometry, tp_weights, sender, receiver, N)
         return self.linear(message) / (density + 1)
 
@@ -294,9 +308,8 @@ class RealAgnosticDensityInteractionBlock(_DensityNormalised):
 
     residual = False
 
-    def _setup_skip(self) -> None:
-        self.skip_tp = o3.FullyConnectedTensorProduct(self.irreps_out, self.node_attrs_irreps, self.irreps_out)
-        self.density_fn = radial_mlp(self.edge_feats_irreps.num_irreps, [], 1)
+    def _self_connection(self) -> nn.Module:
+        return o3.FullyConnectedTensorProduct(self.irreps_out, self.node_attrs_irreps, self.irreps_out)
 
     def forward(self, node_attrs, node_feats, edge_geometry: EdgeGeometry, sender, receiver):
         message = self.skip_tp(self._density_message(node_feats, edge_geometry, sender, receiver), node_attrs)
@@ -308,9 +321,8 @@ class RealAgnosticDensityResidualInteractionBlock(_DensityNormalised):
 
     residual = True
 
-    def _setup_skip(self) -> None:
-        self.skip_tp = o3.FullyConnectedTensorProduct(self.node_feats_irreps, self.node_attrs_irreps, self.hidden_irreps)
-        self.density_fn = radial_mlp(self.edge_feats_irreps.num_irreps, [], 1)
+    def _self_connection(self) -> nn.Module:
+        return o3.FullyConnectedTensorProduct(self.node_feats_irreps, self.node_attrs_irreps, self.hidden_irreps)
 
     def forward(self, node_attrs, node_feats, edge_geometry: EdgeGeometry, sender, receiver):
         sc = self.skip_tp(node_feats, node_attrs)
@@ -364,13 +376,8 @@ class RealAgnosticResidualNonLinearInteractionBlock(InteractionBlock):
         residual = self.linear_res(node_feats)
         edge_feats = torch.cat([edge_geometry.radial, self.source_embedding(node_attrs)[sender],
                                 self.target_embedding(node_attrs)[receiver]], dim=-1)
-        tp_weights = self.conv_tp_weights(edge_feats)
-        edge_density = torch.tanh(self.density_fn(edge_feats) ** 2)
-        if self.envelope_on_weights:
-            envelope = edge_geometry.require("envelope", type(self).__name__)
-            tp_weights, edge_density = tp_weights * envelope, edge_density * envelope
         N = node_feats.shape[0]
-        density = edge_density.new_zeros(N, 1).index_add(0, receiver, edge_density)
+        tp_weights, density = _weights_and_density(self, edge_feats, edge_geometry, receiver, N)
         message = self.conv_tp.message_passing(node_feats, edge_geometry, tp_weights, sender, receiver, N)
         message = self.linear_1(message) / (density * self.beta + self.alpha) + residual
         message = self.linear_2(self.equivariant_nonlin(message))
