@@ -204,6 +204,7 @@ class InteractionBlock(nn.Module):
         self.conv_tp_weights = radial_mlp(self.edge_feats_irreps.num_irreps, radial_MLP, self.conv_tp.weight_numel)
         self.irreps_out = self.target_irreps
         self.linear = o3.Linear(irreps_mid, self.irreps_out)
+        self._fused_linear = None
         uniform = len({mul for mul, _ in self.irreps_out}) == 1
         if isinstance(self.conv_tp, ChannelwiseTensorProduct) and self.conv_tp.fast and uniform:
             self._fused_linear = _ChannelLastLinear(irreps_mid, self.irreps_out)
