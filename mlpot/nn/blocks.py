@@ -270,7 +270,7 @@ INTERACTION_BLOCKS = {
 # ---------------------------------------------------------------- density-normalised variants
 def _weights_and_density(block, edge_feats, geometry: EdgeGeometry, receiver, num_nodes: int):
     r"""``(tp_weights (E, W), density (N, 1))`` of a density block: its radial MLP of ``edge_feats`` and
-    :math:`\rho_i = \sum_{j} \tanh(\text{density\_fn}(\text{edge\_feats}_{ij}))^2`, both times the
+    :math:`\rho_i = \sum_{j} \tanh\big(\text{density\_fn}(\text{edge\_feats}_{ij})^2\big)`, both times the
     envelope when it multiplies the weights (``apply_cutoff=False``)."""
     tp_weights = block.conv_tp_weights(edge_feats)
     edge_density = torch.tanh(block.density_fn(edge_feats) ** 2)
@@ -281,11 +281,9 @@ def _weights_and_density(block, edge_feats, geometry: EdgeGeometry, receiver, nu
 
 
 class _DensityNormalised(InteractionBlock):
-    r"""mace-torch's density variants: the message is divided by :math:`1 + 
-ho_i` instead of
+    r"""mace-torch's density variants: the message is divided by :math:`1 + \rho_i` instead of
     ``avg_num_neighbors``, with the learned local density
-    :math:`
-ho_i = \sum_{j \in N(i)} 	anhig(w \cdot R(r_{ij}) / \sqrt{N}ig)^2` (one linear
+    :math:`\rho_i = \sum_{j \in N(i)} \tanh\big((w \cdot R(r_{ij}) / \sqrt{N})^2\big)` (one linear
     layer ``density_fn`` on the radial features; times the envelope when the envelope
     multiplies the weights, ``apply_cutoff=False``)."""
 
