@@ -153,8 +153,16 @@ class PotentialModel(nn.Module):
         return torch.full_like(graph["batch"], self.active_head_index, dtype=torch.long)
 
     # ---- to implement -----------------------------------------------------------------------
-    def compute_node_energies(self, graph: dict, vectors: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Return ``{"node_energy": (N,), optionally "node_features": (N, F)}`` (E0 included)."""
+    def compute_node_energies(
+        self, graph: dict, vectors: torch.Tensor, between_layers=None
+    ) -> dict[str, torch.Tensor]:
+        """Return ``{"node_energy": (N,), optionally "node_features": (N, F)}`` (E0 included).
+
+        ``between_layers``: optional callable ``h -> h'`` applied to the node features after
+        every message-passing layer but the last (LAMMPS's ghost-feature exchange uses it,
+        :mod:`mlpot.lammps.exchange`). A model that runs layer by layer accepts it; ``None``
+        leaves the numbers unchanged.
+        """
         raise NotImplementedError
 
     # ---- physics ----------------------------------------------------------------------------

@@ -316,7 +316,7 @@ class ESCN(PotentialModel):
             x = layer.node_update(x)
         return self._readout(x)[0]
 
-    def compute_node_energies(self, graph: dict, vectors: torch.Tensor) -> dict[str, torch.Tensor]:
+    def compute_node_energies(self, graph: dict, vectors: torch.Tensor, between_layers=None) -> dict[str, torch.Tensor]:
         dtype = vectors.dtype
         species = self.species_index(graph["atomic_numbers"])
         edge_index = graph["edge_index"]
@@ -334,7 +334,9 @@ class ESCN(PotentialModel):
             [rbf, self.edge_embedding_src(species[sender]), self.edge_embedding_dst(species[receiver])], -1
         )
         Ds = self.frame.setup(vectors, geometry.wigner)  # per degree, rows |m| <= mmax of D^l(R_e)
-        for layer in self.layers:
+        for t, layer in enumerate(self.layers):
+            if t > 0 and between_layers is not None:
+                x = between_layers(x)
             x = x + layer.message(x, edge_index, self.frame, Ds, edge_feats, envelope, self.avg_num_neighbors)
             x = layer.node_update(x)
         y, scalars = self._readout(x)

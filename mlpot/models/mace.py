@@ -430,9 +430,11 @@ class MACE(PotentialModel):
             backend=self.config["backend"],
         )
 
-    def _interaction_energy(self, node_attrs, vectors, sender, receiver, node_heads=None):
+    def _interaction_energy(self, node_attrs, vectors, sender, receiver, node_heads=None, between_layers=None):
         """Sum of the readouts of all layers (before scale/shift), each atom read by its head
-        (``node_heads (N,)``, None: the only head), and the invariant features."""
+        (``node_heads (N,)``, None: the only head), and the invariant features.
+
+        ``between_layers`` (optional) maps the node features between two layers."""
         node_z = self._species_z[node_attrs.argmax(dim=1)] if node_attrs.shape[0] else self._species_z[:0]
         z_s, z_r = node_z[sender][:, None], node_z[receiver][:, None]
         geometry = self.edge_geometry(vectors, z_s, z_r)
@@ -445,6 +447,8 @@ class MACE(PotentialModel):
         product_attrs = torch.ones_like(node_attrs[:, :1]) if self.config.get("use_agnostic_product") else node_attrs
         readouts = dict(zip(self._readout_layers, self.readouts))
         for t, (interaction, product) in enumerate(zip(self.interactions, self.products)):
+            if t > 0 and between_layers is not None:
+                node_feats = between_layers(node_feats)
             node_feats, sc = interaction(node_attrs, node_feats, geometry, sender, receiver)
             node_feats = product(node_feats, sc, product_attrs)
             invariants.append(node_feats[:, : self.num_features])
@@ -495,12 +499,13 @@ class MACE(PotentialModel):
         e0 = self.atomic_energies if len(self.heads) == 1 else self.atomic_energies[h]
         return {z: float(e) for z, e in zip(self.atomic_numbers, e0.tolist())}
 
-    def compute_node_energies(self, graph: dict, vectors: torch.Tensor) -> dict[str, torch.Tensor]:
+    def compute_node_energies(self, graph: dict, vectors: torch.Tensor, between_layers=None) -> dict[str, torch.Tensor]:
         node_attrs = self.node_attrs(graph)
         node_e0 = self.node_e0(graph)
         sender, receiver = graph["edge_index"][0], graph["edge_index"][1]
         node_heads = None if len(self.heads) == 1 else self.node_heads(graph)
-        node_inter, invariants = self._interaction_energy(node_attrs, vectors, sender, receiver, node_heads)
+        node_inter, invariants = self._interaction_energy(node_attrs, vectors, sender, receiver, node_heads,
+                                                          between_layers)
         if self.config["subtract_isolated"]:
             species = self.species_index(graph["atomic_numbers"])
             iso = self._isolated_cached(vectors.dtype, vectors.device)
