@@ -25,6 +25,9 @@ TINY = {
     "MLP_irreps": "4x0e",
     "avg_num_neighbors": 3.0,
     "scale": 1.3,
+    # the isolated-atom check (E = E0 for a lone atom) needs the lone-atom readout subtracted;
+    # mlpot's default (False) is mace-torch's function
+    "subtract_isolated": True,
     "seed": 0,
 }
 
@@ -93,8 +96,8 @@ def test_defaults_and_config():
 def test_bad_config_is_clear():
     with pytest.raises(ConfigError, match="atomic_numbers"):
         build_model("MACE")
-    with pytest.raises(ConfigError, match="RealAgnosticDensityInteractionBlock"):
-        build_model("MACE", atomic_numbers=[1], interaction_cls="RealAgnosticDensityInteractionBlock")
+    with pytest.raises(ConfigError, match="ResidualElementDependentInteractionBlock"):
+        build_model("MACE", atomic_numbers=[1], interaction_cls="ResidualElementDependentInteractionBlock")
     with pytest.raises(ConfigError, match="correlation"):
         build_model("MACE", atomic_numbers=[1], correlation=[3, 3, 3])
     with pytest.raises(ConfigError, match="interaction_tp"):
@@ -269,3 +272,18 @@ def test_building_a_model_leaves_the_allocator_alone():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+@pytest.mark.parametrize("options", [
+    {"interaction_cls": "RealAgnosticResidualNonLinearInteractionBlock", "edge_irreps": "4x0e + 4x1o",
+     "interaction_cls_first": "RealAgnosticAttResidualInteractionBlock"},
+    {"interaction_cls_first": "RealAgnosticDensityInteractionBlock",
+     "interaction_cls": "RealAgnosticDensityResidualInteractionBlock", "apply_cutoff": False},
+    {"pair_repulsion": True, "distance_transform": "Agnesi", "radial_type": "gaussian",
+     "use_agnostic_product": True, "use_last_readout_only": True},
+], ids=["nonlinear", "density", "zbl_agnesi"])
+def test_mace_torch_options_keep_the_physics(options):
+    """Natively built models with mace-torch's other options are equivariant and conservative."""
+    model = tiny(**options)
+    for check in ("rotation", "reflection", "forces_fd", "stress_fd"):
+        mc.ALL_CHECKS[check](model, None)

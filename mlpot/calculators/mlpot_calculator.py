@@ -78,16 +78,19 @@ class MLPotCalculator(Calculator):
         energy, forces and stress (:mod:`mlpot.calculators.dispersion`; needs the ``d3`` extra).
     min_distance: atoms closer than this (Å) are an error (two atoms on one site make every
         model output meaningless); 0 switches the check off.
+    head: the head of a multi-head model to use (None: mace-torch's default, the only head or
+        the one named ``default``); an unknown name is a :class:`ConfigError`.
 
     Non-finite positions or cell are an error (a NaN never passes the skin test silently), and
     so are a non-finite energy, forces or stress from the model: a relaxation or MD run stops
     at the first one instead of carrying NaN on.
     """
 
-    implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]
+    implemented_properties = ["energy", "free_energy", "energies", "forces", "stress", "stresses"]
 
     def __init__(self, model=None, device="auto", dtype=None, compile=False, skin=0.0, min_distance=0.1,
-                 models=None, dispersion=None, xc=None, dispersion_cutoff=None, **kwargs):
+                 models=None, dispersion=None, xc=None, dispersion_cutoff=None, head=None,
+                 **kwargs):
         # committee (models=[...]) and D3 dispersion (dispersion="d3bj", xc=...): see
         # mlpot.calculators.committee and mlpot.calculators.dispersion
         if models is not None:
@@ -115,6 +118,8 @@ class MLPotCalculator(Calculator):
         if not self.min_distance >= 0 or not np.isfinite(self.min_distance):
             raise ConfigError(f"min_distance must be finite and >= 0, got {min_distance}")
         self._nl = None  # cached neighbour list state
+        self.head = head if head is not None else self.model.active_head
+        self.head_index = self.model.head_index(head)  # validates the name
         self.nl_builds = 0  # number of neighbour-list builds (for tests / diagnostics)
         self.committee = None
         if models is not None:
@@ -207,10 +212,12 @@ class MLPotCalculator(Calculator):
         self._check_species(numbers)
         self._check_finite_structure(atoms)  # before the skin test: NaN > x is False
         i, j, S = self._neighbors(atoms)
-        return graph_from_neighbor_list(
+        graph = graph_from_neighbor_list(
             atoms.positions.copy(), numbers, atoms.cell.array, atoms.pbc, i, j, S,
             dtype=self.dtype, device=self.device,
         )
+        graph["head"] = torch.tensor([self.head_index], dtype=torch.long, device=self.device)
+        return graph
 
     # ---- ASE interface --------------------------------------------------------------------
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
@@ -220,10 +227,17 @@ class MLPotCalculator(Calculator):
         if "stress" in properties and not periodic:
             raise PropertyNotImplementedError("stress needs a cell periodic in all three directions")
         compute_stress = periodic
+        # per-atom stresses (calc.get_stresses(), (N, 6), summing to the stress; for heat transport)
+        atomic = "stresses" in properties
+        if atomic and not periodic:
+            raise PropertyNotImplementedError("per-atom stresses need a cell periodic in all three directions")
         graph = self.build_graph(atoms)
         members = []
         for model in self.committee or [self.model]:
-            out = model(dict(graph), compute_force=True, compute_stress=compute_stress)
+            if atomic:
+                out = model(dict(graph), compute_force=True, compute_stress=True, compute_atomic_stress=True)
+            else:
+                out = model(dict(graph), compute_force=True, compute_stress=compute_stress)
             energy = float(out["energy"].detach().sum().cpu())
             res = {
                 "energy": energy,
@@ -233,6 +247,8 @@ class MLPotCalculator(Calculator):
             }
             if compute_stress:
                 res["stress"] = full_3x3_to_voigt(out["stress"].detach()[0].cpu().double().numpy())
+            if atomic:
+                res["stresses"] = full_3x3_to_voigt(out["atomic_stress"].detach().cpu().double().numpy())
             members.append(res)
         if self.committee is not None:
             from mlpot.calculators.committee import committee_mean_and_spread
@@ -242,7 +258,7 @@ class MLPotCalculator(Calculator):
             self.results = members[0]
         if self.dispersion is not None:
             self.dispersion.add_to(self.results, atoms, compute_stress)
-        for key in ("energy", "forces", "stress"):
+        for key in ("energy", "forces", "stress", "stresses"):
             if key in self.results and not np.all(np.isfinite(self.results[key])):
                 self.results = {}
                 raise NonFiniteError(

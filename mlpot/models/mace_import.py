@@ -14,7 +14,10 @@ Weight mapping (mace-torch name -> mlpot name):
   axis of size 1 added for scalar outputs (mlpot always keeps the output-component axis);
 * ``...contractions.k.weights_max`` -> ``weights_{correlation}`` and ``weights.j`` ->
   ``weights_{correlation - 1 - j}``;
-* ``atomic_energies_fn.atomic_energies`` -> the model's ``e0s``.
+* ``atomic_energies_fn.atomic_energies`` -> the model's ``e0s`` (one row per head);
+* ``radial_embedding.distance_transform.*``, ``radial_embedding.bessel_fn.*`` (Gaussian / Chebyshev
+  too) and ``pair_repulsion_fn.*`` -> same names (:mod:`mlpot.nn.radial`);
+* a format-2 export's sparse ``U`` matrices (``NAME.coo_*``) are made dense again.
 
 Wigner 3j symbols: e3nn changed the sign of some ``wigner_3j(l1, l2, l3)`` between versions. The
 export carries the symbols of the e3nn that built the model; where one of the message product's
@@ -34,11 +37,11 @@ from mlpot.errors import ModelFileError
 __all__ = ["UNSUPPORTED_HINT", "import_mace", "read_export"]
 
 EXPORT_FORMAT = "mlpot-mace-export"
-EXPORT_VERSION = 1
+EXPORT_VERSION = 2
 SUPPORTED_MODELS = ("MACE", "ScaleShiftMACE")
 UNSUPPORTED_HINT = (
-    "mlpot imports MACE / ScaleShiftMACE with RealAgnostic[Residual]InteractionBlock, Bessel radial "
-    "basis, one head, no pair repulsion"
+    "mlpot imports MACE / ScaleShiftMACE with every mace.modules.interaction_classes block, any "
+    "radial_type / distance_transform, heads, pair repulsion, edge_irreps (see the README table)"
 )
 
 # mace-torch state-dict entries that carry no information mlpot needs (derived from the architecture)
@@ -60,7 +63,20 @@ def read_export(path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise ModelFileError(f"{hp_file}: export format version {hp['format_version']} is newer than this mlpot")
     from safetensors.torch import load_file
 
-    return hp, load_file(str(w_file))
+    return hp, _dense(load_file(str(w_file)))
+
+
+def _dense(state: dict) -> dict:
+    """Rebuild the tensors an export (format 2) stored as coordinates / values / shape."""
+    out = {k: v for k, v in state.items() if not k.endswith((".coo_indices", ".coo_values", ".coo_shape"))}
+    for k in state:
+        if k.endswith(".coo_values"):
+            name = k[: -len(".coo_values")]
+            shape = [int(n) for n in state[name + ".coo_shape"].tolist()]
+            dense = torch.zeros(shape, dtype=state[k].dtype)
+            dense[tuple(state[name + ".coo_indices"].long())] = state[k]
+            out[name] = dense
+    return out
 
 
 def _check_supported(hp: dict) -> None:
@@ -72,10 +88,13 @@ def _check_supported(hp: dict) -> None:
     for key in ("interaction_cls", "interaction_cls_first"):
         if hp.get(key) not in INTERACTION_BLOCKS:
             problems.append(f"{key} {hp.get(key)!r}")
-    for feature in ("heads", "pair_repulsion", "distance_transform", "edge_irreps", "radial_type"):
-        v = hp.get(feature)
-        if v not in (None, False, "bessel", ["Default"], ["default"]):
-            problems.append(f"{feature}={v!r}")
+    for key in ("use_so3", "use_embedding_readout", "embedding_specs", "keep_last_layer_irreps"):
+        if hp.get(key):
+            problems.append(f"{key}={hp.get(key)!r}")
+    if hp.get("radial_type", "bessel") not in ("bessel", "gaussian", "chebyshev"):
+        problems.append(f"radial_type={hp.get('radial_type')!r}")
+    if hp.get("distance_transform") not in (None, "Agnesi", "Soft"):
+        problems.append(f"distance_transform={hp.get('distance_transform')!r}")
     if problems:
         raise ModelFileError("mace-torch model uses features mlpot does not support: " + "; ".join(problems)
                              + f" ({UNSUPPORTED_HINT})")
@@ -95,11 +114,20 @@ def _config_from_hparams(hp: dict) -> dict:
         "gate": hp.get("gate"),
         "radial_MLP": [int(h) for h in hp["radial_MLP"]],
         "avg_num_neighbors": float(hp["avg_num_neighbors"]),
-        "e0s": [float(e) for e in hp["atomic_energies"]],
-        "scale": float(hp.get("scale", 1.0)),
-        "shift": float(hp.get("shift", 0.0)),
+        "heads": [str(h) for h in hp.get("heads") or ["Default"]],
+        "e0s": hp["atomic_energies"],
+        "scale": hp.get("scale", 1.0),
+        "shift": hp.get("shift", 0.0),
         "interaction_cls": hp["interaction_cls"],
         "interaction_cls_first": hp["interaction_cls_first"],
+        "pair_repulsion": bool(hp.get("pair_repulsion", False)),
+        "distance_transform": hp.get("distance_transform"),
+        "radial_type": hp.get("radial_type", "bessel"),
+        "apply_cutoff": bool(hp.get("apply_cutoff", True)),
+        "use_agnostic_product": bool(hp.get("use_agnostic_product", False)),
+        "use_last_readout_only": bool(hp.get("use_last_readout_only", False)),
+        "edge_irreps": hp.get("edge_irreps"),
+        "use_edge_irreps_first": bool(hp.get("use_edge_irreps_first", False)),
         "interaction_tp": "cg",
         "product": "symmetric",
         "product_basis_sizes": hp["product_basis_sizes"],
@@ -145,8 +173,8 @@ def _path_signs(model, hp: dict) -> list[list[float]]:
             l1, l2, l3 = tp.irreps_in1[i1].ir.l, tp.irreps_in2[i2].ir.l, tp.irreps_out[io].ir.l
             layer.append(sign(l1, l2, l3, f"message path {l1}x{l2}->{l3} of layer {t}"))
         signs.append(layer)
-        sk = inter.skip_tp
-        for ins in sk.instructions:
+        sk = getattr(inter, "skip_tp", None)
+        for ins in (sk.instructions if hasattr(sk, "irreps_in2") else []):  # a plain Linear has no CG
             ls = (sk.irreps_in1[ins.i_in1].ir.l, sk.irreps_in2[ins.i_in2].ir.l, sk.irreps_out[ins.i_out].ir.l)
             if sign(*ls, f"self-connection path of layer {t}") != 1.0:
                 raise ModelFileError(f"wigner_3j{ls} of the self connection differs in sign (not supported)")
@@ -218,13 +246,18 @@ def import_mace(path):
     for t, layer_signs in enumerate(signs):
         inter = model.interactions[t]
         mlp = inter.conv_tp_weights
-        last = f"interactions.{t}.conv_tp_weights.layer{len(mlp) - 1}.weight"
-        W = new_state[last].clone()
-        off = 0
-        for s, (a, b) in zip(layer_signs, inter.conv_tp.weight_shapes):
-            W[:, off : off + a * b] *= s
-            off += a * b
-        new_state[last] = W
+        if hasattr(mlp, "net"):  # LayerNormRadialMLP: torch Linear (out, in) with a bias
+            last = f"interactions.{t}.conv_tp_weights.net.{len(mlp.net) - 1}"
+            keys = [(f"{last}.weight", 0), (f"{last}.bias", 0)]
+        else:  # e3nn FullyConnectedNet: weight (in, out), no bias
+            keys = [(f"interactions.{t}.conv_tp_weights.layer{len(mlp) - 1}.weight", 1)]
+        for key, axis in keys:
+            W = new_state[key].clone()
+            off = 0
+            for s, (a, b) in zip(layer_signs, inter.conv_tp.weight_shapes):
+                W.narrow(axis, off, a * b).mul_(s)
+                off += a * b
+            new_state[key] = W
     model.load_state_dict(new_state, strict=True)
     model.metadata = {
         "imported_from": "mace-torch",

@@ -123,17 +123,30 @@ class LinearReadoutBlock(nn.Module):
 
 
 class NonLinearReadoutBlock(nn.Module):
-    """Node features -> ``MLP_irreps`` scalars -> gate -> per-atom energy."""
+    """Node features -> ``MLP_irreps`` scalars -> gate -> per-atom energy.
 
-    def __init__(self, irreps_in, MLP_irreps, gate: Callable | None, irrep_out="0e"):
+    With ``num_heads`` H > 1 (mace-torch's multi-head readout) ``MLP_irreps`` holds H blocks of
+    hidden scalars, head-major, and the output has H channels; an atom evaluated with head ``h``
+    keeps only block ``h`` of the gated hidden features (the others are set to zero) before the
+    last linear map, so head ``h``'s energy depends on its own hidden block only.
+    """
+
+    def __init__(self, irreps_in, MLP_irreps, gate: Callable | None, irrep_out="0e", num_heads: int = 1):
         super().__init__()
         self.hidden_irreps = o3.Irreps(MLP_irreps)
+        self.num_heads = int(num_heads)
+        if self.hidden_irreps.dim % self.num_heads:
+            raise ConfigError(f"readout: MLP_irreps {self.hidden_irreps} do not split into {num_heads} heads")
         self.linear_1 = o3.Linear(irreps_in=o3.Irreps(irreps_in), irreps_out=self.hidden_irreps)
         self.non_linearity = enn.Activation(irreps_in=self.hidden_irreps, acts=[gate])
         self.linear_2 = o3.Linear(irreps_in=self.hidden_irreps, irreps_out=o3.Irreps(irrep_out))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(self.non_linearity(self.linear_1(x)))
+    def forward(self, x: torch.Tensor, heads: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.non_linearity(self.linear_1(x))
+        if self.num_heads > 1 and heads is not None:
+            keep = nn.functional.one_hot(heads, self.num_heads).to(x.dtype)  # (N, H)
+            x = (x.reshape(x.shape[0], self.num_heads, -1) * keep[:, :, None]).reshape(x.shape)
+        return self.linear_2(x)
 
 
 class InteractionBlock(nn.Module):
@@ -146,6 +159,7 @@ class InteractionBlock(nn.Module):
     """
 
     residual = False
+    envelope_on_weights = False
 
     def __init__(
         self,
@@ -161,20 +175,24 @@ class InteractionBlock(nn.Module):
         backend: str = "reference",
         gaunt_method: str | None = None,
         mmax: int | None = None,
+        edge_irreps=None,
     ):
         super().__init__()
         self.node_attrs_irreps = o3.Irreps(node_attrs_irreps)
         self.node_feats_irreps = o3.Irreps(node_feats_irreps)
+        # mace-torch's edge_irreps: linear_up maps the node features onto them, the message
+        # product reads them (default: the node features' irreps)
+        self.edge_irreps = self.node_feats_irreps if edge_irreps is None else o3.Irreps(edge_irreps)
         self.edge_attrs_irreps = o3.Irreps(edge_attrs_irreps)
         self.edge_feats_irreps = o3.Irreps(edge_feats_irreps)
         self.target_irreps = o3.Irreps(target_irreps)
         self.hidden_irreps = o3.Irreps(hidden_irreps)
         self.avg_num_neighbors = float(avg_num_neighbors)
         self.interaction_tp = interaction_tp
-        self.linear_up = o3.Linear(self.node_feats_irreps, self.node_feats_irreps)
+        self.linear_up = o3.Linear(self.node_feats_irreps, self.edge_irreps)
         self.conv_tp = make_message_tp(
             interaction_tp,
-            self.node_feats_irreps,
+            self.edge_irreps,
             self.edge_attrs_irreps.lmax,
             self.target_irreps,
             backend=backend,
@@ -182,6 +200,7 @@ class InteractionBlock(nn.Module):
             mmax=mmax,
         )
         irreps_mid = o3.Irreps(self.conv_tp.irreps_out)
+        self._radial_hidden = [int(h) for h in radial_MLP]
         self.conv_tp_weights = radial_mlp(self.edge_feats_irreps.num_irreps, radial_MLP, self.conv_tp.weight_numel)
         self.irreps_out = self.target_irreps
         self.linear = o3.Linear(irreps_mid, self.irreps_out)
@@ -203,6 +222,8 @@ class InteractionBlock(nn.Module):
         trips fewer)."""
         node_feats = self.linear_up(node_feats)
         tp_weights = self.conv_tp_weights(geometry.radial)
+        if self.envelope_on_weights:  # mace-torch's apply_cutoff=False: envelope after the radial MLP
+            tp_weights = tp_weights * geometry.require("envelope", type(self).__name__)
         N = node_feats.shape[0]
         tp = self.conv_tp
         if self._fused_linear is not None and tp.selected_backend(node_feats.device) == "reference":
@@ -244,6 +265,157 @@ INTERACTION_BLOCKS = {
     "RealAgnosticResidualInteractionBlock": RealAgnosticResidualInteractionBlock,
     "RealAgnosticInteractionBlock": RealAgnosticInteractionBlock,
 }
+
+
+# ---------------------------------------------------------------- density-normalised variants
+def _weights_and_density(block, edge_feats, geometry: EdgeGeometry, receiver, num_nodes: int):
+    r"""``(tp_weights (E, W), density (N, 1))`` of a density block: its radial MLP of ``edge_feats`` and
+    :math:`\rho_i = \sum_{j} \tanh\big(\text{density\_fn}(\text{edge\_feats}_{ij})^2\big)`, both times the
+    envelope when it multiplies the weights (``apply_cutoff=False``)."""
+    tp_weights = block.conv_tp_weights(edge_feats)
+    edge_density = torch.tanh(block.density_fn(edge_feats) ** 2)
+    if block.envelope_on_weights:
+        envelope = geometry.require("envelope", type(block).__name__)
+        tp_weights, edge_density = tp_weights * envelope, edge_density * envelope
+    return tp_weights, edge_density.new_zeros(num_nodes, 1).index_add(0, receiver, edge_density)
+
+
+class _DensityNormalised(InteractionBlock):
+    r"""mace-torch's density variants: the message is divided by :math:`1 + \rho_i` instead of
+    ``avg_num_neighbors``, with the learned local density
+    :math:`\rho_i = \sum_{j \in N(i)} \tanh\big((w \cdot R(r_{ij}) / \sqrt{N})^2\big)` (one linear
+    layer ``density_fn`` on the radial features; times the envelope when the envelope
+    multiplies the weights, ``apply_cutoff=False``)."""
+
+    def _setup_skip(self) -> None:
+        self.skip_tp = self._self_connection()
+        self.density_fn = radial_mlp(self.edge_feats_irreps.num_irreps, [], 1)
+
+    def _self_connection(self) -> nn.Module:
+        raise NotImplementedError
+
+    def _density_message(self, node_feats, geometry: EdgeGeometry, sender, receiver):
+        node_feats = self.linear_up(node_feats)
+        N = node_feats.shape[0]
+        tp_weights, density = _weights_and_density(self, geometry.radial, geometry, receiver, N)
+        message = self.conv_tp.message_passing(node_feats, geometry, tp_weights, sender, receiver, N)
+        return self.linear(message) / (density + 1)
+
+
+class RealAgnosticDensityInteractionBlock(_DensityNormalised):
+    """Density-normalised message, species-dependent product applied to it, no self connection."""
+
+    residual = False
+
+    def _self_connection(self) -> nn.Module:
+        return o3.FullyConnectedTensorProduct(self.irreps_out, self.node_attrs_irreps, self.irreps_out)
+
+    def forward(self, node_attrs, node_feats, edge_geometry: EdgeGeometry, sender, receiver):
+        message = self.skip_tp(self._density_message(node_feats, edge_geometry, sender, receiver), node_attrs)
+        return irreps_to_channels(message, self.irreps_out), None
+
+
+class RealAgnosticDensityResidualInteractionBlock(_DensityNormalised):
+    """Density-normalised message; the self connection ``sc`` is returned for the product block."""
+
+    residual = True
+
+    def _self_connection(self) -> nn.Module:
+        return o3.FullyConnectedTensorProduct(self.node_feats_irreps, self.node_attrs_irreps, self.hidden_irreps)
+
+    def forward(self, node_attrs, node_feats, edge_geometry: EdgeGeometry, sender, receiver):
+        sc = self.skip_tp(node_feats, node_attrs)
+        message = self._density_message(node_feats, edge_geometry, sender, receiver)
+        return irreps_to_channels(message, self.irreps_out), sc
+
+
+class RealAgnosticResidualNonLinearInteractionBlock(InteractionBlock):
+    r"""mace-torch's non-linear residual interaction block.
+
+    Edge features are the radial basis concatenated with learned species embeddings of the
+    sender and the receiver; the radial MLP and the local density are
+    :class:`~mlpot.nn.radial.LayerNormRadialMLP`\ s of them. The message
+    :math:`m_i = W_1 \sum_j TP(W_{up} h_j, Y_{ij}, R_{ij}) / (\beta \rho_i + \alpha) + W_{res} W_{up} h_i`
+    goes through a gate (SiLU on scalars, sigmoid gates on ``l > 0``) and a last linear map
+    ``linear_2``; the self connection is a plain linear map of ``h_i`` (``skip_tp``).
+    """
+
+    residual = True
+
+    def _setup_skip(self) -> None:
+        from e3nn import nn as e3nn_nn
+
+        from mlpot.nn.radial import LayerNormRadialMLP
+
+        scalars = o3.Irreps([(self.node_feats_irreps.count(o3.Irrep(0, 1)), (0, 1))])
+        self.source_embedding = o3.Linear(self.node_attrs_irreps, scalars)
+        self.target_embedding = o3.Linear(self.node_attrs_irreps, scalars)
+        hidden = self._radial_hidden
+        num_in = self.edge_feats_irreps.num_irreps + 2 * scalars.dim
+        self.conv_tp_weights = LayerNormRadialMLP([num_in, *hidden, self.conv_tp.weight_numel])
+        self.skip_tp = o3.Linear(self.node_feats_irreps, self.hidden_irreps)
+        out_scalars = o3.Irreps([(mul, ir) for mul, ir in self.irreps_out if ir.l == 0])
+        gated = o3.Irreps([(mul, ir) for mul, ir in self.irreps_out if ir.l > 0])
+        gates = o3.Irreps([(mul, "0e") for mul, _ in gated])
+        self.equivariant_nonlin = e3nn_nn.Gate(out_scalars, [torch.nn.functional.silu] * len(out_scalars), gates,
+                                               [torch.sigmoid] * len(gates), gated)
+        self.irreps_nonlin = self.equivariant_nonlin.irreps_in.simplify()
+        self.linear_res = o3.Linear(self.edge_irreps, self.irreps_nonlin)
+        self.linear_1 = o3.Linear(o3.Irreps(self.conv_tp.irreps_out), self.irreps_nonlin)
+        self.linear_2 = o3.Linear(self.irreps_out, self.irreps_out)
+        del self.linear  # mace-torch's block has linear_1 / linear_2 instead
+        self._fused_linear = None
+        self.density_fn = LayerNormRadialMLP([num_in, 64, 1])
+        self.alpha = nn.Parameter(torch.tensor(20.0))
+        self.beta = nn.Parameter(torch.tensor(0.0))
+
+    def forward(self, node_attrs, node_feats, edge_geometry: EdgeGeometry, sender, receiver):
+        sc = self.skip_tp(node_feats)
+        node_feats = self.linear_up(node_feats)
+        residual = self.linear_res(node_feats)
+        edge_feats = torch.cat([edge_geometry.radial, self.source_embedding(node_attrs)[sender],
+                                self.target_embedding(node_attrs)[receiver]], dim=-1)
+        N = node_feats.shape[0]
+        tp_weights, density = _weights_and_density(self, edge_feats, edge_geometry, receiver, N)
+        message = self.conv_tp.message_passing(node_feats, edge_geometry, tp_weights, sender, receiver, N)
+        message = self.linear_1(message) / (density * self.beta + self.alpha) + residual
+        message = self.linear_2(self.equivariant_nonlin(message))
+        return irreps_to_channels(message, self.irreps_out), sc
+
+
+class RealAgnosticAttResidualInteractionBlock(InteractionBlock):
+    r"""mace-torch's "attention" residual block: the radial MLP (three hidden layers of 256, fixed
+    in mace-torch) reads the radial basis concatenated with ``64x0e`` projections
+    (``linear_down``) of the sender's and the receiver's features; message as the residual
+    block (``/ avg_num_neighbors``); the self connection is a linear map ``skip_linear`` of ``h_i``."""
+
+    residual = True
+
+    def _setup_skip(self) -> None:
+        self.node_feats_down_irreps = o3.Irreps("64x0e")
+        self.linear_down = o3.Linear(self.node_feats_irreps, self.node_feats_down_irreps)
+        num_in = self.edge_feats_irreps.num_irreps + 2 * self.node_feats_down_irreps.num_irreps
+        self.conv_tp_weights = radial_mlp(num_in, [256, 256, 256], self.conv_tp.weight_numel)
+        self.skip_linear = o3.Linear(self.node_feats_irreps, self.hidden_irreps)
+
+    def forward(self, node_attrs, node_feats, edge_geometry: EdgeGeometry, sender, receiver):
+        sc = self.skip_linear(node_feats)
+        down = self.linear_down(node_feats)
+        up = self.linear_up(node_feats)
+        edge_feats = torch.cat([edge_geometry.radial, down[sender], down[receiver]], dim=-1)
+        tp_weights = self.conv_tp_weights(edge_feats)
+        if self.envelope_on_weights:
+            tp_weights = tp_weights * edge_geometry.require("envelope", type(self).__name__)
+        N = node_feats.shape[0]
+        message = self.conv_tp.message_passing(up, edge_geometry, tp_weights, sender, receiver, N)
+        message = self.linear(message) / self.avg_num_neighbors
+        return irreps_to_channels(message, self.irreps_out), sc
+
+
+INTERACTION_BLOCKS["RealAgnosticAttResidualInteractionBlock"] = RealAgnosticAttResidualInteractionBlock
+INTERACTION_BLOCKS["RealAgnosticResidualNonLinearInteractionBlock"] = RealAgnosticResidualNonLinearInteractionBlock
+INTERACTION_BLOCKS["RealAgnosticDensityInteractionBlock"] = RealAgnosticDensityInteractionBlock
+INTERACTION_BLOCKS["RealAgnosticDensityResidualInteractionBlock"] = RealAgnosticDensityResidualInteractionBlock
 
 
 def interaction_block_class(name: str) -> type[InteractionBlock]:
@@ -291,16 +463,21 @@ class EquivariantProductBasisBlock(nn.Module):
 
 
 class ScaleShiftBlock(nn.Module):
-    """``scale * x + shift`` (buffers, as mace-torch's)."""
+    """``scale * x + shift`` (buffers, as mace-torch's); one value, or one per head (shape ``(H,)``)
+    selected per atom by ``heads``."""
 
-    def __init__(self, scale: float, shift: float):
+    def __init__(self, scale, shift):
         super().__init__()
         dtype = torch.get_default_dtype()
-        self.register_buffer("scale", torch.tensor(float(scale), dtype=dtype))
-        self.register_buffer("shift", torch.tensor(float(shift), dtype=dtype))
+        self.register_buffer("scale", torch.tensor(scale, dtype=dtype))
+        self.register_buffer("shift", torch.tensor(shift, dtype=dtype))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.scale * x + self.shift
+    def forward(self, x: torch.Tensor, heads: torch.Tensor | None = None) -> torch.Tensor:
+        if self.scale.dim() == 0:
+            return self.scale * x + self.shift
+        if heads is None:
+            raise ValueError("ScaleShiftBlock: per-head scale/shift need the head of every atom")
+        return self.scale[heads] * x + self.shift[heads]
 
     def extra_repr(self) -> str:
-        return f"scale={float(self.scale):.6g}, shift={float(self.shift):.6g}"
+        return f"scale={self.scale.tolist()}, shift={self.shift.tolist()}"
