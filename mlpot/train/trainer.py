@@ -167,18 +167,30 @@ class Trainer:
         self._seed_everything(cfg["seed"])
         t0 = time.perf_counter()
         self.splits = prepare_data(cfg)
-        name, kwargs, stats = resolve_model_config(cfg, self.splits)
+        self.finetune = None
+        if cfg["model"].get("init_from") is not None:  # fine-tuning (mlpot.train.finetune)
+            from mlpot.train.finetune import prepare_finetune
+
+            self.finetune = prepare_finetune(cfg, self.splits, self.log)
+            name, kwargs, stats = self.finetune.name, self.finetune.kwargs, self.finetune.statistics
+        else:
+            name, kwargs, stats = resolve_model_config(cfg, self.splits)
         self.statistics = stats
         self.model_name, self.model_kwargs = name, kwargs
         torch.manual_seed(cfg["seed"])
         try:
-            model = build_model(name, **kwargs)
+            model = self.finetune.model if self.finetune is not None else build_model(name, **kwargs)
         except (ValueError, TypeError, AssertionError, KeyError, IndexError) as exc:
             if isinstance(exc, ConfigError):
                 raise
             msg = " ".join(str(exc).split()) or type(exc).__name__
             raise ConfigError(f"config section `model`: cannot build {name}: {msg}") from None
         self.model = model.to(device=self.device, dtype=self.dtype)
+        if tr.get("freeze"):  # fine-tuning: fixed parameters stay out of the optimizer
+            from mlpot.train.finetune import apply_freeze
+
+            n_frozen = apply_freeze(self.model, tr["freeze"])
+            self.log(f"frozen: {n_frozen} parameters under {', '.join(tr['freeze'])}")
         ddp.broadcast_parameters(self.model, self.info)
         self.log(
             f"data: {len(self.splits.train)} train, {len(self.splits.valid)} valid, "
