@@ -485,6 +485,43 @@ def side_by_side(systems, dtypes, threads, loads, repeats: int, mace_python: str
     return rows
 
 
+def imported_model(system: str, mace_python: str):
+    """``(atoms, mlpot model)``: mace-torch's random-weight model for ``system``, imported."""
+    from mlpot.models.mace_import import import_mace
+
+    atoms, _ = make_side_by_side_system(system)
+    worker = MaceTorchWorker(mace_python)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            worker.ask({"cmd": "build", "key": system, "species": sorted(set(int(z) for z in atoms.numbers)),
+                        "seed": 0, "export_dir": tmp, "hyper": MACE_HYPER})
+            model = import_mace(tmp)
+    finally:
+        worker.close()
+    return atoms, model
+
+
+def profile_imported(system: str, dtype: str, threads: int, mace_python: str, top: int = 25) -> str:
+    """Top ops by self CPU time in one force call of the imported model (after two warm-up calls)."""
+    import torch
+
+    from mlpot.calculators import MLPotCalculator
+
+    torch.set_num_threads(threads)
+    atoms, model = imported_model(system, mace_python)
+    atoms.calc = MLPotCalculator(model, device="cpu", dtype=dtype)
+    for _ in range(2):
+        atoms.positions += 1e-3
+        atoms.get_forces()
+    atoms.positions += 1e-3
+    t0 = time.perf_counter()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        atoms.get_forces()
+    wall = time.perf_counter() - t0
+    head = f"# profile: imported MACE on {system} ({len(atoms)} atoms), {dtype}, {threads} thread(s); wall {wall:.3f} s\n"
+    return head + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
+
+
 def _one_condition(atoms, base, rng, s, dtype, nthreads, load, repeats, calc, worker, torch) -> dict:
     torch.set_num_threads(nthreads)
     job = {"cmd": "call", "key": s, "dtype": dtype, "threads": nthreads, "numbers": atoms.numbers.tolist(),
@@ -543,9 +580,15 @@ def side_by_side_main(argv=None) -> list[dict]:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--mace-python", default=str(ROOT / ".venv-mace" / "bin" / "python"))
     parser.add_argument("--json", metavar="PATH")
+    parser.add_argument("--profile", metavar="SYSTEM", help="torch.profiler table of one imported-model force call "
+                        "(first dtype and thread count of the lists)")
     args = parser.parse_args(argv)
     if not Path(args.mace_python).exists():
         raise SystemExit(f"mace-torch python not found at {args.mace_python} (--mace-python)")
+    if args.profile:
+        print(profile_imported(args.profile, args.dtypes.split(",")[0], int(args.threads.split(",")[0]),
+                               args.mace_python))
+        return []
     systems = [s for s in args.systems.split(",") if s]
     for s in systems:
         if s not in SIDE_BY_SIDE_SYSTEMS:
