@@ -191,6 +191,11 @@ class Trainer:
 
             n_frozen = apply_freeze(self.model, tr["freeze"])
             self.log(f"frozen: {n_frozen} parameters under {', '.join(tr['freeze'])}")
+        self.replay = None
+        if self.finetune is not None:  # multi-head replay fine-tuning: on whenever `finetune.head` is set
+            from mlpot.train.finetune import make_replay
+
+            self.replay = make_replay(cfg, self.model, self.dtype, self.log)
         ddp.broadcast_parameters(self.model, self.info)
         self.log(
             f"data: {len(self.splits.train)} train, {len(self.splits.valid)} valid, "
@@ -284,6 +289,8 @@ class Trainer:
             "model_name": self.model_name,
             "model_kwargs": self.model_kwargs,
         }
+        if self.replay is not None:
+            state["replay"] = self.replay.state_dict()
         return state
 
     def save_checkpoint(self) -> None:
@@ -314,6 +321,8 @@ class Trainer:
         self.best_epoch = int(state["best"]["epoch"])
         self.best_state = state["best"]["state"]
         self.bad_epochs = int(state["bad_epochs"])
+        if self.replay is not None and "replay" in state:
+            self.replay.load_state_dict(state["replay"])
         self.history = list(state["history"])
         rng = state["rng"]
         random.setstate(rng["python"])
@@ -355,6 +364,8 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             out = self.model(graph, compute_force=True, compute_stress=self.has_stress, create_graph=True)
             loss, parts = self.loss_fn(out, graph, world_size=self.info.world_size)
+            if self.replay is not None:  # the pretrained head on a replay batch (mlpot.train.finetune)
+                loss = loss + self.replay.loss(self.model, self.loss_fn, self.device, self.info.world_size)
             loss_value = float(loss.detach())
             loss.backward()
             ddp.allreduce_gradients(params, self.info)
@@ -576,6 +587,14 @@ class Trainer:
             if ds is None or len(ds) == 0:
                 continue
             results[name] = evaluate_loader(self.model, self.eval_loader(ds), self.device, None, self.info)
+        if self.replay is not None:  # the pretrained head on the replay set
+            trained = self.model.active_head
+            self.model.select_head(self.replay.head)
+            try:
+                results[f"replay ({self.replay.head})"] = evaluate_loader(
+                    self.model, self.eval_loader(self.replay.dataset), self.device, None, self.info)
+            finally:
+                self.model.select_head(trained)
         if self.info.is_main:
             atomic_write_text(self.out / "metrics.json", json.dumps(results, indent=2) + "\n")
             self.log("\n" + format_table(results))
