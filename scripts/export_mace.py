@@ -42,10 +42,13 @@ import sys
 from pathlib import Path
 
 FORMAT = "mlpot-mace-export"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: sparse U matrices (``NAME.coo_indices`` / ``NAME.coo_values`` / ``NAME.coo_shape``)
+SPARSE_SUFFIXES = (".coo_indices", ".coo_values", ".coo_shape")
 
 SUPPORTED_MODELS = ("MACE", "ScaleShiftMACE")
 SUPPORTED_INTERACTIONS = ("RealAgnosticResidualInteractionBlock", "RealAgnosticInteractionBlock")
+RADIAL_TYPES = {"BesselBasis": "bessel", "GaussianBasis": "gaussian", "ChebychevBasis": "chebyshev"}
+DISTANCE_TRANSFORMS = {"AgnesiTransform": "Agnesi", "SoftTransform": "Soft"}
 
 
 class UnsupportedMaceModel(ValueError):
@@ -135,11 +138,9 @@ def _check_supported(model) -> None:
         raise UnsupportedMaceModel(
             f"model class {cls!r} is not supported (supported: {', '.join(SUPPORTED_MODELS)})"
         )
-    heads = list(getattr(model, "heads", ["Default"]) or ["Default"])
-    if len(heads) > 1:
-        problems.append(f"multi-head model (heads {heads})")
-    if hasattr(model, "pair_repulsion_fn") or getattr(model, "pair_repulsion", False):
-        problems.append("pair repulsion (ZBL, --pair_repulsion)")
+    zbl = getattr(model, "pair_repulsion_fn", None)
+    if zbl is not None and _class_name(zbl) != "ZBLBasis":
+        problems.append(f"pair repulsion {_class_name(zbl)} (only ZBLBasis)")
     for k, inter in enumerate(model.interactions):
         name = _class_name(inter)
         if name not in SUPPORTED_INTERACTIONS:
@@ -147,12 +148,10 @@ def _check_supported(model) -> None:
         if hasattr(inter, "conv_fusion"):
             problems.append(f"fused convolution (cuequivariance/OEQ conv_fusion, layer {k})")
     radial = model.radial_embedding
-    if _class_name(radial.bessel_fn) != "BesselBasis":
-        problems.append(f"radial basis {_class_name(radial.bessel_fn)} (only BesselBasis)")
-    if hasattr(radial, "distance_transform"):
+    if _class_name(radial.bessel_fn) not in RADIAL_TYPES:
+        problems.append(f"radial basis {_class_name(radial.bessel_fn)} (supported: {', '.join(RADIAL_TYPES)})")
+    if hasattr(radial, "distance_transform") and _class_name(radial.distance_transform) not in DISTANCE_TRANSFORMS:
         problems.append(f"distance transform {_class_name(radial.distance_transform)}")
-    if getattr(model, "apply_cutoff", True) is False or getattr(radial, "apply_cutoff", True) is False:
-        problems.append("apply_cutoff=False")
     if getattr(model, "use_so3", False):
         problems.append("use_so3=True")
     if getattr(model, "use_agnostic_product", False):
@@ -179,14 +178,15 @@ def _check_supported(model) -> None:
         sc = prod.symmetric_contractions
         if _class_name(sc) != "SymmetricContraction" or not hasattr(sc, "contractions"):
             problems.append(f"product basis {_class_name(sc)} (layer {k}; only e3nn SymmetricContraction)")
+    heads = list(getattr(model, "heads", None) or ["Default"])
     ae = model.atomic_energies_fn.atomic_energies  # (S,) or (heads, S)
-    if ae.dim() > 1 and ae.shape[0] > 1:
-        problems.append(f"per-head atomic energies ({ae.shape[0]} heads)")
+    if ae.dim() > 1 and ae.shape[0] not in (1, len(heads)):
+        problems.append(f"atomic energies for {ae.shape[0]} heads in a model with heads {heads}")
     for name in ("scale", "shift"):
         if hasattr(model, "scale_shift"):
             v = getattr(model.scale_shift, name)
-            if v.numel() > 1:
-                problems.append(f"per-head {name} ({v.numel()} values)")
+            if v.numel() not in (1, len(heads)):
+                problems.append(f"{name} has {v.numel()} values for heads {heads}")
     if problems:
         raise UnsupportedMaceModel("mace-torch model uses features mlpot does not support: " + "; ".join(problems))
 
@@ -222,12 +222,23 @@ def hyperparameters(model) -> dict:
     hidden_irreps = o3.Irreps(str(products[0].linear.irreps_out))
     if len(interactions) > 1:
         hidden_irreps = o3.Irreps(str(interactions[1].node_feats_irreps))
+    heads = [str(h) for h in (getattr(model, "heads", None) or ["Default"])]
+    H = len(heads)
     scale, shift = 1.0, 0.0
     if hasattr(model, "scale_shift"):
-        scale = float(model.scale_shift.scale.reshape(-1)[0])
-        shift = float(model.scale_shift.shift.reshape(-1)[0])
+        scale = [float(v) for v in model.scale_shift.scale.reshape(-1).tolist()]
+        shift = [float(v) for v in model.scale_shift.shift.reshape(-1).tolist()]
+        scale = scale[0] if H == 1 or len(scale) == 1 else scale
+        shift = shift[0] if H == 1 or len(shift) == 1 else shift
     ae = model.atomic_energies_fn.atomic_energies.detach().cpu()
-    ae = ae.reshape(-1, len(model.atomic_numbers))[0]  # (S,) or (1 head, S)
+    ae = ae.reshape(-1, len(model.atomic_numbers))  # (heads, S)
+    if ae.shape[0] == 1:
+        ae = ae.expand(H, -1)
+    atomic_energies = ae[0].tolist() if H == 1 else ae.tolist()
+    mlp_irreps = o3.Irreps(str(getattr(model.readouts[-1], "hidden_irreps", "16x0e")))
+    if H > 1 and _class_name(model.readouts[-1]) == "NonLinearReadoutBlock":
+        # mace-torch widens the gated readout to H blocks of MLP_irreps: report one block
+        mlp_irreps = o3.Irreps([(mul // H, ir) for mul, ir in mlp_irreps])
     # the CG coefficients every message / skip product uses, from *this* e3nn
     triples = set()
     conv = []
@@ -254,18 +265,24 @@ def hyperparameters(model) -> dict:
             "torch_version": torch.__version__,
         },
         "r_max": float(model.r_max),
-        "num_bessel": int(bessel.bessel_weights.numel()),
+        "num_bessel": int(model.radial_embedding.out_dim),
+        "radial_type": RADIAL_TYPES[_class_name(bessel)],
+        "distance_transform": (DISTANCE_TRANSFORMS[_class_name(model.radial_embedding.distance_transform)]
+                               if hasattr(model.radial_embedding, "distance_transform") else None),
+        "apply_cutoff": bool(getattr(model.radial_embedding, "apply_cutoff", True)),
+        "pair_repulsion": hasattr(model, "pair_repulsion_fn"),
         "num_polynomial_cutoff": int(model.radial_embedding.cutoff_fn.p),
         "max_ell": sh_lmax,
         "hidden_irreps": str(hidden_irreps),
-        "MLP_irreps": str(o3.Irreps(str(getattr(model.readouts[-1], "hidden_irreps", "16x0e")))),
+        "MLP_irreps": str(mlp_irreps),
         "gate": _gate_name(model.readouts[-1]),
         "num_interactions": len(interactions),
         "correlation": correlation,
         "radial_MLP": [int(layer.weight.shape[1]) for layer in list(interactions[0].conv_tp_weights)[:-1]],
         "avg_num_neighbors": avg.pop(),
         "atomic_numbers": [int(z) for z in model.atomic_numbers.tolist()],
-        "atomic_energies": [float(e) for e in ae.tolist()],
+        "heads": heads,
+        "atomic_energies": atomic_energies,
         "scale": scale,
         "shift": shift,
         "interaction_cls": _class_name(interactions[-1]),
@@ -292,11 +309,33 @@ def export(model, out_dir) -> Path:
     hp = hyperparameters(model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v for k, v in model.state_dict().items()}
+    state = sparse_u_matrices(model.state_dict())
     write_safetensors(state, out / "weights.safetensors", metadata={"format": FORMAT})
     tmp = out / "hyperparameters.json.tmp"
     tmp.write_text(compact_json(hp))
     tmp.replace(out / "hyperparameters.json")
+    return out
+
+
+def sparse_u_matrices(state: dict, max_density: float = 0.1) -> dict:
+    """The product basis's ``U`` matrices (mostly zeros) as coordinates, values and shape.
+
+    A tensor ``NAME`` with at most ``max_density`` non-zero entries becomes ``NAME.coo_indices``
+    (int32, ``(ndim, nnz)``), ``NAME.coo_values`` (its dtype, ``(nnz,)``) and ``NAME.coo_shape``
+    (int64); every entry is kept exactly (the importer rebuilds the dense tensor)."""
+    import torch
+
+    out = {}
+    for name, t in state.items():
+        if ".U_matrix_" in name and t.numel() > 64:
+            nz = t != 0
+            if int(nz.sum()) <= max_density * t.numel():
+                idx = nz.nonzero().T.contiguous()
+                out[name + ".coo_indices"] = idx.to(torch.int32)
+                out[name + ".coo_values"] = t[nz].contiguous()
+                out[name + ".coo_shape"] = torch.tensor(list(t.shape), dtype=torch.int64)
+                continue
+        out[name] = t
     return out
 
 

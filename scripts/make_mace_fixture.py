@@ -36,7 +36,11 @@ DEFAULT_OUT = HERE.parent / "tests" / "fixtures" / "mace_parity"
 
 def build_model(seed: int = 7, hidden_irreps: str = "8x0e + 8x1o", max_ell: int = 2, correlation=3,
                 num_interactions: int = 2, interaction: str = "RealAgnosticResidualInteractionBlock",
-                interaction_first: str = "RealAgnosticResidualInteractionBlock", model_class: str = "ScaleShiftMACE"):
+                interaction_first: str = "RealAgnosticResidualInteractionBlock", model_class: str = "ScaleShiftMACE",
+                heads=None, options=None, num_bessel: int = 6):
+    """A small mace-torch model; ``heads`` (names) gives per-head E0s and scale/shift, ``options``
+    any further ``mace.modules.MACE`` keyword arguments (``pair_repulsion``, ``distance_transform``,
+    ``radial_type``, ...)."""
     import torch
     from e3nn import o3
     from mace import modules
@@ -44,7 +48,7 @@ def build_model(seed: int = 7, hidden_irreps: str = "8x0e + 8x1o", max_ell: int 
     torch.manual_seed(seed)
     kwargs = {
         "r_max": 3.6,
-        "num_bessel": 6,
+        "num_bessel": num_bessel,
         "num_polynomial_cutoff": 5,
         "max_ell": max_ell,
         "interaction_cls": modules.interaction_classes[interaction],
@@ -60,8 +64,15 @@ def build_model(seed: int = 7, hidden_irreps: str = "8x0e + 8x1o", max_ell: int 
         "gate": torch.nn.functional.silu,
         "radial_MLP": [16, 16, 16],
     }
+    scale, shift = 1.7, -0.35
+    if heads:
+        H = len(heads)
+        kwargs["heads"] = list(heads)
+        kwargs["atomic_energies"] = np.stack([kwargs["atomic_energies"] + 0.25 * h for h in range(H)])
+        scale, shift = [1.7 - 0.3 * h for h in range(H)], [-0.35 + 0.2 * h for h in range(H)]
+    kwargs.update(options or {})
     if model_class == "ScaleShiftMACE":
-        model = modules.ScaleShiftMACE(atomic_inter_scale=1.7, atomic_inter_shift=-0.35, **kwargs)
+        model = modules.ScaleShiftMACE(atomic_inter_scale=scale, atomic_inter_shift=shift, **kwargs)
     else:
         model = modules.MACE(**kwargs)
     # mace-torch initialises some weights to small values; make every path count
@@ -70,6 +81,11 @@ def build_model(seed: int = 7, hidden_irreps: str = "8x0e + 8x1o", max_ell: int 
         for name, p in model.named_parameters():
             if p.numel():
                 p.mul_(1.0 + 0.5 * torch.rand(p.shape, generator=g, dtype=p.dtype))
+        if kwargs.get("radial_type") == "chebyshev":
+            # T_n of the raw distance reaches ~(2 r)^n: damp the radial MLPs' input layer so that
+            # energies stay O(10^3) eV and a 1e-8 eV comparison is meaningful
+            for inter in model.interactions:
+                inter.conv_tp_weights.layer0.weight.mul_(0.01)
     return model.double().eval()
 
 
@@ -106,16 +122,30 @@ def structures():
 
 
 def reference(model, atoms_list) -> list[dict]:
+    """mace-torch's numbers for every structure: with the calculator's default head (entries
+    without ``head``; only when the model has one) and with every head by name."""
+    heads = list(getattr(model, "heads", None) or ["Default"])
+    lowered = [h.lower() for h in heads]
+    runs = ([None] if len(heads) == 1 or "default" in lowered else []) + (heads if len(heads) > 1 else [])
+    out = []
+    for head in runs:
+        out.extend(_reference_one_head(model, atoms_list, head))
+    return out
+
+
+def _reference_one_head(model, atoms_list, head) -> list[dict]:
     from mace.calculators import MACECalculator
     from mace.data.neighborhood import get_neighborhood
 
-    calc = MACECalculator(models=model, device="cpu", default_dtype="float64")
+    kw = {} if head is None else {"head": head}
+    calc = MACECalculator(models=model, device="cpu", default_dtype="float64", compute_atomic_stresses=True, **kw)
     out = []
     for atoms in atoms_list:
         a = atoms.copy()
         a.calc = calc
         entry = {
-            "name": atoms.info["name"],
+            "name": atoms.info["name"] + ("" if head is None else f"@{head}"),
+            **({} if head is None else {"head": head}),
             "numbers": [int(z) for z in a.numbers],
             "positions": a.positions.tolist(),
             "cell": np.asarray(a.cell).tolist(),
@@ -130,6 +160,9 @@ def reference(model, atoms_list) -> list[dict]:
             _, _, _, cell = get_neighborhood(a.positions, float(model.r_max), tuple(bool(p) for p in a.pbc),
                                              np.array(a.cell, dtype=float))
             entry["stress_volume"] = float(abs(np.linalg.det(cell)))
+            if a.pbc.all():
+                # per-atom virials (N, 3, 3), mace-torch's atomic_virials
+                entry["atomic_virials"] = np.asarray(calc.results["virials"]).reshape(len(a), 3, 3).tolist()
         out.append(entry)
     return out
 
@@ -146,6 +179,10 @@ def main(argv=None) -> int:
     p.add_argument("--interaction", default="RealAgnosticResidualInteractionBlock")
     p.add_argument("--interaction-first", default="RealAgnosticResidualInteractionBlock")
     p.add_argument("--model-class", default="ScaleShiftMACE", choices=["MACE", "ScaleShiftMACE"])
+    p.add_argument("--num-bessel", type=int, default=6)
+    p.add_argument("--heads", default=None, help="comma-separated head names (per-head E0s, scale/shift)")
+    p.add_argument("--options", default=None,
+                   help='JSON of further mace.modules.MACE arguments, e.g. {"pair_repulsion": true}')
     args = p.parse_args(argv)
 
     import torch
@@ -157,7 +194,9 @@ def main(argv=None) -> int:
     corr = [int(c) for c in str(args.correlation).split(",")]
     corr = corr[0] if len(corr) == 1 else corr
     model = build_model(args.seed, args.hidden_irreps, args.max_ell, corr, args.num_interactions,
-                        args.interaction, args.interaction_first, args.model_class)
+                        args.interaction, args.interaction_first, args.model_class,
+                        heads=args.heads.split(",") if args.heads else None,
+                        options=json.loads(args.options) if args.options else None, num_bessel=args.num_bessel)
     out = export(model, args.out)
     if args.save_model:
         torch.save(model, out / "mace.model")

@@ -5,7 +5,9 @@
 the energies, forces and stresses mace-torch computed for a molecule, a triclinic periodic cell
 shorter than the cutoff and a slab (``reference.json``); ``odd_parity/`` is a model with
 ``0o``/``1e`` hidden channels, whose message paths include Wigner 3j symbols that changed sign
-between e3nn 0.4 and 0.6. Both were written by ``scripts/make_mace_fixture.py`` (see its
+between e3nn 0.4 and 0.6; ``multihead/`` a two-head model (``pt_head``, ``Default``) with per-head
+E0s and scale/shift, referenced with mace-torch's default head and with each head by name, and
+mace-torch's per-atom virials of the periodic cell. Both were written by ``scripts/make_mace_fixture.py`` (see its
 docstring for the two-venv end-to-end check; ``MLPOT_MACE_FIXTURE=DIR`` points this test at a
 freshly made export instead).
 
@@ -25,6 +27,7 @@ import pytest
 import torch
 from ase import Atoms
 
+from mlpot.data import atoms_to_graph, collate
 from mlpot.errors import ModelFileError
 from mlpot.models.mace_import import import_mace
 
@@ -32,6 +35,11 @@ FIXTURES = Path(__file__).parent / "fixtures" / "mace_parity"
 DIRS = [Path(os.environ["MLPOT_MACE_FIXTURE"])] if os.environ.get("MLPOT_MACE_FIXTURE") else [
     FIXTURES,
     FIXTURES / "odd_parity",
+    FIXTURES / "multihead",
+    FIXTURES / "zbl_agnesi_gaussian",
+    FIXTURES / "soft_no_cutoff",
+    FIXTURES / "chebyshev",
+    FIXTURES / "lmax3_corr3",
 ]
 TOL = 1e-8
 
@@ -45,7 +53,7 @@ def _structures(d: Path):
 
 def _compare(model, d: Path):
     for r, atoms in _structures(d):
-        out = model.predict([atoms], compute_stress="stress" in r)
+        out = model.predict([atoms], compute_stress="stress" in r, head=r.get("head"))
         assert abs(out["energy"][0] - r["energy"]) < TOL, r["name"]
         np.testing.assert_allclose(out["forces"][0], r["forces"], atol=TOL, rtol=0, err_msg=r["name"])
         if "stress" in r:
@@ -54,6 +62,12 @@ def _compare(model, d: Path):
                 out["stress"][0] * volume, np.asarray(r["stress"]) * r["stress_volume"], atol=TOL, rtol=0,
                 err_msg=r["name"],
             )
+        if "atomic_virials" in r:  # mace-torch's per-atom virials (fully periodic cells)
+            g = collate([atoms_to_graph(atoms, model.r_max)])
+            g["head"] = torch.tensor([model.head_index(r.get("head"))])
+            out = model(g, compute_force=True, compute_stress=True, compute_atomic_stress=True)
+            np.testing.assert_allclose(out["atomic_virials"].detach().numpy(), r["atomic_virials"], atol=TOL,
+                                       rtol=0, err_msg=r["name"])
 
 
 @pytest.mark.parametrize("d", DIRS, ids=lambda p: p.name)
@@ -101,12 +115,12 @@ def test_unsupported_features_are_named(tmp_path):
     shutil.copytree(FIXTURES, d, ignore=shutil.ignore_patterns("odd_parity"))
     hp = json.loads((d / "hyperparameters.json").read_text())
     hp["interaction_cls"] = "RealAgnosticDensityInteractionBlock"
-    hp["pair_repulsion"] = True
+    hp["edge_irreps"] = "8x0e+8x1o"
     (d / "hyperparameters.json").write_text(json.dumps(hp))
-    with pytest.raises(ModelFileError, match="RealAgnosticDensityInteractionBlock.*pair_repulsion"):
+    with pytest.raises(ModelFileError, match="RealAgnosticDensityInteractionBlock.*edge_irreps"):
         import_mace(d)
     hp["interaction_cls"] = "RealAgnosticResidualInteractionBlock"
-    hp["pair_repulsion"] = False
+    hp["edge_irreps"] = None
     hp["model_class"] = "AtomicDipolesMACE"
     (d / "hyperparameters.json").write_text(json.dumps(hp))
     with pytest.raises(ModelFileError, match="AtomicDipolesMACE"):
@@ -126,3 +140,24 @@ def test_per_head_shapes_of_a_trained_model(tmp_path):
         weights[k] = weights[k].reshape(1)
     save_file(weights, str(d / "weights.safetensors"))
     _compare(import_mace(d), d)
+
+
+@pytest.mark.parametrize("name, option", [
+    ("zbl_agnesi_gaussian", "pair_repulsion"), ("zbl_agnesi_gaussian", "distance_transform"),
+    ("zbl_agnesi_gaussian", "radial_type"), ("soft_no_cutoff", "distance_transform"),
+    ("soft_no_cutoff", "apply_cutoff"), ("chebyshev", "radial_type"), ("lmax3_corr3", "pair_repulsion"),
+])
+def test_each_option_changes_the_numbers(name, option):
+    """The fixtures exercise their options: the same weights without the option give other energies."""
+    d = FIXTURES / name
+    model = import_mace(d)
+    r, atoms = next(_structures(d))
+    assert abs(model.predict([atoms])["energy"][0] - r["energy"]) < TOL
+    config = dict(model.config)
+    config[option] = {"pair_repulsion": False, "distance_transform": None, "radial_type": "bessel",
+                      "apply_cutoff": True}[option]
+    other = type(model)(**config)
+    state = {k: v for k, v in model.state_dict().items() if k in other.state_dict()
+             and other.state_dict()[k].shape == v.shape}
+    other.load_state_dict(state, strict=False)
+    assert abs(other.predict([atoms])["energy"][0] - r["energy"]) > 1e-4

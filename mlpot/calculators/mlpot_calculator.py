@@ -73,15 +73,18 @@ class MLPotCalculator(Calculator):
     skin: Verlet skin in Å for neighbour-list reuse (0 = rebuild every call).
     min_distance: atoms closer than this (Å) are an error (two atoms on one site make every
         model output meaningless); 0 switches the check off.
+    head: the head of a multi-head model to use (None: mace-torch's default, the only head or
+        the one named ``default``); an unknown name is a :class:`ConfigError`.
 
     Non-finite positions or cell are an error (a NaN never passes the skin test silently), and
     so are a non-finite energy, forces or stress from the model: a relaxation or MD run stops
     at the first one instead of carrying NaN on.
     """
 
-    implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]
+    implemented_properties = ["energy", "free_energy", "energies", "forces", "stress", "stresses"]
 
-    def __init__(self, model, device="auto", dtype=None, compile=False, skin=0.0, min_distance=0.1, **kwargs):
+    def __init__(self, model, device="auto", dtype=None, compile=False, skin=0.0, min_distance=0.1, head=None,
+                 **kwargs):
         if compile:
             raise ConfigError(
                 "MLPotCalculator(compile=True): torch.compile of mlpot models is not supported "
@@ -100,6 +103,8 @@ class MLPotCalculator(Calculator):
         if not self.min_distance >= 0 or not np.isfinite(self.min_distance):
             raise ConfigError(f"min_distance must be finite and >= 0, got {min_distance}")
         self._nl = None  # cached neighbour list state
+        self.head = head if head is not None else self.model.active_head
+        self.head_index = self.model.head_index(head)  # validates the name
         self.nl_builds = 0  # number of neighbour-list builds (for tests / diagnostics)
 
     # ---- neighbour list -------------------------------------------------------------------
@@ -180,10 +185,12 @@ class MLPotCalculator(Calculator):
         self._check_species(numbers)
         self._check_finite_structure(atoms)  # before the skin test: NaN > x is False
         i, j, S = self._neighbors(atoms)
-        return graph_from_neighbor_list(
+        graph = graph_from_neighbor_list(
             atoms.positions.copy(), numbers, atoms.cell.array, atoms.pbc, i, j, S,
             dtype=self.dtype, device=self.device,
         )
+        graph["head"] = torch.tensor([self.head_index], dtype=torch.long, device=self.device)
+        return graph
 
     # ---- ASE interface --------------------------------------------------------------------
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
@@ -193,8 +200,15 @@ class MLPotCalculator(Calculator):
         if "stress" in properties and not periodic:
             raise PropertyNotImplementedError("stress needs a cell periodic in all three directions")
         compute_stress = periodic
+        # per-atom stresses (calc.get_stresses(), (N, 6), summing to the stress; for heat transport)
+        atomic = "stresses" in properties
+        if atomic and not periodic:
+            raise PropertyNotImplementedError("per-atom stresses need a cell periodic in all three directions")
         graph = self.build_graph(atoms)
-        out = self.model(graph, compute_force=True, compute_stress=compute_stress)
+        if atomic:
+            out = self.model(graph, compute_force=True, compute_stress=True, compute_atomic_stress=True)
+        else:
+            out = self.model(graph, compute_force=True, compute_stress=compute_stress)
         energy = float(out["energy"].detach().sum().cpu())
         self.results = {
             "energy": energy,
@@ -204,7 +218,9 @@ class MLPotCalculator(Calculator):
         }
         if compute_stress:
             self.results["stress"] = full_3x3_to_voigt(out["stress"].detach()[0].cpu().double().numpy())
-        for key in ("energy", "forces", "stress"):
+        if atomic:
+            self.results["stresses"] = full_3x3_to_voigt(out["atomic_stress"].detach().cpu().double().numpy())
+        for key in ("energy", "forces", "stress", "stresses"):
             if key in self.results and not np.all(np.isfinite(self.results[key])):
                 self.results = {}
                 raise NonFiniteError(

@@ -19,6 +19,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--dtype", default=None, help="float64 or float32 (default: the model's)")
+    parser.add_argument("--head", default=None, help="head of a multi-head model (default: the only head, or the one named default)")
     parser.add_argument("--data-format", default=None, help="file format (default: from the suffix)")
     parser.add_argument("--energy-key", default=None)
     parser.add_argument("--forces-key", default=None)
@@ -69,6 +70,7 @@ def run(args) -> int:
         if out:
             check_not_input(out, args.model, *args.data, what=opt)
     model = mlpot.load_model(args.model, device=args.device, dtype=args.dtype)
+    model.select_head(args.head)
     data_cfg = {"format": args.data_format,
                 "keys": {"energy": args.energy_key, "forces": args.forces_key, "stress": args.stress_key}}
     results, written = {}, []

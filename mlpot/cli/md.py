@@ -23,6 +23,7 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=None, help="random seed (velocities, Langevin noise)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default=None, choices=["float32", "float64"])
+    p.add_argument("--head", default=None, help="head of a multi-head model (default: the only head, or the one named default)")
     p.add_argument("--skin", type=float, default=0.5, help="neighbour-list skin (Å)")
     p.add_argument("--min-distance", type=float, default=0.1,
                    help="atoms closer than this (Å) are an error (default 0.1; 0: no check)")
@@ -58,7 +59,7 @@ def run(args) -> int:
     frames, _ = read_structures(args.input, min_distance=args.min_distance)
     atoms = frames[0]
     atoms.calc = MLPotCalculator(args.model, device=args.device, dtype=args.dtype, skin=args.skin,
-                                 min_distance=args.min_distance)
+                                 min_distance=args.min_distance, head=args.head)
     init_velocities(atoms, args.temperature, args.seed)
     dyn = make_integrator(atoms, args.ensemble, args.timestep, temperature=args.temperature,
                           friction=args.friction, pressure_gpa=args.pressure, seed=args.seed)

@@ -26,6 +26,7 @@ def add_arguments(p) -> None:
     p.add_argument("--trajectory", help="ASE .traj file with every optimizer step")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default=None, choices=["float32", "float64"], help="default: the model's")
+    p.add_argument("--head", default=None, help="head of a multi-head model (default: the only head, or the one named default)")
     p.add_argument("--batched", action="store_true",
                    help="relax all structures together with batched FIRE in torch (positions only)")
     p.add_argument("--max-atoms", type=int, default=4096, help="atoms per batch with --batched")
@@ -90,7 +91,7 @@ def run(args) -> int:
         from mlpot.calculators import MLPotCalculator
 
         calc = MLPotCalculator(args.model, device=args.device, dtype=args.dtype, skin=args.skin,
-                               min_distance=args.min_distance)
+                               min_distance=args.min_distance, head=args.head)
         traj = None
         if args.trajectory:
             from ase.io import Trajectory

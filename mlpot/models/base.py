@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from mlpot.errors import ConfigError, UnknownElementError
+from mlpot.models.heads import default_head
 from mlpot.models.io import save_model
 from mlpot.models.registry import (  # noqa: F401 - re-exported: models register with base.register_model
     MODEL_REGISTRY,
@@ -87,6 +88,9 @@ class PotentialModel(nn.Module):
             torch.tensor(_e0_vector(config.get("e0s"), self.atomic_numbers), dtype=torch.float64),
         )
         self.zbl = ZBLRepulsion(self.atomic_numbers) if config.get("zbl", False) else None
+        # heads (mlpot.models.heads): one, "Default", unless the model's config names several
+        self.heads = list(config.get("heads") or ["Default"])
+        self.active_head = default_head(self.heads)
 
     # ---- helpers for subclasses -------------------------------------------------------------
     @property
@@ -119,6 +123,35 @@ class PotentialModel(nn.Module):
         idx = self.species_index(graph["atomic_numbers"])
         return self.atomic_energies.to(graph["positions"].dtype)[idx]
 
+    # ---- heads (see mlpot.models.heads) -------------------------------------------------------
+    def head_index(self, head: str | None) -> int:
+        """Index of head ``head`` (None: the active head); an unknown name is a ConfigError."""
+        if head is None:
+            head = self.active_head
+            if head is None:
+                raise ConfigError(
+                    f"this model has heads {self.heads} and none is named 'default': choose one (head=...)"
+                )
+        if head not in self.heads:
+            raise ConfigError(f"head {head!r} not in this model's heads {self.heads}")
+        return self.heads.index(head)
+
+    @property
+    def active_head_index(self) -> int:
+        return self.head_index(None)
+
+    def select_head(self, head: str | None) -> None:
+        """Read structures whose graph carries no ``head`` with ``head`` (None: keep the default)."""
+        if head is not None:
+            self.head_index(head)
+            self.active_head = head
+
+    def node_heads(self, graph: dict) -> torch.Tensor:
+        """Head index of every atom ``(N,)``: ``graph["head"][batch]`` or the active head."""
+        if "head" in graph:
+            return graph["head"].to(torch.long)[graph["batch"]]
+        return torch.full_like(graph["batch"], self.active_head_index, dtype=torch.long)
+
     # ---- to implement -----------------------------------------------------------------------
     def compute_node_energies(self, graph: dict, vectors: torch.Tensor) -> dict[str, torch.Tensor]:
         """Return ``{"node_energy": (N,), optionally "node_features": (N, F)}`` (E0 included)."""
@@ -131,10 +164,12 @@ class PotentialModel(nn.Module):
         compute_force: bool = True,
         compute_stress: bool = False,
         create_graph: bool | None = None,
+        compute_atomic_stress: bool = False,
     ) -> dict[str, torch.Tensor]:
         """Energies, and forces / stress / virials by autograd.
 
         ``create_graph`` defaults to ``self.training`` (training needs the double backward).
+        ``compute_atomic_stress``: also per-atom virials and stresses (see :func:`atomic_virials`).
         """
         if create_graph is None:
             create_graph = self.training
@@ -143,7 +178,7 @@ class PotentialModel(nn.Module):
         edge_index = graph["edge_index"]
         cell = graph["cell"].to(positions.dtype)
         num_graphs = cell.shape[0]
-        if compute_force and not positions.requires_grad:
+        if (compute_force or compute_atomic_stress) and not positions.requires_grad:
             positions = positions.detach().requires_grad_(True)
         leaf_positions = positions
         displacement = None
@@ -173,6 +208,8 @@ class PotentialModel(nn.Module):
             inputs.append(leaf_positions)
         if displacement is not None:
             inputs.append(displacement)
+        if compute_atomic_stress:
+            inputs.append(vectors)
         if inputs:
             grads = torch.autograd.grad(
                 [energy.sum()], inputs, create_graph=create_graph, allow_unused=True
@@ -192,6 +229,15 @@ class PotentialModel(nn.Module):
                 )
                 result["virials"] = virials
                 result["stress"] = stress
+            if compute_atomic_stress:
+                g = grads[-1] if grads[-1] is not None else torch.zeros_like(vectors)
+                atomic = atomic_virials(vectors, g, edge_index, positions.shape[0])
+                volume = torch.linalg.det(graph["cell"].to(positions.dtype)).abs()[batch]
+                safe = torch.where(volume > 0, volume, torch.ones_like(volume))
+                result["atomic_virials"] = atomic
+                result["atomic_stress"] = torch.where(
+                    (volume > 0)[:, None, None], -atomic / safe[:, None, None], torch.zeros_like(atomic)
+                )
         return result
 
     # ---- convenience ------------------------------------------------------------------------
@@ -199,8 +245,10 @@ class PotentialModel(nn.Module):
         """Write one self-contained model file atomically (see :mod:`mlpot.models.io`)."""
         save_model(self, path)
 
-    def predict(self, atoms_list, batch_size: int = 16, compute_stress: bool | None = None) -> dict:
+    def predict(self, atoms_list, batch_size: int = 16, compute_stress: bool | None = None, head=None) -> dict:
         """Energies (eV), forces (eV/Å) and stress (eV/Å^3, ASE Voigt order) for ASE Atoms.
+
+        ``head``: the head to read a multi-head model with (None: the active head).
 
         Returns ``{"energy": (B,), "forces": [ (n_b, 3) ... ], "stress": (B, 6)}`` as numpy.
         Stress is computed for periodic structures (zeros for molecules).
@@ -216,6 +264,7 @@ class PotentialModel(nn.Module):
         dtype = p.dtype if p is not None else torch.float64
         if compute_stress is None:
             compute_stress = any(a.pbc.any() for a in atoms_list)
+        head_index = self.head_index(head)
         energies, forces, stresses = [], [], []
         was_training = self.training
         self.eval()
@@ -224,6 +273,7 @@ class PotentialModel(nn.Module):
                 chunk = atoms_list[start : start + batch_size]
                 graphs = [atoms_to_graph(a, self.r_max, dtype=dtype) for a in chunk]
                 g = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in collate(graphs).items()}
+                g["head"] = torch.full((len(chunk),), head_index, dtype=torch.long, device=device)
                 out = self(g, compute_force=True, compute_stress=compute_stress)
                 energies.append(out["energy"].detach().cpu().numpy())
                 f = out["forces"].detach().cpu().numpy()
@@ -236,6 +286,21 @@ class PotentialModel(nn.Module):
         finally:
             self.train(was_training)
         return {"energy": np.concatenate(energies), "forces": forces, "stress": np.concatenate(stresses)}
+
+
+def atomic_virials(vectors: torch.Tensor, grad: torch.Tensor, edge_index: torch.Tensor, num_atoms: int):
+    r"""Per-atom virials ``(N, 3, 3)`` from the edge gradients ``grad = dE/dD_e``:
+
+    .. math:: W_i = -\tfrac12 \sum_{e \ni i} \operatorname{sym}(D_e \otimes \partial E / \partial D_e),
+
+    each edge's virial split equally between its two atoms (mace-torch's split). They sum to
+    the total virial ``-dE/d(eps)`` of a model whose energy depends on positions only through the
+    edge vectors; the per-atom stress is ``-W_i / V``.
+    """
+    edge = torch.einsum("ea,eb->eab", vectors, grad)
+    edge = -0.25 * (edge + edge.transpose(1, 2))
+    out = vectors.new_zeros((num_atoms, 3, 3))
+    return out.index_add(0, edge_index[0], edge).index_add(0, edge_index[1], edge)
 
 
 class ZBLRepulsion(nn.Module):

@@ -48,6 +48,7 @@ from torch import nn
 
 from mlpot.errors import ConfigError
 from mlpot.models.base import PotentialModel, register_model
+from mlpot.models.heads import check_heads, head_e0_matrix, head_e0s_config, per_head
 from mlpot.nn.blocks import (
     GATES,
     EquivariantProductBasisBlock,
@@ -58,7 +59,7 @@ from mlpot.nn.blocks import (
     interaction_block_class,
 )
 from mlpot.nn.edge_geometry import EdgeGeometry, build_edge_geometry, check_edge_geometry_backend
-from mlpot.nn.radial import RadialEmbeddingBlock
+from mlpot.nn.radial import MaceZBLRepulsion, RadialEmbeddingBlock, SpeciesRadialEmbeddingBlock
 
 __all__ = ["MACE", "ScaleShiftMACE", "mace_hidden_irreps", "tune_malloc"]
 
@@ -145,6 +146,11 @@ class MACE(PotentialModel):
         subtract_isolated: bool = True,
         seed: int | None = None,
         dtype: str = "float64",
+        heads=None,
+        pair_repulsion: bool = False,
+        distance_transform: str | None = None,
+        radial_type: str = "bessel",
+        apply_cutoff: bool = True,
     ):
         if atomic_numbers is None:
             raise ConfigError("MACE: `atomic_numbers` is required (the species the model knows)")
@@ -186,6 +192,7 @@ class MACE(PotentialModel):
                 raise ConfigError(f"MACE: mmax applies to interaction_tp: so2, not {interaction_tp!r}")
             if isinstance(mmax, bool) or not isinstance(mmax, int) or mmax < 0:
                 raise ConfigError(f"MACE: mmax must be a non-negative integer, got {mmax!r}")
+        heads = check_heads(heads)
         if float(avg_num_neighbors) <= 0:
             raise ConfigError(f"MACE: avg_num_neighbors must be > 0, got {avg_num_neighbors}")
         config = {
@@ -202,8 +209,8 @@ class MACE(PotentialModel):
             "radial_MLP": [int(h) for h in radial_MLP],
             "avg_num_neighbors": float(avg_num_neighbors),
             "e0s": e0s,
-            "scale": float(scale),
-            "shift": float(shift),
+            "scale": scale if isinstance(scale, (list, tuple, dict)) else float(scale),
+            "shift": shift if isinstance(shift, (list, tuple, dict)) else float(shift),
             "interaction_cls": str(interaction_cls).split(".")[-1].strip("'<>"),
             "interaction_cls_first": str(interaction_cls_first).split(".")[-1].strip("'<>"),
             "interaction_tp": str(interaction_tp).lower(),
@@ -216,12 +223,32 @@ class MACE(PotentialModel):
             "subtract_isolated": bool(subtract_isolated),
             "seed": seed,
             "dtype": str(dtype),
+            "heads": heads,
+            "pair_repulsion": bool(pair_repulsion),
+            "distance_transform": None if distance_transform in (None, "None") else str(distance_transform),
+            "radial_type": str(radial_type),
+            "apply_cutoff": bool(apply_cutoff),
         }
-        if isinstance(e0s, dict):
-            config["e0s"] = {str(k): float(v) for k, v in e0s.items()}
-        elif e0s is not None:
-            config["e0s"] = [float(v) for v in e0s]
-        super().__init__(config)
+        if len(heads) > 1:
+            config["e0s"] = head_e0s_config(e0s, heads)
+            config["scale"] = per_head("scale", scale, heads)
+            config["shift"] = per_head("shift", shift, heads)
+        else:
+            config["scale"] = per_head("scale", scale, heads)[0]
+            config["shift"] = per_head("shift", shift, heads)[0]
+            if isinstance(e0s, dict):
+                config["e0s"] = {str(k): float(v) for k, v in e0s.items()}
+            elif e0s is not None:
+                config["e0s"] = [float(v) for v in e0s]
+        if len(heads) > 1:
+            # the base class keeps one E0 per species; a multi-head model one row per head
+            super().__init__({**config, "e0s": None})
+            self.config["e0s"] = config["e0s"]
+            self.atomic_energies = torch.tensor(
+                head_e0_matrix(config["e0s"], heads, self.atomic_numbers), dtype=torch.float64
+            )
+        else:
+            super().__init__(config)
         if config["dtype"] not in ("float32", "float64"):
             raise ConfigError(f"MACE: dtype must be float32 or float64, got {dtype!r}")
         dt = torch.float32 if config["dtype"] == "float32" else torch.float64
@@ -263,7 +290,21 @@ class MACE(PotentialModel):
         interaction_irreps_first = (sh_irreps * num_features).sort()[0].simplify()
 
         self.node_embedding = LinearNodeEmbeddingBlock(node_attr_irreps, node_feats_irreps)
-        self.radial_embedding = RadialEmbeddingBlock(self.r_max, c["num_bessel"], c["num_polynomial_cutoff"])
+        # mace-torch's radial options; the plain Bessel x envelope keeps the fused edge kernel
+        self._species_radial = (c.get("radial_type", "bessel") != "bessel" or c.get("distance_transform") is not None
+                                or not c.get("apply_cutoff", True))
+        if self._species_radial:
+            if c["backend"] != "reference":
+                raise ConfigError("MACE: radial_type / distance_transform / apply_cutoff=False need backend: reference")
+            self.radial_embedding = SpeciesRadialEmbeddingBlock(
+                self.r_max, c["num_bessel"], c["num_polynomial_cutoff"], c.get("radial_type", "bessel"),
+                c.get("distance_transform"), c.get("apply_cutoff", True),
+            )
+        else:
+            self.radial_embedding = RadialEmbeddingBlock(self.r_max, c["num_bessel"], c["num_polynomial_cutoff"])
+        if c.get("pair_repulsion", False):
+            self.pair_repulsion_fn = MaceZBLRepulsion(p=c["num_polynomial_cutoff"])
+        self.register_buffer("_species_z", torch.tensor(self.atomic_numbers, dtype=torch.long), persistent=False)
         edge_feats_irreps = o3.Irreps(f"{c['num_bessel']}x0e")
         self.spherical_harmonics = o3.SphericalHarmonics(sh_irreps, normalize=True, normalization="component")
 
@@ -310,11 +351,17 @@ class MACE(PotentialModel):
                     gaunt_method=c.get("gaunt_method", "grid"),
                 )
             )
+            H = len(c.get("heads") or ["Default"])
+            out_irreps = o3.Irreps(f"{H}x0e")
             if last and num_inter > 1:  # mace-torch: a single layer has a linear readout
-                self.readouts.append(NonLinearReadoutBlock(hidden_out, c["MLP_irreps"], gate, o3.Irreps("0e")))
+                mlp = (H * o3.Irreps(c["MLP_irreps"])).simplify()
+                self.readouts.append(NonLinearReadoutBlock(hidden_out, mlp, gate, out_irreps, num_heads=H))
             else:
-                self.readouts.append(LinearReadoutBlock(hidden_out, o3.Irreps("0e")))
+                self.readouts.append(LinearReadoutBlock(hidden_out, out_irreps))
         self.scale_shift = ScaleShiftBlock(c["scale"], c["shift"])
+        if not c.get("apply_cutoff", True):
+            for inter in self.interactions:
+                inter.envelope_on_weights = True
         # what the shared edge geometry holds: SH only when a layer reads them, frames when asked
         self._needs_sh = any(inter.conv_tp.needs_sh for inter in self.interactions)
         frames = [inter.conv_tp.frames_lmax for inter in self.interactions if inter.conv_tp.frames_lmax is not None]
@@ -331,10 +378,18 @@ class MACE(PotentialModel):
         return out
 
     # ------------------------------------------------------------------------------------------
-    def edge_geometry(self, vectors: torch.Tensor) -> EdgeGeometry:
+    def edge_geometry(self, vectors: torch.Tensor, z_s=None, z_r=None) -> EdgeGeometry:
         """The edge geometry all layers share: lengths, radial basis x envelope, the spherical
         harmonics (unless every layer uses SO(2) frames), and the edge frames with their Wigner
-        blocks (only for SO(2) layers)."""
+        blocks (only for SO(2) layers). ``z_s, z_r (E, 1)``: atomic numbers of the edge's atoms,
+        read by mace-torch's distance transforms."""
+        if self._species_radial:
+            geometry = build_edge_geometry(
+                vectors, spherical_harmonics=self.spherical_harmonics if self._needs_sh else None,
+                radial_embedding=None, frames_lmax=self._frames_lmax, backend=self.config["backend"],
+            )
+            geometry.radial, geometry.envelope = self.radial_embedding.radial_and_envelope(geometry.lengths, z_s, z_r)
+            return geometry
         return build_edge_geometry(
             vectors,
             spherical_harmonics=self.spherical_harmonics if self._needs_sh else None,
@@ -343,28 +398,43 @@ class MACE(PotentialModel):
             backend=self.config["backend"],
         )
 
-    def _interaction_energy(self, node_attrs, vectors, sender, receiver):
-        """Sum of the readouts of all layers (before scale/shift) and the invariant features."""
-        geometry = self.edge_geometry(vectors)
+    def _interaction_energy(self, node_attrs, vectors, sender, receiver, node_heads=None):
+        """Sum of the readouts of all layers (before scale/shift), each atom read by its head
+        (``node_heads (N,)``, None: the only head), and the invariant features."""
+        node_z = self._species_z[node_attrs.argmax(dim=1)] if node_attrs.shape[0] else self._species_z[:0]
+        z_s, z_r = node_z[sender][:, None], node_z[receiver][:, None]
+        geometry = self.edge_geometry(vectors, z_s, z_r)
         node_feats = self.node_embedding(node_attrs)
         node_inter = node_attrs.new_zeros(node_attrs.shape[0])
+        if hasattr(self, "pair_repulsion_fn"):  # inside scale/shift, as mace-torch's ScaleShiftMACE
+            node_inter = node_inter + self.pair_repulsion_fn(geometry.lengths, z_s, z_r, receiver, node_attrs.shape[0])
         invariants = []
+        rows = torch.arange(node_attrs.shape[0], device=node_attrs.device)
         for interaction, product, readout in zip(self.interactions, self.products, self.readouts):
             node_feats, sc = interaction(node_attrs, node_feats, geometry, sender, receiver)
             node_feats = product(node_feats, sc, node_attrs)
             invariants.append(node_feats[:, : self.num_features])
-            node_inter = node_inter + readout(node_feats).squeeze(-1)
+            if node_heads is None:
+                node_inter = node_inter + readout(node_feats).squeeze(-1)
+            else:
+                node_inter = node_inter + readout_heads(readout, node_feats, node_heads)[rows, node_heads]
         return node_inter, invariants
 
     def isolated_interaction_energy(self, dtype=None, device=None) -> torch.Tensor:
-        """Readout sum of a lone atom of each species (no neighbours), shape ``(S,)``."""
+        """Readout sum of a lone atom of each species (no neighbours), shape ``(S,)``, or
+        ``(H, S)`` for a model with H > 1 heads."""
         p = self.node_embedding.linear.weight
         dtype = dtype or p.dtype
         device = device or p.device
         attrs = torch.eye(self.num_elements, dtype=dtype, device=device)
         empty = torch.zeros(0, dtype=torch.long, device=device)
         vectors = torch.zeros(0, 3, dtype=dtype, device=device)
-        return self._interaction_energy(attrs, vectors, empty, empty)[0]
+        if len(self.heads) == 1:
+            return self._interaction_energy(attrs, vectors, empty, empty)[0]
+        return torch.stack([
+            self._interaction_energy(attrs, vectors, empty, empty, torch.full((len(attrs),), h, dtype=torch.long, device=device))[0]
+            for h in range(len(self.heads))
+        ])
 
     def _isolated_cached(self, dtype, device) -> torch.Tensor:
         # depends on the weights only: recompute when any of them changed (or in training)
@@ -374,16 +444,39 @@ class MACE(PotentialModel):
 
         return cached_on_weights(self, "_iso_cache", self.isolated_interaction_energy, dtype, device)
 
+    def node_e0(self, graph: dict) -> torch.Tensor:
+        """Isolated-atom energy of each atom (N,), from the row of its head."""
+        if len(self.heads) == 1:
+            return super().node_e0(graph)
+        idx = self.species_index(graph["atomic_numbers"])
+        return self.atomic_energies.to(graph["positions"].dtype)[self.node_heads(graph), idx]
+
+    @property
+    def e0s(self) -> dict[int, float]:
+        """E0 per atomic number of the active head (of the first head when none is active)."""
+        h = 0 if self.active_head is None else self.active_head_index
+        e0 = self.atomic_energies if len(self.heads) == 1 else self.atomic_energies[h]
+        return {z: float(e) for z, e in zip(self.atomic_numbers, e0.tolist())}
+
     def compute_node_energies(self, graph: dict, vectors: torch.Tensor) -> dict[str, torch.Tensor]:
         node_attrs = self.node_attrs(graph)
         node_e0 = self.node_e0(graph)
         sender, receiver = graph["edge_index"][0], graph["edge_index"][1]
-        node_inter, invariants = self._interaction_energy(node_attrs, vectors, sender, receiver)
+        node_heads = None if len(self.heads) == 1 else self.node_heads(graph)
+        node_inter, invariants = self._interaction_energy(node_attrs, vectors, sender, receiver, node_heads)
         if self.config["subtract_isolated"]:
             species = self.species_index(graph["atomic_numbers"])
-            node_inter = node_inter - self._isolated_cached(vectors.dtype, vectors.device)[species]
-        node_energy = node_e0 + self.scale_shift(node_inter)
+            iso = self._isolated_cached(vectors.dtype, vectors.device)
+            node_inter = node_inter - (iso[species] if node_heads is None else iso[node_heads, species])
+        node_energy = node_e0 + self.scale_shift(node_inter, node_heads)
         return {"node_energy": node_energy, "node_features": torch.cat(invariants, dim=-1)}
+
+
+def readout_heads(readout, node_feats: torch.Tensor, node_heads: torch.Tensor) -> torch.Tensor:
+    """``(N, H)`` outputs of a readout, the gated one masked to each atom's head."""
+    if isinstance(readout, NonLinearReadoutBlock):
+        return readout(node_feats, node_heads)
+    return readout(node_feats)
 
 
 @register_model("ScaleShiftMACE")

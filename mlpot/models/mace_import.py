@@ -34,7 +34,7 @@ from mlpot.errors import ModelFileError
 __all__ = ["UNSUPPORTED_HINT", "import_mace", "read_export"]
 
 EXPORT_FORMAT = "mlpot-mace-export"
-EXPORT_VERSION = 1
+EXPORT_VERSION = 2
 SUPPORTED_MODELS = ("MACE", "ScaleShiftMACE")
 UNSUPPORTED_HINT = (
     "mlpot imports MACE / ScaleShiftMACE with RealAgnostic[Residual]InteractionBlock, Bessel radial "
@@ -60,7 +60,20 @@ def read_export(path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise ModelFileError(f"{hp_file}: export format version {hp['format_version']} is newer than this mlpot")
     from safetensors.torch import load_file
 
-    return hp, load_file(str(w_file))
+    return hp, _dense(load_file(str(w_file)))
+
+
+def _dense(state: dict) -> dict:
+    """Rebuild the tensors an export (format 2) stored as coordinates / values / shape."""
+    out = {k: v for k, v in state.items() if not k.endswith((".coo_indices", ".coo_values", ".coo_shape"))}
+    for k in state:
+        if k.endswith(".coo_values"):
+            name = k[: -len(".coo_values")]
+            shape = [int(n) for n in state[name + ".coo_shape"].tolist()]
+            dense = torch.zeros(shape, dtype=state[k].dtype)
+            dense[tuple(state[name + ".coo_indices"].long())] = state[k]
+            out[name] = dense
+    return out
 
 
 def _check_supported(hp: dict) -> None:
@@ -72,10 +85,12 @@ def _check_supported(hp: dict) -> None:
     for key in ("interaction_cls", "interaction_cls_first"):
         if hp.get(key) not in INTERACTION_BLOCKS:
             problems.append(f"{key} {hp.get(key)!r}")
-    for feature in ("heads", "pair_repulsion", "distance_transform", "edge_irreps", "radial_type"):
-        v = hp.get(feature)
-        if v not in (None, False, "bessel", ["Default"], ["default"]):
-            problems.append(f"{feature}={v!r}")
+    if hp.get("edge_irreps") not in (None,):
+        problems.append(f"edge_irreps={hp.get('edge_irreps')!r}")
+    if hp.get("radial_type", "bessel") not in ("bessel", "gaussian", "chebyshev"):
+        problems.append(f"radial_type={hp.get('radial_type')!r}")
+    if hp.get("distance_transform") not in (None, "Agnesi", "Soft"):
+        problems.append(f"distance_transform={hp.get('distance_transform')!r}")
     if problems:
         raise ModelFileError("mace-torch model uses features mlpot does not support: " + "; ".join(problems)
                              + f" ({UNSUPPORTED_HINT})")
@@ -95,11 +110,16 @@ def _config_from_hparams(hp: dict) -> dict:
         "gate": hp.get("gate"),
         "radial_MLP": [int(h) for h in hp["radial_MLP"]],
         "avg_num_neighbors": float(hp["avg_num_neighbors"]),
-        "e0s": [float(e) for e in hp["atomic_energies"]],
-        "scale": float(hp.get("scale", 1.0)),
-        "shift": float(hp.get("shift", 0.0)),
+        "heads": [str(h) for h in hp.get("heads") or ["Default"]],
+        "e0s": hp["atomic_energies"],
+        "scale": hp.get("scale", 1.0),
+        "shift": hp.get("shift", 0.0),
         "interaction_cls": hp["interaction_cls"],
         "interaction_cls_first": hp["interaction_cls_first"],
+        "pair_repulsion": bool(hp.get("pair_repulsion", False)),
+        "distance_transform": hp.get("distance_transform"),
+        "radial_type": hp.get("radial_type", "bessel"),
+        "apply_cutoff": bool(hp.get("apply_cutoff", True)),
         "interaction_tp": "cg",
         "product": "symmetric",
         "product_basis_sizes": hp["product_basis_sizes"],

@@ -123,17 +123,30 @@ class LinearReadoutBlock(nn.Module):
 
 
 class NonLinearReadoutBlock(nn.Module):
-    """Node features -> ``MLP_irreps`` scalars -> gate -> per-atom energy."""
+    """Node features -> ``MLP_irreps`` scalars -> gate -> per-atom energy.
 
-    def __init__(self, irreps_in, MLP_irreps, gate: Callable | None, irrep_out="0e"):
+    With ``num_heads`` H > 1 (mace-torch's multi-head readout) ``MLP_irreps`` holds H blocks of
+    hidden scalars, head-major, and the output has H channels; an atom evaluated with head ``h``
+    keeps only block ``h`` of the gated hidden features (the others are set to zero) before the
+    last linear map, so head ``h``'s energy depends on its own hidden block only.
+    """
+
+    def __init__(self, irreps_in, MLP_irreps, gate: Callable | None, irrep_out="0e", num_heads: int = 1):
         super().__init__()
         self.hidden_irreps = o3.Irreps(MLP_irreps)
+        self.num_heads = int(num_heads)
+        if self.hidden_irreps.dim % self.num_heads:
+            raise ConfigError(f"readout: MLP_irreps {self.hidden_irreps} do not split into {num_heads} heads")
         self.linear_1 = o3.Linear(irreps_in=o3.Irreps(irreps_in), irreps_out=self.hidden_irreps)
         self.non_linearity = enn.Activation(irreps_in=self.hidden_irreps, acts=[gate])
         self.linear_2 = o3.Linear(irreps_in=self.hidden_irreps, irreps_out=o3.Irreps(irrep_out))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(self.non_linearity(self.linear_1(x)))
+    def forward(self, x: torch.Tensor, heads: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.non_linearity(self.linear_1(x))
+        if self.num_heads > 1 and heads is not None:
+            keep = nn.functional.one_hot(heads, self.num_heads).to(x.dtype)  # (N, H)
+            x = (x.reshape(x.shape[0], self.num_heads, -1) * keep[:, :, None]).reshape(x.shape)
+        return self.linear_2(x)
 
 
 class InteractionBlock(nn.Module):
@@ -146,6 +159,7 @@ class InteractionBlock(nn.Module):
     """
 
     residual = False
+    envelope_on_weights = False
 
     def __init__(
         self,
@@ -203,6 +217,8 @@ class InteractionBlock(nn.Module):
         trips fewer)."""
         node_feats = self.linear_up(node_feats)
         tp_weights = self.conv_tp_weights(geometry.radial)
+        if self.envelope_on_weights:  # mace-torch's apply_cutoff=False: envelope after the radial MLP
+            tp_weights = tp_weights * geometry.require("envelope", type(self).__name__)
         N = node_feats.shape[0]
         tp = self.conv_tp
         if self._fused_linear is not None and tp.selected_backend(node_feats.device) == "reference":
@@ -291,16 +307,21 @@ class EquivariantProductBasisBlock(nn.Module):
 
 
 class ScaleShiftBlock(nn.Module):
-    """``scale * x + shift`` (buffers, as mace-torch's)."""
+    """``scale * x + shift`` (buffers, as mace-torch's); one value, or one per head (shape ``(H,)``)
+    selected per atom by ``heads``."""
 
-    def __init__(self, scale: float, shift: float):
+    def __init__(self, scale, shift):
         super().__init__()
         dtype = torch.get_default_dtype()
-        self.register_buffer("scale", torch.tensor(float(scale), dtype=dtype))
-        self.register_buffer("shift", torch.tensor(float(shift), dtype=dtype))
+        self.register_buffer("scale", torch.tensor(scale, dtype=dtype))
+        self.register_buffer("shift", torch.tensor(shift, dtype=dtype))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.scale * x + self.shift
+    def forward(self, x: torch.Tensor, heads: torch.Tensor | None = None) -> torch.Tensor:
+        if self.scale.dim() == 0:
+            return self.scale * x + self.shift
+        if heads is None:
+            raise ValueError("ScaleShiftBlock: per-head scale/shift need the head of every atom")
+        return self.scale[heads] * x + self.shift[heads]
 
     def extra_repr(self) -> str:
-        return f"scale={float(self.scale):.6g}, shift={float(self.shift):.6g}"
+        return f"scale={self.scale.tolist()}, shift={self.shift.tolist()}"

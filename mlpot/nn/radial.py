@@ -26,7 +26,20 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["BesselBasis", "BesselRadial", "PolynomialCutoff", "RadialEmbeddingBlock", "bessel_basis", "radial_mlp"]
+__all__ = [
+    "AgnesiTransform",
+    "BesselBasis",
+    "BesselRadial",
+    "ChebyshevBasis",
+    "GaussianBasis",
+    "MaceZBLRepulsion",
+    "PolynomialCutoff",
+    "RadialEmbeddingBlock",
+    "SoftTransform",
+    "SpeciesRadialEmbeddingBlock",
+    "bessel_basis",
+    "radial_mlp",
+]
 
 
 def bessel_basis(r: torch.Tensor, freqs: torch.Tensor, prefactor) -> torch.Tensor:
@@ -138,3 +151,151 @@ def radial_mlp(num_in: int, hidden: list[int], num_out: int) -> nn.Module:
     from e3nn import nn as enn
 
     return enn.FullyConnectedNet([int(num_in)] + [int(h) for h in hidden] + [int(num_out)], torch.nn.functional.silu)
+
+
+# ------------------------------------------------------------------------------------------------
+# mace-torch's other radial bases, distance transforms and pair repulsion (``radial_type``,
+# ``distance_transform``, ``pair_repulsion``). Buffer names are mace-torch's, so its state dict maps
+# onto these modules key for key. Per-edge species enter as atomic numbers ``z_s, z_r (E, 1)``.
+# ------------------------------------------------------------------------------------------------
+def _covalent_radii_buffer(module: nn.Module) -> None:
+    from ase.data import covalent_radii
+
+    module.register_buffer("covalent_radii", torch.tensor(covalent_radii, dtype=torch.get_default_dtype()))
+
+
+class GaussianBasis(nn.Module):
+    r""":math:`g_n(r) = \exp(-(r - \mu_n)^2 / (2 \delta^2))`, :math:`\mu_n` evenly spaced on
+    :math:`[0, r_{max}]`, :math:`\delta = r_{max} / (N - 1)` (mace-torch's ``radial_type: gaussian``)."""
+
+    def __init__(self, r_max: float, num_basis: int = 8):
+        super().__init__()
+        self.register_buffer(
+            "gaussian_weights", torch.linspace(0.0, r_max, num_basis, dtype=torch.get_default_dtype())
+        )
+        self.coeff = -0.5 / (r_max / (num_basis - 1)) ** 2
+        self.num_basis = num_basis
+
+    def forward(self, r: torch.Tensor) -> torch.Tensor:
+        return torch.exp(self.coeff * (r - self.gaussian_weights) ** 2)
+
+
+class ChebyshevBasis(nn.Module):
+    r""":math:`T_n(r)`, Chebyshev polynomials of the first kind of the (unscaled) distance,
+    :math:`n = 1..N` (mace-torch's ``radial_type: chebyshev``)."""
+
+    def __init__(self, r_max: float, num_basis: int = 8):
+        super().__init__()
+        self.register_buffer("n", torch.arange(1, num_basis + 1, dtype=torch.get_default_dtype())[None, :])
+        self.num_basis = num_basis
+
+    def forward(self, r: torch.Tensor) -> torch.Tensor:
+        return torch.special.chebyshev_polynomial_t(r.expand(-1, self.num_basis), self.n.expand(r.shape[0], -1))
+
+
+class AgnesiTransform(nn.Module):
+    r"""Distance :math:`r \to \big(1 + a x^q / (1 + x^{q - p})\big)^{-1}`, :math:`x = r / r_0`,
+    :math:`r_0` the mean covalent radius of the pair (ACEpotentials.jl's Agnesi transform, as
+    mace-torch's ``distance_transform: Agnesi``; ``q, p, a`` are buffers)."""
+
+    def __init__(self, q: float = 0.9183, p: float = 4.5791, a: float = 1.0805):
+        super().__init__()
+        dtype = torch.get_default_dtype()
+        self.register_buffer("q", torch.tensor(q, dtype=dtype))
+        self.register_buffer("p", torch.tensor(p, dtype=dtype))
+        self.register_buffer("a", torch.tensor(a, dtype=dtype))
+        _covalent_radii_buffer(self)
+
+    def forward(self, r: torch.Tensor, z_s: torch.Tensor, z_r: torch.Tensor) -> torch.Tensor:
+        x = r / (0.5 * (self.covalent_radii[z_s] + self.covalent_radii[z_r]))
+        return 1.0 / (1 + self.a * torch.pow(x, self.q) / (1 + torch.pow(x, self.q - self.p)))
+
+
+class SoftTransform(nn.Module):
+    r"""Distance :math:`r \to p_0 + (r - p_0)\, \tfrac12 [1 + \tanh(\alpha' (r - m))]` with
+    :math:`r_0` the sum of the covalent radii, :math:`p_0 = 3 r_0 / 4`, :math:`p_1 = 4 r_0 / 3`,
+    :math:`m = (p_0 + p_1) / 2`, :math:`\alpha' = \alpha / (p_1 - p_0)` (mace-torch's
+    ``distance_transform: Soft``)."""
+
+    def __init__(self, alpha: float = 4.0):
+        super().__init__()
+        self.register_buffer("alpha", torch.tensor(alpha, dtype=torch.get_default_dtype()))
+        _covalent_radii_buffer(self)
+
+    def forward(self, r: torch.Tensor, z_s: torch.Tensor, z_r: torch.Tensor) -> torch.Tensor:
+        r0 = self.covalent_radii[z_s] + self.covalent_radii[z_r]
+        p0, p1 = (3 / 4) * r0, (4 / 3) * r0
+        s = 0.5 * (1.0 + torch.tanh(self.alpha / (p1 - p0) * (r - 0.5 * (p0 + p1))))
+        return p0 + (r - p0) * s
+
+
+RADIAL_TYPES = {"bessel": BesselBasis, "gaussian": GaussianBasis, "chebyshev": ChebyshevBasis}
+DISTANCE_TRANSFORMS = {"Agnesi": AgnesiTransform, "Soft": SoftTransform}
+
+
+class SpeciesRadialEmbeddingBlock(RadialEmbeddingBlock):
+    r"""mace-torch's general radial embedding: basis ``radial_type`` of the (optionally
+    ``distance_transform``-ed) length, times the polynomial envelope of the true length
+    (``apply_cutoff``), or without it (then the envelope multiplies the radial MLP's output).
+
+    ``radial_and_envelope(lengths, z_s, z_r) -> (radial (E, N), envelope (E, 1))``.
+    """
+
+    def __init__(self, r_max: float, num_bessel: int, num_polynomial_cutoff: int, radial_type: str = "bessel",
+                 distance_transform: str | None = None, apply_cutoff: bool = True):
+        super().__init__(r_max, num_bessel, num_polynomial_cutoff)
+        from mlpot.errors import ConfigError
+
+        if radial_type not in RADIAL_TYPES:
+            raise ConfigError(f"radial_type {radial_type!r} unknown; choose one of {', '.join(RADIAL_TYPES)}")
+        if distance_transform is not None and distance_transform not in DISTANCE_TRANSFORMS:
+            raise ConfigError(f"distance_transform {distance_transform!r} unknown; choose one of "
+                              f"{', '.join(DISTANCE_TRANSFORMS)} or None")
+        if radial_type != "bessel":
+            self.bessel_fn = RADIAL_TYPES[radial_type](r_max, num_bessel)
+        if distance_transform is not None:
+            self.distance_transform = DISTANCE_TRANSFORMS[distance_transform]()
+        self.apply_cutoff = bool(apply_cutoff)
+
+    def radial_and_envelope(self, lengths, z_s=None, z_r=None):
+        envelope = self.cutoff_fn(lengths)
+        if hasattr(self, "distance_transform"):
+            lengths = self.distance_transform(lengths, z_s, z_r)
+        radial = self.bessel_fn(lengths)
+        return (radial * envelope if self.apply_cutoff else radial), envelope
+
+
+class MaceZBLRepulsion(nn.Module):
+    r"""mace-torch's ZBL pair repulsion (``pair_repulsion=True``), per atom, added to the
+    interaction energy before scale/shift:
+
+    .. math:: E_i = \sum_{e: \text{receiver} = i} \tfrac12\, \frac{14.3996\, Z_s Z_r}{r}\,
+        \phi(r / a)\, f_p\big(r; R_s + R_r\big),
+
+    :math:`a = 0.529\, a_{pre} / (Z_s^{a_{exp}} + Z_r^{a_{exp}})`,
+    :math:`\phi(x) = \sum_k c_k e^{-d_k x}` with :math:`d = (3.2, 0.9423, 0.4028, 0.2016)`,
+    ``c``, ``a_pre``, ``a_exp`` buffers (mace-torch's 0.1818, 0.5099, 0.2802, 0.02817; 0.4543;
+    0.300), :math:`R` covalent radii and :math:`f_p` the polynomial envelope with
+    ``p = num_polynomial_cutoff``. Not mlpot's :class:`~mlpot.models.base.ZBLRepulsion`, whose
+    constants and cutoff differ.
+    """
+
+    def __init__(self, p: int = 5):
+        super().__init__()
+        dtype = torch.get_default_dtype()
+        self.register_buffer("c", torch.tensor([0.1818, 0.5099, 0.2802, 0.02817], dtype=dtype))
+        self.register_buffer("p", torch.tensor(int(p), dtype=torch.int))
+        _covalent_radii_buffer(self)
+        self.register_buffer("a_exp", torch.tensor(0.300, dtype=dtype))
+        self.register_buffer("a_prefactor", torch.tensor(0.4543, dtype=dtype))
+
+    def forward(self, r: torch.Tensor, z_s: torch.Tensor, z_r: torch.Tensor, receiver: torch.Tensor,
+                num_nodes: int) -> torch.Tensor:
+        rc = self.covalent_radii[z_s] + self.covalent_radii[z_r]
+        z_s, z_r = z_s.to(r.dtype), z_r.to(r.dtype)
+        a = self.a_prefactor * 0.529 / (torch.pow(z_s, self.a_exp) + torch.pow(z_r, self.a_exp))
+        x = r / a
+        phi = (self.c[0] * torch.exp(-3.2 * x) + self.c[1] * torch.exp(-0.9423 * x)
+               + self.c[2] * torch.exp(-0.4028 * x) + self.c[3] * torch.exp(-0.2016 * x))
+        v = 0.5 * (14.3996 * z_s * z_r) / r * phi * PolynomialCutoff.envelope(r, rc, self.p.to(torch.int))
+        return r.new_zeros(num_nodes).index_add(0, receiver, v.squeeze(-1))
