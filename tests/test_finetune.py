@@ -56,7 +56,7 @@ def test_grown_imported_model_keeps_the_pretrained_function():
     from ase import Atoms
 
     lone = grown.predict([Atoms("Cu", positions=[[0, 0, 0]])])["energy"][0]
-    iso = float(grown.isolated_interaction_energy()[3]) * grown.config["scale"] + grown.config["shift"]
+    iso = float(grown.isolated_interaction_energy().detach()[3]) * grown.config["scale"] + grown.config["shift"]
     assert lone == pytest.approx(-1.5 + iso, abs=1e-10)
 
 
@@ -129,9 +129,9 @@ def test_mlpot_train_finetunes_with_a_new_element_and_frozen_layer(tmp_path, cap
     run = tmp_path / "run"
     cfg = {
         "output": str(run), "seed": 0,
-        "data": {"synthetic": {"system": "cu-ni", "n_train": 24, "n_valid": 6, "n_test": 12, "seed": 11}},
+        "data": {"synthetic": {"system": "cu-ni", "n_train": 16, "n_valid": 4, "n_test": 8, "seed": 11}},
         "model": {"init_from": str(CU_MODEL)},
-        "training": {"epochs": 8, "batch_size": 4, "lr": 0.01, "ema": False, "progress": False,
+        "training": {"epochs": 6, "batch_size": 4, "lr": 0.01, "ema": False, "progress": False,
                      "energy_weight": 1.0, "forces_weight": 10.0, "scheduler": "none",
                      "freeze": ["interactions.0.conv_tp_weights"]},
     }
@@ -152,11 +152,96 @@ def test_mlpot_train_finetunes_with_a_new_element_and_frozen_layer(tmp_path, cap
              and v.is_floating_point() and not torch.equal(v, pre_sd[k])]
     assert any(k.startswith("readouts.") for k in moved) and any(k.startswith("products.") for k in moved)
 
-    train = read(run / "data" / "train.xyz", ":")
-    test = read(run / "data" / "test.xyz", ":")
+    train = read(run / "data" / "train.xyz")
+    test = read(run / "data" / "test.xyz")
     start = grow_species(pre, [28], fit_new_e0s(train, pre.e0s, [28]))
     e0_before, f0_before = _errors(start, test)
     e_after, f_after = _errors(tuned, test)
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["test"]["f_mae"] == pytest.approx(1000 * f_after, rel=1e-6)
     assert f_after < 0.7 * f0_before, (f0_before, f_after)
+
+
+# ---- multi-head replay fine-tuning ----------------------------------------------------------
+def _replay_file(tmp_path) -> Path:
+    """EMT fcc Cu frames: what the pretrained (EMT-Cu) head was trained on."""
+    from mlpot.data.synthetic import generate_emt_dataset
+
+    files = generate_emt_dataset(tmp_path / "replay", n_train=8, n_valid=0, n_test=0, seed=21, system="cu")
+    return Path(files["train"])
+
+
+def test_multihead_replay_finetuning_keeps_the_pretrained_head(tmp_path, capsys):
+    """`mlpot train` with `finetune: {head: Default, replay: FILE}`: the log states replay is on
+    with its size; the file keeps both heads (`pt_head`, `Default`); the new head's test force
+    error drops below 0.7x its start; the shared layers move, yet the pretrained head's forces on
+    the replay set stay within 25 meV/Å (mean absolute change) of the pretrained model's and its
+    energies within 10 meV/atom."""
+    replay = _replay_file(tmp_path)
+    run = tmp_path / "run"
+    cfg = {
+        "output": str(run), "seed": 0,
+        "data": {"synthetic": {"system": "cu-ni", "n_train": 16, "n_valid": 4, "n_test": 8, "seed": 11}},
+        "model": {"init_from": str(CU_MODEL)},
+        "finetune": {"head": "Default", "replay": str(replay), "replay_weight": 1.0},
+        "training": {"epochs": 6, "batch_size": 4, "lr": 0.01, "ema": False, "progress": False,
+                     "energy_weight": 1.0, "forces_weight": 10.0, "scheduler": "none"},
+    }
+    assert main(["train", str(_write(tmp_path / "mh.yaml", cfg))]) == 0
+    out = capsys.readouterr().out
+    assert "replay: ON, 8 frames" in out and "keep head 'pt_head'" in out
+
+    import mlpot
+
+    pre = load_pretrained(CU_MODEL)
+    tuned = mlpot.load_model(run / "model.pt", device="cpu")
+    assert tuned.heads == ["pt_head", "Default"] and tuned.atomic_numbers == [29, 28]
+    pre_sd, sd = pre.state_dict(), tuned.state_dict()
+    shared = [k for k in sd if k.startswith(("interactions.", "products.")) and k in pre_sd
+              and sd[k].shape == pre_sd[k].shape and sd[k].is_floating_point()]
+    assert any(not torch.equal(sd[k], pre_sd[k]) for k in shared)  # the trunk was trained
+
+    # the new head learned the user's data
+    train, test = read(run / "data" / "train.xyz"), read(run / "data" / "test.xyz")
+    start = grow_species(pre, [28], fit_new_e0s(train, pre.e0s, [28]))
+    _, f_before = _errors(start, test)
+    pred = tuned.predict(test, head="Default")
+    f_after = float(np.concatenate([np.abs(p - a.get_forces()).ravel() for p, a in zip(pred["forces"], test)]).mean())
+    assert f_after < 0.7 * f_before, (f_before, f_after)
+
+    # the pretrained head still gives the pretrained model's predictions on the replay set
+    frames = read(replay)
+    a, b = pre.predict(frames), tuned.predict(frames, head="pt_head")
+    df = float(np.concatenate([np.abs(x - y).ravel() for x, y in zip(a["forces"], b["forces"])]).mean())
+    de = float(np.mean([abs(x - y) / len(f) for x, y, f in zip(a["energy"], b["energy"], frames)]))
+    print(f"pt_head drift on the replay set: forces {1000 * df:.2f} meV/Å, energy {1000 * de:.2f} meV/atom; "
+          f"new head test force MAE {1000 * f_before:.1f} -> {1000 * f_after:.1f} meV/Å")
+    assert df < 0.025 and de < 0.010, (df, de)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert "replay (pt_head)" in metrics
+
+
+def test_replay_set_problems_are_errors(tmp_path, capsys):
+    """An empty replay file, or one with an element the model cannot know, stops `mlpot train`
+    with one line naming the file (replay never turns itself off)."""
+    empty = tmp_path / "empty.xyz"
+    empty.write_text("")
+    base = {"seed": 0, "data": {"synthetic": {"system": "cu-ni", "n_train": 4, "n_valid": 1, "n_test": 0}},
+            "model": {"init_from": str(CU_MODEL)},
+            "training": {"epochs": 1, "batch_size": 2, "progress": False}}
+    cfg = dict(base, output=str(tmp_path / "r1"), finetune={"head": "Default", "replay": str(empty)})
+    assert main(["train", str(_write(tmp_path / "a.yaml", cfg))]) != 0
+    err = capsys.readouterr().err
+    assert "empty.xyz" in err and "replay" in err
+
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.io import write
+
+    h2o = molecule("H2O")
+    h2o.calc = SinglePointCalculator(h2o, energy=-14.0, forces=np.zeros((3, 3)))
+    bad = tmp_path / "water.xyz"
+    write(bad, [h2o], format="extxyz")
+    cfg = dict(base, output=str(tmp_path / "r2"), finetune={"head": "Default", "replay": str(bad)})
+    assert main(["train", str(_write(tmp_path / "b.yaml", cfg))]) != 0
+    err = capsys.readouterr().err
+    assert "water.xyz" in err and "H, O" in err

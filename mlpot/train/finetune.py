@@ -159,7 +159,7 @@ def grow_species(model, new_numbers, new_e0s: dict) -> torch.nn.Module:
         if name not in old_state:
             raise ModelFileError(f"growing the species: pretrained model lacks {name}")
         old_t = old_state[name]
-        if name == "atomic_energies":  # E0s: the grown model's own, from its config
+        if name == "atomic_energies" or name.endswith("output_mask"):  # from the config / the irreps
             continue
         if old_t.shape == new_t.shape:
             new_state[name] = old_t.clone().to(new_t.dtype)
@@ -432,8 +432,8 @@ def add_head(model, name: str, source: str | None = None) -> torch.nn.Module:
     old_state, new_state = model.state_dict(), new.state_dict()
     old_mods, new_mods = dict(model.named_modules()), dict(new.named_modules())
     for key, t in new_state.items():
-        if key in ("atomic_energies", "scale_shift.scale", "scale_shift.shift"):
-            continue  # from the config above
+        if key in ("atomic_energies", "scale_shift.scale", "scale_shift.shift") or key.endswith("output_mask"):
+            continue  # from the config above; e3nn's output masks follow from the irreps
         o = old_state[key]
         if o.shape == t.shape:
             new_state[key] = o.clone().to(t.dtype)
