@@ -20,6 +20,15 @@ root) as a subprocess on the same structures, in the same run; the ratio
 
     python scripts/bench_model.py --systems aspirin,si64 --dtypes float64 --repeats 3
     mlpot bench model --profile si64          # which ops dominate an mlpot force call
+
+``--imported`` (issue 14, item 7) times an *imported* model against mace-torch with the same
+weights: mace-torch builds and exports the model, mlpot imports it, and the two force calls
+alternate round by round in one run, for every dtype, thread count (``--threads 1,2``) and
+number of competing CPU-bound processes (``--busy 0,1``); systems aspirin, si64, cu256, cu864.
+``--imported --profile SYSTEM`` prints the torch.profiler table of the imported model's call::
+
+    python scripts/bench_model.py --imported --systems aspirin,si64,cu256 --repeats 5
+    python scripts/bench_model.py --imported --profile si64 --dtypes float64 --threads 1
 """
 from __future__ import annotations
 
