@@ -18,10 +18,11 @@ under the project root) as a subprocess, in the same run.
     python scripts/bench_md.py --sizes 256 --steps 3 --force-calls 3   # s/step beside s/force call
 
 ``scripts/bench_md.py`` applies :func:`mlpot.models.mace.tune_malloc` (as ``mlpot`` and
-``scripts/bench_model.py`` do). Without it an mlpot MD step on Cu864 took 2.5-5x its force call
-(the BENCHMARKS.md MD table of 2026-11-24): each step's short-lived tensors of tens to hundreds of
-MB were fresh ``mmap`` s faulted in page by page, while the force-call benchmark ran with the
-tuned allocator.
+``scripts/bench_model.py`` do; before, it did not). ``--force-calls N`` times N plain force calls
+in the same process after the MD steps: measured that way an MD step costs one force call (the
+integrator's work is O(N) numpy), so the 2.5-5x of the 2026-11-24 MD table against the
+force-call table came from comparing separate runs under different load and allocator settings,
+not from the MD driver (BENCHMARKS.md, "Imported MACE on CPU").
 """
 from __future__ import annotations
 
