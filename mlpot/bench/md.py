@@ -73,23 +73,12 @@ def time_md(atoms, calc, steps: int, warmup: int) -> float:
 
 def time_force_calls(atoms, calc, calls: int) -> float:
     """Median seconds of ``calls`` plain ``get_forces()`` calls on rattled copies of ``atoms``
-    (the force-call benchmark's measure), in the same process as the MD timing, to reconcile the
-    two tables: an MD step is one force call plus the integrator's O(N) work."""
-    import statistics
+    (the force-call benchmark's measure, :func:`mlpot.bench.model._time_calls`), in the same
+    process as the MD timing, to reconcile the two tables: an MD step is one force call plus the
+    integrator's O(N) work."""
+    from mlpot.bench.model import _time_calls
 
-    import numpy as np
-
-    atoms = atoms.copy()
-    atoms.calc = calc
-    rng = np.random.default_rng(1)
-    base = atoms.get_positions()
-    times = []
-    for _ in range(calls):
-        atoms.set_positions(base + 1e-3 * rng.standard_normal(base.shape))
-        t0 = time.perf_counter()
-        atoms.get_forces()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return _time_calls(atoms, calc, calls)
 
 
 def run_mlpot(n_atoms: int, dtype: str, steps: int, warmup: int, skin: float, variant: str = "mace",
