@@ -167,7 +167,7 @@ def _replay_file(tmp_path) -> Path:
     """EMT fcc Cu frames: what the pretrained (EMT-Cu) head was trained on."""
     from mlpot.data.synthetic import generate_emt_dataset
 
-    files = generate_emt_dataset(tmp_path / "replay", n_train=6, n_valid=0, n_test=0, seed=21, system="cu")
+    files = generate_emt_dataset(tmp_path / "replay", n_train=8, n_valid=0, n_test=0, seed=21, system="cu")
     return Path(files["train"])
 
 
@@ -181,15 +181,15 @@ def test_multihead_replay_finetuning_keeps_the_pretrained_head(tmp_path, capsys)
     run = tmp_path / "run"
     cfg = {
         "output": str(run), "seed": 0,
-        "data": {"synthetic": {"system": "cu-ni", "n_train": 12, "n_valid": 3, "n_test": 8, "seed": 11}},
+        "data": {"synthetic": {"system": "cu-ni", "n_train": 16, "n_valid": 4, "n_test": 8, "seed": 11}},
         "model": {"init_from": str(CU_MODEL)},
-        "finetune": {"head": "Default", "replay": str(replay), "replay_weight": 1.0, "replay_batch_size": 2},
+        "finetune": {"head": "Default", "replay": str(replay), "replay_weight": 1.0},
         "training": {"epochs": 6, "batch_size": 4, "lr": 0.01, "ema": False, "progress": False,
                      "energy_weight": 1.0, "forces_weight": 10.0, "scheduler": "none"},
     }
     assert main(["train", str(_write(tmp_path / "mh.yaml", cfg))]) == 0
     out = capsys.readouterr().out
-    assert "replay: ON, 6 frames" in out and "keep head 'pt_head'" in out
+    assert "replay: ON, 8 frames" in out and "keep head 'pt_head'" in out
 
     import mlpot
 
