@@ -327,7 +327,8 @@ def prepare_finetune(cfg: dict, splits, log=print) -> FinetuneModel:
     check_elements(splits, species)
     stats = compute_statistics(splits.train, model.r_max, e0s=model.e0s, species=species).to_dict()
     kwargs = copy.deepcopy(model.config)
-    kwargs["e0s"] = {str(z): float(v) for z, v in model.e0s.items()}
+    if len(getattr(model, "heads", [None])) == 1:  # (a multi-head model keeps its per-head tables)
+        kwargs["e0s"] = {str(z): float(v) for z, v in model.e0s.items()}
     kwargs["dtype"] = cfg["dtype"]
     log(f"fine-tuning from {path}: {model.model_name}, species "
         f"{', '.join(chemical_symbols[z] for z in old_z)} -> {', '.join(chemical_symbols[z] for z in species)}")
