@@ -6,8 +6,8 @@ this is :class:`mlpot.calculators.MLPotCalculator` (Verlet skin ``--skin`` Å, s
 reuse the neighbour list); for mace-torch ``mace.calculators.MACECalculator`` (neighbour list
 rebuilt every step, its default). Reported: atoms·steps/s and ns/day at 1 fs.
 
-Systems: fcc Cu, a = 3.61 Å, conventional cells ``6x6x6`` (864 atoms) and ``12x12x12``
-(6912 atoms), Maxwell–Boltzmann velocities at 300 K (seed 0). Models: random weights, the
+Systems: fcc Cu, a = 3.61 Å, conventional cells ``4x4x4`` (256 atoms), ``6x6x6`` (864 atoms)
+and ``12x12x12`` (6912 atoms), Maxwell–Boltzmann velocities at 300 K (seed 0). Models: random weights, the
 hyperparameters of :data:`mlpot.bench.model.MACE_HYPER` on both sides (MACE,
 ``128x0e + 128x1o``, ``max_ell 3``, correlation 3, 2 interactions, ``r_max 5``).
 mace-torch runs in its own environment (``--mace-python``, default ``.venv-mace/bin/python``
@@ -15,6 +15,14 @@ under the project root) as a subprocess, in the same run.
 
     python scripts/bench_md.py --sizes 864 --dtypes float32,float64 --steps 3
     mlpot bench md --sizes 864,6912 --steps 2 --no-mace
+    python scripts/bench_md.py --sizes 256 --steps 3 --force-calls 3   # s/step beside s/force call
+
+``scripts/bench_md.py`` applies :func:`mlpot.models.mace.tune_malloc` (as ``mlpot`` and
+``scripts/bench_model.py`` do; before, it did not). ``--force-calls N`` times N plain force calls
+in the same process after the MD steps: measured that way an MD step costs one force call (the
+integrator's work is O(N) numpy), so the 2.5-5x of the 2026-11-24 MD table against the
+force-call table came from comparing separate runs under different load and allocator settings,
+not from the MD driver (BENCHMARKS.md, "Imported MACE on CPU").
 """
 from __future__ import annotations
 
@@ -28,7 +36,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-CELLS = {864: 6, 6912: 12}
+CELLS = {256: 4, 864: 6, 6912: 12}
 
 
 def make_cu(n_atoms: int):
@@ -63,13 +71,28 @@ def time_md(atoms, calc, steps: int, warmup: int) -> float:
     return (time.perf_counter() - t0) / steps
 
 
-def run_mlpot(n_atoms: int, dtype: str, steps: int, warmup: int, skin: float, variant: str = "mace") -> float:
+def time_force_calls(atoms, calc, calls: int) -> float:
+    """Median seconds of ``calls`` plain ``get_forces()`` calls on rattled copies of ``atoms``
+    (the force-call benchmark's measure, :func:`mlpot.bench.model._time_calls`), in the same
+    process as the MD timing, to reconcile the two tables: an MD step is one force call plus the
+    integrator's O(N) work."""
+    from mlpot.bench.model import _time_calls
+
+    return _time_calls(atoms, calc, calls)
+
+
+def run_mlpot(n_atoms: int, dtype: str, steps: int, warmup: int, skin: float, variant: str = "mace",
+              force_calls: int = 0):
+    """Seconds per MD step; with ``force_calls``, ``(s/step, s/force call)`` in the same process."""
     from mlpot.bench.model import build_mlpot_model
     from mlpot.calculators import MLPotCalculator
 
     model = build_mlpot_model(variant, [29], dtype)
     calc = MLPotCalculator(model, device="cpu", dtype=dtype, skin=skin)
-    return time_md(make_cu(n_atoms), calc, steps, warmup)
+    s_step = time_md(make_cu(n_atoms), calc, steps, warmup)
+    if not force_calls:
+        return s_step
+    return s_step, time_force_calls(make_cu(n_atoms), calc, force_calls)
 
 
 _MACE_SCRIPT = r"""
@@ -108,13 +131,21 @@ for n, path in job["systems"]:
         dyn = VelocityVerlet(atoms, timestep=1.0 * units.fs)
         dyn.run(job["warmup"])
         t0 = time.perf_counter(); dyn.run(job["steps"])
-        out.append({"atoms": n, "dtype": dtype, "s_per_step": (time.perf_counter() - t0) / job["steps"]})
+        row = {"atoms": n, "dtype": dtype, "s_per_step": (time.perf_counter() - t0) / job["steps"]}
+        calls = []
+        base = atoms.get_positions(); rng = np.random.default_rng(1)
+        for _ in range(job.get("force_calls", 0)):
+            atoms.set_positions(base + 1e-3 * rng.standard_normal(base.shape))
+            t0 = time.perf_counter(); atoms.get_forces(); calls.append(time.perf_counter() - t0)
+        if calls:
+            row["s_per_force_call"] = float(np.median(calls))
+        out.append(row)
         print(json.dumps(out[-1]), file=sys.stderr, flush=True)
 print(json.dumps(out))
 """
 
 
-def run_mace_torch(python: str, sizes, dtypes, steps, warmup, timeout) -> dict:
+def run_mace_torch(python: str, sizes, dtypes, steps, warmup, timeout, force_calls: int = 0) -> dict:
     from ase.io import write
 
     from mlpot.bench.model import MACE_HYPER
@@ -126,24 +157,30 @@ def run_mace_torch(python: str, sizes, dtypes, steps, warmup, timeout) -> dict:
             write(p, make_cu(n), format="extxyz")
             systems.append((n, str(p)))
         job = json.dumps({"hyper": MACE_HYPER, "systems": systems, "dtypes": dtypes, "steps": steps,
-                          "warmup": warmup})
+                          "warmup": warmup, "force_calls": force_calls})
         env = dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1")
         proc = subprocess.run([python, "-c", _MACE_SCRIPT], input=job, capture_output=True, text=True, env=env,
                               timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"mace-torch run failed:\n{proc.stderr[-3000:]}")
-    return {(r["atoms"], r["dtype"]): r["s_per_step"] for r in json.loads(proc.stdout.strip().splitlines()[-1])}
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    if force_calls:
+        return {(r["atoms"], r["dtype"]): (r["s_per_step"], r["s_per_force_call"]) for r in rows}
+    return {(r["atoms"], r["dtype"]): r["s_per_step"] for r in rows}
 
 
 def _row(impl, n, dtype, s_per_step, steps):
+    s_call = None
+    if isinstance(s_per_step, tuple):
+        s_per_step, s_call = s_per_step
     rate = 1.0 / s_per_step
     return {"impl": impl, "atoms": n, "dtype": dtype, "steps": steps, "s_per_step": s_per_step,
-            "atom_steps_per_s": rate * n, "ns_per_day": rate * 1.0 * 86400 * 1e-6}
+            "atom_steps_per_s": rate * n, "ns_per_day": rate * 1.0 * 86400 * 1e-6, "s_per_force_call": s_call}
 
 
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(prog="mlpot bench md", description=__doc__.split("\n\n")[0])
-    p.add_argument("--sizes", default="864,6912", help="comma-separated atom counts (864, 6912)")
+    p.add_argument("--sizes", default="864,6912", help="comma-separated atom counts (256, 864, 6912)")
     p.add_argument("--dtypes", default="float32,float64")
     p.add_argument("--steps", type=int, default=3, help="timed steps per run")
     p.add_argument("--warmup", type=int, default=1)
@@ -153,6 +190,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--no-mace", action="store_true", help="skip mace-torch")
     p.add_argument("--timeout", type=float, default=3600)
     p.add_argument("--json", help="also write the rows to this JSON file")
+    p.add_argument("--force-calls", type=int, default=0,
+                   help="also time this many plain force calls in the same process (step / force-call ratio)")
     args = p.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",") if s]
     dtypes = [d for d in args.dtypes.split(",") if d]
@@ -160,21 +199,25 @@ def main(argv=None) -> list[dict]:
     for n in sizes:
         for dt in dtypes:
             rows.append(_row(f"mlpot {args.variant}", n, dt, run_mlpot(n, dt, args.steps, args.warmup, args.skin,
-                                                                   args.variant), args.steps))
+                                                                   args.variant, args.force_calls), args.steps))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     ref = {}
     if not args.no_mace:
         if Path(args.mace_python).exists():
-            ref = run_mace_torch(args.mace_python, sizes, dtypes, args.steps, args.warmup, args.timeout)
+            ref = run_mace_torch(args.mace_python, sizes, dtypes, args.steps, args.warmup, args.timeout,
+                                 args.force_calls)
             for (n, dt), s in ref.items():
                 rows.append(_row("mace-torch", n, dt, s, args.steps))
         else:
             print(f"mace-torch python not found at {args.mace_python}; skipped", file=sys.stderr)
-    print("| implementation | atoms | dtype | steps | s/step | atoms·steps/s | ns/day (1 fs) |")
-    print("| --- | ---: | --- | ---: | ---: | ---: | ---: |")
+    print("| implementation | atoms | dtype | steps | s/step | atoms·steps/s | ns/day (1 fs) | s/force call | "
+          "step / force call |")
+    print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
+        call = r.get("s_per_force_call")
+        tail = f"{call:.3f} | {r['s_per_step'] / call:.2f} |" if call else "- | - |"
         print(f"| {r['impl']} | {r['atoms']} | {r['dtype']} | {r['steps']} | {r['s_per_step']:.3f} | "
-              f"{r['atom_steps_per_s']:.0f} | {r['ns_per_day']:.4f} |")
+              f"{r['atom_steps_per_s']:.0f} | {r['ns_per_day']:.4f} | " + tail)
     if args.json:
         from mlpot.fileio import atomic_write_text
 

@@ -20,6 +20,15 @@ root) as a subprocess on the same structures, in the same run; the ratio
 
     python scripts/bench_model.py --systems aspirin,si64 --dtypes float64 --repeats 3
     mlpot bench model --profile si64          # which ops dominate an mlpot force call
+
+``--imported`` (issue 14, item 7) times an *imported* model against mace-torch with the same
+weights: mace-torch builds and exports the model, mlpot imports it, and the two force calls
+alternate round by round in one run, for every dtype, thread count (``--threads 1,2``) and
+number of competing CPU-bound processes (``--busy 0,1``); systems aspirin, si64, cu256, cu864.
+``--imported --profile SYSTEM`` prints the torch.profiler table of the imported model's call::
+
+    python scripts/bench_model.py --imported --systems aspirin,si64,cu256 --repeats 5
+    python scripts/bench_model.py --imported --profile si64 --dtypes float64 --threads 1
 """
 from __future__ import annotations
 
@@ -233,6 +242,10 @@ def profile(variant: str, system: str, dtype: str, top: int = 15) -> str:
 
 
 def main(argv=None) -> list[dict]:
+    import sys
+
+    if "--imported" in (sys.argv[1:] if argv is None else argv):  # issue 14: imported model, side by side
+        return side_by_side_main(argv)
     parser = argparse.ArgumentParser(prog="mlpot bench model", description=__doc__.split("\n")[0])
     parser.add_argument("--systems", default="aspirin,si64,cu864")
     parser.add_argument("--dtypes", default="float64,float32")
@@ -304,3 +317,309 @@ def main(argv=None) -> list[dict]:
 
 if __name__ == "__main__":
     main()
+
+
+# ---------------------------------------------------------------------------------------------
+# Imported model, side by side (issue 14, item 7): the same weights on both sides, the calls
+# interleaved round by round, threads and a competing CPU-bound process as table columns.
+# ---------------------------------------------------------------------------------------------
+SIDE_BY_SIDE_SYSTEMS = ("aspirin", "si64", "cu256", "cu864")
+
+# The mace-torch worker: a long-lived subprocess in mace-torch's environment. It reads one JSON
+# command per line on stdin and answers one JSON line on stdout:
+#   {"cmd": "build", "species": [...], "seed": 0, "export_dir": DIR, "hyper": {...}}
+#       builds a ScaleShiftMACE with random weights (torch.manual_seed(seed), float64) and writes
+#       it with scripts/export_mace.py's export() so mlpot imports the very same weights;
+#   {"cmd": "call", "key": K, "dtype": D, "threads": T, "numbers": [...], "positions": [...],
+#    "cell": [...], "pbc": [...]}  ->  {"seconds": s, "energy": e}
+#       one timed atoms.get_forces() through MACECalculator (its calculator per (key, dtype) is
+#       made on first use, outside the timing).
+_MACE_WORKER = r"""
+import copy, json, sys, time
+reply, sys.stdout = sys.stdout, sys.stderr  # only protocol lines on stdout; mace-torch's prints go to stderr
+import numpy as np, torch
+from ase import Atoms
+from e3nn import o3
+from mace import modules
+from mace.calculators import MACECalculator
+
+sys.path.insert(0, sys.argv[1])
+from export_mace import export
+
+masters, calcs = {}, {}
+for line in sys.stdin:
+    job = json.loads(line)
+    if job["cmd"] == "build":
+        h, species = job["hyper"], job["species"]
+        torch.set_default_dtype(torch.float64)
+        torch.manual_seed(job["seed"])
+        cls = modules.interaction_classes["RealAgnosticResidualInteractionBlock"]
+        model = modules.ScaleShiftMACE(
+            r_max=h["r_max"], num_bessel=h["num_bessel"], num_polynomial_cutoff=h["num_polynomial_cutoff"],
+            max_ell=h["max_ell"], interaction_cls=cls, interaction_cls_first=cls,
+            num_interactions=h["num_interactions"], num_elements=len(species),
+            hidden_irreps=o3.Irreps(h["hidden_irreps"]), MLP_irreps=o3.Irreps(h["MLP_irreps"]),
+            atomic_energies=np.zeros(len(species)), avg_num_neighbors=h["avg_num_neighbors"],
+            atomic_numbers=species, correlation=h["correlation"], gate=torch.nn.functional.silu,
+            radial_MLP=h["radial_MLP"], atomic_inter_scale=1.0, atomic_inter_shift=0.0,
+        ).double()
+        export(model, job["export_dir"])
+        masters[job["key"]] = model
+        print(json.dumps({"ok": True}), file=reply, flush=True)
+    elif job["cmd"] == "call":
+        torch.set_num_threads(job["threads"])
+        k = (job["key"], job["dtype"])
+        if k not in calcs:
+            calcs[k] = MACECalculator(models=copy.deepcopy(masters[job["key"]]), device="cpu",
+                                      default_dtype=job["dtype"])
+        atoms = Atoms(numbers=job["numbers"], positions=job["positions"], cell=job["cell"], pbc=job["pbc"])
+        atoms.calc = calcs[k]
+        t0 = time.perf_counter()
+        atoms.get_forces()
+        dt = time.perf_counter() - t0
+        print(json.dumps({"seconds": dt, "energy": float(atoms.get_potential_energy())}), file=reply, flush=True)
+    else:
+        print(json.dumps({"error": "unknown command " + str(job["cmd"])}), file=reply, flush=True)
+"""
+
+
+class MaceTorchWorker:
+    """The mace-torch side of :func:`side_by_side`: one subprocess for the whole run."""
+
+    def __init__(self, python: str):
+        env = dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1")
+        self.proc = subprocess.Popen(
+            [python, "-c", _MACE_WORKER, str(ROOT / "scripts")], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, text=True, env=env,
+        )
+
+    def ask(self, job: dict) -> dict:
+        self.proc.stdin.write(json.dumps(job) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the mace-torch worker died (exit code {self.proc.poll()})")
+        try:
+            reply = json.loads(line)
+        except json.JSONDecodeError:
+            raise RuntimeError(f"mace-torch worker: unexpected reply {line[:300]!r}") from None
+        if "error" in reply:
+            raise RuntimeError(f"mace-torch worker: {reply['error']}")
+        return reply
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class BusyProcess:
+    """``n`` CPU-bound child processes (a pure-Python spin loop) for the time of a ``with`` block:
+    the "second CPU-bound process running" condition. Each child is ended by its own pid."""
+
+    def __init__(self, n: int):
+        self.n = int(n)
+        self.procs: list = []
+
+    def __enter__(self):
+        import sys
+
+        self.procs = [subprocess.Popen([sys.executable, "-c", "while True:\n    pass"]) for _ in range(self.n)]
+        time.sleep(0.5 if self.n else 0.0)
+        return self
+
+    def __exit__(self, *exc):
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            p.wait()
+        return False
+
+
+def make_side_by_side_system(name: str):
+    """:func:`make_system` plus fcc Cu 4x4x4 (256 atoms)."""
+    if name == "cu256":
+        from ase.build import bulk
+
+        atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((4, 4, 4))
+        atoms.rattle(0.01, seed=0)
+        return atoms, "fcc Cu 4x4x4 cubic"
+    return make_system(name)
+
+
+def _spread(values: list[float]) -> tuple[float, float, float]:
+    return statistics.median(values), min(values), max(values)
+
+
+def side_by_side(systems, dtypes, threads, loads, repeats: int, mace_python: str, log=print) -> list[dict]:
+    """Force-call time of an imported mace-torch model against mace-torch itself.
+
+    For every system the mace-torch worker builds a random-weight ``ScaleShiftMACE``
+    (:data:`MACE_HYPER`, seed 0) and exports it; mlpot imports the export
+    (:func:`mlpot.models.mace_import.import_mace`), so both sides hold the same weights (the
+    first call's energies are compared and reported). Then for every dtype, thread count and
+    number of competing busy processes: one untimed call on each side, and ``repeats`` rounds
+    of one call each on the same rattled positions, the order alternating per round (mlpot
+    first in even rounds). Reported: median, min and max of each side's calls, the ratio of
+    the medians, and the median of the per-round ratios (robust when the load drifts).
+    """
+    import copy
+
+    import torch
+
+    from mlpot.calculators import MLPotCalculator
+    from mlpot.models.mace_import import import_mace
+
+    worker = MaceTorchWorker(mace_python)
+    rows = []
+    try:
+        for s in systems:
+            atoms, desc = make_side_by_side_system(s)
+            species = sorted(set(int(z) for z in atoms.numbers))
+            with tempfile.TemporaryDirectory() as tmp:
+                worker.ask({"cmd": "build", "key": s, "species": species, "seed": 0, "export_dir": tmp,
+                            "hyper": MACE_HYPER})
+                master = import_mace(tmp)
+            log(f"# {s}: {len(atoms)} atoms, {desc}; imported model with {sum(p.numel() for p in master.parameters())} "
+                "parameters")
+            rng = np.random.default_rng(0)
+            base = atoms.get_positions()
+            for dtype in dtypes:
+                calc = MLPotCalculator(copy.deepcopy(master), device="cpu", dtype=dtype)
+                for nthreads in threads:
+                    for load in loads:
+                        with BusyProcess(load):
+                            rows.append(_one_condition(atoms, base, rng, s, dtype, nthreads, load, repeats, calc,
+                                                       worker, torch))
+                        log(_format_side_row(rows[-1]))
+    finally:
+        worker.close()
+    return rows
+
+
+def imported_model(system: str, mace_python: str):
+    """``(atoms, mlpot model)``: mace-torch's random-weight model for ``system``, imported."""
+    from mlpot.models.mace_import import import_mace
+
+    atoms, _ = make_side_by_side_system(system)
+    worker = MaceTorchWorker(mace_python)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            worker.ask({"cmd": "build", "key": system, "species": sorted(set(int(z) for z in atoms.numbers)),
+                        "seed": 0, "export_dir": tmp, "hyper": MACE_HYPER})
+            model = import_mace(tmp)
+    finally:
+        worker.close()
+    return atoms, model
+
+
+def profile_imported(system: str, dtype: str, threads: int, mace_python: str, top: int = 25) -> str:
+    """Top ops by self CPU time in one force call of the imported model (after two warm-up calls)."""
+    import torch
+
+    from mlpot.calculators import MLPotCalculator
+
+    torch.set_num_threads(threads)
+    atoms, model = imported_model(system, mace_python)
+    atoms.calc = MLPotCalculator(model, device="cpu", dtype=dtype)
+    for _ in range(2):
+        atoms.positions += 1e-3
+        atoms.get_forces()
+    atoms.positions += 1e-3
+    t0 = time.perf_counter()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        atoms.get_forces()
+    wall = time.perf_counter() - t0
+    head = f"# profile: imported MACE on {system} ({len(atoms)} atoms), {dtype}, {threads} thread(s); wall {wall:.3f} s\n"
+    return head + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
+
+
+def _one_condition(atoms, base, rng, s, dtype, nthreads, load, repeats, calc, worker, torch) -> dict:
+    torch.set_num_threads(nthreads)
+    job = {"cmd": "call", "key": s, "dtype": dtype, "threads": nthreads, "numbers": atoms.numbers.tolist(),
+           "cell": atoms.cell.array.tolist(), "pbc": atoms.pbc.tolist()}
+    work = atoms.copy()
+    work.calc = calc
+
+    def ours(pos):
+        work.set_positions(pos)
+        t0 = time.perf_counter()
+        work.get_forces()
+        return time.perf_counter() - t0, float(work.get_potential_energy())
+
+    def theirs(pos):
+        r = worker.ask(dict(job, positions=pos.tolist()))
+        return r["seconds"], r["energy"]
+
+    _, e_ours = ours(base)  # warm-up, and the energy check on identical positions
+    _, e_theirs = theirs(base)
+    t_ours, t_theirs = [], []
+    for r in range(repeats):
+        pos = base + 1e-3 * rng.standard_normal(base.shape)
+        if r % 2 == 0:
+            t_ours.append(ours(pos)[0])
+            t_theirs.append(theirs(pos)[0])
+        else:
+            t_theirs.append(theirs(pos)[0])
+            t_ours.append(ours(pos)[0])
+    m_ours, m_theirs = _spread(t_ours), _spread(t_theirs)
+    return {
+        "system": s, "atoms": len(atoms), "dtype": dtype, "threads": nthreads, "busy_processes": load,
+        "repeats": repeats, "mlpot_s": m_ours, "mace_torch_s": m_theirs, "ratio": m_ours[0] / m_theirs[0],
+        "paired_ratio": statistics.median(a / b for a, b in zip(t_ours, t_theirs)),
+        "energy_diff_per_atom": abs(e_ours - e_theirs) / len(atoms), "energy": e_theirs,
+    }
+
+
+def _format_side_row(r: dict) -> str:
+    def cell(m):
+        return f"{m[0]:.4g} ({m[1]:.4g}-{m[2]:.4g})"
+
+    return (f"| {r['system']} ({r['atoms']}) | {r['dtype']} | {r['threads']} | {r['busy_processes']} | "
+            f"{cell(r['mlpot_s'])} | {cell(r['mace_torch_s'])} | {r['ratio']:.2f} | {r['paired_ratio']:.2f} | "
+            f"{r['energy_diff_per_atom']:.1e} (E {r['energy']:.4g}) |")
+
+
+def side_by_side_main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(
+        prog="mlpot bench model --imported",
+        description="force call of an imported mace-torch model against mace-torch, side by side")
+    parser.add_argument("--imported", action="store_true", required=True)
+    parser.add_argument("--systems", default=",".join(SIDE_BY_SIDE_SYSTEMS))
+    parser.add_argument("--dtypes", default="float64,float32")
+    parser.add_argument("--threads", default="1,2", help="comma list of torch thread counts (both sides)")
+    parser.add_argument("--busy", default="0,1", help="comma list: competing CPU-bound processes started")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--mace-python", default=str(ROOT / ".venv-mace" / "bin" / "python"))
+    parser.add_argument("--json", metavar="PATH")
+    parser.add_argument("--profile", metavar="SYSTEM", help="torch.profiler table of one imported-model force call "
+                        "(first dtype and thread count of the lists)")
+    args = parser.parse_args(argv)
+    if not Path(args.mace_python).exists():
+        raise SystemExit(f"mace-torch python not found at {args.mace_python} (--mace-python)")
+    if args.profile:
+        print(profile_imported(args.profile, args.dtypes.split(",")[0], int(args.threads.split(",")[0]),
+                               args.mace_python))
+        return []
+    systems = [s for s in args.systems.split(",") if s]
+    for s in systems:
+        if s not in SIDE_BY_SIDE_SYSTEMS:
+            raise SystemExit(f"unknown system {s!r}; choose from {', '.join(SIDE_BY_SIDE_SYSTEMS)}")
+    print(f"# {os.cpu_count()} CPUs; load average at start {os.getloadavg()[0]:.1f}; "
+          f"{args.repeats} interleaved rounds per row; times: median (min-max) s")
+    print("| system (atoms) | dtype | threads | busy procs | mlpot s | mace-torch s | ratio of medians "
+          "| median paired ratio | abs dE/atom (eV) |")
+    print("| --- | --- | ---: | ---: | --- | --- | ---: | ---: | ---: |")
+    rows = side_by_side(systems, [d for d in args.dtypes.split(",") if d],
+                        [int(t) for t in args.threads.split(",") if t], [int(b) for b in args.busy.split(",") if b],
+                        args.repeats, args.mace_python, log=lambda m: print(m, flush=True))
+    print(f"# load average at end {os.getloadavg()[0]:.1f}")
+    if args.json:
+        from mlpot.fileio import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(rows, indent=1))
+    return rows

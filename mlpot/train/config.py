@@ -116,6 +116,8 @@ TRAINING_SCHEMA: dict[str, Any] = {
     "progress": F((bool, NoneType), None, doc="progress bar (default: when stderr is a terminal)"),
     "tensorboard": F(bool, False),
     "wandb": F((bool, dict), False, doc="Weights & Biases: true or {project, entity, name, mode, tags}"),
+    # fine-tuning (mlpot.train.finetune)
+    "freeze": F(list, [], doc="module prefixes whose parameters stay fixed, e.g. [node_embedding, interactions.0]"),
 }
 
 SCHEDULER_PARAMS = {
@@ -132,6 +134,20 @@ MODEL_RESERVED: dict[str, Any] = {
     "e0s": F((str, dict, list), "average", doc="average (least squares) | isolated | {element: eV}"),
     "scale": F((int, float, str), "auto", doc="auto: RMS of training forces"),
     "shift": F((int, float, str), "auto", doc="auto: mean interaction energy per atom"),
+    # fine-tuning (mlpot.train.finetune): the architecture and weights come from this file
+    "init_from": F((str, NoneType), None, doc="mlpot model file (or mace-torch export folder) to start from"),
+}
+
+#: model keys that may stand beside `model.init_from` (the rest comes from the file)
+INIT_FROM_KEYS = ("name", "init_from", "e0s")
+
+FINETUNE_SCHEMA: dict[str, Any] = {
+    "head": F((str, NoneType), None, doc="name of a new head trained on `data` (multi-head replay fine-tuning)"),
+    "pretrained_head": F((str, NoneType), None, doc="the pretrained model's head kept by the replay set "
+                         "(default: its default head)"),
+    "replay": F((str, NoneType), None, doc="replay file: frames labelled for the pretrained head"),
+    "replay_weight": F(_num, 1.0, doc="weight of the replay loss against the new head's loss"),
+    "replay_batch_size": F((int, NoneType), None, doc="replay frames per step (default: training.batch_size)"),
 }
 
 SCHEMA: dict[str, Any] = {
@@ -142,6 +158,7 @@ SCHEMA: dict[str, Any] = {
     "data": DATA_SCHEMA,
     "model": MODEL_RESERVED,
     "training": TRAINING_SCHEMA,
+    "finetune": FINETUNE_SCHEMA,
 }
 
 
@@ -249,6 +266,13 @@ def _validate_model(model: dict | None) -> dict:
     except ImportError as exc:
         raise ConfigError(f"config key `model.name`: model {out['name']!r} is not available ({exc})") from None
     extra = {k: v for k, v in model.items() if k not in MODEL_RESERVED}
+    if out["init_from"] is not None:  # fine-tuning: the architecture comes from the file
+        for k in model:
+            if k not in INIT_FROM_KEYS:
+                raise ConfigError(
+                    f"config key `model.{k}`: the model comes from `model.init_from` ({out['init_from']}); "
+                    f"beside it only {', '.join(INIT_FROM_KEYS[1:])} may be given"
+                )
     if allowed is not None:
         for k in extra:
             if k not in allowed or k == "dtype":
@@ -295,6 +319,7 @@ def validate_config(raw: dict, base_dir: Path | None = None, check_files: bool =
         _check_type(f"training.config_type_weights.{k}", v, F(_num))
 
     _check_ranges(cfg)
+    _check_finetune(cfg)
     if isinstance(data["test"], dict):
         for name in data["test"]:
             if str(name) in ("train", "valid"):
@@ -306,6 +331,33 @@ def validate_config(raw: dict, base_dir: Path | None = None, check_files: bool =
     if check_files:
         _check_files(cfg, base_dir)
     return cfg
+
+
+def _check_finetune(cfg: dict) -> None:
+    """Multi-head replay fine-tuning is all or nothing: a new head needs `model.init_from` and a
+    replay set, and a replay set needs a new head (it never turns itself off silently)."""
+    ft = cfg["finetune"]
+    if ft["head"] is not None or ft["replay"] is not None or ft["pretrained_head"] is not None:
+        if cfg["model"]["init_from"] is None:
+            raise ConfigError("config section `finetune`: needs `model.init_from` (the pretrained model)")
+        if ft["head"] is None:
+            raise ConfigError("config key `finetune.head` is required with `finetune.replay`: name the new head "
+                              "that is trained on `data` while the replay set keeps the pretrained head")
+        if ft["replay"] is None:
+            raise ConfigError(
+                "config key `finetune.replay` is required with `finetune.head`: without a replay set the shared "
+                "layers drift away from the pretrained head; give a replay file, or drop `finetune.head` for "
+                "plain fine-tuning"
+            )
+        if not ft["head"].strip():
+            raise ConfigError("config key `finetune.head`: empty head name")
+    if ft["replay_weight"] <= 0:
+        raise ConfigError(f"config key `finetune.replay_weight` must be > 0, got {ft['replay_weight']}")
+    if ft["replay_batch_size"] is not None and ft["replay_batch_size"] < 1:
+        raise ConfigError(f"config key `finetune.replay_batch_size` must be >= 1, got {ft['replay_batch_size']}")
+    for k, v in enumerate(cfg["training"]["freeze"]):
+        if not isinstance(v, str) or not v.strip():
+            raise ConfigError(f"config key `training.freeze[{k}]`: expected a module prefix, got {v!r}")
 
 
 # key -> (low, high, low included, high included); None = unbounded
@@ -463,6 +515,10 @@ def _check_files(cfg: dict, base_dir: Path | None) -> None:
         data["test"] = {n: check(f"data.test.{n}", v) for n, v in data["test"].items()}
     if data["isolated_atoms"] is not None:
         data["isolated_atoms"] = check("data.isolated_atoms", data["isolated_atoms"])
+    if cfg["model"].get("init_from") is not None:
+        cfg["model"]["init_from"] = check("model.init_from", cfg["model"]["init_from"])
+    if cfg["finetune"]["replay"] is not None:
+        cfg["finetune"]["replay"] = check("finetune.replay", cfg["finetune"]["replay"])
 
 
 def apply_override(cfg: dict, assignment: str) -> None:

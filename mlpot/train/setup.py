@@ -170,6 +170,7 @@ def resolve_model_config(cfg: dict, splits: Splits) -> tuple[str, dict, dict]:
     from mlpot.models.base import get_model_class
 
     m = dict(cfg["model"])
+    m.pop("init_from", None)  # fine-tuning goes through mlpot.train.finetune instead
     name = m.pop("name")
     r_max = float(m["r_max"])
     lazy = splits.moments is not None

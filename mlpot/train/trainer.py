@@ -167,18 +167,35 @@ class Trainer:
         self._seed_everything(cfg["seed"])
         t0 = time.perf_counter()
         self.splits = prepare_data(cfg)
-        name, kwargs, stats = resolve_model_config(cfg, self.splits)
+        self.finetune = None
+        if cfg["model"].get("init_from") is not None:  # fine-tuning (mlpot.train.finetune)
+            from mlpot.train.finetune import prepare_finetune
+
+            self.finetune = prepare_finetune(cfg, self.splits, self.log)
+            name, kwargs, stats = self.finetune.name, self.finetune.kwargs, self.finetune.statistics
+        else:
+            name, kwargs, stats = resolve_model_config(cfg, self.splits)
         self.statistics = stats
         self.model_name, self.model_kwargs = name, kwargs
         torch.manual_seed(cfg["seed"])
         try:
-            model = build_model(name, **kwargs)
+            model = self.finetune.model if self.finetune is not None else build_model(name, **kwargs)
         except (ValueError, TypeError, AssertionError, KeyError, IndexError) as exc:
             if isinstance(exc, ConfigError):
                 raise
             msg = " ".join(str(exc).split()) or type(exc).__name__
             raise ConfigError(f"config section `model`: cannot build {name}: {msg}") from None
         self.model = model.to(device=self.device, dtype=self.dtype)
+        if tr.get("freeze"):  # fine-tuning: fixed parameters stay out of the optimizer
+            from mlpot.train.finetune import apply_freeze
+
+            n_frozen = apply_freeze(self.model, tr["freeze"])
+            self.log(f"frozen: {n_frozen} parameters under {', '.join(tr['freeze'])}")
+        self.replay = None
+        if self.finetune is not None:  # multi-head replay fine-tuning: on whenever `finetune.head` is set
+            from mlpot.train.finetune import make_replay
+
+            self.replay = make_replay(cfg, self.model, self.dtype, self.log)
         ddp.broadcast_parameters(self.model, self.info)
         self.log(
             f"data: {len(self.splits.train)} train, {len(self.splits.valid)} valid, "
@@ -281,6 +298,8 @@ class Trainer:
             "model_name": self.model_name,
             "model_kwargs": self.model_kwargs,
         }
+        if self.replay is not None:
+            state["replay"] = self.replay.state_dict()
         return state
 
     def save_checkpoint(self) -> None:
@@ -311,6 +330,8 @@ class Trainer:
         self.best_epoch = int(state["best"]["epoch"])
         self.best_state = state["best"]["state"]
         self.bad_epochs = int(state["bad_epochs"])
+        if self.replay is not None and "replay" in state:
+            self.replay.load_state_dict(state["replay"])
         self.history = list(state["history"])
         rng = state["rng"]
         random.setstate(rng["python"])
@@ -352,6 +373,8 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             out = self.model(graph, compute_force=True, compute_stress=self.has_stress, create_graph=True)
             loss, parts = self.loss_fn(out, graph, world_size=self.info.world_size)
+            if self.replay is not None:  # the pretrained head on a replay batch (mlpot.train.finetune)
+                loss = loss + self.replay.loss(self.model, self.loss_fn, self.device, self.info.world_size)
             loss_value = float(loss.detach())
             loss.backward()
             ddp.allreduce_gradients(params, self.info)
@@ -586,6 +609,14 @@ class Trainer:
             if ds is None or len(ds) == 0:
                 continue
             results[name] = evaluate_loader(self.model, self.eval_loader(ds), self.device, None, self.info)
+        if self.replay is not None:  # the pretrained head on the replay set
+            trained = self.model.active_head
+            self.model.select_head(self.replay.head)
+            try:
+                results[f"replay ({self.replay.head})"] = evaluate_loader(
+                    self.model, self.eval_loader(self.replay.dataset), self.device, None, self.info)
+            finally:
+                self.model.select_head(trained)
         if self.info.is_main:
             atomic_write_text(self.out / "metrics.json", json.dumps(results, indent=2) + "\n")
             self.log("\n" + format_table(results))
