@@ -14,7 +14,9 @@ epoch (training + validation; the mean over the complete epochs of this invocati
 re-estimated at every epoch boundary, so a machine that slows down moves the schedule earlier.
 Then
 
-* a fractional stage-two start ``s`` is epoch ``int(s * N) + 1``; an epoch start ``k > N`` (out
+* a fractional stage-two start ``s`` is epoch ``int(s * N) + 1`` (checked at epoch
+  boundaries), or, between batches, the moment the run's position in epochs passes ``s`` times
+  the epochs the budget holds (:meth:`TimeBudget.stage_two_due`; for budgets of a few epochs); an epoch start ``k > N`` (out
   of reach) becomes the fraction ``k / epochs`` of ``N``. Since ``int(s * N) + 1 <= N`` for
   ``s < 1``, stage two always starts no later than the last complete epoch the budget holds, so
   a time-limited run ends with its energy stage done;
@@ -90,6 +92,30 @@ class TimeBudget:
         if n is None or n >= self.epochs:
             return patience
         return max(eval_every, math.ceil(patience * n / self.epochs))
+
+    def stage_two_due(self, start, elapsed: float, progress: float) -> str | None:
+        """Within an epoch: why stage two starts now (None: not yet). ``progress`` is the epochs
+        done in this invocation, with the current one counted by its finished batches. With
+        ``tau = elapsed / progress`` the run holds ``N = done_before + progress + (B - t) / tau``
+        epochs; stage two is due once ``done_before + progress >= s N`` (an epoch start ``k``
+        out of reach: ``s = k / epochs``), and only when ``N < epochs``. This catches budgets
+        that hold few (or less than one) epochs, where an epoch boundary comes too late."""
+        if progress <= 0 or elapsed <= 0:
+            return None
+        tau = elapsed / progress
+        position = self.done_before + progress
+        n = position + max(self.seconds - elapsed, 0.0) / tau
+        if n >= self.epochs:
+            return None
+        s = float(start) if isinstance(start, float) else int(start) / self.epochs
+        if isinstance(start, int) and start <= n:
+            return None  # the given epoch is within reach: the caller starts it there
+        if position < min(s, 1.0) * n:
+            return None
+        what = f"{start:g} of the run" if isinstance(start, float) else f"epoch {start} of {self.epochs}"
+        return (f"time budget: {elapsed / 60:.1f} of {self.seconds / 60:g} min used; at {tau:.1f} s/epoch "
+                f"(measured) the budget holds {n:.1f} of the {self.epochs} configured epochs, and "
+                f"stage_two.start ({what}) is reached within epoch {math.floor(position) + 1}")
 
     def stage_two_reason(self, start, epoch: int, elapsed: float) -> str | None:
         """Why stage two starts at ``epoch`` on the budget (None: not yet). Only answers when the

@@ -348,6 +348,8 @@ class Trainer:
             if self._time_up():
                 stopped = True
                 break
+            if self.budget is not None and self.stage == 1 and self.stage_two_start is not None:
+                self._stage_two_within_epoch(epoch, b, len(loader))
             graph = _to_device(graph, self.device)
             self.optimizer.zero_grad(set_to_none=True)
             out = self.model(graph, compute_force=True, compute_stress=self.has_stress, create_graph=True)
@@ -432,6 +434,14 @@ class Trainer:
         if not ddp.broadcast_flag(reason is not None, self.info):
             return None
         return reason or "rank 0's time budget"
+
+    def _stage_two_within_epoch(self, epoch: int, batch: int, n_batches: int) -> None:
+        """Start stage two between two batches when the time budget says so (rank 0 decides)."""
+        progress = (epoch - 1 - self.budget.done_before) + batch / max(n_batches, 1)
+        reason = self.budget.stage_two_due(self.tr["stage_two"]["start"], time.monotonic() - self.t_start,
+                                           progress)
+        if ddp.broadcast_flag(reason is not None, self.info):
+            self._enter_stage_two(epoch, (reason or "rank 0's time budget") + f" (before batch {batch + 1})")
 
     def _budget_schedules(self, epoch: int) -> None:
         """Cosine annealing without an explicit ``t_max`` anneals over the epochs the time
