@@ -20,7 +20,6 @@ held out for validation) and ``--n-test`` frames of the test file.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import platform
 import time
@@ -100,17 +99,6 @@ def variant_config(variant: str, args, out: Path, train: Path, test: Path) -> di
     }
 
 
-def _curve(run_dir: Path) -> list[tuple[float, float]]:
-    """(cumulative seconds, valid force MAE) per epoch from the run's log.csv."""
-    pts, t = [], 0.0
-    with open(run_dir / "log.csv") as fh:
-        for row in csv.DictReader(fh):
-            t += float(row["time"])
-            if row["valid_f_mae"]:
-                pts.append((t, float(row["valid_f_mae"])))
-    return pts
-
-
 def _at(curve, seconds):
     before = [f for t, f in curve if t <= seconds]
     return min(before) if before else float("nan")
@@ -138,6 +126,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--out", default="runs/bench_train")
     args = p.parse_args(argv)
 
+    from mlpot.bench.curves import plot_force_mae_vs_time, read_log_curve
     from mlpot.errors import ConfigError
     from mlpot.train import train
     from mlpot.train.config import validate_config
@@ -160,7 +149,7 @@ def main(argv=None) -> list[dict]:
         metrics = train(cfg, log=lambda msg: None)
         wall = time.perf_counter() - t0
         run_dir = Path(cfg["output"])
-        curve = _curve(run_dir)
+        curve = read_log_curve(run_dir)[0]
         budget = 60.0 * args.minutes
         epochs = len(curve)
         row = {
@@ -182,7 +171,8 @@ def main(argv=None) -> list[dict]:
     from mlpot.fileio import atomic_write_text
 
     atomic_write_text(out / "results.json", json.dumps({"info": info, "results": results}, indent=2))
-    _plot(results, out / "curves.png", args)
+    plot_force_mae_vs_time({r["variant"]: r["curve"] for r in results}, out / "curves.png",
+                           title=f"rMD17 {args.molecule}, {args.n_train} frames")
     print(f"\nrMD17 {args.molecule}, {args.n_train} train frames, {args.minutes} min per variant, "
           f"{args.dtype}, device {args.device}")
     systems = [s for s in args.cost_systems.split(",") if s]
@@ -215,26 +205,6 @@ def variant_costs(model_file: Path, systems: list[str], repeats: int, dtype: str
         model = build_model(trained.model_name, **config).to(torch.float64 if dtype == "float64" else torch.float32)
         costs["force_call_s"][name] = _time_calls(atoms, _mlpot_calculator(model.eval(), dtype)[0], repeats)
     return costs
-
-
-def _plot(results, path: Path, args) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for r in results:
-        if r["curve"]:
-            t, f = zip(*r["curve"])
-            ax.semilogy(np.array(t) / 60.0, f, label=r["variant"])
-    ax.set_xlabel("wall time (min)")
-    ax.set_ylabel("valid force MAE (meV/Å)")
-    ax.set_title(f"rMD17 {args.molecule}, {args.n_train} frames")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

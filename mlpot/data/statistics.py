@@ -5,6 +5,12 @@ Definitions follow mace-torch, so the numbers match what its users know:
 * **E0s by least squares** (``fit_e0s``, mace ``compute_average_E0s``): with ``A[c, s]`` the
   number of atoms of species ``s`` in configuration ``c`` and ``E[c]`` its energy,
   ``E0 = argmin ||A E0 - E||^2`` (``numpy.linalg.lstsq``).
+* **E0s of single-composition data** (``single_composition_e0s``): when every configuration
+  has the same composition up to a factor (all rMD17 sets, an MD run of one molecule), the
+  count matrix ``A`` has rank 1 and E0 per element is not identifiable: only ``sum_s A[c, s]
+  E0[s]`` is. Then every element gets the mean energy per atom, ``E0[s] = mean_c E[c] / N[c]``
+  (the mean energy per structure spread over its atoms); ``compute_statistics`` uses this in
+  place of least squares, with ``e0s_source = "single_composition"`` and a note that says so.
 * **E0s from isolated atoms** (``e0s_from_isolated_atoms``): energies of frames whose
   ``config_type`` is ``"IsolatedAtom"`` (any case, ``"isolated_atom"`` too) or, when there
   are none, of single-atom non-periodic frames.
@@ -39,6 +45,7 @@ __all__ = [
     "e0s_from_isolated_atoms",
     "fit_e0s",
     "is_isolated_atom",
+    "single_composition_e0s",
     "mean_rms_energy_forces",
     "mean_std_interaction_energy",
 ]
@@ -161,6 +168,41 @@ def fit_e0s(data, species=None, exclude_isolated: bool = False) -> dict[int, flo
     return {z: float(e0[index[z]]) for z in zs}
 
 
+def single_composition_e0s(data, species=None, exclude_isolated: bool = True) -> dict[int, float] | None:
+    """``{Z: mean_c E[c] / N[c]}`` for every element when all configurations with an energy have
+    one composition up to a factor (rank-1 count matrix) and more than one element; else None
+    (least squares is then well posed, or a single element already is)."""
+    recs = [r for r in _records(data) if r["energy"] is not None]
+    if exclude_isolated:
+        recs = [r for r in recs if not is_isolated_atom(r["numbers"], r["config_type"], r["pbc"])]
+    if not recs:
+        return None
+    zs = sorted({int(z) for r in recs for z in r["numbers"]} | set(int(z) for z in (species or ())))
+    if len(zs) < 2:
+        return None
+    index = {z: k for k, z in enumerate(zs)}
+    A = np.zeros((len(recs), len(zs)))
+    for c, r in enumerate(recs):
+        for z in r["numbers"]:
+            A[c, index[int(z)]] += 1
+    fractions = A / A.sum(axis=1, keepdims=True)
+    if not np.allclose(fractions, fractions[0], rtol=0.0, atol=1e-12) or np.count_nonzero(fractions[0]) < 2:
+        return None
+    if species is not None and any(fractions[0, index[int(z)]] == 0 for z in species):
+        return None  # an element absent from the data: nothing to spread over it
+    per_atom = float(np.mean([r["energy"] / len(r["numbers"]) for r in recs]))
+    return {z: per_atom for z in zs}
+
+
+def describe_e0s(source: str, e0s: dict) -> str:
+    """One line for the log that says how the E0s were chosen when that is not obvious."""
+    if source != "single_composition":
+        return ""
+    value = next(iter(e0s.values()))
+    return (f"E0s: the training set has a single composition, so E0s per element are not identifiable; "
+            f"every element gets the mean energy per structure spread over its atoms, {value:.6g} eV/atom")
+
+
 def e0s_from_isolated_atoms(data) -> dict[int, float]:
     """E0s from isolated-atom frames (``config_type`` IsolatedAtom, or single-atom frames)."""
     recs = [r for r in _records(data) if r["energy"] is not None]
@@ -235,6 +277,7 @@ class DatasetStatistics:
     num_configs: int
     num_atoms: int
     species: list
+    e0s_note: str = ""
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -281,8 +324,11 @@ def compute_statistics(data, r_max: float, e0s="auto", species=None) -> DatasetS
         e0 = e0s_from_isolated_atoms(data)
         source = "isolated"
     elif e0s in ("fit", "auto", "average"):
-        e0 = fit_e0s(data, species, exclude_isolated=True)
-        source = "fit"
+        e0 = single_composition_e0s(data, species)
+        source = "single_composition"
+        if e0 is None:
+            e0 = fit_e0s(data, species, exclude_isolated=True)
+            source = "fit"
     else:
         raise DataError(f"unknown e0s option {e0s!r} (fit, isolated, auto or a dict)")
 
@@ -316,4 +362,5 @@ def compute_statistics(data, r_max: float, e0s="auto", species=None) -> DatasetS
         num_configs=n_cfg,
         num_atoms=n_at,
         species=sorted(zs | set(e0)),
+        e0s_note=describe_e0s(source, e0),
     )

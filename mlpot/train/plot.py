@@ -8,8 +8,9 @@ from mlpot.fileio import atomic_path
 __all__ = ["plot_learning_curve"]
 
 
-def plot_learning_curve(history: list[dict], path) -> None:
-    """Loss (log scale) and validation MAEs against epoch, written atomically to ``path``."""
+def plot_learning_curve(history: list[dict], path) -> int | None:
+    """Loss (log scale) and validation MAEs against epoch, written atomically to ``path``; a dashed
+    line labelled "stage two" marks the first stage-two epoch, which is returned (None: none)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -26,7 +27,9 @@ def plot_learning_curve(history: list[dict], path) -> None:
     stage2 = [r["epoch"] for r in history if r.get("stage") == 2]
     for a in axes:
         if stage2:
-            a.axvline(stage2[0], color="grey", ls="--", lw=0.8)
+            a.axvline(stage2[0], color="grey", ls="--", lw=0.8, label="stage two starts")
+            a.text(stage2[0], 0.98, " stage two", transform=a.get_xaxis_transform(), va="top", fontsize=8,
+                   color="grey")
         a.set_xlabel("epoch")
     ax.set_ylabel("loss")
     ax.legend()
@@ -42,3 +45,4 @@ def plot_learning_curve(history: list[dict], path) -> None:
             fig.savefig(tmp, dpi=110)
     finally:
         plt.close(fig)
+    return stage2[0] if stage2 else None

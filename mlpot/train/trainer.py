@@ -207,6 +207,8 @@ class Trainer:
             f"r_max {kwargs['r_max']} Å, avg_num_neighbors {kwargs.get('avg_num_neighbors', '-')}, "
             f"E0s {kwargs['e0s']}, scale {kwargs.get('scale', '-')}, shift {kwargs.get('shift', '-')}"
         )
+        if stats.get("e0s_note"):
+            self.log(stats["e0s_note"])
         if self.info.is_main:
             resolved = dict(cfg)
             resolved["model"] = {"name": name, **kwargs}
@@ -256,6 +258,11 @@ class Trainer:
             self.stage_two_start = int(st["start"] * tr["epochs"]) + 1
         else:
             self.stage_two_start = int(st["start"])
+        # time budget: fractional schedules follow the epochs the budget holds (mlpot.train.budget)
+        from mlpot.train.budget import TimeBudget
+
+        self.budget = TimeBudget(tr["time_limit"], tr["epochs"]) if tr["time_limit"] is not None else None
+        self.stage_two_info: dict | None = None
 
         # state
         self.epoch = 0
@@ -281,6 +288,7 @@ class Trainer:
             "epoch": self.epoch,
             "stage": self.stage,
             "force_stage_two": self.force_stage_two,
+            "stage_two_info": self.stage_two_info,
             "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
@@ -324,6 +332,7 @@ class Trainer:
         self.epoch = int(state["epoch"])
         self.stage = int(state["stage"])
         self.force_stage_two = bool(state.get("force_stage_two", False))
+        self.stage_two_info = state.get("stage_two_info")
         ew, fw, sw = state["loss_weights"]
         self.loss_fn.energy_weight, self.loss_fn.forces_weight, self.loss_fn.stress_weight = ew, fw, sw
         self.best_loss = float(state["best"]["loss"])
@@ -369,6 +378,8 @@ class Trainer:
             if self._time_up():
                 stopped = True
                 break
+            if self.budget is not None and self.stage == 1 and self.stage_two_start is not None:
+                self._stage_two_within_epoch(epoch, b, len(loader))
             graph = _to_device(graph, self.device)
             self.optimizer.zero_grad(set_to_none=True)
             out = self.model(graph, compute_force=True, compute_stress=self.has_stress, create_graph=True)
@@ -440,9 +451,61 @@ class Trainer:
         with ctx:
             return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
 
-    def _enter_stage_two(self, epoch: int) -> None:
+    def _stage_two_reason(self, epoch: int) -> str | None:
+        """Why stage two starts at ``epoch`` (None: stay in stage one); rank 0 decides."""
+        if self.stage != 1 or self.stage_two_start is None:
+            return None
+        reason = None
+        if self.force_stage_two:
+            reason = "early stopping in stage one (no validation improvement)"
+        elif epoch >= self.stage_two_start:
+            reason = f"stage_two.start {self.tr['stage_two']['start']!r} is epoch {self.stage_two_start}"
+        elif self.budget is not None:
+            reason = self.budget.stage_two_reason(self.tr["stage_two"]["start"], epoch,
+                                                  time.monotonic() - self.t_start)
+        if not ddp.broadcast_flag(reason is not None, self.info):
+            return None
+        return reason or "rank 0's time budget"
+
+    def _stage_two_within_epoch(self, epoch: int, batch: int, n_batches: int) -> None:
+        """Start stage two between two batches when the time budget says so (rank 0 decides)."""
+        progress = (epoch - 1 - self.budget.done_before) + batch / max(n_batches, 1)
+        reason = self.budget.stage_two_due(self.tr["stage_two"]["start"], time.monotonic() - self.t_start,
+                                           progress)
+        if ddp.broadcast_flag(reason is not None, self.info):
+            self._enter_stage_two(epoch, (reason or "rank 0's time budget") + f" (before batch {batch + 1})")
+
+    def _budget_schedules(self, epoch: int) -> None:
+        """Cosine annealing without an explicit ``t_max`` anneals over the epochs the time
+        budget holds (:func:`mlpot.train.budget.cosine_lr`), once that is fewer than ``epochs``."""
+        if self.budget is None or not isinstance(self.scheduler, torch.optim.lr_scheduler.CosineAnnealingLR):
+            return
+        if "t_max" in self.tr["scheduler_params"]:
+            return
+        from mlpot.train.budget import cosine_lr
+
+        planned = self.budget.planned_epochs(time.monotonic() - self.t_start)
+        planned = ddp.gather_objects(planned, self.info)[0]
+        if planned is None or planned >= self.tr["epochs"]:
+            return
+        self.scheduler.T_max = max(planned, 1)
+        lrs = [cosine_lr(lr0, self.scheduler.eta_min, self.scheduler.last_epoch, self.scheduler.T_max)
+               for lr0 in self.scheduler.base_lrs]
+        for g, lr in zip(self.optimizer.param_groups, lrs):
+            g["lr"] = lr
+        self.scheduler._last_lr = lrs
+
+    def _patience(self) -> int:
+        p = self.tr["patience"]
+        if self.budget is None:
+            return p
+        p = self.budget.patience(p, time.monotonic() - self.t_start, self.tr["eval_every"])
+        return ddp.gather_objects(p, self.info)[0]
+
+    def _enter_stage_two(self, epoch: int, reason: str = "") -> None:
         st = self.tr["stage_two"]
         self.stage = 2
+        self.stage_two_info = {"epoch": epoch, "reason": reason}
         self.loss_fn.energy_weight = float(st["energy_weight"])
         self.loss_fn.forces_weight = float(st["forces_weight"])
         if st["stress_weight"] is not None:
@@ -451,7 +514,7 @@ class Trainer:
             g["lr"] = float(st["lr"])
         self.best_loss, self.best_state, self.best_epoch, self.bad_epochs = math.inf, None, 0, 0
         self.log(f"epoch {epoch}: stage two (energy_weight {st['energy_weight']}, "
-                 f"forces_weight {st['forces_weight']}, lr {st['lr']})")
+                 f"forces_weight {st['forces_weight']}, lr {st['lr']})" + (f"; why: {reason}" if reason else ""))
 
     # ---- main loop --------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -467,6 +530,10 @@ class Trainer:
         elif ckpt.exists():
             self.log(f"note: {ckpt} exists; starting a new run over it (use --resume to continue)")
         self.t_start = time.monotonic()
+        if self.budget is not None:
+            self.budget.done_before = self.epoch
+            self.log(f"time budget {tr['time_limit']:g} min: stage two, cosine t_max and patience are placed "
+                     "within it from the measured epoch time when the configured epochs do not fit")
         writer = self._tensorboard()
         self._wandb = None
         if self.tr["wandb"] and self.info.is_main:  # mlpot.train.wandb_log
@@ -481,10 +548,10 @@ class Trainer:
                 self.log(f"time limit of {tr['time_limit']} min reached; stopping")
                 break
             epoch += 1
-            if self.stage == 1 and self.stage_two_start is not None and (
-                epoch >= self.stage_two_start or self.force_stage_two
-            ):
-                self._enter_stage_two(epoch)
+            t_epoch = time.monotonic()
+            reason = self._stage_two_reason(epoch)
+            if reason is not None:
+                self._enter_stage_two(epoch, reason)
             t0 = time.perf_counter()
             train_stats, stopped = self.train_epoch(epoch)
             last = epoch == tr["epochs"] or stopped
@@ -511,6 +578,7 @@ class Trainer:
                     row["valid_h_mae"] = valid["h_mae"]
             if isinstance(self.scheduler, torch.optim.lr_scheduler.CosineAnnealingLR) and self.stage == 1:
                 self.scheduler.step()
+                self._budget_schedules(epoch)
             row["time"] = time.perf_counter() - t0
             if stopped:
                 row["partial"] = True
@@ -524,7 +592,9 @@ class Trainer:
             self._write_log()
             if epoch % tr["checkpoint_every"] == 0 or epoch == tr["epochs"]:
                 self.save_checkpoint()
-            if tr["patience"] is not None and self.valid_set is not None and self.bad_epochs >= tr["patience"]:
+            if self.budget is not None:
+                self.budget.record_epoch(time.monotonic() - t_epoch)
+            if tr["patience"] is not None and self.valid_set is not None and self.bad_epochs >= self._patience():
                 if self.stage == 1 and self.stage_two_start is not None and epoch < tr["epochs"]:
                     self.force_stage_two = True
                     self.log(f"no validation improvement for {self.bad_epochs} epochs: moving to stage two")
@@ -595,6 +665,8 @@ class Trainer:
             "stop_reason": stop_reason,
             "statistics": self.statistics,
         }
+        if self.stage_two_info is not None:
+            metadata["stage_two"] = self.stage_two_info
         if self.info.is_main:
             from mlpot.models.io import save_model
 
