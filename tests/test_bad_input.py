@@ -571,10 +571,10 @@ def test_interrupted_regeneration_is_detected(tmp_path, monkeypatch):
     # a run killed while writing other frames: new parameters, then death mid-way
     orig = synthetic.emt_structures
 
-    def dying(n, seed=0, system="cu-ni"):
+    def dying(n, seed=0, system="cu-ni", **kwargs):
         if seed % 1000 == 1:  # after train.xyz was rewritten
             raise KeyboardInterrupt
-        return orig(n, seed=seed, system=system)
+        return orig(n, seed=seed, system=system, **kwargs)
 
     monkeypatch.setattr(synthetic, "emt_structures", dying)
     with pytest.raises(KeyboardInterrupt):

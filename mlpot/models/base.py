@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from mlpot.errors import ConfigError, UnknownElementError
-from mlpot.models.heads import default_head
+from mlpot.models.heads import default_head, e0_vector
 from mlpot.models.io import save_model
 from mlpot.models.registry import (  # noqa: F401 - re-exported: models register with base.register_model
     MODEL_REGISTRY,
@@ -31,29 +31,6 @@ from mlpot.models.registry import (  # noqa: F401 - re-exported: models register
 )
 from mlpot.nn.radial import PolynomialCutoff
 from mlpot.voigt import full_3x3_to_voigt
-
-
-def _e0_vector(e0s, atomic_numbers: list[int]) -> list[float]:
-    """E0s given as ``{Z or symbol: e}``, a list aligned with ``atomic_numbers``, or None."""
-    if e0s is None:
-        return [0.0] * len(atomic_numbers)
-    if isinstance(e0s, dict):
-        from ase.data import atomic_numbers as symbol_to_z
-
-        table = {}
-        for k, v in e0s.items():
-            z = int(k) if str(k).lstrip("-").isdigit() else symbol_to_z.get(str(k))
-            if z is None:
-                raise ConfigError(f"e0s: unknown element {k!r}")
-            table[z] = float(v)
-        missing = [z for z in atomic_numbers if z not in table]
-        if missing:
-            raise ConfigError(f"e0s: no value for atomic numbers {missing}")
-        return [table[z] for z in atomic_numbers]
-    e0s = [float(v) for v in e0s]
-    if len(e0s) != len(atomic_numbers):
-        raise ConfigError(f"e0s: {len(e0s)} values for {len(atomic_numbers)} species")
-    return e0s
 
 
 class PotentialModel(nn.Module):
@@ -85,7 +62,7 @@ class PotentialModel(nn.Module):
         self.register_buffer("z_table", z_table, persistent=False)
         self.register_buffer(
             "atomic_energies",
-            torch.tensor(_e0_vector(config.get("e0s"), self.atomic_numbers), dtype=torch.float64),
+            torch.tensor(e0_vector(config.get("e0s"), self.atomic_numbers), dtype=torch.float64),
         )
         self.zbl = ZBLRepulsion(self.atomic_numbers) if config.get("zbl", False) else None
         # a direct (HIP) Hessian head, attached by models that support one (mlpot.models.hip)

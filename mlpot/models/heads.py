@@ -69,6 +69,29 @@ def head_e0s_config(e0s, heads: list[str]):
     return {h: _table(e0s) for h in heads}
 
 
+def e0_vector(e0s, atomic_numbers: list[int]) -> list[float]:
+    """E0s given as ``{Z or symbol: e}``, a list aligned with ``atomic_numbers``, or None."""
+    if e0s is None:
+        return [0.0] * len(atomic_numbers)
+    if isinstance(e0s, dict):
+        from ase.data import atomic_numbers as symbol_to_z
+
+        table = {}
+        for k, v in e0s.items():
+            z = int(k) if str(k).lstrip("-").isdigit() else symbol_to_z.get(str(k))
+            if z is None:
+                raise ConfigError(f"e0s: unknown element {k!r}")
+            table[z] = float(v)
+        missing = [z for z in atomic_numbers if z not in table]
+        if missing:
+            raise ConfigError(f"e0s: no value for atomic numbers {missing}")
+        return [table[z] for z in atomic_numbers]
+    e0s = [float(v) for v in e0s]
+    if len(e0s) != len(atomic_numbers):
+        raise ConfigError(f"e0s: {len(e0s)} values for {len(atomic_numbers)} species")
+    return e0s
+
+
 def _table(t):
     if isinstance(t, dict):
         return {str(k): float(v) for k, v in t.items()}
@@ -77,8 +100,6 @@ def _table(t):
 
 def head_e0_matrix(e0s_config, heads: list[str], atomic_numbers: list[int]) -> list[list[float]]:
     """``(H, S)`` E0s from :func:`head_e0s_config`'s output."""
-    from mlpot.models.base import _e0_vector
-
     if e0s_config is None:
         return [[0.0] * len(atomic_numbers) for _ in heads]
-    return [_e0_vector(e0s_config[h], atomic_numbers) for h in heads]
+    return [e0_vector(e0s_config[h], atomic_numbers) for h in heads]

@@ -34,7 +34,9 @@ layer), ``num_interactions``, ``MLP_irreps``, ``gate``, ``radial_MLP``, ``avg_nu
   own ``U`` matrices; new models use the reduced basis);
 * ``subtract_isolated``: subtract the interaction energy of a lone atom of the same species, so
   that an isolated atom has exactly the energy ``E_0 + shift`` (default False: mace-torch's
-  function, which has no such term; set True for mlpot's earlier default);
+  function, which has no such term; set True for mlpot's earlier default; with
+  ``node_mixing: s2_mlp`` the default is True, since the S2 MLP's biases give a lone atom an
+  interaction energy of its own);
 * ``heads``: head names of a multi-head model (mace-torch's ``heads``; default one head,
   ``Default``): ``e0s`` then takes one table per head (a list, or ``{head: table}``), ``scale`` and
   ``shift`` one value per head, and every readout one output channel per head (the gated one
@@ -168,7 +170,7 @@ class MACE(PotentialModel):
         backend: str = "reference",
         zbl: bool = False,
         product_basis_sizes=None,
-        subtract_isolated: bool = False,
+        subtract_isolated: bool | None = None,
         seed: int | None = None,
         dtype: str = "float64",
         hessian_head=False,
@@ -265,7 +267,9 @@ class MACE(PotentialModel):
             "backend": str(backend),
             "zbl": bool(zbl),
             "product_basis_sizes": product_basis_sizes,
-            "subtract_isolated": bool(subtract_isolated),
+            # None: mace-torch's function (False), except with S2-MLP node mixing, whose biases give
+            # a lone atom features of its own: subtracting them keeps E(lone atom) = E0
+            "subtract_isolated": (node_mixing == "s2_mlp") if subtract_isolated is None else bool(subtract_isolated),
             "seed": seed,
             "dtype": str(dtype),
             "radial": str(radial),

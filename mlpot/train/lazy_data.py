@@ -120,3 +120,16 @@ def prepare_lazy_splits(cfg: dict, train_files: list, valid_spec, test_spec: dic
     log(f"lazy data: {len(train)} training frames streamed from {len(train_files)} file(s) "
         f"({', '.join(Path(p).name for p in train_files[:3])}{', ...' if len(train_files) > 3 else ''})")
     return splits
+
+
+def prepare_lazy_data(cfg: dict):
+    """The splits of a config whose training files are all HDF5 datasets, with the frames left on
+    disk; None when the config names other data (then :func:`mlpot.train.setup.prepare_data`)."""
+    from mlpot.train.setup import data_sources
+
+    if cfg["data"]["synthetic"] is not None:
+        return None
+    train_files, valid_spec, test_spec, _ = data_sources(cfg)
+    if not is_hdf5_source(train_files):
+        return None
+    return prepare_lazy_splits(cfg, train_files, valid_spec, test_spec)

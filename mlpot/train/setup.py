@@ -73,8 +73,9 @@ def _is_isolated(atoms) -> bool:
     return is_isolated_atom(atoms.numbers, atoms.info.get("config_type"), atoms.pbc)
 
 
-def prepare_data(cfg: dict, generate: bool = True) -> Splits:
-    """Read (or generate) the train / valid / test sets named by the config."""
+def data_sources(cfg: dict, generate: bool = True) -> tuple[list, object, dict, dict]:
+    """The training files, the validation spec (a file or a fraction), the named test files of
+    the config, and the synthetic set's files (generated when missing) when it names one."""
     data = cfg["data"]
     files: dict = {}
     if data["synthetic"] is not None:
@@ -102,13 +103,14 @@ def prepare_data(cfg: dict, generate: bool = True) -> Splits:
                 test_spec[name] = p
         else:
             test_spec = dict(t)
+    return train_files, valid_spec, test_spec, files
 
-    if data["synthetic"] is None:  # HDF5 dataset files train lazily (mlpot.train.lazy_data)
-        from mlpot.train.lazy_data import is_hdf5_source, prepare_lazy_splits
 
-        if is_hdf5_source(train_files):
-            return prepare_lazy_splits(cfg, train_files, valid_spec, test_spec)
-
+def prepare_data(cfg: dict, generate: bool = True) -> Splits:
+    """Read (or generate) the train / valid / test sets named by the config, in memory (HDF5
+    datasets that stay on disk: :func:`mlpot.train.lazy_data.prepare_lazy_data`)."""
+    data = cfg["data"]
+    train_files, valid_spec, test_spec, files = data_sources(cfg, generate)
     train = []
     for p in train_files:
         train.extend(read_frames(p, data))

@@ -151,6 +151,7 @@ class Trainer:
     def setup(self) -> None:
         from mlpot.data import AtomicDataset, make_dataloader
         from mlpot.models.base import build_model
+        from mlpot.train.lazy_data import prepare_lazy_data
         from mlpot.train.setup import prepare_data, resolve_model_config
 
         cfg, tr = self.cfg, self.tr
@@ -166,7 +167,7 @@ class Trainer:
         self._barrier()
         self._seed_everything(cfg["seed"])
         t0 = time.perf_counter()
-        self.splits = prepare_data(cfg)
+        self.splits = prepare_lazy_data(cfg) or prepare_data(cfg)  # HDF5 datasets stay on disk
         self.finetune = None
         if cfg["model"].get("init_from") is not None:  # fine-tuning (mlpot.train.finetune)
             from mlpot.train.finetune import prepare_finetune
