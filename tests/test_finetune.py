@@ -14,9 +14,9 @@ import pytest
 import torch
 import yaml
 from ase.build import bulk, molecule
-from mlpot.data import read
 
 from mlpot.cli.main import main
+from mlpot.data import read
 from mlpot.errors import ConfigError
 from mlpot.train.config import validate_config
 from mlpot.train.finetune import apply_freeze, fit_new_e0s, grow_species, load_pretrained

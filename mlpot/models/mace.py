@@ -71,8 +71,8 @@ from torch import nn
 
 from mlpot.errors import ConfigError
 from mlpot.models.base import PotentialModel, register_model
-from mlpot.models.hip import attach_hessian_head
 from mlpot.models.heads import check_heads, head_e0_matrix, head_e0s_config, per_head
+from mlpot.models.hip import attach_hessian_head
 from mlpot.nn.blocks import (
     GATES,
     EquivariantProductBasisBlock,
@@ -83,10 +83,9 @@ from mlpot.nn.blocks import (
     interaction_block_class,
 )
 from mlpot.nn.edge_geometry import EdgeGeometry, build_edge_geometry, check_edge_geometry_backend
-from mlpot.nn.radial import RadialEmbeddingBlock
+from mlpot.nn.radial import MaceZBLRepulsion, RadialEmbeddingBlock, SpeciesRadialEmbeddingBlock
 from mlpot.nn.s2_mlp import IrrepsS2MLPNodeMixing
 from mlpot.nn.spline_radial import SplineBasis, check_radial_backend
-from mlpot.nn.radial import MaceZBLRepulsion, RadialEmbeddingBlock, SpeciesRadialEmbeddingBlock
 
 __all__ = ["MACE", "ScaleShiftMACE", "mace_hidden_irreps", "tune_malloc"]
 
