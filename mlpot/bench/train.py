@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULT_VARIANTS = ["cg/symmetric", "cg/gaunt", "escn", "equiformer_v2", "facet", "cg/symmetric+spline"]
+DEFAULT_VARIANTS = ["cg/symmetric", "cg/gaunt", "escn", "equiformer_v2", "facet", "cg/symmetric+spline", "tensornet"]
 
 #: variants that are whole models rather than MACE ``interaction_tp/product`` pairs: name ->
 #: ``model:`` section at ``--channels`` channels and ``--max-ell`` degrees (same cutoff as MACE)
@@ -40,6 +40,7 @@ MODEL_VARIANTS = {
                                 "ffn_hidden_channels": 2 * a.channels, "edge_channels": a.channels},
     "facet": lambda a: {"name": "Facet", "num_layers": 2, "lmax": a.max_ell, "mmax": 2, "sphere_channels": a.channels,
                         "hidden_channels": 2 * a.channels, "num_knots": 16},
+    "tensornet": lambda a: {"name": "TensorNet", "num_layers": 2, "num_channels": a.channels},
 }
 
 
