@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 from test_train_helpers import toy_config
 
 from mlpot.train.config import validate_config
+from mlpot.train.trainer import load_checkpoint_file
 
 
 def _free_port() -> int:
@@ -49,7 +50,7 @@ def test_two_gloo_ranks_equal_single_process(tmp_path):
 
     a = torch.load(tmp_path / "single" / "model.pt", weights_only=True)["state_dict"]
     d = torch.load(tmp_path / "ddp" / "model.pt", weights_only=True)["state_dict"]
-    init = torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=False)
+    init = load_checkpoint_file(tmp_path / "ddp" / "checkpoint.pt")
     moved = False
     for k in a:
         assert torch.allclose(a[k], d[k], rtol=0, atol=1e-10), k

@@ -16,6 +16,7 @@ from mlpot.errors import ConfigError
 from mlpot.train.config import apply_override, load_config, validate_config
 from mlpot.train.ema import ExponentialMovingAverage
 from mlpot.train.losses import WeightedLoss, force_huber_thresholds, huber
+from mlpot.train.trainer import load_checkpoint_file
 
 
 @pytest.fixture(scope="module")
@@ -220,7 +221,7 @@ def test_stage_two_switch(tmp_path, emt_cache):
     lrs = [float(r.split(",")[2]) for r in rows]
     assert stages == [1, 1, 2]
     assert lrs[2] == pytest.approx(0.002) and lrs[0] == pytest.approx(0.01)
-    ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    ck = load_checkpoint_file(tmp_path / "run" / "checkpoint.pt")
     assert ck["loss_weights"][:2] == [77.0, 5.0] and ck["stage"] == 2
     # best model comes from stage two
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["valid"]["n_configs"] == 4
@@ -269,7 +270,7 @@ def test_resume_after_kill9_matches_uninterrupted(tmp_path, emt_cache):
     p.send_signal(signal.SIGKILL)
     p.wait()
     assert p.returncode == -signal.SIGKILL
-    ck = torch.load(ckpt, weights_only=False)
+    ck = load_checkpoint_file(ckpt)
     assert 1 <= ck["epoch"] < epochs
     assert not (run / "model.pt").exists()
 
@@ -282,8 +283,8 @@ def test_resume_after_kill9_matches_uninterrupted(tmp_path, emt_cache):
     b = torch.load(run / "model.pt", weights_only=True)["state_dict"]
     for k in a:
         assert torch.allclose(a[k], b[k], rtol=0, atol=1e-12), k
-    ca = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)
-    cb = torch.load(run / "checkpoint.pt", weights_only=False)
+    ca = load_checkpoint_file(tmp_path / "full" / "checkpoint.pt")
+    cb = load_checkpoint_file(run / "checkpoint.pt")
     for k in ca["model"]:
         assert torch.allclose(ca["model"][k], cb["model"][k], rtol=0, atol=1e-12), k
     la = (tmp_path / "full" / "log.csv").read_text().splitlines()

@@ -13,6 +13,7 @@ from test_train_helpers import TrainToy, toy_config
 from mlpot.models.base import register_model
 from mlpot.train.budget import TimeBudget, cosine_lr, stage_two_epoch
 from mlpot.train.config import validate_config
+from mlpot.train.trainer import load_checkpoint_file
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +119,7 @@ def test_time_limited_run_reaches_stage_two_and_evaluates(tmp_path, emt_cache):
     assert meta["best_epoch"] >= int(rows[first_two]["epoch"])
     assert metrics["test"]["n_configs"] == 4 and math.isfinite(metrics["test"]["e_mae"])
     assert json.loads((run / "metrics.json").read_text())["test"]["f_mae"] == metrics["test"]["f_mae"]
-    ck = torch.load(run / "checkpoint.pt", weights_only=False)
+    ck = load_checkpoint_file(run / "checkpoint.pt")
     assert ck["loss_weights"][:2] == [55.0, 3.0] and ck["stage"] == 2
 
 
