@@ -55,11 +55,7 @@ _cache: dict[str, torch.nn.Module] = {}
 def get_model(key: str):
     name, config, _ = MODELS[key]
     if key not in _cache:
-        torch.manual_seed(0)
-        model = build_model(name, **config).to(torch.float64)
-        mc.randomize_parameters(model, seed=1, scale=0.3)
-        model.eval()
-        _cache[key] = model
+        _cache[key] = mc.random_model(name, config)
     return _cache[key]
 
 

@@ -32,10 +32,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _model(name, **extra):
-    torch.manual_seed(0)
-    model = build_model(name, **dict(MODELS[name], **extra)).to(torch.float64)
-    mc.randomize_parameters(model, seed=1, scale=0.3)
-    return model.eval()
+    return mc.random_model(name, dict(MODELS[name], **extra))
 
 
 def _structures():

@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mlpot.models import build_model
 from mlpot.testing import model_checks as mc
 
 SPECIES = [1, 6, 8]
@@ -64,11 +63,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def get_model(key: str):
     name, config, _ = MODELS[key]
     if key not in _cache:
-        torch.manual_seed(0)
-        model = build_model(name, **config).to(torch.float64)
-        mc.randomize_parameters(model, seed=1, scale=0.3)
-        model.eval()
-        _cache[key] = model
+        _cache[key] = mc.random_model(name, config)
     return _cache[key]
 
 

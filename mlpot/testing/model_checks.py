@@ -47,6 +47,7 @@ __all__ = [
     "build_batch",
     "evaluate",
     "randomize_parameters",
+    "random_model",
     "random_molecule",
     "random_crystal",
     "random_orthogonal",
@@ -116,6 +117,18 @@ def randomize_parameters(model, seed: int = 0, scale: float = 0.3):
             noise = torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype)
             p.add_(scale * noise)
     return model
+
+
+def random_model(name: str, config: dict, seed: int = 1, scale: float = 0.3):
+    """``build_model(name, **config)`` in float64 (torch seed 0), its parameters perturbed by
+    :func:`randomize_parameters` (``seed``, ``scale``), in eval mode: the model every battery
+    test of a model family starts from."""
+    from mlpot.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(name, **config).to(torch.float64)
+    randomize_parameters(model, seed=seed, scale=scale)
+    return model.eval()
 
 
 def _place(rng, n, box_fn, min_dist, dist_fn, tries=10000):
