@@ -37,99 +37,8 @@ from e3nn import o3
 
 from mlpot.o3.layout import channel_last_to_mul_ir, mul_ir_to_channel_last, uniform_mul
 
-from ._runtime import LazyKernel, check_device, multilinear_form_backward, tl
-
-_CFG_C = [({"BLOCK_C": bc}, w, 2) for bc, w in ((32, 1), (64, 2), (128, 4), (32, 2), (64, 4))]
-
-
-# --------------------------------------------------------------------------------------------- kernels
-def _node_kernel(out_ptr, node_ptr, y_ptr, w_ptr,
-                 seg_ptr, seg_edge_ptr, other_ptr,
-                 row_ptr, col_node_ptr, col_y_ptr, col_w_ptr, coef_ptr,
-                 C, D_node, D_out, D_y, P,
-                 BLOCK_C: tl.constexpr):
-    """out[n, r, c] = sum_{e in seg(n)} sum_{t in row r} coef * node[other(e), a_t, c] Y[e, y_t] W[e, p_t, c]."""
-    n = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cm = c < C
-    q0 = tl.load(seg_ptr + n)
-    q1 = tl.load(seg_ptr + n + 1)
-    for r in range(D_out):
-        t0 = tl.load(row_ptr + r)
-        t1 = tl.load(row_ptr + r + 1)
-        acc = tl.zeros([BLOCK_C], dtype=out_ptr.dtype.element_ty)
-        for q in range(q0, q1):
-            e = tl.load(seg_edge_ptr + q)
-            s = tl.load(other_ptr + e)
-            for t in range(t0, t1):
-                a = tl.load(col_node_ptr + t)
-                j = tl.load(col_y_ptr + t)
-                p = tl.load(col_w_ptr + t)
-                cf = tl.load(coef_ptr + t)
-                yv = tl.load(y_ptr + e * D_y + j)
-                xv = tl.load(node_ptr + (s * D_node + a) * C + c, mask=cm, other=0.0)
-                wv = tl.load(w_ptr + (e * P + p) * C + c, mask=cm, other=0.0)
-                acc += (cf * yv) * xv * wv
-        tl.store(out_ptr + (n * D_out + r) * C + c, acc, mask=cm)
-
-
-def _edge_channel_kernel(out_ptr, a_ptr, b_ptr, y_ptr, src_ptr, dst_ptr,
-                         row_ptr, col_a_ptr, col_b_ptr, col_y_ptr, coef_ptr,
-                         C, D_a, D_b, D_y, P,
-                         BLOCK_C: tl.constexpr):
-    """out[e, p, c] = sum_{t in row p} coef * A[src e, a_t, c] B[dst e, b_t, c] Y[e, y_t]."""
-    e = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cm = c < C
-    s = tl.load(src_ptr + e)
-    d = tl.load(dst_ptr + e)
-    for r in range(P):
-        t0 = tl.load(row_ptr + r)
-        t1 = tl.load(row_ptr + r + 1)
-        acc = tl.zeros([BLOCK_C], dtype=out_ptr.dtype.element_ty)
-        for t in range(t0, t1):
-            a = tl.load(col_a_ptr + t)
-            b = tl.load(col_b_ptr + t)
-            j = tl.load(col_y_ptr + t)
-            cf = tl.load(coef_ptr + t)
-            yv = tl.load(y_ptr + e * D_y + j)
-            av = tl.load(a_ptr + (s * D_a + a) * C + c, mask=cm, other=0.0)
-            bv = tl.load(b_ptr + (d * D_b + b) * C + c, mask=cm, other=0.0)
-            acc += (cf * yv) * av * bv
-        tl.store(out_ptr + (e * P + r) * C + c, acc, mask=cm)
-
-
-def _edge_kernel(out_ptr, a_ptr, b_ptr, w_ptr, src_ptr, dst_ptr,
-                 row_ptr, col_a_ptr, col_b_ptr, col_w_ptr, coef_ptr,
-                 C, D_a, D_b, D_y, P,
-                 BLOCK_C: tl.constexpr):
-    """out[e, j] = sum_c sum_{t in row j} coef * A[src e, a_t, c] B[dst e, b_t, c] W[e, p_t, c]."""
-    e = tl.program_id(0).to(tl.int64)
-    s = tl.load(src_ptr + e)
-    d = tl.load(dst_ptr + e)
-    for r in range(D_y):
-        t0 = tl.load(row_ptr + r)
-        t1 = tl.load(row_ptr + r + 1)
-        acc = tl.zeros([BLOCK_C], dtype=out_ptr.dtype.element_ty)
-        for c0 in range(0, C, BLOCK_C):
-            c = c0 + tl.arange(0, BLOCK_C)
-            cm = c < C
-            for t in range(t0, t1):
-                a = tl.load(col_a_ptr + t)
-                b = tl.load(col_b_ptr + t)
-                p = tl.load(col_w_ptr + t)
-                cf = tl.load(coef_ptr + t)
-                av = tl.load(a_ptr + (s * D_a + a) * C + c, mask=cm, other=0.0)
-                bv = tl.load(b_ptr + (d * D_b + b) * C + c, mask=cm, other=0.0)
-                wv = tl.load(w_ptr + (e * P + p) * C + c, mask=cm, other=0.0)
-                acc += cf * av * bv * wv
-        tl.store(out_ptr + e * D_y + r, tl.sum(acc, axis=0))
-
-
-_NODE = LazyKernel(_node_kernel, _CFG_C, key=["C", "D_out"])
-_EDGE_CHANNEL = LazyKernel(_edge_channel_kernel, _CFG_C, key=["C", "P"])
-_EDGE = LazyKernel(_edge_kernel, [({"BLOCK_C": 32}, 1, 2), ({"BLOCK_C": 64}, 2, 2), ({"BLOCK_C": 128}, 4, 2)],
-                   key=["C", "D_y"])
+from . import mp_codegen as MPG
+from ._runtime import check_device
 
 
 # --------------------------------------------------------------------------------------------- plans
@@ -248,69 +157,114 @@ def build_uvu_table(irreps_in, irreps_sh, irreps_out, instructions) -> TPTable:
 
 
 # --------------------------------------------------------------------------------------------- launch
-def _launch(role: str, plan: EdgePlan, table: TPTable, A, B, Y, W, C: int) -> torch.Tensor:
-    ref = next(t for t in (A, B, Y, W) if t is not None)
-    dev, dt = ref.device, ref.dtype
-    E = plan.src.shape[0]
-    ptr, cols, coef = table.by(role, dev, dt)
-    if role in ("a", "b"):
-        D_out = table.D_in if role == "a" else table.D_out
-        out = torch.empty(plan.num_nodes, D_out, C, device=dev, dtype=dt)
-        if plan.num_nodes == 0 or C == 0:
-            return out.zero_()
-        if role == "b":  # forward: gather A at the sender, reduce over receiver segments
-            perm, seg = plan.segments("dst")
-            node, other, col_node, D_node = A, plan.src, cols["a"], table.D_in
-        else:  # gradient w.r.t. x: gather B at the receiver, reduce over sender segments
-            perm, seg = plan.segments("src")
-            node, other, col_node, D_node = B, plan.dst, cols["b"], table.D_out
-        grid = lambda m: (plan.num_nodes, triton_cdiv(C, m["BLOCK_C"]))
-        _NODE[grid](out, node, Y, W, seg, perm, other, ptr, col_node, cols["y"], cols["p"], coef,
-                    C, D_node, D_out, table.D_sh, table.P)
-        return out
-    if role == "p":
-        out = torch.empty(E, table.P, C, device=dev, dtype=dt)
-        if E == 0 or C == 0:
-            return out.zero_()
-        grid = lambda m: (E, triton_cdiv(C, m["BLOCK_C"]))
-        _EDGE_CHANNEL[grid](out, A, B, Y, plan.src, plan.dst, ptr, cols["a"], cols["b"], cols["y"], coef,
-                            C, table.D_in, table.D_out, table.D_sh, table.P)
-        return out
-    out = torch.empty(E, table.D_sh, device=dev, dtype=dt)
-    if E == 0:
-        return out
-    if C == 0:
-        return out.zero_()
-    _EDGE[(E,)](out, A, B, W, plan.src, plan.dst, ptr, cols["a"], cols["b"], cols["p"], coef,
-                C, table.D_in, table.D_out, table.D_sh, table.P)
-    return out
-
-
 def triton_cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
 
-_ROLES = ("a", "b", "y", "p")
+def _forward(plan: EdgePlan, table: TPTable, x, Y, w) -> torch.Tensor:
+    """``out[n] = sum_{e: dst(e) = n} TP(x[src e], Y[e], w[e])``: the generated edge-outer forward."""
+    N, C = plan.num_nodes, x.shape[-1]
+    out = torch.empty(N, table.D_out, C, device=x.device, dtype=x.dtype)
+    if N == 0 or C == 0:
+        return out.zero_()
+    fwd, _ = MPG.kernels_for(table)
+    perm, seg = plan.segments("dst")
+    fwd[lambda m: (N, triton_cdiv(C, m["BLOCK_C"]))](out, x, Y, w, seg, perm, plan.src, C)
+    return out
 
 
-class _TrilinearOp(torch.autograd.Function):
-    """``dF/d(role)`` of the trilinear form (module docstring); the operand ``role`` is passed as None."""
+def _backward(plan: EdgePlan, table: TPTable, x, Y, w, g, need: tuple) -> list:
+    """``[dx, dY, dw]`` of ``<g, forward(x, Y, w)>`` (None where ``need`` is False).
+
+    One receiver-outer pass writes, per edge, ``h[e] = d<g, out>/d x[src e]``, ``dw[e]`` and the
+    32-channel partial sums of ``dY[e]``; ``dx`` then sums ``h`` over each sender's edges. ``x`` may
+    be None when neither ``dw`` nor ``dY`` is needed, ``w`` when neither ``dx`` nor ``dY`` is.
+    """
+    need_x, need_y, need_w = (bool(v) for v in need)
+    N, E, C = plan.num_nodes, plan.src.shape[0], g.shape[-1]
+    dev, dt = g.device, g.dtype
+    nsub = triton_cdiv(C, MPG.DY_SUB)
+    h = torch.empty(E, table.D_in, C, device=dev, dtype=dt) if need_x else None
+    dw = torch.empty(E, table.P, C, device=dev, dtype=dt) if need_w else None
+    dy = torch.empty(E, table.D_sh, nsub, device=dev, dtype=dt) if need_y else None
+    if E > 0 and C > 0 and N > 0 and (need_x or need_y or need_w):
+        _, bwd = MPG.kernels_for(table)
+        perm, seg = plan.segments("dst")
+        ph = lambda t: g if t is None else t  # unused operand: any pointer of the dtype
+        bwd[lambda m: (N, triton_cdiv(C, m["BLOCK_C"]))](
+            ph(h), ph(dw), ph(dy), g, ph(x), Y, ph(w), seg, perm, plan.src, C, nsub,
+            NEED_H=need_x, NEED_W=need_w, NEED_Y=need_y)
+    else:
+        for t in (h, dw, dy):
+            if t is not None:
+                t.zero_()
+    dx = None
+    if need_x:
+        perm_s, seg_s = plan.segments("src")
+        dx = MPG.segment_sum(h, seg_s, perm_s, N)
+    return [dx, dy.sum(-1) if need_y else None, dw]
+
+
+class _MPForward(torch.autograd.Function):
+    """``out = MP(x, Y, w)``; its backward is :class:`_MPBackward` (kernels, any order)."""
 
     @staticmethod
-    def forward(ctx, role, plan, table, C, A, B, Y, W):
-        ops = {"a": A, "b": B, "y": Y, "p": W}
-        ops = {k: (v.contiguous() if v is not None else None) for k, v in ops.items()}
-        out = _launch(role, plan, table, ops["a"], ops["b"], ops["y"], ops["p"], C)
-        ctx.role, ctx.plan, ctx.table, ctx.C = role, plan, table, C
-        ctx.save_for_backward(ops["a"], ops["b"], ops["y"], ops["p"])
-        return out
+    def forward(ctx, plan, table, x, Y, w):
+        ctx.plan, ctx.table = plan, table
+        ctx.save_for_backward(x, Y, w)
+        return _forward(plan, table, x, Y, w)
 
     @staticmethod
-    def backward(ctx, grad):
-        grads = multilinear_form_backward(
-            _ROLES, ctx.role, ctx.saved_tensors, grad, ctx.needs_input_grad[4:],
-            lambda k, *ops: _TrilinearOp.apply(k, ctx.plan, ctx.table, ctx.C, *ops))
-        return (None, None, None, None, *grads)
+    def backward(ctx, g):
+        x, Y, w = ctx.saved_tensors
+        need = tuple(ctx.needs_input_grad[2:5])
+        if not any(need):
+            return None, None, None, None, None
+        dx, dY, dw = _MPBackward.apply(ctx.plan, ctx.table, need, x, Y, w, g.contiguous())
+        return None, None, dx, dY, dw
+
+
+class _MPBackward(torch.autograd.Function):
+    """``(dx, dY, dw) = d<g, MP(x, Y, w)>/d(x, Y, w)``, each a trilinear form of the operands.
+
+    Its backward (the double backward of the message passing) is, with ``(ax, aY, aw)`` the
+    incoming gradients: ``d g = MP(ax, Y, w) + MP(x, Y, aw) + MP(x, aY, w)``, and the terms of
+    ``dx, dw, dY`` from three more backward passes: ``(ax, Y, w, g) -> dw, dY``; ``(x, Y, aw, g) -> dx,
+    dY``; ``(x, aY, w, g) -> dx, dw``. All of them run the same two kernels, through these two
+    Functions, so every order is differentiable and no order uses atomics.
+    """
+
+    @staticmethod
+    def forward(ctx, plan, table, need, x, Y, w, g):
+        ctx.plan, ctx.table = plan, table
+        ctx.save_for_backward(x, Y, w, g)
+        outs = _backward(plan, table, x, Y, w, g, need)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, ax, aY, aw):
+        x, Y, w, g = ctx.saved_tensors
+        plan, table = ctx.plan, ctx.table
+        nx, nY, nw, ng = ctx.needs_input_grad[3:7]
+        gx = gY = gw = gg = None
+
+        def add(acc, t):
+            return t if acc is None else (acc if t is None else acc + t)
+
+        if ng:
+            for a, b, c in ((ax, Y, w), (x, Y, aw), (x, aY, w)):
+                if a is not None and b is not None and c is not None:
+                    gg = add(gg, _MPForward.apply(plan, table, a, b, c))
+        if ax is not None and (nw or nY):
+            _, t_y, t_w = _MPBackward.apply(plan, table, (False, nY, nw), ax, Y, w, g)
+            gY, gw = add(gY, t_y), add(gw, t_w)
+        if aw is not None and (nx or nY):
+            t_x, t_y, _ = _MPBackward.apply(plan, table, (nx, nY, False), x, Y, aw, g)
+            gx, gY = add(gx, t_x), add(gY, t_y)
+        if aY is not None and (nx or nw):
+            t_x, _, t_w = _MPBackward.apply(plan, table, (nx, False, nw), x, aY, w, g)
+            gx, gw = add(gx, t_x), add(gw, t_w)
+        return None, None, None, gx, gY, gw, gg
 
 
 def channelwise_message_passing(x: torch.Tensor, Y: torch.Tensor, w: torch.Tensor,
@@ -327,7 +281,7 @@ def channelwise_message_passing(x: torch.Tensor, Y: torch.Tensor, w: torch.Tenso
     if x.shape[1:] != (table.D_in, C) or Y.shape[1] != table.D_sh or w.shape[1:] != (table.P, C):
         raise ValueError(f"shapes x {tuple(x.shape)}, Y {tuple(Y.shape)}, w {tuple(w.shape)} do not match "
                          f"D_in={table.D_in}, D_sh={table.D_sh}, P={table.P}")
-    return _TrilinearOp.apply("b", plan, table, C, x, None, Y, w)
+    return _MPForward.apply(plan, table, x.contiguous(), Y.contiguous(), w.contiguous())
 
 
 class FusedChannelwiseTP:

@@ -1,0 +1,285 @@
+r"""Edge-outer message-passing kernels generated per coefficient table (the CG table of one layer).
+
+Math (the notation of :mod:`mlpot.kernels.channelwise_tp`). A table is a list of entries
+``t = (a_t, j_t, p_t, b_t, K_t)`` (input row, SH row, path, output row, ``alpha_p * C^{l1 l2 l3}``);
+with ``s(e)``, ``r(e)`` the sender and receiver of edge ``e``:
+
+* forward, per receiver ``n``:
+  ``out[n, b, c] = sum_{e: r(e)=n} sum_p w[e,p,c] * sum_{t in (p, b)} (K_t Y[e,j_t]) x[s(e), a_t, c]``;
+* backward, per receiver ``n`` with ``g = dL/d out``, for each of its edges (``v_{p,j} =
+  sum_{t in (p, j)} K_t x[s,a_t] g[n,b_t]``, ``u_{p,a} = sum_{t in (p, a)} K_t Y[e,j_t] g[n,b_t]``):
+  ``dw[e,p] = sum_j Y[e,j] v_{p,j}``,  ``dY[e,j] = sum_c sum_p w[e,p] v_{p,j}``,
+  ``h[e,a] = sum_p w[e,p] u_{p,a}``; then ``dx[m] = sum_{e: s(e)=m} h[e]`` (sender-sorted CSR,
+  :func:`segment_sum`).
+
+Loop order and data movement: one program owns one receiver and one block of ``BLOCK_C``
+channels and walks that receiver's edges (receiver-sorted CSR of the edge plan) once. Per edge it
+loads ``x[s(e)]`` (``D_in`` rows), ``w[e]`` (``P`` rows) and ``Y[e]`` (``D_sh`` scalars) exactly
+once; every output row of the receiver (``D_out`` rows, the forward accumulator) and, in the
+backward, every row of ``g[n]`` stay in registers for the whole edge loop. Each edge row of
+``dw``, ``dY`` and ``h`` is written by the one program that owns its receiver, and ``dx`` is a
+sum over sender segments in a fixed order: no atomics, results are bit-identical run to run. The
+``dY`` channel sum is reduced in fixed 32-channel sub-blocks (``(E, D_sh, ceil(C/32))``
+partials, summed by torch), so it does not depend on the autotuned ``BLOCK_C``.
+
+Specialisation: the entries of the table are unrolled into straight-line code with the
+coefficients as constants, one kernel source per table (as cuEquivariance and OpenEquivariance
+generate theirs). The coefficients are created with ``tl.full(.., dtype)`` in the kernel's dtype:
+a bare Python float literal would be typed fp32 by Triton and cost fp64 kernels ~1e-8 relative
+accuracy. Triton reads a kernel's source with ``inspect``, so the source is written (atomically)
+to ``$MLPOT_CACHE/kernels/`` (default ``~/.cache/mlpot/kernels``), named by the hash of its text,
+and imported from there; :func:`__getattr__` lets ``mlpot.bench.aot`` find a generated kernel by
+its name in a fresh process.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from mlpot.fileio import atomic_write_text
+
+from ._runtime import LazyKernel, tl
+
+#: (BLOCK_C, num_warps, num_stages); no 1-warp config (it caps occupancy); BLOCK_C a multiple of
+#: the 32-channel dY sub-block
+CONFIGS = [({"BLOCK_C": 128}, 4, 1), ({"BLOCK_C": 64}, 2, 1), ({"BLOCK_C": 32}, 2, 1)]
+#: channels per partial sum of dY (fixed, so dY does not depend on the config)
+DY_SUB = 32
+_GENERATOR_VERSION = 1
+_NAME = re.compile(r"^_mp_(fwd|bwd)_([0-9a-f]{16})$")
+_LOADED: dict[str, object] = {}  # hash -> generated module
+_KERNELS: dict[str, tuple] = {}  # hash -> (forward LazyKernel, backward LazyKernel)
+
+
+def cache_dir() -> Path:
+    """Where generated kernel sources live: ``$MLPOT_CACHE/kernels`` (default ``~/.cache/mlpot``)."""
+    return Path(os.environ.get("MLPOT_CACHE", Path.home() / ".cache" / "mlpot")) / "kernels"
+
+
+# --------------------------------------------------------------------------------------- source
+def _entries(table):
+    return list(zip(table.a.tolist(), table.y.tolist(), table.p.tolist(), table.b.tolist(), table.coef.tolist()))
+
+
+class _Consts:
+    """Distinct coefficients as named scalar constants of the kernel's dtype."""
+
+    def __init__(self):
+        self.names: dict[float, str] = {}
+
+    def __call__(self, value: float) -> str:
+        if value not in self.names:
+            self.names[value] = f"k{len(self.names)}"
+        return self.names[value]
+
+    def lines(self, indent: str) -> list[str]:
+        return [f"{indent}{n} = tl.full([], {v!r}, DT)" for v, n in self.names.items()]
+
+
+def _forward_source(table, name: str) -> str:
+    ents = _entries(table)
+    Din, Dsh, Dout, P = table.D_in, table.D_sh, table.D_out, table.P
+    K = _Consts()
+    body = []
+    for p in range(P):
+        pe = [t for t in ents if t[2] == p]
+        if not pe:
+            continue
+        body.append(f"        wp = tl.load(wb + {p} * C, mask=cm, other=0.0)")
+        for b in sorted({t[3] for t in pe}):
+            terms = [f"({K(k)} * y{j}) * x{a}" for a, j, _, bb, k in pe if bb == b]
+            body.append(f"        o{b} += wp * ({' + '.join(terms)})")
+    used_a = sorted({t[0] for t in ents})
+    used_j = sorted({t[1] for t in ents})
+    lines = [
+        f"def {name}(out_ptr, x_ptr, y_ptr, w_ptr, seg_ptr, perm_ptr, src_ptr, C, BLOCK_C: tl.constexpr):",
+        f'    """Forward, edge-outer (generated; table: D_in={Din}, D_sh={Dsh}, D_out={Dout}, P={P}, '
+        f'{len(ents)} entries)."""',
+        "    DT = x_ptr.dtype.element_ty",
+        "    n = tl.program_id(0).to(tl.int64)",
+        "    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)",
+        "    cm = c < C",
+        "    q0 = tl.load(seg_ptr + n)",
+        "    q1 = tl.load(seg_ptr + n + 1)",
+        *K.lines("    "),
+        *[f"    o{b} = tl.zeros([BLOCK_C], dtype=DT)" for b in range(Dout)],
+        "    for q in range(q0, q1):",
+        "        e = tl.load(perm_ptr + q)",
+        "        s = tl.load(src_ptr + e)",
+        f"        xb = x_ptr + s * ({Din} * C) + c",
+        f"        wb = w_ptr + e * ({P} * C) + c",
+        f"        yb = y_ptr + e * {Dsh}",
+        *[f"        x{a} = tl.load(xb + {a} * C, mask=cm, other=0.0)" for a in used_a],
+        *[f"        y{j} = tl.load(yb + {j})" for j in used_j],
+        *body,
+        f"    ob = out_ptr + n * ({Dout} * C) + c",
+        *[f"    tl.store(ob + {b} * C, o{b}, mask=cm)" for b in range(Dout)],
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _backward_source(table, name: str) -> str:
+    ents = _entries(table)
+    Din, Dsh, Dout, P = table.D_in, table.D_sh, table.D_out, table.P
+    K = _Consts()
+    body = []
+    for p in range(P):
+        pe = [t for t in ents if t[2] == p]
+        if not pe:
+            continue
+        body.append(f"        wp = tl.load(wb + {p} * C, mask=cm, other=0.0)")
+        body.append("        if NEED_W:")
+        body.append("            dwp = tl.zeros([BLOCK_C], dtype=DT)")
+        for j in sorted({t[1] for t in pe}):
+            terms = [f"{K(k)} * (x{a} * g{b})" for a, jj, _, b, k in pe if jj == j]
+            body.append("        if NEED_W or NEED_Y:")
+            body.append(f"            v = {' + '.join(terms)}")
+            body.append("            if NEED_W:")
+            body.append(f"                dwp += y{j} * v")
+            body.append("            if NEED_Y:")
+            body.append(f"                dy{j} += wp * v")
+        body.append("        if NEED_W:")
+        body.append(f"            tl.store(dwb + {p} * C, dwp, mask=cm)")
+        body.append("        if NEED_H:")
+        for a in sorted({t[0] for t in pe}):
+            terms = [f"({K(k)} * y{j}) * g{b}" for aa, j, _, b, k in pe if aa == a]
+            body.append(f"            h{a} += wp * ({' + '.join(terms)})")
+    used_a = sorted({t[0] for t in ents})
+    used_j = sorted({t[1] for t in ents})
+    used_b = sorted({t[3] for t in ents})
+    lines = [
+        f"def {name}(h_ptr, dw_ptr, dy_ptr, g_ptr, x_ptr, y_ptr, w_ptr, seg_ptr, perm_ptr, src_ptr, C, NSUB,",
+        "        NEED_H: tl.constexpr, NEED_W: tl.constexpr, NEED_Y: tl.constexpr, BLOCK_C: tl.constexpr):",
+        f'    """Backward, edge-outer (generated; table: D_in={Din}, D_sh={Dsh}, D_out={Dout}, P={P}, '
+        f'{len(ents)} entries): h[e], dw[e], dY partials[e] of each edge of receiver n."""',
+        "    DT = g_ptr.dtype.element_ty",
+        "    n = tl.program_id(0).to(tl.int64)",
+        "    cb = tl.program_id(1)",
+        "    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)",
+        "    cm = c < C",
+        f"    sub = cb * (BLOCK_C // {DY_SUB}) + tl.arange(0, BLOCK_C // {DY_SUB})",
+        "    subm = sub < NSUB",
+        "    q0 = tl.load(seg_ptr + n)",
+        "    q1 = tl.load(seg_ptr + n + 1)",
+        *K.lines("    "),
+        f"    gb = g_ptr + n * ({Dout} * C) + c",
+        *[f"    g{b} = tl.load(gb + {b} * C, mask=cm, other=0.0)" for b in used_b],
+        "    for q in range(q0, q1):",
+        "        e = tl.load(perm_ptr + q)",
+        "        s = tl.load(src_ptr + e)",
+        f"        xb = x_ptr + s * ({Din} * C) + c",
+        f"        wb = w_ptr + e * ({P} * C) + c",
+        f"        yb = y_ptr + e * {Dsh}",
+        f"        dwb = dw_ptr + e * ({P} * C) + c",
+        "        if NEED_W or NEED_Y:",
+        *[f"            x{a} = tl.load(xb + {a} * C, mask=cm, other=0.0)" for a in used_a],
+        *[f"        y{j} = tl.load(yb + {j})" for j in used_j],
+        "        if NEED_Y:",
+        *[f"            dy{j} = tl.zeros([BLOCK_C], dtype=DT)" for j in used_j],
+        "        if NEED_H:",
+        *[f"            h{a} = tl.zeros([BLOCK_C], dtype=DT)" for a in used_a],
+        *body,
+        "        if NEED_H:",
+        f"            hb = h_ptr + e * ({Din} * C) + c",
+        *[f"            tl.store(hb + {a} * C, {f'h{a}' if a in used_a else 'tl.zeros([BLOCK_C], dtype=DT)'}, mask=cm)"
+          for a in range(Din)],
+        "        if NEED_Y:",
+        f"            db = dy_ptr + e * ({Dsh} * NSUB) + sub",
+        *[f"            tl.store(db + {j} * NSUB, "
+          + (f"tl.sum(tl.reshape(dy{j}, [BLOCK_C // {DY_SUB}, {DY_SUB}]), axis=1)" if j in used_j
+             else f"tl.zeros([BLOCK_C // {DY_SUB}], dtype=DT)")
+          + ", mask=subm)" for j in range(Dsh)],
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def module_source(table) -> tuple[str, str]:
+    """(hash, source) of the generated module for ``table``; the hash names its kernels."""
+    text = repr((_GENERATOR_VERSION, table.D_in, table.D_sh, table.D_out, table.P, _entries(table)))
+    key = hashlib.sha256(text.encode()).hexdigest()[:16]
+    fwd = _forward_source(table, f"_mp_fwd_{key}")
+    bwd = _backward_source(table, f"_mp_bwd_{key}")
+    header = ('"""Generated by mlpot.kernels.mp_codegen; do not edit (rewritten when it differs)."""\n'
+              "import triton.language as tl\n\n\n")
+    return key, header + fwd + "\n\n" + bwd
+
+
+def _import(key: str):
+    """Import the generated module ``key`` from the cache (it must have been written)."""
+    if key not in _LOADED:
+        path = cache_dir() / f"mp_{key}.py"
+        spec = importlib.util.spec_from_file_location(f"{__name__}._generated_{key}", path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        for kind in ("fwd", "bwd"):
+            getattr(mod, f"_mp_{kind}_{key}").__module__ = __name__  # found again through __getattr__
+        _LOADED[key] = mod
+    return _LOADED[key]
+
+
+def kernels_for(table) -> tuple[LazyKernel, LazyKernel]:
+    """(forward, backward) kernels of ``table``, generated and written to the cache on first use."""
+    key = getattr(table, "_mp_key", None)
+    if key is None or key not in _KERNELS:
+        key, src = module_source(table)
+        if key not in _KERNELS:
+            path = cache_dir() / f"mp_{key}.py"
+            try:
+                current = path.read_text()
+            except OSError:
+                current = None
+            if current != src:
+                atomic_write_text(path, src)
+            mod = _import(key)
+            _KERNELS[key] = (LazyKernel(getattr(mod, f"_mp_fwd_{key}"), CONFIGS, key=["C"]),
+                             LazyKernel(getattr(mod, f"_mp_bwd_{key}"), CONFIGS, key=["C"]))
+        table._mp_key = key
+    return _KERNELS[key]
+
+
+def __getattr__(name: str):
+    """``_mp_fwd_<hash>`` / ``_mp_bwd_<hash>``: a generated kernel, imported from the cache."""
+    m = _NAME.match(name)
+    if m is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(_import(m.group(2)), name)
+
+
+# ------------------------------------------------------------------------------ generic kernel
+def _segment_sum_kernel(out_ptr, h_ptr, seg_ptr, perm_ptr, C, D,
+                        D_PAD: tl.constexpr, BLOCK_C: tl.constexpr):
+    """out[m, r, c] = sum_{q in seg(m)} h[perm[q], r, c]: edge rows summed per node, in CSR order."""
+    m = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    r = tl.arange(0, D_PAD)
+    mask = (r[:, None] < D) & (c[None, :] < C)
+    off = r[:, None] * C + c[None, :]
+    q0 = tl.load(seg_ptr + m)
+    q1 = tl.load(seg_ptr + m + 1)
+    acc = tl.zeros([D_PAD, BLOCK_C], dtype=out_ptr.dtype.element_ty)
+    for q in range(q0, q1):
+        e = tl.load(perm_ptr + q)
+        acc += tl.load(h_ptr + e * D * C + off, mask=mask, other=0.0)
+    tl.store(out_ptr + m * D * C + off, acc, mask=mask)
+
+
+SEGMENT_SUM = LazyKernel(_segment_sum_kernel, [({"BLOCK_C": 128}, 4, 1), ({"BLOCK_C": 64}, 2, 1)], key=["C", "D"])
+
+
+def segment_sum(h: torch.Tensor, seg: torch.Tensor, perm: torch.Tensor, num_nodes: int) -> torch.Tensor:
+    """``out[m] = sum_{q in [seg[m], seg[m+1])} h[perm[q]]`` for ``h`` of shape ``(E, D, C)``."""
+    _, D, C = h.shape
+    out = torch.empty(num_nodes, D, C, device=h.device, dtype=h.dtype)
+    if num_nodes == 0 or D == 0 or C == 0:
+        return out.zero_()
+    d_pad = 1
+    while d_pad < D:
+        d_pad *= 2
+    SEGMENT_SUM[lambda m: (num_nodes, -(-C // m["BLOCK_C"]))](out, h, seg, perm, C, D, D_PAD=d_pad)
+    return out
+
