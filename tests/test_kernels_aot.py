@@ -28,8 +28,10 @@ def test_recording_without_running_sees_the_launches_of_a_real_run():
     real = aot.record_in_child([SMALL_MACE], "fp64", execute=True)
     assert _keys(fast) == _keys(real)
     kernels = {v["kernel"] for v in real}
-    # message passing (node and edge paths of the backward) and the symmetric contraction
-    assert {"_node_kernel", "_edge_kernel", "_sc_node_kernel"} <= kernels
+    # message passing (the kernels generated per CG table, forward and backward, and the sender
+    # sum of the input gradient) and the symmetric contraction
+    assert {"_segment_sum_kernel", "_sc_node_kernel"} <= kernels
+    assert {k[:8] for k in kernels if k.startswith("_mp_")} == {"_mp_fwd_", "_mp_bwd_"}
 
 
 def test_default_configs_compile_for_sm90_without_spills(tmp_path):
