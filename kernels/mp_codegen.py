@@ -50,7 +50,7 @@ from ._runtime import LazyKernel, tl
 CONFIGS = [({"BLOCK_C": 128}, 4, 1), ({"BLOCK_C": 64}, 2, 1), ({"BLOCK_C": 32}, 2, 1)]
 #: channels per partial sum of dY (fixed, so dY does not depend on the config)
 DY_SUB = 32
-_GENERATOR_VERSION = 1
+_GENERATOR_VERSION = 2
 _NAME = re.compile(r"^_mp_(fwd|bwd)_([0-9a-f]{16})$")
 _LOADED: dict[str, object] = {}  # hash -> generated module
 _KERNELS: dict[str, tuple] = {}  # hash -> (forward LazyKernel, backward LazyKernel)
@@ -81,21 +81,35 @@ class _Consts:
         return [f"{indent}{n} = tl.full([], {v!r}, DT)" for v, n in self.names.items()]
 
 
+def _paths_by_sh_block(ents, P):
+    """Paths in order of their SH rows, with the SH rows each path is the first / last to use.
+
+    Paths that read the same ``Y`` block are consecutive, so a ``Y[e, j]`` scalar (and, in the
+    backward, its ``dY`` accumulator) lives only while those paths run: fewer live registers.
+    """
+    rows = {p: sorted({t[1] for t in ents if t[2] == p}) for p in range(P)}
+    order = sorted((p for p in range(P) if rows[p]), key=lambda p: (rows[p][0], p))
+    first, last = {}, {}
+    for p in order:
+        for j in rows[p]:
+            first.setdefault(j, p)
+            last[j] = p
+    return [(p, [t for t in ents if t[2] == p], [j for j in rows[p] if first[j] == p],
+             [j for j in rows[p] if last[j] == p]) for p in order]
+
+
 def _forward_source(table, name: str) -> str:
     ents = _entries(table)
     Din, Dsh, Dout, P = table.D_in, table.D_sh, table.D_out, table.P
     K = _Consts()
     body = []
-    for p in range(P):
-        pe = [t for t in ents if t[2] == p]
-        if not pe:
-            continue
+    for p, pe, new_j, _ in _paths_by_sh_block(ents, P):
+        body += [f"        y{j} = tl.load(yb + {j})" for j in new_j]
         body.append(f"        wp = tl.load(wb + {p} * C, mask=cm, other=0.0)")
         for b in sorted({t[3] for t in pe}):
             terms = [f"({K(k)} * y{j}) * x{a}" for a, j, _, bb, k in pe if bb == b]
             body.append(f"        o{b} += wp * ({' + '.join(terms)})")
     used_a = sorted({t[0] for t in ents})
-    used_j = sorted({t[1] for t in ents})
     lines = [
         f"def {name}(out_ptr, x_ptr, y_ptr, w_ptr, seg_ptr, perm_ptr, src_ptr, C, BLOCK_C: tl.constexpr):",
         f'    """Forward, edge-outer (generated; table: D_in={Din}, D_sh={Dsh}, D_out={Dout}, P={P}, '
@@ -115,7 +129,6 @@ def _forward_source(table, name: str) -> str:
         f"        wb = w_ptr + e * ({P} * C) + c",
         f"        yb = y_ptr + e * {Dsh}",
         *[f"        x{a} = tl.load(xb + {a} * C, mask=cm, other=0.0)" for a in used_a],
-        *[f"        y{j} = tl.load(yb + {j})" for j in used_j],
         *body,
         f"    ob = out_ptr + n * ({Dout} * C) + c",
         *[f"    tl.store(ob + {b} * C, o{b}, mask=cm)" for b in range(Dout)],
@@ -127,11 +140,13 @@ def _backward_source(table, name: str) -> str:
     ents = _entries(table)
     Din, Dsh, Dout, P = table.D_in, table.D_sh, table.D_out, table.P
     K = _Consts()
+    dy_sum = f"tl.sum(tl.reshape({{}}, [BLOCK_C // {DY_SUB}, {DY_SUB}]), axis=1)"
     body = []
-    for p in range(P):
-        pe = [t for t in ents if t[2] == p]
-        if not pe:
-            continue
+    for p, pe, new_j, done_j in _paths_by_sh_block(ents, P):
+        body += [f"        y{j} = tl.load(yb + {j})" for j in new_j]
+        if new_j:
+            body.append("        if NEED_Y:")
+            body += [f"            dy{j} = tl.zeros([BLOCK_C], dtype=DT)" for j in new_j]
         body.append(f"        wp = tl.load(wb + {p} * C, mask=cm, other=0.0)")
         body.append("        if NEED_W:")
         body.append("            dwp = tl.zeros([BLOCK_C], dtype=DT)")
@@ -149,9 +164,13 @@ def _backward_source(table, name: str) -> str:
         for a in sorted({t[0] for t in pe}):
             terms = [f"({K(k)} * y{j}) * g{b}" for aa, j, _, b, k in pe if aa == a]
             body.append(f"            h{a} += wp * ({' + '.join(terms)})")
+        if done_j:
+            body.append("        if NEED_Y:")
+            body += [f"            tl.store(db + {j} * NSUB, {dy_sum.format(f'dy{j}')}, mask=subm)" for j in done_j]
     used_a = sorted({t[0] for t in ents})
     used_j = sorted({t[1] for t in ents})
     used_b = sorted({t[3] for t in ents})
+    zero_sub = f"tl.zeros([BLOCK_C // {DY_SUB}], dtype=DT)"
     lines = [
         f"def {name}(h_ptr, dw_ptr, dy_ptr, g_ptr, x_ptr, y_ptr, w_ptr, seg_ptr, perm_ptr, src_ptr, C, NSUB,",
         "        NEED_H: tl.constexpr, NEED_W: tl.constexpr, NEED_Y: tl.constexpr, BLOCK_C: tl.constexpr):",
@@ -176,11 +195,9 @@ def _backward_source(table, name: str) -> str:
         f"        wb = w_ptr + e * ({P} * C) + c",
         f"        yb = y_ptr + e * {Dsh}",
         f"        dwb = dw_ptr + e * ({P} * C) + c",
+        f"        db = dy_ptr + e * ({Dsh} * NSUB) + sub",
         "        if NEED_W or NEED_Y:",
         *[f"            x{a} = tl.load(xb + {a} * C, mask=cm, other=0.0)" for a in used_a],
-        *[f"        y{j} = tl.load(yb + {j})" for j in used_j],
-        "        if NEED_Y:",
-        *[f"            dy{j} = tl.zeros([BLOCK_C], dtype=DT)" for j in used_j],
         "        if NEED_H:",
         *[f"            h{a} = tl.zeros([BLOCK_C], dtype=DT)" for a in used_a],
         *body,
@@ -188,13 +205,11 @@ def _backward_source(table, name: str) -> str:
         f"            hb = h_ptr + e * ({Din} * C) + c",
         *[f"            tl.store(hb + {a} * C, {f'h{a}' if a in used_a else 'tl.zeros([BLOCK_C], dtype=DT)'}, mask=cm)"
           for a in range(Din)],
-        "        if NEED_Y:",
-        f"            db = dy_ptr + e * ({Dsh} * NSUB) + sub",
-        *[f"            tl.store(db + {j} * NSUB, "
-          + (f"tl.sum(tl.reshape(dy{j}, [BLOCK_C // {DY_SUB}, {DY_SUB}]), axis=1)" if j in used_j
-             else f"tl.zeros([BLOCK_C // {DY_SUB}], dtype=DT)")
-          + ", mask=subm)" for j in range(Dsh)],
     ]
+    unused_j = [j for j in range(Dsh) if j not in used_j]
+    if unused_j:
+        lines.append("        if NEED_Y:")
+        lines += [f"            tl.store(db + {j} * NSUB, {zero_sub}, mask=subm)" for j in unused_j]
     return "\n".join(lines) + "\n"
 
 

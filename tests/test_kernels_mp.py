@@ -140,3 +140,98 @@ def test_fused_mp_with_cached_plan_follows_the_graph():
         dst = torch.randint(0, N, (E,), generator=g)
         ref = torch.zeros(N, irreps_out.dim, dtype=torch.float64).index_add(0, dst, tp(x[src], Y, w))
         assert (fused(x, Y, w, src, dst) - ref).abs().max() < 1e-12
+
+
+# ------------------------------------------------------------------------------------------------
+# edge-outer kernels generated per CG table (mlpot.kernels.mp_codegen): every autotune config,
+# determinism, gradients of every order, the generated-source cache
+# ------------------------------------------------------------------------------------------------
+RT = kernels_module("_runtime")
+MPG = kernels_module("mp_codegen")
+
+
+def _mp_problem(C, lmax_in, lmax_sh, lmax_out, N, E, dtype, seed):
+    """A graph where node 0 receives nothing and node N-1 sends nothing, with random operands."""
+    g = torch.Generator().manual_seed(seed)
+    irreps_in, irreps_sh, irreps_out, ins = _mace_like(C, lmax_in, lmax_sh, lmax_out)
+    tp = _e3nn_reference(irreps_in, irreps_sh, irreps_out, ins, dtype)
+    src = torch.randint(0, N - 1, (E,), generator=g)
+    dst = torch.randint(1, N, (E,), generator=g)
+    x = torch.randn(N, irreps_in.dim, generator=g, dtype=dtype).requires_grad_()
+    Y = o3.spherical_harmonics(irreps_sh, torch.randn(E, 3, generator=g, dtype=dtype), True,
+                               normalization="component").detach().requires_grad_()
+    w = torch.randn(E, tp.weight_numel, generator=g, dtype=dtype).requires_grad_()
+    fused = CT.FusedChannelwiseTP(irreps_in, irreps_sh, irreps_out, ins)
+
+    def reference(x, Y, w):
+        return torch.zeros(N, irreps_out.dim, dtype=dtype).index_add(0, dst, tp(x[src], Y, w))
+
+    return fused, reference, (x, Y, w), src, dst, torch.randn(N, irreps_out.dim, generator=g, dtype=dtype)
+
+
+def _all_orders(fn, ops, gout):
+    """Forward, the three first gradients, and the gradient of a function of them (double backward)."""
+    out = fn(*ops)
+    first = torch.autograd.grad(out, ops, gout, create_graph=True)
+    second = torch.autograd.grad(sum((a * a).sum() for a in first) + (first[0] * first[0]).sum(), ops)
+    return [out.detach(), *(a.detach() for a in first), *second]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_edge_outer_mp_every_config_matches_e3nn_and_is_deterministic(dtype):
+    """C = 40: two channel blocks at BLOCK_C = 32 and two 32-channel dY partials; a node that
+    receives nothing and one that sends nothing. Every config equals the e3nn reference in the
+    forward, the first gradients and the double backward, and every config gives the same bits
+    (the results do not depend on which config the autotuner picks, nor on the run)."""
+    fused, reference, ops, src, dst, gout = _mp_problem(40, 1, 2, 2, N=5, E=9, dtype=dtype, seed=11)
+    want = _all_orders(reference, ops, gout)
+    kernel = lambda x, Y, w: fused(x, Y, w, src, dst)
+    runs = []
+    for index in range(len(MPG.CONFIGS)):
+        with RT.interpreter_config(index), RT.count_launches() as counts:
+            got = _all_orders(kernel, ops, gout)
+            again = _all_orders(kernel, ops, gout)
+        assert sum(n for k, n in counts.items() if k.startswith("_mp_fwd_")) > 0
+        assert sum(n for k, n in counts.items() if k.startswith("_mp_bwd_")) > 0
+        for a, b in zip(got, want):
+            assert (a - b).abs().max() <= _tol(b, dtype) * 10, index
+        assert all(torch.equal(a, b) for a, b in zip(got, again)), index
+        runs.append(got)
+    assert got[0][0].abs().sum() == 0  # node 0 receives nothing
+    for other in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(other, runs[0]))
+
+
+def test_edge_outer_mp_gradgradcheck():
+    """Second derivatives of every operand against finite differences (float64)."""
+    fused, _, ops, src, dst, _ = _mp_problem(2, 1, 1, 1, N=3, E=4, dtype=torch.float64, seed=5)
+    fn = lambda x, Y, w: fused(x, Y, w, src, dst)
+    assert torch.autograd.gradcheck(fn, ops, atol=1e-8)
+    assert torch.autograd.gradgradcheck(fn, ops, atol=1e-8)
+
+
+def test_generated_kernels_are_cached_by_content(tmp_path, monkeypatch):
+    """The source of a table's kernels is written once under $MLPOT_CACHE/kernels, named by its
+    hash; a damaged file is rewritten; a fresh process finds a kernel by its name (as the
+    ahead-of-time compile does) through the module's __getattr__."""
+    monkeypatch.setenv("MLPOT_CACHE", str(tmp_path))
+    monkeypatch.setattr(MPG, "_KERNELS", {})
+    monkeypatch.setattr(MPG, "_LOADED", {})
+    table = CT.build_uvu_table(*_mace_like(1, 1, 1, 1))
+    key, src = MPG.module_source(table)
+    assert MPG.module_source(CT.build_uvu_table(*_mace_like(1, 1, 1, 1)))[0] == key
+    assert MPG.module_source(CT.build_uvu_table(*_mace_like(1, 1, 2, 1)))[0] != key
+    fwd, bwd = MPG.kernels_for(table)
+    path = tmp_path / "kernels" / f"mp_{key}.py"
+    assert path.read_text() == src
+    assert fwd.fn.__name__ == f"_mp_fwd_{key}" and bwd.fn.__name__ == f"_mp_bwd_{key}"
+    assert fwd.fn.__module__ == MPG.__name__
+    path.write_text("broken")
+    monkeypatch.setattr(MPG, "_KERNELS", {})
+    monkeypatch.setattr(MPG, "_LOADED", {})
+    MPG.kernels_for(table)
+    assert path.read_text() == src
+    monkeypatch.setattr(MPG, "_LOADED", {})
+    assert getattr(MPG, f"_mp_bwd_{key}").__name__ == f"_mp_bwd_{key}"
+    with pytest.raises(AttributeError):
+        MPG._mp_fwd_nothex
