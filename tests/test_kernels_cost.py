@@ -1,6 +1,7 @@
 """The kernel cost MODEL (scripts/kernel_cost.py, mlpot.bench.kernel_cost): its floor bytes equal
 the bytes of the actual tensors, and the redesign of each kernel stays within 2x of its floor
-(issue #13's target without a GPU) while the current kernels do not."""
+(issue #13's target without a GPU); the current message-passing kernels do too, the current
+weight gradient of the symmetric contraction does not."""
 from __future__ import annotations
 
 import torch
@@ -32,5 +33,8 @@ def test_redesign_within_twice_the_floor_and_current_kernels_are_not():
     for r in rows:
         assert r["floor_bytes"] <= r["new_bytes"] <= 2.0 * r["floor_bytes"], r["kernel"]
         assert r["floor_ms_H200"] <= r["floor_ms_H100"]
-    for name in ("message passing fwd", "message passing bwd", "symmetric contraction dW"):
+    for name in ("symmetric contraction dW",):
         assert by[name]["current_over_floor"] > 10, name
+    # the edge-outer message-passing kernels (issue 13) are built: within 2x of the floor
+    for name in ("message passing fwd", "message passing bwd"):
+        assert by[name]["floor_bytes"] <= by[name]["current_bytes"] <= 2.0 * by[name]["floor_bytes"], name

@@ -58,13 +58,18 @@ def mp_costs(C, L, N, E, bytes_per=4, **_) -> dict:
     s, T, Din, Dsh, Dout, P = bytes_per, t["T"], t["D_in"], t["D_sh"], t["D_out"], t["P"]
     flops_fwd = 3 * E * T * C  # (coef*Y) * x * w, accumulated
     out = {"shape": f"C={C} L={L} N={N} E={E} D_in={Din} D_out={Dout} P={P} CG entries={T}"}
-    # current _node_kernel: rows -> edges -> entries; x[src], w[e] (C each) and Y[e] per entry
-    cur_fwd = E * T * (2 * C * s + s) + E * Dout * 2 * IDX + N * Dout * C * s
-    # current backward: dx = node kernel over sender segments (g[dst] and w per entry),
-    # dw = _edge_channel_kernel (x[src], g[dst] per entry), dY = _edge_kernel (x, g, w per entry)
-    cur_bwd = (E * T * (2 * C * s + s) + E * Din * 2 * IDX + N * Din * C * s
-               + E * T * 2 * C * s + E * P * C * s
-               + E * T * 3 * C * s + E * Dsh * s)
+    # current (issue 13, kernels/mp_codegen.py, BLOCK_C = C): one program per receiver walks its
+    # edges once (seg: N+1 indices; per edge perm[q] and src[e]); per edge x[src] (D_in rows),
+    # w[e] (P rows) and Y[e] (D_sh) are loaded once, the D_out output rows stay in registers
+    nsub = -(-C // 32)  # 32-channel partial sums of dY
+    cur_fwd = (N + 1) * IDX + E * 2 * IDX + E * (Din * C + P * C + Dsh) * s + N * Dout * C * s
+    # backward, one receiver-outer pass: g[n] once per receiver; per edge x, w, Y once; writes
+    # dw[e], h[e] (= d/dx[src e], D_in rows) and the dY partials; torch sums the partials; the
+    # sender-sorted segment sum reads h once and writes dx
+    cur_bwd = ((N + 1) * IDX + N * Dout * C * s + E * 2 * IDX + E * (Din * C + P * C + Dsh) * s
+               + E * (P * C + Din * C + Dsh * nsub) * s
+               + E * Dsh * nsub * s + E * Dsh * s
+               + (N + 1) * IDX + E * IDX + E * Din * C * s + N * Din * C * s)
     # redesign: receiver-sorted CSR, edge-outer loop, x[src] (D_in x C), Y[e], w[e] loaded once per
     # edge, accumulator (D_out x C block) in registers. Backward, also receiver-outer: g[n] (D_out x C)
     # loaded once per receiver, then per edge x[src], w[e], Y[e] read once and dw[e], dY[e] and the
@@ -241,8 +246,9 @@ def table(sizes=MACE_SIZES, dtype="fp32") -> tuple[str, list[dict]]:
                  f"issue 13, {sc['current']['dW_ctas']} now (node blocks, two-pass); double backward "
                  f"{sc['double_bytes_per_atom_before'] / 1e6:.0f} MB/atom dense before, about "
                  f"{sc['current']['double_bytes_per_atom'] / 1e3:.0f} kB/atom now (chunked sparse). "
-                 "'current' = the kernels of this commit; 'redesign' = issue 13's designs not yet built "
-                 "(edge-outer message passing, A rows staged once per node block, SO(2) rotated once per edge).")
+                 "'current' = the kernels of this commit (message passing: the edge-outer kernels generated "
+                 "per CG table); 'redesign' = issue 13's designs (A rows staged once per node block and SO(2) "
+                 "rotated once per edge are not built yet).")
     return "\n".join(lines), out
 
 
