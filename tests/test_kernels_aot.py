@@ -83,3 +83,34 @@ def test_model_spec_parsing():
         "MACE", {"interaction_tp": "gaunt", "max_ell": 2, "radial_MLP": [8, 8]})
     with pytest.raises(ValueError, match="key=value"):
         aot.parse_model_spec("MACE:gaunt")
+
+
+def test_edge_outer_message_passing_compiles_without_spills_at_sm80_and_sm90(tmp_path):
+    """The edge-outer message-passing kernels generated for the default MACE's CG tables
+    (forward, every backward variant a training step launches): first autotune config, sm_80 and
+    sm_90, fp32 and fp64; every compile succeeds and none spills (the whole output accumulator of a
+    receiver, and in the backward the whole gradient row block, stay in registers)."""
+    out = tmp_path / "aot_mp.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlpot.bench.aot", "--model", "MACE", "--arch", "80", "90", "--dtype", "fp32", "fp64",
+         "--first-config", "--only", "_mp_|_segment_sum", "--max-spill-bytes", "0", "--json", str(out)],
+        env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert out.exists(), proc.stdout[-2000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    seen = {(r["kernel"][:8], r["arch"], r["dtype"]) for r in rows}
+    for kind in ("_mp_fwd_", "_mp_bwd_", "_segment"):
+        for arch in ("sm_80", "sm_90"):
+            for dtype in ("fp32", "fp64"):
+                assert (kind, arch, dtype) in seen, (kind, arch, dtype)
+    # the training step needs every backward combination: all three gradients, and the partial
+    # ones of the double backward
+    needs = {r["constexprs"].split(" BLOCK_C")[0] for r in rows if r["kernel"].startswith("_mp_bwd_")}
+    assert "NEED_H=True NEED_W=True NEED_Y=True" in needs and len(needs) >= 3
+    assert all(r["ok"] for r in rows), [(r["kernel"], r.get("error")) for r in rows if not r["ok"]]
+    spills = [(r["kernel"], r["arch"], r["dtype"], r["constexprs"], r["spill_stores"], r["spill_loads"])
+              for r in rows if r["spill_stores"] or r["spill_loads"]]
+    assert not spills
+    assert all(0 < r["regs"] <= 255 for r in rows)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
