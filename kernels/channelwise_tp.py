@@ -20,15 +20,23 @@ Sparse form. The CG coefficients become a table of entries ``t = (a_t, y_t, p_t,
 
 and every op is its derivative w.r.t. one operand: the forward is ``dF/dB`` (B -> out), the
 gradient w.r.t. ``x`` is ``dF/dA`` with ``B := grad_out``, w.r.t. ``w`` is ``dF/dW`` and
-w.r.t. ``Y`` is ``dF/dY``. Derivatives of these are again derivatives of ``F``, so backward and
-double backward reuse the same three kernels (``_TrilinearOp`` is its own backward).
+w.r.t. ``Y`` is ``dF/dY``. Derivatives of these are again derivatives of ``F``: the forward
+kernel computes ``dF/dB``, one backward kernel computes any of ``dF/dA``, ``dF/dW``, ``dF/dY``
+in one pass, and the double backward (:class:`_MPBackward`) is three forward and three backward
+passes on other operands, through the same two Functions (differentiable to any order).
+
+Kernels (:mod:`mlpot.kernels.mp_codegen`): generated per CG table, the entries unrolled with their
+coefficients as constants. Loops are edge-outer: one program per receiver and channel block walks
+its receiver-sorted edges once, loading ``x[src]``, ``w[e]`` and ``Y[e]`` once per edge, with the
+receiver's whole output (forward) or gradient (backward) row block in registers. The backward
+writes per edge ``dw[e]``, ``dY[e]`` (fixed 32-channel partial sums) and ``h[e] = d/dx[src e]``;
+``dx`` sums ``h`` over each sender's edges (sender-sorted CSR). No atomics: bit-identical runs.
 
 Layout (internal, converted at the boundary by :mod:`mlpot.o3.layout`): node tensors are
 channel-last ``(N, D, C)``; ``Y`` is ``(E, D_sh)``; ``w`` is ``(E, P, C)``, which is exactly e3nn's
-flat ``uvu`` weight order ``(E, P*C)`` reshaped. Edges need not be sorted: a CSR over receivers
-(and one over senders for the gradient w.r.t. ``x``) is built once per graph in
-:class:`EdgePlan` and reused while the edges are unchanged (:meth:`EdgePlan.cached`); each program owns one node and one channel block and loops over its edges, so
-the reduction is deterministic and needs no atomics and no ``(E, C, P)`` intermediate.
+flat ``uvu`` weight order ``(E, P*C)`` reshaped. Edges need not be sorted: the CSRs over
+receivers and senders are built once per graph in :class:`EdgePlan` and reused while the edges
+are unchanged (:meth:`EdgePlan.cached`).
 """
 from dataclasses import dataclass, field
 
@@ -108,18 +116,6 @@ class TPTable:
     D_sh: int
     D_out: int
     P: int
-    _by: dict = field(default_factory=dict, repr=False)
-
-    def by(self, role: str, device, dtype):
-        """Entries sorted by ``role`` ('a', 'b', 'y', 'p'): (row_ptr, cols dict, coef) on device."""
-        key = (role, str(device), dtype)
-        if key not in self._by:
-            rows = getattr(self, role)
-            n = {"a": self.D_in, "b": self.D_out, "y": self.D_sh, "p": self.P}[role]
-            perm, ptr = _csr(rows, n)
-            cols = {k: getattr(self, k)[perm].to(device) for k in ("a", "y", "p", "b")}
-            self._by[key] = (ptr.to(device), cols, self.coef[perm].to(device=device, dtype=dtype))
-        return self._by[key]
 
 
 def e3nn_uvu_path_weights(irreps_in, irreps_sh, irreps_out, instructions) -> list[float]:
