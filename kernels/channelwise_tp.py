@@ -105,7 +105,8 @@ _PLAN_CACHE: list = []
 
 @dataclass
 class TPTable:
-    """Sparse CG entries of a channelwise ("uvu") tensor product, plus one CSR per role."""
+    """Sparse CG entries of a channelwise ("uvu") tensor product (the kernels of
+    :mod:`mlpot.kernels.mp_codegen` are generated from it)."""
 
     a: torch.Tensor  # input row (into D_in)
     y: torch.Tensor  # SH row (into D_sh)
@@ -116,6 +117,7 @@ class TPTable:
     D_sh: int
     D_out: int
     P: int
+    _mp_key: str | None = field(default=None, repr=False)  # hash of its generated kernels
 
 
 def e3nn_uvu_path_weights(irreps_in, irreps_sh, irreps_out, instructions) -> list[float]:

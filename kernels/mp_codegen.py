@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from mlpot.errors import ConfigError
 from mlpot.fileio import atomic_write_text
 
 from ._runtime import LazyKernel, tl
@@ -98,6 +99,16 @@ def _paths_by_sh_block(ents, P):
              [j for j in rows[p] if last[j] == p]) for p in order]
 
 
+def _edge_loop_head(table) -> list[str]:
+    """The loop over the receiver's edges (CSR positions q0..q1) and the row pointers of one edge."""
+    return ["    for q in range(q0, q1):",
+            "        e = tl.load(perm_ptr + q)",
+            "        s = tl.load(src_ptr + e)",
+            f"        xb = x_ptr + s * ({table.D_in} * C) + c",
+            f"        wb = w_ptr + e * ({table.P} * C) + c",
+            f"        yb = y_ptr + e * {table.D_sh}"]
+
+
 def _forward_source(table, name: str) -> str:
     ents = _entries(table)
     Din, Dsh, Dout, P = table.D_in, table.D_sh, table.D_out, table.P
@@ -122,12 +133,7 @@ def _forward_source(table, name: str) -> str:
         "    q1 = tl.load(seg_ptr + n + 1)",
         *K.lines("    "),
         *[f"    o{b} = tl.zeros([BLOCK_C], dtype=DT)" for b in range(Dout)],
-        "    for q in range(q0, q1):",
-        "        e = tl.load(perm_ptr + q)",
-        "        s = tl.load(src_ptr + e)",
-        f"        xb = x_ptr + s * ({Din} * C) + c",
-        f"        wb = w_ptr + e * ({P} * C) + c",
-        f"        yb = y_ptr + e * {Dsh}",
+        *_edge_loop_head(table),
         *[f"        x{a} = tl.load(xb + {a} * C, mask=cm, other=0.0)" for a in used_a],
         *body,
         f"    ob = out_ptr + n * ({Dout} * C) + c",
@@ -188,12 +194,7 @@ def _backward_source(table, name: str) -> str:
         *K.lines("    "),
         f"    gb = g_ptr + n * ({Dout} * C) + c",
         *[f"    g{b} = tl.load(gb + {b} * C, mask=cm, other=0.0)" for b in used_b],
-        "    for q in range(q0, q1):",
-        "        e = tl.load(perm_ptr + q)",
-        "        s = tl.load(src_ptr + e)",
-        f"        xb = x_ptr + s * ({Din} * C) + c",
-        f"        wb = w_ptr + e * ({P} * C) + c",
-        f"        yb = y_ptr + e * {Dsh}",
+        *_edge_loop_head(table),
         f"        dwb = dw_ptr + e * ({P} * C) + c",
         f"        db = dy_ptr + e * ({Dsh} * NSUB) + sub",
         "        if NEED_W or NEED_Y:",
@@ -249,7 +250,11 @@ def kernels_for(table) -> tuple[LazyKernel, LazyKernel]:
             except OSError:
                 current = None
             if current != src:
-                atomic_write_text(path, src)
+                try:
+                    atomic_write_text(path, src)
+                except ConfigError as exc:
+                    raise ConfigError(f"{exc} (generated Triton kernels are cached there; set MLPOT_CACHE to a "
+                                      "writable folder)") from None
             mod = _import(key)
             _KERNELS[key] = (LazyKernel(getattr(mod, f"_mp_fwd_{key}"), CONFIGS, key=["C"]),
                              LazyKernel(getattr(mod, f"_mp_bwd_{key}"), CONFIGS, key=["C"]))
