@@ -167,7 +167,8 @@ def _forward(plan: EdgePlan, table: TPTable, x, Y, w) -> torch.Tensor:
         return out.zero_()
     fwd, _ = MPG.kernels_for(table)
     perm, seg = plan.segments("dst")
-    fwd[lambda m: (N, triton_cdiv(C, m["BLOCK_C"]))](out, x, Y, w, seg, perm, plan.src, C)
+    for group in range(len(MPG.row_groups(table))):
+        fwd[lambda m: (N, triton_cdiv(C, m["BLOCK_C"]))](out, x, Y, w, seg, perm, plan.src, C, GROUP=group)
     return out
 
 
@@ -189,9 +190,10 @@ def _backward(plan: EdgePlan, table: TPTable, x, Y, w, g, need: tuple) -> list:
         _, bwd = MPG.kernels_for(table)
         perm, seg = plan.segments("dst")
         ph = lambda t: g if t is None else t  # unused operand: any pointer of the dtype
-        bwd[lambda m: (N, triton_cdiv(C, m["BLOCK_C"]))](
-            ph(h), ph(dw), ph(dy), g, ph(x), Y, ph(w), seg, perm, plan.src, C, nsub,
-            NEED_H=need_x, NEED_W=need_w, NEED_Y=need_y)
+        for group in range(len(MPG.row_groups(table))):  # in order: group 0 writes, the others add
+            bwd[lambda m: (N, triton_cdiv(C, m["BLOCK_C"]))](
+                ph(h), ph(dw), ph(dy), g, ph(x), Y, ph(w), seg, perm, plan.src, C, nsub,
+                NEED_H=need_x, NEED_W=need_w, NEED_Y=need_y, GROUP=group)
     else:
         for t in (h, dw, dy):
             if t is not None:

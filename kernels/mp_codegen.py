@@ -51,7 +51,9 @@ from ._runtime import LazyKernel, tl
 CONFIGS = [({"BLOCK_C": 128}, 4, 1), ({"BLOCK_C": 64}, 2, 1), ({"BLOCK_C": 32}, 2, 1)]
 #: channels per partial sum of dY (fixed, so dY does not depend on the config)
 DY_SUB = 32
-_GENERATOR_VERSION = 2
+_GENERATOR_VERSION = 3
+#: live register rows (output rows + 2 D_in) one program holds; more output rows split into groups
+MAX_LIVE_ROWS = 64
 _NAME = re.compile(r"^_mp_(fwd|bwd)_([0-9a-f]{16})$")
 _LOADED: dict[str, object] = {}  # hash -> generated module
 _KERNELS: dict[str, tuple] = {}  # hash -> (forward LazyKernel, backward LazyKernel)
@@ -109,35 +111,67 @@ def _edge_loop_head(table) -> list[str]:
             f"        yb = y_ptr + e * {table.D_sh}"]
 
 
+def row_groups(table) -> list[list[int]]:
+    """Output rows split so that one group's accumulators (forward) or gradient rows (backward)
+    fit in registers: at most ``MAX_LIVE_ROWS - 2 D_in`` rows per group (MACE's default layer 2,
+    55 rows and D_in = 4, is one group). Each group walks the edges once more."""
+    per = max(8, MAX_LIVE_ROWS - 2 * table.D_in)
+    n = max(1, -(-table.D_out // per))
+    size = -(-table.D_out // n)
+    return [list(range(i, min(i + size, table.D_out))) for i in range(0, table.D_out, size)]
+
+
+def _grouped(groups, body_of) -> list[str]:
+    """The bodies of the row groups, each under ``if GROUP == k`` (a constexpr) when there are several."""
+    if len(groups) == 1:
+        return body_of(groups[0], True)
+    lines = []
+    for k, rows in enumerate(groups):
+        lines.append(f"    if GROUP == {k}:")
+        lines += ["    " + line for line in body_of(rows, k == 0)]
+    return lines
+
+
+def _prologue(K) -> list[str]:
+    return ["    n = tl.program_id(0).to(tl.int64)",
+            "    cb = tl.program_id(1)",
+            "    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)",
+            "    cm = c < C",
+            "    q0 = tl.load(seg_ptr + n)",
+            "    q1 = tl.load(seg_ptr + n + 1)",
+            *K.lines("    ")]
+
+
 def _forward_source(table, name: str) -> str:
     ents = _entries(table)
     Din, Dsh, Dout, P = table.D_in, table.D_sh, table.D_out, table.P
     K = _Consts()
-    body = []
-    for p, pe, new_j, _ in _paths_by_sh_block(ents, P):
-        body += [f"        y{j} = tl.load(yb + {j})" for j in new_j]
-        body.append(f"        wp = tl.load(wb + {p} * C, mask=cm, other=0.0)")
-        for b in sorted({t[3] for t in pe}):
-            terms = [f"({K(k)} * y{j}) * x{a}" for a, j, _, bb, k in pe if bb == b]
-            body.append(f"        o{b} += wp * ({' + '.join(terms)})")
-    used_a = sorted({t[0] for t in ents})
+
+    def group(rows, _first):
+        mine = [t for t in ents if t[3] in rows]
+        body = []
+        for p, pe, new_j, _ in _paths_by_sh_block(mine, P):
+            body += [f"        y{j} = tl.load(yb + {j})" for j in new_j]
+            body.append(f"        wp = tl.load(wb + {p} * C, mask=cm, other=0.0)")
+            for b in sorted({t[3] for t in pe}):
+                terms = [f"({K(k)} * y{j}) * x{a}" for a, j, _, bb, k in pe if bb == b]
+                body.append(f"        o{b} += wp * ({' + '.join(terms)})")
+        return [*[f"    o{b} = tl.zeros([BLOCK_C], dtype=DT)" for b in rows],
+                *_edge_loop_head(table),
+                *[f"        x{a} = tl.load(xb + {a} * C, mask=cm, other=0.0)" for a in sorted({t[0] for t in mine})],
+                *body,
+                f"    ob = out_ptr + n * ({Dout} * C) + c",
+                *[f"    tl.store(ob + {b} * C, o{b}, mask=cm)" for b in rows]]
+
+    groups = _grouped(row_groups(table), group)
     lines = [
-        f"def {name}(out_ptr, x_ptr, y_ptr, w_ptr, seg_ptr, perm_ptr, src_ptr, C, BLOCK_C: tl.constexpr):",
+        f"def {name}(out_ptr, x_ptr, y_ptr, w_ptr, seg_ptr, perm_ptr, src_ptr, C,",
+        "        GROUP: tl.constexpr, BLOCK_C: tl.constexpr):",
         f'    """Forward, edge-outer (generated; table: D_in={Din}, D_sh={Dsh}, D_out={Dout}, P={P}, '
-        f'{len(ents)} entries)."""',
+        f'{len(ents)} entries): output rows of row group GROUP."""',
         "    DT = x_ptr.dtype.element_ty",
-        "    n = tl.program_id(0).to(tl.int64)",
-        "    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)",
-        "    cm = c < C",
-        "    q0 = tl.load(seg_ptr + n)",
-        "    q1 = tl.load(seg_ptr + n + 1)",
-        *K.lines("    "),
-        *[f"    o{b} = tl.zeros([BLOCK_C], dtype=DT)" for b in range(Dout)],
-        *_edge_loop_head(table),
-        *[f"        x{a} = tl.load(xb + {a} * C, mask=cm, other=0.0)" for a in used_a],
-        *body,
-        f"    ob = out_ptr + n * ({Dout} * C) + c",
-        *[f"    tl.store(ob + {b} * C, o{b}, mask=cm)" for b in range(Dout)],
+        *_prologue(K),
+        *groups,
     ]
     return "\n".join(lines) + "\n"
 
@@ -147,76 +181,90 @@ def _backward_source(table, name: str) -> str:
     Din, Dsh, Dout, P = table.D_in, table.D_sh, table.D_out, table.P
     K = _Consts()
     dy_sum = f"tl.sum(tl.reshape({{}}, [BLOCK_C // {DY_SUB}, {DY_SUB}]), axis=1)"
-    body = []
-    for p, pe, new_j, done_j in _paths_by_sh_block(ents, P):
-        body += [f"        y{j} = tl.load(yb + {j})" for j in new_j]
-        if new_j:
-            body.append("        if NEED_Y:")
-            body += [f"            dy{j} = tl.zeros([BLOCK_C], dtype=DT)" for j in new_j]
-        body.append(f"        wp = tl.load(wb + {p} * C, mask=cm, other=0.0)")
-        body.append("        if NEED_W:")
-        body.append("            dwp = tl.zeros([BLOCK_C], dtype=DT)")
-        for j in sorted({t[1] for t in pe}):
-            terms = [f"{K(k)} * (x{a} * g{b})" for a, jj, _, b, k in pe if jj == j]
-            body.append("        if NEED_W or NEED_Y:")
-            body.append(f"            v = {' + '.join(terms)}")
-            body.append("            if NEED_W:")
-            body.append(f"                dwp += y{j} * v")
-            body.append("            if NEED_Y:")
-            body.append(f"                dy{j} += wp * v")
-        body.append("        if NEED_W:")
-        body.append(f"            tl.store(dwb + {p} * C, dwp, mask=cm)")
-        body.append("        if NEED_H:")
-        for a in sorted({t[0] for t in pe}):
-            terms = [f"({K(k)} * y{j}) * g{b}" for aa, j, _, b, k in pe if aa == a]
-            body.append(f"            h{a} += wp * ({' + '.join(terms)})")
-        if done_j:
-            body.append("        if NEED_Y:")
-            body += [f"            tl.store(db + {j} * NSUB, {dy_sum.format(f'dy{j}')}, mask=subm)" for j in done_j]
-    used_a = sorted({t[0] for t in ents})
-    used_j = sorted({t[1] for t in ents})
-    used_b = sorted({t[3] for t in ents})
-    zero_sub = f"tl.zeros([BLOCK_C // {DY_SUB}], dtype=DT)"
+    zero_c, zero_sub = "tl.zeros([BLOCK_C], dtype=DT)", f"tl.zeros([BLOCK_C // {DY_SUB}], dtype=DT)"
+
+    def group(rows, first):
+        # the first group writes every edge row (zeros where it has no entry), the others add theirs
+        def put(indent, ptr, value, mask):
+            if first:
+                return f"{indent}tl.store({ptr}, {value}, mask={mask})"
+            return f"{indent}tl.store({ptr}, tl.load({ptr}, mask={mask}, other=0.0) + {value}, mask={mask})"
+
+        mine = [t for t in ents if t[3] in rows]
+        body = []
+        for p, pe, new_j, done_j in _paths_by_sh_block(mine, P):
+            body += [f"        y{j} = tl.load(yb + {j})" for j in new_j]
+            if new_j:
+                body.append("        if NEED_Y:")
+                body += [f"            dy{j} = {zero_c}" for j in new_j]
+            body.append(f"        wp = tl.load(wb + {p} * C, mask=cm, other=0.0)")
+            body.append("        if NEED_W:")
+            body.append(f"            dwp = {zero_c}")
+            for j in sorted({t[1] for t in pe}):
+                terms = [f"{K(k)} * (x{a} * g{b})" for a, jj, _, b, k in pe if jj == j]
+                body.append("        if NEED_W or NEED_Y:")
+                body.append(f"            v = {' + '.join(terms)}")
+                body.append("            if NEED_W:")
+                body.append(f"                dwp += y{j} * v")
+                body.append("            if NEED_Y:")
+                body.append(f"                dy{j} += wp * v")
+            body.append("        if NEED_W:")
+            body.append(put("            ", f"dwb + {p} * C", "dwp", "cm"))
+            body.append("        if NEED_H:")
+            for a in sorted({t[0] for t in pe}):
+                terms = [f"({K(k)} * y{j}) * g{b}" for aa, j, _, b, k in pe if aa == a]
+                body.append(f"            h{a} += wp * ({' + '.join(terms)})")
+            if done_j:
+                body.append("        if NEED_Y:")
+                body += [put("            ", f"db + {j} * NSUB", dy_sum.format(f"dy{j}"), "subm") for j in done_j]
+        used_a = sorted({t[0] for t in mine})
+        lines = [
+            f"    gb = g_ptr + n * ({Dout} * C) + c",
+            *[f"    g{b} = tl.load(gb + {b} * C, mask=cm, other=0.0)" for b in sorted({t[3] for t in mine})],
+            *_edge_loop_head(table),
+            f"        dwb = dw_ptr + e * ({P} * C) + c",
+            f"        db = dy_ptr + e * ({Dsh} * NSUB) + sub",
+            f"        hb = h_ptr + e * ({Din} * C) + c",
+            "        if NEED_W or NEED_Y:",
+            *[f"            x{a} = tl.load(xb + {a} * C, mask=cm, other=0.0)" for a in used_a],
+            "        if NEED_H:",
+            *[f"            h{a} = {zero_c}" for a in used_a],
+            *body,
+            "        if NEED_H:",
+            *[put("            ", f"hb + {a} * C", f"h{a}", "cm") for a in used_a],
+        ]
+        if first:
+            paths = {t[2] for t in mine}
+            for flag, ptr, unused, zero, mask in (
+                    ("NEED_H", "hb + {} * C", [a for a in range(Din) if a not in used_a], zero_c, "cm"),
+                    ("NEED_W", "dwb + {} * C", [q for q in range(P) if q not in paths], zero_c, "cm"),
+                    ("NEED_Y", "db + {} * NSUB", [j for j in range(Dsh) if j not in {t[1] for t in mine}],
+                     zero_sub, "subm")):
+                if unused:
+                    lines.append(f"        if {flag}:")
+                    lines += [f"            tl.store({ptr.format(i)}, {zero}, mask={mask})" for i in unused]
+        return lines
+
+    groups = _grouped(row_groups(table), group)
     lines = [
         f"def {name}(h_ptr, dw_ptr, dy_ptr, g_ptr, x_ptr, y_ptr, w_ptr, seg_ptr, perm_ptr, src_ptr, C, NSUB,",
-        "        NEED_H: tl.constexpr, NEED_W: tl.constexpr, NEED_Y: tl.constexpr, BLOCK_C: tl.constexpr):",
+        "        NEED_H: tl.constexpr, NEED_W: tl.constexpr, NEED_Y: tl.constexpr, GROUP: tl.constexpr,",
+        "        BLOCK_C: tl.constexpr):",
         f'    """Backward, edge-outer (generated; table: D_in={Din}, D_sh={Dsh}, D_out={Dout}, P={P}, '
-        f'{len(ents)} entries): h[e], dw[e], dY partials[e] of each edge of receiver n."""',
+        f'{len(ents)} entries): h[e], dw[e], dY partials[e] of each edge of receiver n, from the '
+        'gradient rows of row group GROUP (group 0 writes, later groups add)."""',
         "    DT = g_ptr.dtype.element_ty",
-        "    n = tl.program_id(0).to(tl.int64)",
-        "    cb = tl.program_id(1)",
-        "    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)",
-        "    cm = c < C",
+        *_prologue(K),
         f"    sub = cb * (BLOCK_C // {DY_SUB}) + tl.arange(0, BLOCK_C // {DY_SUB})",
         "    subm = sub < NSUB",
-        "    q0 = tl.load(seg_ptr + n)",
-        "    q1 = tl.load(seg_ptr + n + 1)",
-        *K.lines("    "),
-        f"    gb = g_ptr + n * ({Dout} * C) + c",
-        *[f"    g{b} = tl.load(gb + {b} * C, mask=cm, other=0.0)" for b in used_b],
-        *_edge_loop_head(table),
-        f"        dwb = dw_ptr + e * ({P} * C) + c",
-        f"        db = dy_ptr + e * ({Dsh} * NSUB) + sub",
-        "        if NEED_W or NEED_Y:",
-        *[f"            x{a} = tl.load(xb + {a} * C, mask=cm, other=0.0)" for a in used_a],
-        "        if NEED_H:",
-        *[f"            h{a} = tl.zeros([BLOCK_C], dtype=DT)" for a in used_a],
-        *body,
-        "        if NEED_H:",
-        f"            hb = h_ptr + e * ({Din} * C) + c",
-        *[f"            tl.store(hb + {a} * C, {f'h{a}' if a in used_a else 'tl.zeros([BLOCK_C], dtype=DT)'}, mask=cm)"
-          for a in range(Din)],
+        *groups,
     ]
-    unused_j = [j for j in range(Dsh) if j not in used_j]
-    if unused_j:
-        lines.append("        if NEED_Y:")
-        lines += [f"            tl.store(db + {j} * NSUB, {zero_sub}, mask=subm)" for j in unused_j]
     return "\n".join(lines) + "\n"
 
 
 def module_source(table) -> tuple[str, str]:
     """(hash, source) of the generated module for ``table``; the hash names its kernels."""
-    text = repr((_GENERATOR_VERSION, table.D_in, table.D_sh, table.D_out, table.P, _entries(table)))
+    text = repr((_GENERATOR_VERSION, MAX_LIVE_ROWS, table.D_in, table.D_sh, table.D_out, table.P, _entries(table)))
     key = hashlib.sha256(text.encode()).hexdigest()[:16]
     fwd = _forward_source(table, f"_mp_fwd_{key}")
     bwd = _backward_source(table, f"_mp_bwd_{key}")
