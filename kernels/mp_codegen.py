@@ -20,7 +20,10 @@ backward, every row of ``g[n]`` stay in registers for the whole edge loop. Each 
 ``dw``, ``dY`` and ``h`` is written by the one program that owns its receiver, and ``dx`` is a
 sum over sender segments in a fixed order: no atomics, results are bit-identical run to run. The
 ``dY`` channel sum is reduced in fixed 32-channel sub-blocks (``(E, D_sh, ceil(C/32))``
-partials, summed by torch), so it does not depend on the autotuned ``BLOCK_C``.
+partials, summed by torch), so it does not depend on the autotuned ``BLOCK_C``. A table with more
+output rows than registers hold (:func:`row_groups`; MACE's default layer 2, 55 rows, is one
+group) runs in row groups, one launch each and in order: each walks the edges again, and in the
+backward group 0 writes the edge gradients and the later groups add theirs (still no atomics).
 
 Specialisation: the entries of the table are unrolled into straight-line code with the
 coefficients as constants, one kernel source per table (as cuEquivariance and OpenEquivariance
