@@ -54,7 +54,7 @@ from ._runtime import LazyKernel, tl
 CONFIGS = [({"BLOCK_C": 128}, 4, 1), ({"BLOCK_C": 64}, 2, 1), ({"BLOCK_C": 32}, 2, 1)]
 #: channels per partial sum of dY (fixed, so dY does not depend on the config)
 DY_SUB = 32
-_GENERATOR_VERSION = 3
+_GENERATOR_VERSION = 4
 #: live register rows (output rows + 2 D_in) one program holds; more output rows split into groups
 MAX_LIVE_ROWS = 64
 _NAME = re.compile(r"^_mp_(fwd|bwd)_([0-9a-f]{16})$")
@@ -73,15 +73,18 @@ def _entries(table):
 
 
 class _Consts:
-    """Distinct coefficients as named scalar constants of the kernel's dtype."""
+    """Distinct coefficient magnitudes as named scalar constants of the kernel's dtype."""
 
     def __init__(self):
         self.names: dict[float, str] = {}
 
     def __call__(self, value: float) -> str:
-        if value not in self.names:
-            self.names[value] = f"k{len(self.names)}"
-        return self.names[value]
+        """The constant's name, negated for a negative value (one constant per magnitude: fewer
+        fp64 constants held in registers)."""
+        mag = abs(value)
+        if mag not in self.names:
+            self.names[mag] = f"k{len(self.names)}"
+        return self.names[mag] if value >= 0 else f"-{self.names[mag]}"
 
     def lines(self, indent: str) -> list[str]:
         return [f"{indent}{n} = tl.full([], {v!r}, DT)" for v, n in self.names.items()]
