@@ -88,12 +88,13 @@ def test_model_spec_parsing():
 def test_edge_outer_message_passing_compiles_without_spills_at_sm80_and_sm90(tmp_path):
     """The edge-outer message-passing kernels generated for the default MACE's CG tables
     (forward, every backward variant a training step launches): first autotune config, sm_80 and
-    sm_90, fp32 and fp64; every compile succeeds and none spills (the whole output accumulator of a
-    receiver, and in the backward the whole gradient row block, stay in registers)."""
+    sm_90, fp64 (twice the registers of fp32; fp32 at sm_90 is in the test above); every compile
+    succeeds and none spills (the whole output accumulator of a receiver, and in the backward the
+    whole gradient row block, stay in registers)."""
     out = tmp_path / "aot_mp.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(
-        [sys.executable, "-m", "mlpot.bench.aot", "--model", "MACE", "--arch", "80", "90", "--dtype", "fp32", "fp64",
+        [sys.executable, "-m", "mlpot.bench.aot", "--model", "MACE", "--arch", "80", "90", "--dtype", "fp64",
          "--first-config", "--only", "_mp_|_segment_sum", "--max-spill-bytes", "0", "--json", str(out)],
         env=env, capture_output=True, text=True, timeout=900,
     )
@@ -102,8 +103,7 @@ def test_edge_outer_message_passing_compiles_without_spills_at_sm80_and_sm90(tmp
     seen = {(r["kernel"][:8], r["arch"], r["dtype"]) for r in rows}
     for kind in ("_mp_fwd_", "_mp_bwd_", "_segment"):
         for arch in ("sm_80", "sm_90"):
-            for dtype in ("fp32", "fp64"):
-                assert (kind, arch, dtype) in seen, (kind, arch, dtype)
+            assert (kind, arch, "fp64") in seen, (kind, arch)
     # the training step needs every backward combination: all three gradients, and the partial
     # ones of the double backward
     needs = {" ".join(c for c in r["constexprs"].split() if c.startswith("NEED_"))
