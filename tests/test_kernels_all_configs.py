@@ -23,7 +23,7 @@ LAUNCHED = {
            ("symmetric_contraction", "_BLOCK_SUM")],
     "mp": [("channelwise_tp", "_NODE"), ("channelwise_tp", "_EDGE_CHANNEL"), ("channelwise_tp", "_EDGE")],
     "gaunt": [("gaunt", "_KERNEL")],
-    "so2": [("so2", "_KERNEL")],
+    "so2": [("so2", "_NODE"), ("so2", "_EDGE")],
 }
 
 
