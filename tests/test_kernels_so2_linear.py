@@ -118,3 +118,27 @@ def test_autotune_reuses_the_tuned_config_within_an_edge_bucket(monkeypatch):
         tuner.run(*args, grid=(1,), **kwargs)
         tuned_per_call.append(len(timed) > before)
     assert tuned_per_call == [True, False, False, True]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_every_autotune_config_equals_the_reference(dtype, monkeypatch):
+    """Each autotune config of the GEMM and the weight-gradient kernel (launched under the
+    interpreter by index), forward, first gradients and the double backward, against the reference."""
+    monkeypatch.setattr(LK, "_E_CHUNK", 3)
+    table, x, ws = _inputs(2, 2, 2, 3, 5, dtype, seed=7)
+    blocks = edge_frame_index(2, 2)[2]
+    gy = torch.randn(5, table.K, 3, dtype=dtype, generator=torch.Generator().manual_seed(8))
+
+    def run(fn):
+        y = fn(x, ws)
+        first = torch.autograd.grad(y, [x, *ws], gy, create_graph=True)
+        second = torch.autograd.grad(sum((f ** 2).sum() for f in first), [x, *ws])
+        return [y, *first, *second]
+
+    want = run(lambda a, w: so2_linear(a, w, blocks))
+    for index in range(max(len(LK._GEMM.configs), len(LK._WGRAD.configs))):
+        with RT.interpreter_config(index), RT.count_launches() as launched:
+            got = run(lambda a, w: LK.so2_linear(a, w, table))
+        assert {"_so2_linear_gemm_kernel", "_so2_linear_wgrad_kernel"} <= set(launched)
+        for i, (a, b) in enumerate(zip(got, want)):
+            assert _rel(a, b) < 10 * _tol(dtype), f"config {index}, output {i}: {_rel(a, b):.2e}"
