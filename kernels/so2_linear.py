@@ -27,7 +27,8 @@ differentiate saved tensors.
 Kernels: the GEMM runs one program per (edge block, half, output-column block) with ``tl.dot``
 over ``BLOCK_K`` chunks on tensor cores (float32: ``tf32x3``, see
 :func:`mlpot.kernels._runtime.dot_precision` for its error bound; float64: ``ieee``); the weight
-gradient one program per (block, tile of W, edge chunk), ``ieee`` (tf32x3 spills there).
+gradient one program per (block, tile of W, edge chunk), on tensor cores too (``tf32x3`` in
+float32: the edge tile of 16 keeps it free of spills, where 64 edges spilled 168 B on sm_90).
 """
 import torch
 
@@ -98,10 +99,11 @@ def _so2_linear_wgrad_kernel(x_ptr, g_ptr, out_ptr, x_off_ptr, g_off_ptr, k_ptr,
 
 # configs that compile without register spills for sm_80 and sm_90, fp32 and fp64, at the sizes the
 # default ESCN and a three-atom molecule launch (`mlpot bench aot --max-spill-bytes 0`; the dropped
-# (64, 32, 32) x 4-warp GEMM and the (32, 32, 32) / (32, 64, 32) weight-gradient tiles spilled on sm_80 or sm_90)
+# (64, 32, 32) x 4-warp GEMM and the (32, 32, 32) / (32, 64, 32) weight-gradient tiles spilled on sm_80 or sm_90;
+# the weight gradient on tf32x3: (64, 32, 32) spilled 168 B on sm_90 in fp32, (32, 32, 32) 4 B on sm_80 in fp64)
 _GEMM_CFG = [({"BLOCK_E": 32, "BLOCK_N": 32, "BLOCK_K": 32}, 4, 2),
              ({"BLOCK_E": 64, "BLOCK_N": 64, "BLOCK_K": 32}, 8, 3), ({"BLOCK_E": 128, "BLOCK_N": 32, "BLOCK_K": 16}, 8, 3)]
-_WGRAD_CFG = [({"BLOCK_E": 64, "BLOCK_K": 32, "BLOCK_N": 32}, 4, 2)]
+_WGRAD_CFG = [({"BLOCK_E": 16, "BLOCK_K": 32, "BLOCK_N": 32}, 4, 2)]
 # autotune key: E_BUCKET (the edge count's power-of-two bucket), not E, so that MD steps, whose
 # edge counts change by a few edges, reuse the tuned config instead of re-tuning
 _GEMM = LazyKernel(_so2_linear_gemm_kernel, _GEMM_CFG, key=["E_BUCKET", "stride_a", "stride_o"])
@@ -189,7 +191,7 @@ def _wgrad(table: SO2LinearTable, X: torch.Tensor, G: torch.Tensor) -> torch.Ten
 
     _WGRAD[grid](X, G, out, x_off, g_off, k, n, w_off, halves, E, _E_CHUNK,
                  table.K * table.CI, table.K * table.CO, table.weight_numel, max_n, edge_bucket(E),
-                 DOT_PRECISION="ieee")  # tf32x3 spills 168 B here on sm_90 fp32 (mlpot bench aot)
+                 DOT_PRECISION=dot_precision(X.dtype))
     return out.sum(0)
 
 
