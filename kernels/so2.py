@@ -75,12 +75,15 @@ from .channelwise_tp import EdgePlan
 
 
 def _so2_node_kernel(out_ptr, a_ptr, w_ptr, wa_ptr, wb_ptr, seg_ptr, perm_ptr, other_ptr,
-                     off_ptr, sgn_ptr, a_std_ptr, a_blk_ptr, b_std_ptr, b_blk_ptr,
+                     off_ptr, sgn_ptr, row_ptr, col_b_ptr, col_off_ptr, col_sg_ptr,
+                     a_std_ptr, a_blk_ptr, b_std_ptr, b_blk_ptr,
                      CA, CB, DA, DB, DW, stride_we,
                      TRANS_W: tl.constexpr, DEPTHWISE: tl.constexpr, DOT_PRECISION: tl.constexpr,
                      BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, DAP: tl.constexpr, DBP: tl.constexpr):
     """``out[n, :, cb] = sum_{q in segment n} Db_e^T M_e Da_e a[other(e)]`` (side A rows ``DA``,
-    channels ``CA``; side B rows ``DB``, channels ``CB``); ``OFF``/``SGN`` are ``(DA, DB)``."""
+    channels ``CA``; side B rows ``DB``, channels ``CB``); ``OFF``/``SGN`` are ``(DA, DB)``, and the
+    same entries as a CSR over side-A rows (``row_ptr``; ``col_b``, ``col_off``, ``col_sg``) for the
+    per-entry loop of full mode."""
     n = tl.program_id(0).to(tl.int64)
     cb = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cbm = cb < CB
@@ -123,25 +126,25 @@ def _so2_node_kernel(out_ptr, a_ptr, w_ptr, wa_ptr, wb_ptr, seg_ptr, perm_ptr, o
                 xr = tl.dot(da, xa, input_precision=DOT_PRECISION)
                 for r in range(DA):
                     xrow = tl.sum(tl.where(ra[:, None] == r, xr, 0.0), axis=0)
-                    for b in range(DB):
-                        off = tl.load(off_ptr + r * DB + b)
-                        if off >= 0:
-                            sg = tl.load(sgn_ptr + r * DB + b)
-                            if TRANS_W:  # block (C_out = CA, C_in = CB): element (ca, cb) at ca * CB + cb
-                                wt = tl.load(wbase + off + ck[None, :] * CB + cb[:, None],
-                                             mask=cbm[:, None] & ckm[None, :], other=0.0)
-                            else:  # block (C_out = CB, C_in = CA): element (cb, ca) at cb * CA + ca
-                                wt = tl.load(wbase + off + cb[:, None] * CA + ck[None, :],
-                                             mask=cbm[:, None] & ckm[None, :], other=0.0)
-                            yl = tl.sum(wt * xrow[None, :], axis=1)
-                            y += tl.where(rb[:, None] == b, sg * yl[None, :], 0.0)
+                    for u in range(tl.load(row_ptr + r), tl.load(row_ptr + r + 1)):
+                        b = tl.load(col_b_ptr + u)
+                        off = tl.load(col_off_ptr + u)
+                        sg = tl.load(col_sg_ptr + u)
+                        if TRANS_W:  # block (C_out = CA, C_in = CB): element (ca, cb) at ca * CB + cb
+                            wt = tl.load(wbase + off + ck[None, :] * CB + cb[:, None],
+                                         mask=cbm[:, None] & ckm[None, :], other=0.0)
+                        else:  # block (C_out = CB, C_in = CA): element (cb, ca) at cb * CA + ca
+                            wt = tl.load(wbase + off + cb[:, None] * CA + ck[None, :],
+                                         mask=cbm[:, None] & ckm[None, :], other=0.0)
+                        yl = tl.sum(wt * xrow[None, :], axis=1)
+                        y += tl.where(rb[:, None] == b, sg * yl[None, :], 0.0)
         acc += tl.dot(dbt, y, input_precision=DOT_PRECISION)
     tl.store(out_ptr + (n * DB + rb[:, None]) * CB + cb[None, :], acc, mask=rbm[:, None] & cbm[None, :])
 
 
 def _so2_edge_kernel(out_ptr, a_ptr, b_ptr, w_ptr, wa_ptr, wb_ptr, a_idx_ptr, b_idx_ptr,
-                     off_ptr, sgn_ptr, a_std_ptr, a_blk_ptr, b_std_ptr, b_blk_ptr,
-                     a_partner_ptr, b_pstd_ptr, sgnp_ptr,
+                     off_ptr, sgn_ptr, row_ptr, col_b_ptr, col_off_ptr, col_sg_ptr, col_sgp_ptr,
+                     a_std_ptr, a_blk_ptr, b_std_ptr, b_blk_ptr, a_partner_ptr, b_pstd_ptr, sgnp_ptr,
                      CA, CB, DA, DB, DW, stride_we, numel,
                      WGRAD: tl.constexpr, TRANS_W: tl.constexpr, DEPTHWISE: tl.constexpr,
                      DOT_PRECISION: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -203,19 +206,19 @@ def _so2_edge_kernel(out_ptr, a_ptr, b_ptr, w_ptr, wa_ptr, wb_ptr, a_idx_ptr, b_
                     rp = tl.load(a_partner_ptr + r)
                     arow = tl.sum(tl.where(ra[:, None] == r, ar, 0.0), axis=0)
                     arowp = tl.sum(tl.where(ra[:, None] == rp, ar, 0.0), axis=0)
-                    for t in range(DB):
-                        off = tl.load(off_ptr + r * DB + t)
-                        if off >= 0:
-                            sg = tl.load(sgn_ptr + r * DB + t)
-                            sgp = tl.load(sgnp_ptr + r * DB + t)
-                            brow = tl.sum(tl.where(rb[:, None] == t, br, 0.0), axis=0)
-                            browp = tl.sum(tl.where(rb[:, None] == t, brp, 0.0), axis=0)
-                            tile = (sg * brow)[:, None] * arow[None, :] + (sgp * browp)[:, None] * arowp[None, :]
-                            if TRANS_W:
-                                addr = off + ck[None, :] * CB + cb[:, None]
-                            else:
-                                addr = off + cb[:, None] * CA + ck[None, :]
-                            tl.store(out_ptr + e * numel + addr, tile, mask=cbm[:, None] & ckm[None, :])
+                    for u in range(tl.load(row_ptr + r), tl.load(row_ptr + r + 1)):
+                        t = tl.load(col_b_ptr + u)
+                        off = tl.load(col_off_ptr + u)
+                        sg = tl.load(col_sg_ptr + u)
+                        sgp = tl.load(col_sgp_ptr + u)
+                        brow = tl.sum(tl.where(rb[:, None] == t, br, 0.0), axis=0)
+                        browp = tl.sum(tl.where(rb[:, None] == t, brp, 0.0), axis=0)
+                        tile = (sg * brow)[:, None] * arow[None, :] + (sgp * browp)[:, None] * arowp[None, :]
+                        if TRANS_W:
+                            addr = off + ck[None, :] * CB + cb[:, None]
+                        else:
+                            addr = off + cb[:, None] * CA + ck[None, :]
+                        tl.store(out_ptr + e * numel + addr, tile, mask=cbm[:, None] & ckm[None, :])
     else:
         grad = tl.zeros([DAP, DAP], dtype=out_ptr.dtype.element_ty)
         if DEPTHWISE:
@@ -251,18 +254,18 @@ def _so2_edge_kernel(out_ptr, a_ptr, b_ptr, w_ptr, wa_ptr, wb_ptr, a_idx_ptr, b_
                     br = tl.dot(db, xb, input_precision=DOT_PRECISION)
                     for r in range(DA):
                         zrow = tl.zeros([BLOCK_K], dtype=out_ptr.dtype.element_ty)
-                        for t in range(DB):
-                            off = tl.load(off_ptr + r * DB + t)
-                            if off >= 0:
-                                sg = tl.load(sgn_ptr + r * DB + t)
-                                brow = tl.sum(tl.where(rb[:, None] == t, br, 0.0), axis=0)
-                                if TRANS_W:
-                                    wt = tl.load(wbase + off + ck[None, :] * CB + cb[:, None],
-                                                 mask=cbm[:, None] & ckm[None, :], other=0.0)
-                                else:
-                                    wt = tl.load(wbase + off + cb[:, None] * CA + ck[None, :],
-                                                 mask=cbm[:, None] & ckm[None, :], other=0.0)
-                                zrow += sg * tl.sum(wt * brow[:, None], axis=0)
+                        for u in range(tl.load(row_ptr + r), tl.load(row_ptr + r + 1)):
+                            t = tl.load(col_b_ptr + u)
+                            off = tl.load(col_off_ptr + u)
+                            sg = tl.load(col_sg_ptr + u)
+                            brow = tl.sum(tl.where(rb[:, None] == t, br, 0.0), axis=0)
+                            if TRANS_W:
+                                wt = tl.load(wbase + off + ck[None, :] * CB + cb[:, None],
+                                             mask=cbm[:, None] & ckm[None, :], other=0.0)
+                            else:
+                                wt = tl.load(wbase + off + cb[:, None] * CA + ck[None, :],
+                                             mask=cbm[:, None] & ckm[None, :], other=0.0)
+                            zrow += sg * tl.sum(wt * brow[:, None], axis=0)
                         z += tl.where(ra[:, None] == r, zrow[None, :], 0.0)
                 grad += tl.dot(z, tl.trans(xa), input_precision=DOT_PRECISION)
         grad = tl.where(amask, grad, 0.0)
@@ -364,24 +367,27 @@ class SO2Table:
         self._cache: dict = {}
 
     def wgrad_side(self, device, dtype):
-        """``(OFF_lead, SGN, SGNP, a_partner, b_pstd)`` of the weight gradient (side A = input rows)."""
+        """``(OFF_lead, SGN, SGNP, a_partner, b_pstd, row_ptr, col_b, col_off, col_sg, col_sgp)`` of
+        the weight gradient (side A = input rows)."""
         key = ("wgrad", str(device), dtype)
         if key not in self._cache:
             self._cache[key] = (self.off_lead.to(device), self.sgn.to(device, dtype),
                                 self.sgn_partner.to(device, dtype), self.in_partner.to(device),
-                                self.out_pstd.to(device))
+                                self.out_pstd.to(device),
+                                *_csr(self.off_lead, self.sgn, self.sgn_partner, device, dtype))
         return self._cache[key]
 
     def side(self, transpose: bool, device, dtype):
-        """``(OFF, SGN, a_std, a_blk, b_std, b_blk)`` on ``device`` with side A the input rows
-        (``transpose=False``) or the output rows (``True``, ``OFF^T``)."""
+        """``(OFF, SGN, a_std, a_blk, b_std, b_blk, row_ptr, col_b, col_off, col_sg, col_sgp)`` on
+        ``device`` with side A the input rows (``transpose=False``) or the output rows (``True``,
+        ``OFF^T``); the last five are the entries as a CSR over side-A rows."""
         key = (transpose, str(device), dtype)
         if key not in self._cache:
             off, sgn = (self.off.T, self.sgn.T) if transpose else (self.off, self.sgn)
             maps = (self.out_std, self.out_blk, self.in_std, self.in_blk) if transpose else (
                 self.in_std, self.in_blk, self.out_std, self.out_blk)
             self._cache[key] = (off.contiguous().to(device), sgn.contiguous().to(device, dtype),
-                                *(t.to(device) for t in maps))
+                                *(t.to(device) for t in maps), *_csr(off, sgn, None, device, dtype))
         return self._cache[key]
 
     def dims(self, transpose: bool):
@@ -389,6 +395,17 @@ class SO2Table:
         if transpose:
             return self.CO, self.CI, self.DO, self.DI
         return self.CI, self.CO, self.DI, self.DO
+
+
+def _csr(off, sgn, sgnp, device, dtype):
+    """The entries of a dense ``(DA, DB)`` table (``off >= 0``) as a CSR over its rows:
+    ``(row_ptr, col_b, col_off, col_sg, col_sgp)`` (``col_sgp`` zeros without ``sgnp``)."""
+    a, b = torch.nonzero(off >= 0, as_tuple=True)  # row-major: sorted by row
+    row_ptr = torch.zeros(off.shape[0] + 1, dtype=torch.int64)
+    row_ptr[1:] = torch.cumsum(torch.bincount(a, minlength=off.shape[0]), 0)
+    sgp = sgnp[a, b] if sgnp is not None else torch.zeros(len(a), dtype=sgn.dtype)
+    return (row_ptr.to(device), b.to(device), off[a, b].contiguous().to(device), sgn[a, b].to(device, dtype),
+            sgp.to(device, dtype))
 
 
 def _weight_stride(W: torch.Tensor) -> int:
@@ -408,9 +425,10 @@ def _node(table: SO2Table, transpose: bool, A, W, Da, Db, plan: EdgePlan):
     out = torch.empty(plan.num_nodes, DB, CB, device=A.device, dtype=A.dtype)
     if plan.num_nodes == 0 or CB == 0 or plan.src.shape[0] == 0:
         return out.zero_()
-    off, sgn, a_std, a_blk, b_std, b_blk = table.side(transpose, A.device, A.dtype)
+    off, sgn, a_std, a_blk, b_std, b_blk, row_ptr, col_b, col_off, col_sg, _ = table.side(transpose, A.device, A.dtype)
     grid = lambda m: (plan.num_nodes, (CB + m["BLOCK_C"] - 1) // m["BLOCK_C"])
-    _NODE[grid](out, A, W, Da, Db, seg, perm, other, off, sgn, a_std, a_blk, b_std, b_blk,
+    _NODE[grid](out, A, W, Da, Db, seg, perm, other, off, sgn, row_ptr, col_b, col_off, col_sg,
+                a_std, a_blk, b_std, b_blk,
                 CA, CB, DA, DB, Da.shape[-1], _weight_stride(W), TRANS_W=transpose, DEPTHWISE=table.depthwise,
                 DOT_PRECISION=dot_precision(A.dtype), DAP=_pad(DA), DBP=_pad(DB))
     return out
@@ -429,16 +447,16 @@ def _edge(table: SO2Table, transpose: bool, wgrad: bool, A, B, W, Da, Db, plan: 
     else:
         out = torch.empty(E, DW, DW, device=A.device, dtype=A.dtype)
     if E > 0 and CA > 0 and CB > 0:
-        off, sgn, a_std, a_blk, b_std, b_blk = table.side(transpose, A.device, A.dtype)
+        off, sgn, a_std, a_blk, b_std, b_blk, *csr = table.side(transpose, A.device, A.dtype)
         if wgrad:
-            off, sgn, sgnp, a_partner, b_pstd = table.wgrad_side(A.device, A.dtype)
+            off, sgn, sgnp, a_partner, b_pstd, *csr = table.wgrad_side(A.device, A.dtype)
             grid = lambda m: (E, (CB + m["BLOCK_C"] - 1) // m["BLOCK_C"])
             Da_, Db_, W_, stride = Da, Db, out, 0  # the weights themselves are not read
         else:
             sgnp, a_partner, b_pstd = sgn, a_std, b_std  # not read
             grid = (E, 1)
             Da_, Db_, W_, stride = out, Db, W, _weight_stride(W)  # Da is not read
-        _EDGE[grid](out, A, B, W_, Da_, Db_, a_idx, b_idx, off, sgn, a_std, a_blk, b_std, b_blk,
+        _EDGE[grid](out, A, B, W_, Da_, Db_, a_idx, b_idx, off, sgn, *csr, a_std, a_blk, b_std, b_blk,
                     a_partner, b_pstd, sgnp, CA, CB, DA, DB, DW, stride, table.weight_numel, WGRAD=wgrad, TRANS_W=transpose,
                     DEPTHWISE=table.depthwise, DOT_PRECISION=dot_precision(A.dtype), DAP=_pad(DA), DBP=_pad(DB),
                     DWP=_pad(DW))
