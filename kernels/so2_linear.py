@@ -27,18 +27,21 @@ differentiate saved tensors.
 Kernels: the GEMM runs one program per (edge block, half, output-column block) with ``tl.dot``
 over ``BLOCK_K`` chunks on tensor cores (float32: ``tf32x3``, see
 :func:`mlpot.kernels._runtime.dot_precision` for its error bound; float64: ``ieee``); the weight
-gradient one program per (block, tile of W, edge chunk), ``ieee`` (tf32x3 spills there).
+gradient one program per (block, tile of W, edge chunk), on tensor cores too (``tf32x3`` in
+float32: the edge tile of 16 keeps it free of spills, where 64 edges spilled 168 B on sm_90).
 """
 import torch
 
 from ._runtime import LazyKernel, check_device, dot_precision, multilinear_form_backward, tl
+from .spherical_harmonics import edge_bucket
 
 
 def _so2_linear_gemm_kernel(a_ptr, w_ptr, out_ptr, a_off_ptr, o_off_ptr, k_ptr, n_ptr, w_off_ptr,
-                            E, stride_a, stride_o,
+                            E, stride_a, stride_o, E_BUCKET,
                             TRANS_W: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_E: tl.constexpr,
                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``out[e, o_off + j] = sum_k a[e, a_off + k] W[k, j]`` for one half (``W^T`` when ``TRANS_W``)."""
+    """``out[e, o_off + j] = sum_k a[e, a_off + k] W[k, j]`` for one half (``W^T`` when ``TRANS_W``).
+    ``E_BUCKET`` (the autotune key) is the edge count rounded up to a power of two."""
     seg = tl.program_id(1)
     a_off = tl.load(a_off_ptr + seg)
     o_off = tl.load(o_off_ptr + seg)
@@ -63,7 +66,7 @@ def _so2_linear_gemm_kernel(a_ptr, w_ptr, out_ptr, a_off_ptr, o_off_ptr, k_ptr, 
 
 
 def _so2_linear_wgrad_kernel(x_ptr, g_ptr, out_ptr, x_off_ptr, g_off_ptr, k_ptr, n_ptr, w_off_ptr, halves_ptr,
-                             E, E_CHUNK, stride_x, stride_g, numel, max_n, DOT_PRECISION: tl.constexpr,
+                             E, E_CHUNK, stride_x, stride_g, numel, max_n, E_BUCKET, DOT_PRECISION: tl.constexpr,
                              BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """``out[chunk, w_off + k N + j] = sum_{e in chunk} sum_h x[e, x_off + h K + k] g[e, g_off + h N + j]``."""
     b = tl.program_id(0)
@@ -96,12 +99,15 @@ def _so2_linear_wgrad_kernel(x_ptr, g_ptr, out_ptr, x_off_ptr, g_off_ptr, k_ptr,
 
 # configs that compile without register spills for sm_80 and sm_90, fp32 and fp64, at the sizes the
 # default ESCN and a three-atom molecule launch (`mlpot bench aot --max-spill-bytes 0`; the dropped
-# (64, 32, 32) x 4-warp GEMM and the (32, 32, 32) / (32, 64, 32) weight-gradient tiles spilled on sm_80 or sm_90)
+# (64, 32, 32) x 4-warp GEMM and the (32, 32, 32) / (32, 64, 32) weight-gradient tiles spilled on sm_80 or sm_90;
+# the weight gradient on tf32x3: (64, 32, 32) spilled 168 B on sm_90 in fp32, (32, 32, 32) 4 B on sm_80 in fp64)
 _GEMM_CFG = [({"BLOCK_E": 32, "BLOCK_N": 32, "BLOCK_K": 32}, 4, 2),
              ({"BLOCK_E": 64, "BLOCK_N": 64, "BLOCK_K": 32}, 8, 3), ({"BLOCK_E": 128, "BLOCK_N": 32, "BLOCK_K": 16}, 8, 3)]
-_WGRAD_CFG = [({"BLOCK_E": 64, "BLOCK_K": 32, "BLOCK_N": 32}, 4, 2)]
-_GEMM = LazyKernel(_so2_linear_gemm_kernel, _GEMM_CFG, key=["E", "stride_a", "stride_o"])
-_WGRAD = LazyKernel(_so2_linear_wgrad_kernel, _WGRAD_CFG, key=["E", "stride_x", "stride_g", "numel"])
+_WGRAD_CFG = [({"BLOCK_E": 16, "BLOCK_K": 32, "BLOCK_N": 32}, 4, 2)]
+# autotune key: E_BUCKET (the edge count's power-of-two bucket), not E, so that MD steps, whose
+# edge counts change by a few edges, reuse the tuned config instead of re-tuning
+_GEMM = LazyKernel(_so2_linear_gemm_kernel, _GEMM_CFG, key=["E_BUCKET", "stride_a", "stride_o"])
+_WGRAD = LazyKernel(_so2_linear_wgrad_kernel, _WGRAD_CFG, key=["E_BUCKET", "stride_x", "stride_g", "numel"])
 
 #: edges per program of the weight gradient (the partial sums are added in torch)
 _E_CHUNK = 2048
@@ -163,7 +169,7 @@ def _gemm(table: SO2LinearTable, A: torch.Tensor, W: torch.Tensor, transpose: bo
     a_off, o_off, k, n, w_off = table.get("transpose" if transpose else "forward", A.device)
     max_n = max(nb for _, nb, _ in table.halves()) * c_out
     grid = lambda meta: (_cdiv(E, meta["BLOCK_E"]), len(table.halves()), _cdiv(max_n, meta["BLOCK_N"]))
-    _GEMM[grid](A, W, out, a_off, o_off, k, n, w_off, E, table.K * c_in, table.K * c_out, TRANS_W=transpose,
+    _GEMM[grid](A, W, out, a_off, o_off, k, n, w_off, E, table.K * c_in, table.K * c_out, edge_bucket(E), TRANS_W=transpose,
                 DOT_PRECISION=dot_precision(A.dtype))
     return out
 
@@ -184,8 +190,8 @@ def _wgrad(table: SO2LinearTable, X: torch.Tensor, G: torch.Tensor) -> torch.Ten
         return (len(table.blocks), tiles, chunks)
 
     _WGRAD[grid](X, G, out, x_off, g_off, k, n, w_off, halves, E, _E_CHUNK,
-                 table.K * table.CI, table.K * table.CO, table.weight_numel, max_n,
-                 DOT_PRECISION="ieee")  # tf32x3 spills 168 B here on sm_90 fp32 (mlpot bench aot)
+                 table.K * table.CI, table.K * table.CO, table.weight_numel, max_n, edge_bucket(E),
+                 DOT_PRECISION=dot_precision(X.dtype))
     return out.sum(0)
 
 

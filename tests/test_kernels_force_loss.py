@@ -147,7 +147,8 @@ def test_so2_linear_force_loss():
 MACE_VARIANTS = {
     "cg-symmetric": ({}, {"_sh_fwd_kernel", "_segment_sum_kernel", "_sc_node_kernel"}),
     "gaunt-symmetric": ({"interaction_tp": "gaunt"}, {"_sh_fwd_kernel", "_grid_product_kernel", "_sc_node_kernel"}),
-    "so2-symmetric": ({"interaction_tp": "so2"}, {"_sh_fwd_kernel", "_so2_kernel", "_sc_node_kernel"}),
+    "so2-symmetric": ({"interaction_tp": "so2"},
+                      {"_sh_fwd_kernel", "_so2_node_kernel", "_so2_edge_kernel", "_sc_node_kernel"}),
     "cg-gaunt": ({"product": "gaunt"}, {"_sh_fwd_kernel", "_segment_sum_kernel", "_grid_product_kernel"}),
     "gaunt-gaunt-fourier": ({"interaction_tp": "gaunt", "product": "gaunt", "gaunt_method": "fourier",
                              "num_interactions": 1}, {"_sh_fwd_kernel", "_grid_product_kernel"}),

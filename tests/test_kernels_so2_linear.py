@@ -96,3 +96,49 @@ def test_so2_linear_kernel_rejects_mismatched_inputs():
         LK.so2_linear(x[:, :-1], ws, table)
     with pytest.raises(TypeError, match="dtype mismatch"):
         LK.so2_linear(x.float(), ws, table)
+
+
+def test_autotune_reuses_the_tuned_config_within_an_edge_bucket(monkeypatch):
+    """The compiled kernels' autotuner (``triton.autotune`` as on a GPU) keys on the edge count's
+    power-of-two bucket: an MD step whose edge count moved within the bucket reuses the tuned
+    config (no benchmark), a graph in another bucket tunes again. The autotuner runs for real on
+    the recorded launch arguments; only the timing (``_bench``) and the launch are stubbed."""
+    assert "E" not in LK._GEMM.key and "E" not in LK._WGRAD.key
+    tuner = LK._GEMM._build(False)  # the triton.autotune object a GPU launch goes through
+    timed = []
+    monkeypatch.setattr(tuner, "_bench", lambda *a, config, **k: timed.append(config) or 1.0)
+    monkeypatch.setattr(tuner.fn, "run", lambda *a, **k: None)
+    tuned_per_call = []
+    for num_edges in (1100, 1900, 2047, 2049):
+        table, x, ws = _inputs(2, 1, 3, 2, num_edges, torch.float32, seed=3)
+        with RT.record_launches(execute=False) as launches:
+            LK.so2_linear(x.detach(), [w.detach() for w in ws], table)
+        (_, args, kwargs), = launches
+        before = len(timed)
+        tuner.run(*args, grid=(1,), **kwargs)
+        tuned_per_call.append(len(timed) > before)
+    assert tuned_per_call == [True, False, False, True]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_every_autotune_config_equals_the_reference(dtype, monkeypatch):
+    """Each autotune config of the GEMM and the weight-gradient kernel (launched under the
+    interpreter by index), forward, first gradients and the double backward, against the reference."""
+    monkeypatch.setattr(LK, "_E_CHUNK", 3)
+    table, x, ws = _inputs(2, 2, 2, 3, 5, dtype, seed=7)
+    blocks = edge_frame_index(2, 2)[2]
+    gy = torch.randn(5, table.K, 3, dtype=dtype, generator=torch.Generator().manual_seed(8))
+
+    def run(fn):
+        y = fn(x, ws)
+        first = torch.autograd.grad(y, [x, *ws], gy, create_graph=True)
+        second = torch.autograd.grad(sum((f ** 2).sum() for f in first), [x, *ws])
+        return [y, *first, *second]
+
+    want = run(lambda a, w: so2_linear(a, w, blocks))
+    for index in range(max(len(LK._GEMM.configs), len(LK._WGRAD.configs))):
+        with RT.interpreter_config(index), RT.count_launches() as launched:
+            got = run(lambda a, w: LK.so2_linear(a, w, table))
+        assert {"_so2_linear_gemm_kernel", "_so2_linear_wgrad_kernel"} <= set(launched)
+        for i, (a, b) in enumerate(zip(got, want)):
+            assert _rel(a, b) < 10 * _tol(dtype), f"config {index}, output {i}: {_rel(a, b):.2e}"

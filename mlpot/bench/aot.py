@@ -43,6 +43,8 @@ import tempfile
 import time
 
 DEFAULT_MODELS = ("MACE", "ESCN")
+# SO(2) message passing (issue 13, item 5): MACE with `interaction_tp: so2` is checked by default too
+DEFAULT_MODELS += ("MACE:interaction_tp=so2",)
 ARCHS = (80, 90)
 DTYPES = ("fp32", "fp64")
 _TORCH_DTYPES = {"fp32": "float32", "fp64": "float64"}

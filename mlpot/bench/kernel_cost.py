@@ -172,19 +172,72 @@ def sh_costs(L, E, bytes_per=8, num_basis=8, **_) -> dict:
             "floor": {"bytes": floor_fwd, "fwd_bytes": floor_fwd, "bwd_bytes": floor_bwd, "fwd_flops": flops}}
 
 
-def so2_costs(C, L, N, E, bytes_per=4, mmax=2, **_) -> dict:
-    """SO(2) message passing (depthwise): rotate x[src] into the edge frame, per-m weights, rotate back."""
-    s, D = bytes_per, (L + 1) ** 2
-    rot = sum((2 * l + 1) ** 2 for l in range(L + 1))  # Wigner block entries per edge
-    flops_rot = 2 * 2 * rot * C  # rotate in and out, multiply-add
-    flops_m = 2 * 2 * D * C  # per-m 2x2 (real/imag) mixing, depthwise
-    # current: the rotation is recomputed for each output entry (D of them) from the Wigner blocks
-    cur = {"fwd_bytes": E * D * (rot * s + D * C * s) + E * D * C * s + N * D * C * s,
-           "fwd_flops": E * D * flops_rot // 2 + E * flops_m}
-    new = {"fwd_bytes": E * (rot * s + D * C * s + D * C * s) + N * D * C * s,
-           "fwd_flops": E * (flops_rot + flops_m)}
-    floor = {"bytes": N * D * C * s + E * rot * s + E * D * C * s + N * D * C * s, "fwd_flops": new["fwd_flops"]}
-    return {"shape": f"C={C} L={L} N={N} E={E} Wigner entries/edge={rot}", "current": cur, "new": new, "floor": floor}
+@functools.cache
+def _so2_table(L: int):
+    """Row, weight and entry counts of MACE's layer-2 SO(2) message (``1x0e + 1x1o`` into every
+    ``l <= L`` target, ``mmax = L``, depthwise) per channel, from the kernel's own table."""
+    from mlpot.o3.backend import kernels_module
+    from mlpot.o3.so2 import SO2MessageTP
+
+    target = " + ".join(f"{l}{'e' if l % 2 == 0 else 'o'}" for l in range(L + 1))
+    tp = SO2MessageTP("1x0e + 1x1o", L, target, mmax=L)
+    t = kernels_module("so2").SO2Table(tp.plan)
+    rot = lambda irreps: sum(ir.dim ** 2 for _, ir in irreps)  # in-block Wigner entries the tiles read
+    return {"DI": t.DI, "DO": t.DO, "P": t.weight_numel, "T": len(t.entries),
+            "rot_in": rot(tp.plan.irreps_in), "rot_out": rot(tp.plan.irreps_out),
+            "rot_L": sum((2 * l + 1) ** 2 for l in range(tp.plan.lmax + 1)), "DW": (tp.plan.lmax + 1) ** 2}
+
+
+def _tile(n: int) -> int:
+    p = 16
+    while p < n:
+        p *= 2
+    return p
+
+
+def so2_costs(C, L, N, E, bytes_per=4, block_c=64, **_) -> dict:
+    """SO(2) message passing (MACE layer 2, depthwise, per-edge weights), forward and backward.
+
+    Current = the kernels of :mod:`mlpot.kernels.so2` at their widest autotune config
+    (``BLOCK_C = block_c``): forward node kernel per (receiver, channel block), each edge's
+    ``x[src]`` rotated once by one ``tl.dot``, the Wigner tiles (in-block entries) read once per
+    edge and channel block, every table entry reading its weights (an ``m > 0`` path's two entries
+    read the same weights); backward = the transposed node kernel (``dx``), the weight-gradient
+    edge kernel (per edge and channel block: both rotations plus the partner-row rotation) and two
+    Wigner-gradient edge kernels (``D_in``, ``D_out``; per edge, all channels, ``(DW, DW)`` written).
+    Redesign = one program per edge for all channels (Wigner read once per edge, weights once) and
+    a single fused receiver-outer backward pass (``g[n]`` read once per receiver; per edge ``x[src]``,
+    ``w``, ``D`` read once, ``dw``, ``dD`` and the per-edge input gradient ``h`` written, then ``h``
+    summed per sender, as in the message-passing redesign). FLOPs: the kernels' padded tensor-core
+    tiles (current, redesign); the floor counts only the in-block rotation entries and the table's
+    entries (multiply-add = 2)."""
+    t = _so2_table(L)
+    s, DI, DO, P, T = bytes_per, t["DI"], t["DO"], t["P"], t["T"]
+    nblk = -(-C // block_c)
+    rot_in, rot_out, rot_L, DW = t["rot_in"], t["rot_out"], t["rot_L"], t["DW"]
+    DAP, DBP = _tile(DI), _tile(DO)
+    # per edge and channel: both rotations on tensor cores (padded tiles), row extraction and the map
+    flops_fwd = E * C * (2 * DAP * DAP + 2 * DBP * DBP + DI * (2 * DAP + 3 * DBP))
+    cur_fwd = E * (DI * C + T * C + nblk * (rot_in + rot_out)) * s + E * nblk * 2 * IDX + N * DO * C * s
+    cur_dx = E * (DO * C + T * C + nblk * (rot_in + rot_out)) * s + E * nblk * 2 * IDX + N * DI * C * s
+    cur_dw = E * (DI * C + DO * C + nblk * (rot_in + 2 * rot_out) + P * C) * s + E * nblk * 2 * IDX
+    cur_dd = 2 * (E * (DI * C + DO * C + T * C + DW * DW) * s + E * 2 * IDX) + E * (rot_in + rot_out) * s
+    new_fwd = E * (DI * C + P * C + rot_L) * s + E * 2 * IDX + N * DO * C * s
+    new_bwd = (N * DO * C * s + E * (DI * C + P * C + rot_L) * s + E * 2 * IDX  # g[n]; x[src], w, D once
+               + E * (P * C + rot_L + DI * C) * s  # dw, dD and h written
+               + E * DI * C * s + E * IDX + N * DI * C * s)  # h summed per sender
+    floor_fwd = (N * DI * C + E * P * C + E * rot_L + N * DO * C) * s + E * 2 * IDX
+    floor_bwd = (N * DI * C + N * DO * C + E * P * C + E * rot_L) * s + E * 2 * IDX \
+        + (N * DI * C + E * P * C + E * rot_L) * s
+    shape = (f"C={C} L={L} N={N} E={E} D_in={DI} D_out={DO} weights/edge/channel={P} entries={T} "
+             f"Wigner entries/edge={rot_L} BLOCK_C={block_c}")
+    floor_flops = 2 * E * C * (rot_in + rot_out + T)
+    return {"shape": shape,
+            "current": {"fwd_bytes": cur_fwd, "bwd_bytes": cur_dx + cur_dw + cur_dd,
+                        "fwd_flops": flops_fwd, "bwd_flops": 4 * flops_fwd},
+            "new": {"fwd_bytes": new_fwd, "bwd_bytes": new_bwd, "fwd_flops": flops_fwd, "bwd_flops": 4 * flops_fwd},
+            "floor": {"bytes": floor_fwd, "fwd_bytes": floor_fwd, "bwd_bytes": floor_bwd,
+                      "fwd_flops": floor_flops, "bwd_flops": 4 * floor_flops}}
 
 
 def gaunt_costs(C, L, N, bytes_per=4, **_) -> dict:
@@ -222,8 +275,9 @@ def table(sizes=MACE_SIZES, dtype="fp32") -> tuple[str, list[dict]]:
         rows.append(("spherical harmonics " + d, sh["shape"], sh["current"][f"{d}_bytes"], sh["new"][f"{d}_bytes"],
                      sh["floor"][f"{d}_bytes"], sh["floor"]["fwd_flops"]))
     so2 = so2_costs(bytes_per=s, **sizes)
-    rows.append(("SO(2) message passing fwd", so2["shape"], so2["current"]["fwd_bytes"], so2["new"]["fwd_bytes"],
-                 so2["floor"]["bytes"], so2["floor"]["fwd_flops"]))
+    for d in ("fwd", "bwd"):
+        rows.append(("SO(2) message passing " + d, so2["shape"], so2["current"][f"{d}_bytes"], so2["new"][f"{d}_bytes"],
+                     so2["floor"][f"{d}_bytes"], so2["floor"][f"{d}_flops"]))
     ga = gaunt_costs(bytes_per=s, **sizes)
     rows.append(("Gaunt product fwd", ga["shape"], ga["current"]["fwd_bytes"], ga["new"]["fwd_bytes"],
                  ga["floor"]["bytes"], ga["floor"]["fwd_flops"]))
