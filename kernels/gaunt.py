@@ -13,8 +13,11 @@ Gaunt coefficients in component normalization) whenever the grid integrates degr
 normalization can be used; the default is :mod:`mlpot.o3`'s S2 grid (:func:`grid_matrices`).
 
 One program = one node and a block of channels; it loops over grid chunks of ``BLOCK_G`` points
-with three ``tl.dot`` (``ieee``: float32 on CUDA cores; ``tf32x3`` was tried and spills registers
-in 87 of 420 sm_80/sm_90 variants), so the grid values never go to global memory.
+with three ``tl.dot``, so the grid values never go to global memory. The dots run on tensor cores:
+float32 as ``tf32x3`` (:func:`mlpot.kernels._runtime.dot_precision`; error bound below), float64 as
+``ieee``, which Triton lowers to the FP64 ``mma.sync`` (DMMA) on sm_80 and sm_90 (``mlpot bench aot``
+counts it). Autotune configs are chosen per input width so that none spills (``_CFG_NARROW``,
+``_CFG_WIDE``).
 
 Gradients: with ``K(X, MX, Z, MZ, MO) = ((X MX) * (Z MZ)) MO``,
 ``dL/dX = K(g, MO^T, Z, MZ, MX^T)`` and ``dL/dZ = K(g, MO^T, X, MX, MZ^T)``, the same kernel; so
@@ -25,7 +28,7 @@ import math
 
 import torch
 
-from ._runtime import LazyKernel, check_device, next_pow2, tl
+from ._runtime import LazyKernel, check_device, dot_precision, next_pow2, tl
 
 
 def _grid_product_kernel(out_ptr, x_ptr, z_ptr, mx_ptr, mz_ptr, mo_ptr,
@@ -53,9 +56,20 @@ def _grid_product_kernel(out_ptr, x_ptr, z_ptr, mx_ptr, mz_ptr, mo_ptr,
     tl.store(out_ptr + (n * C + c[:, None]) * DO + io[None, :], acc, mask=cm[:, None] & (io[None, :] < DO))
 
 
-_CFG = [({"BLOCK_C": bc, "BLOCK_G": bg}, w, s)
-        for bc, bg, w, s in ((16, 32, 4, 2), (32, 32, 4, 2), (64, 32, 4, 3), (32, 64, 4, 2), (64, 64, 8, 3))]
-_KERNEL = LazyKernel(_grid_product_kernel, _CFG, key=["C", "DX", "DZ", "G", "DO"])
+# Autotune configs, chosen per operand width so that every config compiles without register spills
+# for sm_80 and sm_90 in float32 (tf32x3) and float64 (`mlpot bench aot --max-spill-bytes 0`). The
+# ``X``/``Z`` tiles stay in registers across the grid loop, and tf32x3 keeps a head and a tail of
+# each, so inputs of padded width 64 (the product basis's ``(k-1) L`` factor) get 8 warps or
+# narrower channel blocks: their 4-warp ``BLOCK_C >= 16`` / ``BLOCK_G >= 32`` tiles spilled 28-1740 B.
+_CFG_NARROW = [({"BLOCK_C": bc, "BLOCK_G": bg}, w, s)
+               for bc, bg, w, s in ((16, 32, 4, 2), (32, 32, 4, 2), (64, 32, 4, 3), (32, 64, 4, 2), (64, 64, 8, 3))]
+_CFG_WIDE = [({"BLOCK_C": bc, "BLOCK_G": bg}, w, s)
+             for bc, bg, w, s in ((16, 16, 4, 2), (32, 16, 4, 2), (32, 16, 8, 2), (64, 32, 8, 3))]
+_KEY = ["C", "DX", "DZ", "G", "DO"]
+_KERNEL_NARROW = LazyKernel(_grid_product_kernel, _CFG_NARROW, key=_KEY)
+_KERNEL_WIDE = LazyKernel(_grid_product_kernel, _CFG_WIDE, key=_KEY)
+#: padded input width above which the 8-warp / narrow-tile configs are used
+_WIDE = 32
 
 
 def _launch(X, Z, MX, MZ, MO):
@@ -66,8 +80,10 @@ def _launch(X, Z, MX, MZ, MO):
         return out.zero_()
     p = lambda d: max(16, next_pow2(d))
     grid = lambda m: (N, (C + m["BLOCK_C"] - 1) // m["BLOCK_C"])
-    _KERNEL[grid](out, X, Z, MX, MZ, MO, C, DX, DZ, G, DO, DXP=p(DX), DZP=p(DZ), DOP=p(DO),
-                  DOT_PRECISION="ieee")  # tf32x3 spills on sm_80/sm_90 here (mlpot bench aot, 87 of 420 variants)
+    DXP, DZP = p(DX), p(DZ)
+    kernel = _KERNEL_WIDE if max(DXP, DZP) > _WIDE else _KERNEL_NARROW
+    kernel[grid](out, X, Z, MX, MZ, MO, C, DX, DZ, G, DO, DXP=DXP, DZP=DZP, DOP=p(DO),
+                  DOT_PRECISION=dot_precision(X.dtype))
     return out
 
 

@@ -22,7 +22,7 @@ LAUNCHED = {
     "sc": [("symmetric_contraction", "_NODE"), ("symmetric_contraction", "_WEIGHT"),
            ("symmetric_contraction", "_BLOCK_SUM")],
     "mp": [("channelwise_tp", "_NODE"), ("channelwise_tp", "_EDGE_CHANNEL"), ("channelwise_tp", "_EDGE")],
-    "gaunt": [("gaunt", "_KERNEL")],
+    "gaunt": [("gaunt", "_KERNEL_NARROW"), ("gaunt", "_KERNEL_WIDE")],
     "so2": [("so2", "_KERNEL")],
 }
 
