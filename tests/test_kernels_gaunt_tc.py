@@ -151,3 +151,16 @@ def test_aot_every_config_compiles_on_tensor_cores_without_spills(tmp_path):
     rows = _aot(tmp_path, ["--arch", "80", "90", "--dtype", "fp32", "fp64", "--model", GAUNT_MACE,
                            GAUNT_MACE + ",gaunt_method=fourier"])
     assert {r["dtype"] for r in rows} == {"fp32", "fp64"}
+
+
+def test_aot_summary_table_aggregates_per_kernel_target_and_dtype():
+    from mlpot.bench import aot
+
+    def row(kernel, regs, mma, spill=0, ok=True, warps=4):
+        return {"kernel": kernel, "arch": "sm_80", "dtype": "fp32", "num_warps": warps, "models": ["MACE"], "ok": ok,
+                "regs": regs, "spill_stores": spill, "spill_loads": spill, "shared": 512, "mma": mma, "wgmma": 0}
+
+    rows = [row("_k", 100, 36), row("_k", 180, 72, spill=8, warps=8), row("_k", 0, 0, ok=False), row("_a", 40, 0)]
+    lines = aot.summary_table(rows).splitlines()
+    assert lines[2] == "| _a | sm_80 | fp32 | 1 | 4 | 40–40 | 0/0 | 512 | 0–0 / 0–0 | MACE |"
+    assert lines[3] == "| _k | sm_80 | fp32 | 3 (**1 failed**) | 4,8 | 100–180 | 8/8 | 512 | 36–72 / 0–0 | MACE |"
