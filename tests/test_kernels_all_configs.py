@@ -22,7 +22,7 @@ LAUNCHED = {
     "sc": [("symmetric_contraction", "_NODE"), ("symmetric_contraction", "_WEIGHT"),
            ("symmetric_contraction", "_BLOCK_SUM")],
     "mp": [("mp_codegen", "SEGMENT_SUM"), ("mp_codegen", "CONFIGS")],  # CONFIGS: of the generated kernels
-    "gaunt": [("gaunt", "_KERNEL")],
+    "gaunt": [("gaunt", "_KERNEL_NARROW"), ("gaunt", "_KERNEL_WIDE")],
     "so2": [("so2", "_NODE"), ("so2", "_EDGE")],
 }
 

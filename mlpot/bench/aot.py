@@ -24,6 +24,7 @@ variant here too.
     mlpot bench aot                                   # MACE and ESCN defaults, sm_80 + sm_90, fp32 + fp64
     mlpot bench aot --model MACE:interaction_tp=gaunt --arch 90 --dtype fp32 --first-config
     mlpot bench aot --max-spill-bytes 0 --md aot.md   # exit status 1 on a spill or a failed compile
+    mlpot bench aot --jobs 2 --summary-md summary.md  # compile in 2 processes; the per-kernel table
 
 Exit status: 1 when a variant fails to compile or spills more than ``--max-spill-bytes``.
 """
@@ -245,23 +246,63 @@ def markdown_table(rows: list[dict]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-def run(specs, archs, dtypes, first_config=False, execute=False, only=None) -> list[dict]:
-    """Record in a child, compile here; one row per (variant, arch)."""
-    rows = []
+# --- per-kernel summary and parallel compiles (the BENCHMARKS.md table; Gaunt tensor-core work) ---
+def _span(values) -> str:
+    values = list(values)
+    return f"{min(values)}–{max(values)}" if values else "–"
+
+
+def summary_table(rows: list[dict]) -> str:
+    """One line per (kernel, sm, dtype): variants, warps, register range, largest spill and shared
+    memory, tensor-core instruction counts (``mma.sync`` / ``wgmma``, min–max over the variants),
+    models: the table of BENCHMARKS.md (``--summary-md``)."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["kernel"], r["arch"], r["dtype"]), []).append(r)
+    head = ("| kernel | sm | dtype | variants | warps | registers (min–max) | spill st/ld, max (B) | shared, max (B) "
+            "| mma.sync / wgmma (min–max) | models |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    lines = []
+    for (kernel, arch, dtype), rs in sorted(groups.items()):
+        ok = [r for r in rs if r["ok"]]
+        failed = len(rs) - len(ok)
+        n = f"{len(rs)}" + (f" (**{failed} failed**)" if failed else "")
+        warps = ",".join(str(w) for w in sorted({r["num_warps"] for r in rs}))
+        spill = (f"{max((r['spill_stores'] for r in ok), default=0)}/{max((r['spill_loads'] for r in ok), default=0)}")
+        models = ", ".join(sorted({m for r in rs for m in r["models"]}))
+        lines.append(f"| {kernel} | {arch} | {dtype} | {n} | {warps} | {_span(r['regs'] for r in ok)} | {spill} | "
+                     f"{max((r['shared'] for r in ok), default=0)} | {_span(r['mma'] for r in ok)} / "
+                     f"{_span(r['wgmma'] for r in ok)} | {models} |")
+    return head + "\n".join(lines) + "\n"
+
+
+def _compile_row(job) -> dict:
+    variant, arch = job
+    row = {**variant, "arch": f"sm_{arch}", "constexprs": _constexpr_text(variant)}
+    try:
+        row.update(compile_variant(variant, arch), ok=True)
+    except Exception as exc:  # noqa: BLE001 - reported in the table and the exit status
+        row.update(ok=False, error=f"{type(exc).__name__}: {exc}".splitlines()[0])
+    return row
+
+
+def run(specs, archs, dtypes, first_config=False, execute=False, only=None, jobs: int = 1) -> list[dict]:
+    """Record in a child, compile here (``jobs`` > 1: in that many worker processes); one row per
+    (variant, arch), in the same order either way."""
+    work = []
     for dtype_name in dtypes:
         for variant in record_in_child(list(specs), dtype_name, execute=execute):
             if first_config and not variant["first_config"]:
                 continue
             if only and not re.search(only, variant["kernel"]):
                 continue
-            for arch in archs:
-                row = {**variant, "arch": f"sm_{arch}", "constexprs": _constexpr_text(variant)}
-                try:
-                    row.update(compile_variant(variant, arch), ok=True)
-                except Exception as exc:  # noqa: BLE001 - reported in the table and the exit status
-                    row.update(ok=False, error=f"{type(exc).__name__}: {exc}".splitlines()[0])
-                rows.append(row)
-    return rows
+            work.extend((variant, arch) for arch in archs)
+    if jobs <= 1:
+        return [_compile_row(job) for job in work]
+    import concurrent.futures
+    import multiprocessing
+
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(_compile_row, work, chunksize=4))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -276,6 +317,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-spill-bytes", type=int, default=None, help="exit 1 when a variant spills more")
     ap.add_argument("--md", default=None, help="also write the table to this markdown file")
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    ap.add_argument("--summary-md", default=None, help="also write the per-kernel summary (BENCHMARKS.md) here")
+    ap.add_argument("--jobs", type=int, default=1, help="compile in this many processes (default 1)")
     ap.add_argument("--record-to", default=None, help=argparse.SUPPRESS)  # the child's side of run()
     return ap
 
@@ -290,7 +333,8 @@ def main(argv=None) -> int:
     import torch
     import triton
 
-    rows = run(args.model, args.arch, args.dtype, args.first_config, args.execute, args.only)
+    t0 = time.perf_counter()
+    rows = run(args.model, args.arch, args.dtype, args.first_config, args.execute, args.only, jobs=args.jobs)
     table = markdown_table(rows)
     print(f"# mlpot bench aot: triton {triton.__version__}, torch {torch.__version__}, "
           f"{platform.machine()} host, models {' '.join(args.model)}")
@@ -301,11 +345,15 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=1, default=str)
+    if args.summary_md:
+        with open(args.summary_md, "w") as fh:
+            fh.write(summary_table(rows))
     failed = [r for r in rows if not r["ok"]]
     spilled = [r for r in rows if r["ok"] and args.max_spill_bytes is not None
                and max(r["spill_stores"], r["spill_loads"]) > args.max_spill_bytes]
     print(f"# {len(rows) - len(failed)}/{len(rows)} variants compiled; {len(failed)} failed"
-          + (f"; {len(spilled)} spill more than {args.max_spill_bytes} B" if args.max_spill_bytes is not None else ""))
+          + (f"; {len(spilled)} spill more than {args.max_spill_bytes} B" if args.max_spill_bytes is not None else "")
+          + f"; {time.perf_counter() - t0:.0f} s")
     return 1 if failed or spilled else 0
 
 
