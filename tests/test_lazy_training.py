@@ -168,7 +168,7 @@ def test_lazy_valid_fraction_and_bad_mix(tmp_path, capsys):
     assert "5 valid" in capsys.readouterr().out  # 25 % of the 20 non-isolated frames
     bad = _lazy_cfg(tmp_path, "mix", [str(tmp_path / "t.h5"), str(tmp_path / "x.xyz")], 0.2)
     assert main(["train", str(bad)]) == 1
-    assert "mixes HDF5 dataset files with other formats" in capsys.readouterr().err
+    assert "mixes dataset files (.lmdb, .h5) with other formats" in capsys.readouterr().err
 
 
 RSS_DRIVER = SUBPROCESS_PROLOGUE.replace("sys.exit(main(sys.argv[1:]))", (
