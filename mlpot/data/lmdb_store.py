@@ -26,7 +26,9 @@ access on a file larger than memory must not pull in neighbouring pages); open o
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import struct
 from collections.abc import Iterable, Iterator
 
@@ -153,6 +155,57 @@ def write_lmdb(atoms_iter: Iterable, path, cutoff: float | None = None, *, chunk
     return n_frames
 
 
+class _Shared:
+    """The read-only environment of one file, shared by every reader in this process: py-lmdb
+    refuses to open a file twice in one process. Environments inherited through ``fork``
+    (DataLoader workers) are closed in the child before it opens its own: they hold no locks
+    (``lock=False``), so this touches nothing of the parent's."""
+
+    open: dict = {}  # (st_dev, st_ino) of the file -> [env, txn, pid, readers]
+
+    @staticmethod
+    def _key(path: str):
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            raise DataError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+        return st.st_dev, st.st_ino
+
+    @classmethod
+    def acquire(cls, path: str):
+        import lmdb
+
+        pid = os.getpid()
+        for key, entry in list(cls.open.items()):
+            if entry[2] != pid:
+                with contextlib.suppress(lmdb.Error):
+                    entry[0].close()
+                del cls.open[key]
+        key = cls._key(path)
+        entry = cls.open.get(key)
+        if entry is None:
+            env = _open(path, readonly=True, readahead=False, meminit=False, max_readers=1)
+            try:
+                txn = env.begin(buffers=False)
+            except lmdb.Error as exc:
+                env.close()
+                raise DataError(f"{path}: not a readable LMDB file ({exc})") from None
+            entry = cls.open[key] = [env, txn, pid, 0]
+        entry[3] += 1
+        return entry[1]
+
+    @classmethod
+    def release(cls, txn) -> None:
+        entry = next((e for e in cls.open.values() if e[1] is txn), None)
+        if entry is None or entry[2] != os.getpid():
+            return
+        entry[3] -= 1
+        if entry[3] <= 0:
+            entry[1].abort()
+            entry[0].close()
+            cls.open = {k: e for k, e in cls.open.items() if e is not entry}
+
+
 class LMDBFrames:
     """Frames of an LMDB dataset file, read one at a time (the reader behind
     :class:`mlpot.data.LazyDataset`; open one per process)."""
@@ -161,12 +214,11 @@ class LMDBFrames:
         import lmdb
 
         self.path = str(path)
-        self._env = _open(self.path, readonly=True, readahead=False, meminit=False, max_readers=1)
+        self._txn = _Shared.acquire(self.path)
         try:
-            self._txn = self._env.begin(buffers=False)
             raw = self._txn.get(META_KEY)
         except lmdb.Error as exc:
-            self._env.close()
+            self.close()
             raise DataError(f"{self.path}: not a readable LMDB file ({exc})") from None
         if raw is None:
             self.close()
@@ -199,9 +251,9 @@ class LMDBFrames:
         return decode_frame(buf, self.path, k)
 
     def close(self) -> None:
-        if self._env is not None:
-            self._env.close()
-            self._env = None
+        if self._txn is not None:
+            txn, self._txn = self._txn, None
+            _Shared.release(txn)
 
 
 def iter_lmdb_atoms(path) -> Iterator:
