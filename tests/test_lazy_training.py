@@ -92,9 +92,10 @@ def test_statistics_cache_is_reused_and_keyed_by_content_and_cutoff(tmp_path, mo
     assert len(calls) == 4
 
 
-def test_lazy_dataset_uses_stored_edges_only_when_cutoff_fits(tmp_path, monkeypatch):
-    p = tmp_path / "d.h5"
-    write_hdf5(_frames(6, isolated=False), p, cutoff=4.0)
+@pytest.mark.parametrize("fmt", ["h5", "lmdb"])
+def test_lazy_dataset_uses_stored_edges_only_when_cutoff_fits(tmp_path, monkeypatch, fmt):
+    p = tmp_path / f"d.{fmt}"
+    write_dataset(_frames(6, isolated=False), p, cutoff=4.0)
     import mlpot.data.neighbors as nb
 
     ds = LazyDataset(p, cutoff=3.0)

@@ -103,7 +103,6 @@ def run(args) -> int:
         if not (args.r_max > 0 and math.isfinite(args.r_max)):
             raise ConfigError(f"--r-max must be a finite number > 0, got {args.r_max}")
         from mlpot.data.statistics import compute_statistics
-
         from mlpot.data.store import dataset_format
 
         if dataset_format(args.input) is not None:
