@@ -136,15 +136,19 @@ def _lazy_cfg(tmp_path, name, train, valid, **training):
     return write_config(tmp_path / f"{name}.yaml", cfg)
 
 
-def test_train_on_shards_matches_in_memory(tmp_path):
-    frames = _frames(30)
+@pytest.mark.parametrize("fmt", ["h5", "lmdb"])
+def test_train_on_shards_matches_in_memory(tmp_path, fmt):
+    """Two shards (one with stored neighbour lists, one without: computed in the workers), two
+    DataLoader workers; validation from an extxyz file (h5) or lazily from a dataset file (lmdb)."""
+    frames, valid = _frames(30), _frames(6, seed=9, isolated=False)
     write(tmp_path / "train.xyz", frames)
-    write(tmp_path / "valid.xyz", _frames(6, seed=9, isolated=False))
-    write_hdf5(frames[:12], tmp_path / "t0.h5", cutoff=5.0)
-    write_hdf5(frames[12:], tmp_path / "t1.h5")
+    write(tmp_path / "valid.xyz", valid)
+    write_dataset(frames[:12], tmp_path / f"t0.{fmt}", cutoff=5.0)
+    write_dataset(frames[12:], tmp_path / f"t1.{fmt}")
+    write_dataset(valid, tmp_path / "v.lmdb")
     mem = _lazy_cfg(tmp_path, "mem", str(tmp_path / "train.xyz"), str(tmp_path / "valid.xyz"), epochs=2)
-    lazy = _lazy_cfg(tmp_path, "lazy", [str(tmp_path / "t0.h5"), str(tmp_path / "t1.h5")],
-                     str(tmp_path / "valid.xyz"), epochs=2, num_workers=2)
+    lazy = _lazy_cfg(tmp_path, "lazy", [str(tmp_path / f"t0.{fmt}"), str(tmp_path / f"t1.{fmt}")],
+                     str(tmp_path / ("valid.xyz" if fmt == "h5" else "v.lmdb")), epochs=2, num_workers=2)
     assert main(["train", str(mem)]) == 0
     assert main(["train", str(lazy)]) == 0
     cfg_m = yaml.safe_load((tmp_path / "mem" / "config.yaml").read_text())["model"]
@@ -158,7 +162,7 @@ def test_train_on_shards_matches_in_memory(tmp_path):
     for split in ("train", "valid"):
         for key in ("e_mae", "f_mae"):
             assert met_l[split][key] == pytest.approx(met_m[split][key], rel=1e-6), (split, key)
-    assert (tmp_path / ("t0.h5" + ss.CACHE_SUFFIX)).exists()
+    assert (tmp_path / (f"t0.{fmt}" + ss.CACHE_SUFFIX)).exists()  # statistics cached beside each shard
 
 
 def test_lazy_valid_fraction_and_bad_mix(tmp_path, capsys):

@@ -15,7 +15,6 @@ from test_lazy_training import _frames, _lazy_cfg, _rattled_cells
 
 from mlpot.cli.main import main
 from mlpot.data import LazyDataset, compute_statistics, read, write_hdf5, write_lmdb
-from mlpot.data import streaming_stats as ss
 from mlpot.data.frames import atoms_to_frame
 from mlpot.data.lmdb_store import META_KEY, decode_frame, encode_frame, frame_key
 from mlpot.data.store import shard_path
@@ -107,31 +106,6 @@ def test_map_grows_for_large_files(tmp_path, monkeypatch):
     assert write_lmdb(frames, tmp_path / "d.lmdb") == 300
     assert (tmp_path / "d.lmdb").stat().st_size > 1 << 16
     np.testing.assert_array_equal(LazyDataset(tmp_path / "d.lmdb", 3.0).frame(299)["positions"], frames[299].positions)
-
-
-def test_train_on_lmdb_shards_with_workers_matches_in_memory(tmp_path):
-    frames = _frames(30)
-    write(tmp_path / "train.xyz", frames)
-    write(tmp_path / "valid.xyz", _frames(6, seed=9, isolated=False))
-    write_lmdb(frames[:12], tmp_path / "t0.lmdb", cutoff=5.0)  # stored neighbour lists (r_max 4 <= 5)
-    write_lmdb(frames[12:], tmp_path / "t1.lmdb")  # none: computed in the workers
-    write_lmdb(_frames(6, seed=9, isolated=False), tmp_path / "v.lmdb")
-    mem = _lazy_cfg(tmp_path, "mem", str(tmp_path / "train.xyz"), str(tmp_path / "valid.xyz"), epochs=2)
-    lazy = _lazy_cfg(tmp_path, "lazy", [str(tmp_path / "t0.lmdb"), str(tmp_path / "t1.lmdb")],
-                     str(tmp_path / "v.lmdb"), epochs=2, num_workers=2)
-    assert main(["train", str(mem)]) == 0
-    assert main(["train", str(lazy)]) == 0
-    cfg_m = yaml.safe_load((tmp_path / "mem" / "config.yaml").read_text())["model"]
-    cfg_l = yaml.safe_load((tmp_path / "lazy" / "config.yaml").read_text())["model"]
-    for key in ("avg_num_neighbors", "scale", "shift"):
-        assert cfg_l[key] == pytest.approx(cfg_m[key], rel=1e-9)
-    assert cfg_l["e0s"] == {k: pytest.approx(v, rel=1e-9) for k, v in cfg_m["e0s"].items()}
-    met_m = json.loads((tmp_path / "mem" / "metrics.json").read_text())
-    met_l = json.loads((tmp_path / "lazy" / "metrics.json").read_text())
-    for split in ("train", "valid"):
-        for key in ("e_mae", "f_mae"):
-            assert met_l[split][key] == pytest.approx(met_m[split][key], rel=1e-6), (split, key)
-    assert (tmp_path / ("t0.lmdb" + ss.CACHE_SUFFIX)).exists()  # statistics cached beside each shard
 
 
 def test_data_stats_on_lmdb_equals_in_memory(tmp_path, capsys):
