@@ -14,9 +14,9 @@ The record ``b"__mlpot__"`` holds the file's JSON metadata: ``format`` (``mlpot-
 
 Why LMDB and not HDF5 by default: a random frame is one B-tree lookup in a memory map and one
 contiguous read, where HDF5 reads a chunk of every column the frame touches (positions, forces,
-edges, ...). ``python scripts/bench_data.py`` measured 3.6x more random raw reads per second
-and 2.1x more graphs per second than HDF5 (BENCHMARKS.md, "Data on disk"), at the price of
-files about 3.5x larger (no compression, page granularity). HDF5 stays selectable
+edges, ...). ``python scripts/bench_data.py`` measured 3.0x more random frames per second as
+arrays and 2.2x as graphs than HDF5, and training ahead or level (BENCHMARKS.md, "Data on
+disk"), at the price of files 1.8x larger (no compression, page granularity). HDF5 stays selectable
 (``mlpot data convert ... --output-format h5`` or an ``.h5`` name).
 
 Writing streams frames in transactions of ``chunk`` frames into a temporary file beside the
