@@ -41,7 +41,7 @@ from mlpot.errors import DataError
 FORMAT_NAME = "mlpot-dataset"
 FORMAT_VERSION = 1
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "iter_hdf5_atoms", "read_hdf5_frame", "shard_path", "write_hdf5",
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "HDF5Frames", "iter_hdf5_atoms", "read_hdf5_frame", "shard_path", "write_hdf5",
            "write_hdf5_shards"]
 
 
