@@ -41,8 +41,7 @@ from mlpot.errors import DataError
 FORMAT_NAME = "mlpot-dataset"
 FORMAT_VERSION = 1
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "HDF5Frames", "iter_hdf5_atoms", "read_hdf5_frame", "shard_path", "write_hdf5",
-           "write_hdf5_shards"]
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "HDF5Frames", "iter_hdf5_atoms", "read_hdf5_frame", "write_hdf5"]
 
 
 def _h5():
@@ -228,19 +227,3 @@ class HDF5Frames:
 
     def close(self) -> None:
         self._file.close()
-
-
-def shard_path(out, k: int):
-    """``data.h5`` -> ``data-00003.h5``: the name of shard ``k`` (any format)."""
-    from mlpot.data.store import shard_path as _shard_path
-
-    return _shard_path(out, k)
-
-
-def write_hdf5_shards(atoms_iter: Iterable, out, frames_per_shard: int, *, cutoff: float | None = None,
-                      workers: int = 1, progress: bool = False) -> list[tuple[str, int]]:
-    """HDF5 shards of ``frames_per_shard`` frames: :func:`mlpot.data.store.write_shards`."""
-    from mlpot.data.store import write_shards
-
-    return write_shards(atoms_iter, out, frames_per_shard, cutoff=cutoff, workers=workers, progress=progress,
-                        fmt="h5")
