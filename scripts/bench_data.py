@@ -1,63 +1,36 @@
-"""Random access to on-disk datasets: mlpot's HDF5 format against an LMDB store.
+"""Random access and training throughput of mlpot's on-disk dataset formats: LMDB (the
+default, :mod:`mlpot.data.lmdb_store`) against HDF5 (:mod:`mlpot.data.hdf5`).
 
     python scripts/bench_data.py [--frames 20000] [--reads 3000] [--repeats 3] [--atoms 8]
 
 Writes ``--frames`` periodic frames (``--atoms`` atoms each, neighbor lists stored for 4 Å)
-once as mlpot HDF5 (:func:`mlpot.data.write_hdf5`, read by :class:`mlpot.data.LazyDataset`)
-and once as LMDB (the layout fairchem and nequip use: one key per frame, value = that frame's
-arrays packed as raw bytes behind a small JSON header; no pickle), then reads ``--reads``
-frames in a random order from each, ``--repeats`` times, interleaved (HDF5, LMDB, HDF5, ...),
-both as raw arrays and as model-ready graphs (HDF5: ``LazyDataset[k]``; LMDB: the same
-``frame_to_graph`` on the unpacked arrays). Prints frames/s per repeat, the median and the
-spread (min-max), the LMDB/HDF5 ratio and both file sizes. The page cache is warm after
-writing (what a training epoch after the first sees). Needs ``pip install lmdb``.
+once in each format (:func:`mlpot.data.write_dataset`), then reads ``--reads`` frames in a
+random order from each through :class:`mlpot.data.LazyDataset`, ``--repeats`` times,
+interleaved (HDF5, LMDB, HDF5, ...), both as checked arrays (``LazyDataset.frame``) and as
+model-ready graphs (``LazyDataset[k]``). Prints frames/s per repeat, the median and the spread
+(min-max), the LMDB/HDF5 ratio and both file sizes. The page cache is warm after writing (what
+a training epoch after the first sees).
 
-    python scripts/bench_data.py --training [--repeats 3] [--epochs 2] [--workers 0]
+    python scripts/bench_data.py --training [--repeats 3] [--epochs 2] [--workers 0] [--set KEY=VALUE ...]
 
 Training throughput instead: the quickstart config (MACE 16x0e+16x1o on the built-in EMT Cu-Ni
 data, 150 training cells) trained ``--epochs`` epochs from the extxyz file in memory and from the
-same frames in an HDF5 file (``mlpot data convert --cutoff 5``; lazy, ``--workers`` DataLoader
-workers), alternating, ``--repeats`` times each; frames/s = training frames / mean epoch time
-from ``log.csv`` (the ``time`` column: training plus validation of the epoch).
+same frames converted to HDF5 and to LMDB (``mlpot data convert --cutoff 5``; lazy,
+``--workers`` DataLoader workers), alternating, ``--repeats`` times each; frames/s = training
+frames / mean epoch time from ``log.csv`` (the ``time`` column: training plus validation of the
+epoch). Prints each source's median and spread and the lazy / in-memory ratios (median and
+spread over the repeats, each ratio from one side-by-side round). ``--set`` pairs go to every
+training run (e.g. a smaller model, where reading frames weighs more in a step).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import struct
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-
-KEYS = ("positions", "numbers", "cell", "pbc", "forces", "stress", "edges_i", "edges_j", "shifts")
-
-
-def pack(fr: dict) -> bytes:
-    """Arrays of a frame as ``len(header) | JSON header (name, dtype, shape) | raw buffers``."""
-    arrays = {
-        "positions": fr["positions"], "numbers": fr["numbers"], "cell": fr["cell"], "pbc": fr["pbc"],
-        "forces": fr["forces"], "stress": fr["stress"],
-        "edges_i": fr["edges"][0], "edges_j": fr["edges"][1], "shifts": fr["edges"][2],
-    }
-    head = {"energy": fr["energy"], "config_type": fr["config_type"],
-            "arrays": [[k, str(np.asarray(v).dtype), list(np.shape(v))] for k, v in arrays.items()]}
-    h = json.dumps(head).encode()
-    return struct.pack("<I", len(h)) + h + b"".join(np.ascontiguousarray(v).tobytes() for v in arrays.values())
-
-
-def unpack(buf: bytes) -> dict:
-    (n,) = struct.unpack_from("<I", buf)
-    head = json.loads(buf[4:4 + n])
-    out, pos = {"energy": head["energy"], "config_type": head["config_type"]}, 4 + n
-    for name, dt, shape in head["arrays"]:
-        size = int(np.prod(shape)) * np.dtype(dt).itemsize
-        out[name] = np.frombuffer(buf, dtype=dt, count=int(np.prod(shape)), offset=pos).reshape(shape)
-        pos += size
-    out["edges"] = (out.pop("edges_i"), out.pop("edges_j"), out.pop("shifts"))
-    return out
 
 
 def frames(n: int, n_atoms: int, seed: int = 0):
@@ -73,20 +46,6 @@ def frames(n: int, n_atoms: int, seed: int = 0):
         yield a
 
 
-def write_lmdb(h5: Path, path: Path, n: int) -> None:
-    import lmdb
-
-    from mlpot.data import LazyDataset
-
-    ds = LazyDataset(h5)
-    env = lmdb.open(str(path), map_size=1 << 36, subdir=False, lock=False)
-    with env.begin(write=True) as txn:
-        for k in range(n):
-            txn.put(struct.pack(">Q", k), pack(ds.frame(k)))
-    env.sync()
-    env.close()
-
-
 def training(args) -> None:
     import csv
     import subprocess
@@ -97,17 +56,19 @@ def training(args) -> None:
         tmp = Path(tmp)
         mlpot = [sys.executable, "-m", "mlpot.cli.main"]
         base = ["--set", "training.progress=false", f"training.epochs={args.epochs}", "training.time_limit=null",
-                f"training.num_workers={args.workers}"]
+                f"training.num_workers={args.workers}", *args.set]
         subprocess.run(mlpot + ["train", str(repo / "configs/quickstart.yaml"), "--set", f"output={tmp / 'gen'}",
                                 "training.epochs=1", "training.progress=false"], check=True, capture_output=True)
         data = tmp / "gen" / "data"
-        subprocess.run(mlpot + ["data", "convert", str(data / "train.xyz"), str(tmp / "train.h5"), "--cutoff", "5.0"],
-                       check=True, capture_output=True)
-        sources = {"in-memory (extxyz)": str(data / "train.xyz"), "lazy (HDF5)": str(tmp / "train.h5")}
+        for fmt in ("h5", "lmdb"):
+            subprocess.run(mlpot + ["data", "convert", str(data / "train.xyz"), str(tmp / f"train.{fmt}"), "--cutoff",
+                                    "5.0"], check=True, capture_output=True)
+        sources = {"in-memory (extxyz)": str(data / "train.xyz"), "lazy (HDF5)": str(tmp / "train.h5"),
+                   "lazy (LMDB)": str(tmp / "train.lmdb")}
         rates = {k: [] for k in sources}
         for r in range(args.repeats):
             for name, train in sources.items():
-                out = tmp / f"run{r}-{len(rates[name])}-{name[:4]}"
+                out = tmp / f"run{r}-{name.split('(')[1][:-1]}"
                 subprocess.run(mlpot + ["train", str(repo / "configs/quickstart.yaml"), *base,
                                         f"output={out}", "data.synthetic=null", f"data.train={train}",
                                         f"data.valid={data / 'valid.xyz'}", f"data.test={data / 'test.xyz'}"],
@@ -115,11 +76,18 @@ def training(args) -> None:
                 rows = list(csv.DictReader(open(out / "log.csv")))
                 n_train = sum(1 for _ in open(data / "train.xyz") if _.strip().isdigit())
                 rates[name].append(n_train / statistics.mean(float(x["time"]) for x in rows))
-        print(f"quickstart MACE, {args.epochs} epochs, {args.workers} workers, {args.repeats} alternating repeats")
+            print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in rates.items()), flush=True)
+        print(f"quickstart MACE{' with ' + ' '.join(args.set) if args.set else ''}, {args.epochs} epochs, "
+              f"{args.workers} workers, {args.repeats} alternating repeats")
         for name, r in rates.items():
-            print(f"{name:20s} median {statistics.median(r):7.1f} frames/s (min {min(r):.1f}, max {max(r):.1f})")
-        ratio = [b / a for a, b in zip(*rates.values())]
-        print(f"lazy / in-memory: median {statistics.median(ratio):.2f}x (min {min(ratio):.2f}, max {max(ratio):.2f})")
+            print(f"{name:20s} median {statistics.median(r):7.2f} frames/s (min {min(r):.2f}, max {max(r):.2f})")
+        mem = rates["in-memory (extxyz)"]
+        for name in ("lazy (HDF5)", "lazy (LMDB)"):
+            ratio = [b / a for a, b in zip(mem, rates[name])]
+            print(f"{name} / in-memory: median {statistics.median(ratio):.2f}x (min {min(ratio):.2f}, "
+                  f"max {max(ratio):.2f})")
+        ratio = [b / a for a, b in zip(rates["lazy (HDF5)"], rates["lazy (LMDB)"])]
+        print(f"LMDB / HDF5: median {statistics.median(ratio):.2f}x (min {min(ratio):.2f}, max {max(ratio):.2f})")
 
 
 def main() -> None:
@@ -131,51 +99,42 @@ def main() -> None:
     ap.add_argument("--training", action="store_true", help="training throughput, in memory against lazy")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides of the training runs")
     args = ap.parse_args()
     if args.training:
         return training(args)
-    import lmdb
-
-    from mlpot.data import LazyDataset, write_hdf5
-    from mlpot.data.graph import frame_to_graph
+    from mlpot.data import LazyDataset, write_dataset
 
     with tempfile.TemporaryDirectory() as tmp:
-        h5, db = Path(tmp) / "d.h5", Path(tmp) / "d.lmdb"
-        write_hdf5(frames(args.frames, args.atoms), h5, cutoff=4.0)
-        write_lmdb(h5, db, args.frames)
+        paths = {fmt: Path(tmp) / f"d.{fmt}" for fmt in ("h5", "lmdb")}
+        for p in paths.values():
+            write_dataset(frames(args.frames, args.atoms), p, cutoff=4.0)
         order = np.random.default_rng(1).integers(0, args.frames, args.reads)
-        ds = LazyDataset(h5, cutoff=4.0)
-        env = lmdb.open(str(db), subdir=False, readonly=True, lock=False)
-        txn = env.begin()
-
-        def lmdb_graph(k):
-            fr = unpack(txn.get(struct.pack(">Q", int(k))))
-            return frame_to_graph(fr["positions"], fr["numbers"], fr["cell"], fr["pbc"], 4.0, energy=fr["energy"],
-                                  forces=fr["forces"], stress=fr["stress"], edges=fr["edges"])
-
+        ds = {fmt: LazyDataset(p, cutoff=4.0) for fmt, p in paths.items()}
         cases = {
-            "hdf5 arrays": lambda k: ds.frame(int(k)),
-            "lmdb arrays": lambda k: unpack(txn.get(struct.pack(">Q", int(k)))),
-            "hdf5 graphs": lambda k: ds[int(k)],
-            "lmdb graphs": lmdb_graph,
+            "hdf5 arrays": ds["h5"].frame,
+            "lmdb arrays": ds["lmdb"].frame,
+            "hdf5 graphs": ds["h5"].__getitem__,
+            "lmdb graphs": ds["lmdb"].__getitem__,
         }
         rates = {name: [] for name in cases}
         for _ in range(args.repeats):
             for name, fn in cases.items():
                 t0 = time.perf_counter()
                 for k in order:
-                    fn(k)
+                    fn(int(k))
                 rates[name].append(args.reads / (time.perf_counter() - t0))
         print(f"{args.frames} frames x {args.atoms} atoms, {args.reads} random reads, {args.repeats} repeats")
-        print(f"file size: hdf5 {h5.stat().st_size / 2**20:.1f} MiB, lmdb {db.stat().st_size / 2**20:.1f} MiB")
+        print(f"file size: hdf5 {paths['h5'].stat().st_size / 2**20:.1f} MiB, "
+              f"lmdb {paths['lmdb'].stat().st_size / 2**20:.1f} MiB")
         for name, r in rates.items():
             print(f"{name:12s} median {statistics.median(r):9.0f} frames/s  (min {min(r):.0f}, max {max(r):.0f})")
         for what in ("arrays", "graphs"):
             ratios = [a / b for a, b in zip(rates[f"lmdb {what}"], rates[f"hdf5 {what}"])]
             print(f"lmdb/hdf5 {what}: median {statistics.median(ratios):.2f}x (min {min(ratios):.2f}, "
                   f"max {max(ratios):.2f})")
-        env.close()
-        ds.close()
+        for d in ds.values():
+            d.close()
 
 
 if __name__ == "__main__":

@@ -1,13 +1,15 @@
 """``mlpot data``: dataset tools.
 
-    mlpot data convert IN OUT.h5 [--format F] [--energy-key K] [--forces-key K] [--stress-key K]
-                                 [--energy-unit U] [--cutoff R] [--shard-size M --workers W] [--progress]
+    mlpot data convert IN OUT.lmdb [--output-format lmdb|h5] [--format F] [--energy-key K] [--forces-key K]
+                   [--stress-key K] [--energy-unit U] [--cutoff R] [--shard-size M --workers W] [--progress]
     mlpot data stats FILE [--r-max 5.0] [--e0s auto|fit|isolated] [--json OUT.json]
 
-``convert`` streams any readable file (extxyz, ASE formats, rMD17 npz, mlearn JSON) into the
-lazy HDF5 dataset format (optionally with neighbor lists for ``--cutoff``); with
-``--shard-size`` it writes shards of M frames, ``--workers`` of them in parallel, which
-``data.train: [OUT-00000.h5, ...]`` trains on lazily (:mod:`mlpot.train.lazy_data`). ``stats`` prints
+``convert`` streams any readable file (extxyz, ASE formats, rMD17 npz, mlearn JSON) into a
+lazy dataset file (optionally with neighbor lists for ``--cutoff``): LMDB by default (faster
+random access, :mod:`mlpot.data.lmdb_store`), HDF5 for an ``.h5`` name or
+``--output-format h5``; with ``--shard-size`` it writes shards of M frames, ``--workers`` of
+them in parallel, which ``data.train: [OUT-00000.lmdb, ...]`` trains on lazily
+(:mod:`mlpot.train.lazy_data`). ``stats`` prints
 E0s, average number of neighbours, mean/std interaction energy per atom and force RMS (the
 definitions of mace-torch) and can save them as JSON.
 """
@@ -31,12 +33,14 @@ def _reader_args(p: argparse.ArgumentParser) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="data_command", metavar="ACTION")
-    c = sub.add_parser("convert", help="convert a dataset file to the lazy HDF5 format")
+    c = sub.add_parser("convert", help="convert a dataset file to a lazy dataset file (LMDB or HDF5)")
     c.add_argument("input")
-    c.add_argument("output", help="output .h5 file")
+    c.add_argument("output", help="output file: NAME.lmdb (LMDB, the default) or NAME.h5 (HDF5)")
+    c.add_argument("--output-format", choices=("lmdb", "h5"), default=None,
+                   help="lmdb (faster random access) or h5 (smaller files); must agree with the name")
     c.add_argument("--cutoff", type=float, default=None, help="also store neighbor lists for this cutoff (Å)")
     c.add_argument("--shard-size", type=int, default=None, metavar="M",
-                   help="write shards OUT-00000.h5, OUT-00001.h5, ... of M frames each (for data.train: [list])")
+                   help="write shards OUT-00000.lmdb, OUT-00001.lmdb, ... of M frames each (for data.train: [list])")
     c.add_argument("--workers", type=int, default=1, help="shards written in parallel processes (default 1)")
     c.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar (default: when stderr is a terminal)")
@@ -69,28 +73,27 @@ def run(args) -> int:
 
     cmd = getattr(args, "data_command", None)
     if cmd == "convert":
-        from mlpot.data.hdf5 import write_hdf5
+        from mlpot.data.store import output_path, shard_path, write_dataset, write_shards
 
         check_not_input(args.output, args.input)
+        output = output_path(args.output, args.output_format)
         if args.cutoff is not None and not (args.cutoff > 0 and math.isfinite(args.cutoff)):
             raise ConfigError(f"--cutoff must be a finite number > 0, got {args.cutoff}")
         if args.workers < 1:
             raise ConfigError(f"--workers must be >= 1, got {args.workers}")
         if args.shard_size is not None:
-            from mlpot.data.hdf5 import shard_path, write_hdf5_shards
-
             if args.shard_size < 1:
                 raise ConfigError(f"--shard-size must be >= 1, got {args.shard_size}")
-            check_not_input(shard_path(args.output, 0), args.input)
+            check_not_input(shard_path(output, 0), args.input)
             progress = sys.stderr.isatty() if args.progress is None else args.progress
-            shards = write_hdf5_shards(iread(args.input, **_read_kwargs(args)), args.output, args.shard_size,
-                                       cutoff=args.cutoff, workers=args.workers, progress=progress)
+            shards = write_shards(iread(args.input, **_read_kwargs(args)), output, args.shard_size,
+                                  cutoff=args.cutoff, workers=args.workers, progress=progress)
             total = sum(n for _, n in shards)
             print(f"wrote {total} frames to {len(shards)} shards; in a training config:")
             print("data:\n  train:\n" + "".join(f"    - {p}\n" for p, _ in shards), end="")
             return 0
-        n = write_hdf5(iread(args.input, **_read_kwargs(args)), args.output, cutoff=args.cutoff)
-        print(f"wrote {n} frames to {args.output}")
+        n = write_dataset(iread(args.input, **_read_kwargs(args)), output, cutoff=args.cutoff)
+        print(f"wrote {n} frames to {output}")
         return 0
     if cmd == "stats":
         from ase.data import chemical_symbols
@@ -100,8 +103,9 @@ def run(args) -> int:
         if not (args.r_max > 0 and math.isfinite(args.r_max)):
             raise ConfigError(f"--r-max must be a finite number > 0, got {args.r_max}")
         from mlpot.data.statistics import compute_statistics
+        from mlpot.data.store import dataset_format
 
-        if str(args.input).lower().endswith((".h5", ".hdf5")):
+        if dataset_format(args.input) is not None:
             from mlpot.data.dataset import LazyDataset
 
             data = LazyDataset(args.input, cutoff=args.r_max)

@@ -2,21 +2,19 @@
 
 * :class:`AtomicDataset` wraps a list of ``ase.Atoms``; graphs are built on access, or all
   at once with ``precompute=True``.
-* :class:`LazyDataset` reads frames of an HDF5 dataset file (:mod:`mlpot.data.hdf5`) on
-  access, so a dataset larger than memory trains. The file is opened once per process (the
+* :class:`LazyDataset` reads frames of a dataset file (LMDB or HDF5, :mod:`mlpot.data.store`)
+  on access, so a dataset larger than memory trains. The file is opened once per process (the
   handle is dropped when pickled, so every DataLoader worker opens its own). Stored neighbor
   lists are reused when the requested cutoff is not larger than the stored one (edges beyond
-  the requested cutoff are filtered out); otherwise they are recomputed. The HDF5 dataset
-  handles are looked up once per process (a lookup by name costs as much as a read).
+  the requested cutoff are filtered out); otherwise they are recomputed.
 * :class:`ShardedDataset` joins several such files (shards) and an index subset (a split) into
-  one lazy dataset; it is what ``mlpot train`` uses for ``.h5`` training data
+  one lazy dataset; it is what ``mlpot train`` uses for ``.lmdb`` and ``.h5`` training data
   (:mod:`mlpot.train.lazy_data`).
 """
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -53,61 +51,60 @@ class AtomicDataset(Dataset):
 
 
 class LazyDataset(Dataset):
-    """Graphs read lazily from an HDF5 dataset file written by :func:`mlpot.data.write_hdf5`."""
+    """Graphs read lazily from a dataset file written by ``mlpot data convert`` (LMDB,
+    :mod:`mlpot.data.lmdb_store`, or HDF5, :func:`mlpot.data.write_hdf5`; the format by the
+    suffix, :mod:`mlpot.data.store`). Every frame read is checked
+    (:func:`mlpot.data.frames.check_frame`): a NaN or a damaged record is one error naming
+    the file and the frame."""
 
     def __init__(self, path, cutoff: float | None = None, dtype: torch.dtype = torch.float64):
-        import h5py
-
-        from mlpot.data.hdf5 import check_file
+        from mlpot.data.store import open_frames
 
         self.path = str(path)
-        if not Path(self.path).exists():
-            raise FileNotFoundError(f"no such file: {self.path}")
-        with h5py.File(self.path, "r") as f:
-            check_file(f, self.path)
-            self._len = int(f.attrs["n_frames"])
-            stored = float(f.attrs.get("cutoff", np.nan))
-        self.stored_cutoff = stored if np.isfinite(stored) else None
+        store = open_frames(self.path)
+        try:
+            self._len = store.n_frames
+            self.stored_cutoff = store.stored_cutoff
+        finally:
+            store.close()
         if cutoff is None:
             if self.stored_cutoff is None:
                 raise DataError(f"{self.path}: no neighbor lists stored; give a cutoff")
             cutoff = self.stored_cutoff
         self.cutoff = float(cutoff)
         self.dtype = dtype
-        self._file = None
+        self._store = None
         self._pid = None
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_file"] = None
+        state["_store"] = None
         state["_pid"] = None
-        state["_columns"] = None
         return state
 
     def _handle(self):
-        if self._file is None or self._pid != os.getpid():
-            import h5py
+        """This process's reader (DataLoader workers each open their own)."""
+        if self._store is None or self._pid != os.getpid():
+            from mlpot.data.store import open_frames
 
-            self._file = h5py.File(self.path, "r")
+            self._store = open_frames(self.path)
             self._pid = os.getpid()
-            # dataset handles looked up once per process: a lookup by name costs as much as a read
-            self._columns = {name: self._file[name] for name in self._file.keys()}
-        return self._columns
+        return self._store
 
     def __len__(self) -> int:
         return self._len
 
     def frame(self, idx: int) -> dict:
-        from mlpot.data.hdf5 import read_hdf5_frame
+        from mlpot.data.frames import check_frame
 
         if idx < 0:
             idx += self._len
         if not 0 <= idx < self._len:
             raise IndexError(f"{self.path}: frame {idx} out of range ({self._len} frames)")
-        return read_hdf5_frame(self._handle(), idx)
+        return check_frame(self._handle().frame(idx), self.path, idx)
 
     def atoms(self, idx: int):
-        from mlpot.data.hdf5 import frame_to_atoms
+        from mlpot.data.frames import frame_to_atoms
 
         return frame_to_atoms(self.frame(idx))
 
@@ -149,14 +146,13 @@ class LazyDataset(Dataset):
         )
 
     def close(self):
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-            self._columns = None
+        if self._store is not None and self._pid == os.getpid():
+            self._store.close()
+        self._store = None
 
 
 class ShardedDataset(Dataset):
-    """Lazy graphs from one or several HDF5 dataset files (shards) seen as one dataset.
+    """Lazy graphs from one or several dataset files (LMDB or HDF5) (shards) seen as one dataset.
 
     ``indices`` (global frame numbers, shard after shard) selects and orders a subset, e.g. a
     training or validation split; only this int64 array is held in memory, never the frames.

@@ -35,14 +35,13 @@ from pathlib import Path
 
 import numpy as np
 
+from mlpot.data.frames import WEIGHT_KEYS, atoms_to_frame, frame_to_atoms
 from mlpot.errors import DataError
-from mlpot.voigt import as_voigt
 
 FORMAT_NAME = "mlpot-dataset"
 FORMAT_VERSION = 1
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "iter_hdf5_atoms", "read_hdf5_frame", "shard_path", "write_hdf5",
-           "write_hdf5_shards"]
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "HDF5Frames", "iter_hdf5_atoms", "read_hdf5_frame", "write_hdf5"]
 
 
 def _h5():
@@ -56,7 +55,6 @@ def write_hdf5(atoms_iter: Iterable, path, cutoff: float | None = None, *, chunk
     :func:`mlpot.data.read`) to ``path``. With ``cutoff``, neighbor lists are stored too.
     Returns the number of frames written. The file appears atomically (temp + rename)."""
     h5py = _h5()
-    from mlpot.data.neighbors import neighbor_list
     from mlpot.fileio import atomic_path
 
     path = Path(path)
@@ -117,42 +115,29 @@ def write_hdf5(atoms_iter: Iterable, path, cutoff: float | None = None, *, chunk
                     parts.clear()
 
             for atoms in atoms_iter:
-                res = dict(atoms.calc.results) if atoms.calc is not None else {}
-                n = len(atoms)
-                info = atoms.info
-                buf["positions"].append(np.asarray(atoms.positions, dtype=np.float64))
-                buf["atomic_numbers"].append(np.asarray(atoms.numbers, dtype=np.int16))
-                fr = res.get("forces")
-                buf["forces"].append(np.zeros((n, 3)) if fr is None else np.asarray(fr, dtype=np.float64))
-                buf["has_forces"].append(np.array([fr is not None]))
-                buf["cell"].append(atoms.cell.array[None].astype(np.float64))
-                buf["pbc"].append(np.asarray(atoms.pbc, dtype=bool)[None])
-                e = res.get("energy")
-                buf["energy"].append(np.array([np.nan if e is None else float(e)]))
-                s = res.get("stress")
-                if s is None:
-                    sv = np.full(6, np.nan)
-                else:
-                    sv = as_voigt(np.asarray(s, dtype=np.float64))
-                buf["stress"].append(sv[None])
-                for k in ("weight", "energy_weight", "forces_weight", "stress_weight"):
-                    default = 1.0
-                    tgt = {"energy_weight": e, "forces_weight": fr, "stress_weight": s}.get(k, 0)
-                    if tgt is None:
-                        default = 0.0
-                    buf[k].append(np.array([float(info.get(k, default))]))
-                buf["config_type"].append(np.array([str(info.get("config_type", "Default"))], dtype=object))
+                fr = atoms_to_frame(atoms, cutoff)
+                n = len(fr["numbers"])
+                buf["positions"].append(fr["positions"])
+                buf["atomic_numbers"].append(fr["numbers"].astype(np.int16))
+                buf["forces"].append(np.zeros((n, 3)) if fr["forces"] is None else fr["forces"])
+                buf["has_forces"].append(np.array([fr["forces"] is not None]))
+                buf["cell"].append(fr["cell"][None])
+                buf["pbc"].append(fr["pbc"][None])
+                buf["energy"].append(np.array([np.nan if fr["energy"] is None else fr["energy"]]))
+                buf["stress"].append((np.full(6, np.nan) if fr["stress"] is None else fr["stress"])[None])
+                for k in WEIGHT_KEYS:
+                    buf[k].append(np.array([fr[k]]))
+                buf["config_type"].append(np.array([fr["config_type"]], dtype=object))
                 n_atoms_total += n
                 buf["atom_ptr"].append(np.array([n_atoms_total]))
-                hs = res.get("hessian")
-                if hs is not None:
-                    buf["hessian"].append(np.asarray(hs, dtype=np.float64).reshape(-1))
-                    n_hessian_total += 9 * n * n
+                if fr["hessian"] is not None:
+                    buf["hessian"].append(fr["hessian"])
+                    n_hessian_total += len(fr["hessian"])
                 buf["hessian_ptr"].append(np.array([n_hessian_total]))
                 if cutoff is not None:
-                    i, j, S = neighbor_list(atoms.positions, cutoff, atoms.cell.array, atoms.pbc)
-                    buf["edges"].append(np.stack([i.numpy(), j.numpy()], 1).astype(np.int32).reshape(-1, 2))
-                    buf["shifts"].append(S.numpy().astype(np.int16).reshape(-1, 3))
+                    i, j, S = fr["edges"]
+                    buf["edges"].append(np.stack([i, j], 1).astype(np.int32).reshape(-1, 2))
+                    buf["shifts"].append(S.astype(np.int16).reshape(-1, 3))
                     n_edges_total += len(i)
                     buf["edge_ptr"].append(np.array([n_edges_total]))
                 n_frames += 1
@@ -207,22 +192,6 @@ def read_hdf5_frame(f, k: int) -> dict:
     return out
 
 
-def frame_to_atoms(fr: dict):
-    from ase import Atoms
-    from ase.calculators.singlepoint import SinglePointCalculator
-
-    atoms = Atoms(numbers=fr["numbers"], positions=fr["positions"], cell=fr["cell"], pbc=fr["pbc"])
-    res = {k: fr[k] for k in ("energy", "forces", "stress", "hessian") if fr.get(k) is not None}
-    if res:
-        calc = SinglePointCalculator(atoms)
-        calc.results.update(res)
-        atoms.calc = calc
-    atoms.info["config_type"] = fr["config_type"]
-    for key in ("weight", "energy_weight", "forces_weight", "stress_weight"):
-        atoms.info[key] = fr[key]
-    return atoms
-
-
 def iter_hdf5_atoms(path) -> Iterator:
     """Stream the frames of a dataset file as ``ase.Atoms``."""
     h5py = _h5()
@@ -232,64 +201,29 @@ def iter_hdf5_atoms(path) -> Iterator:
             yield frame_to_atoms(read_hdf5_frame(f, k))
 
 
-def shard_path(out, k: int):
-    """``data.h5`` -> ``data-00003.h5``: the name of shard ``k``."""
-    out = Path(out)
-    return out.with_name(f"{out.stem}-{k:05d}{out.suffix}")
+class HDF5Frames:
+    """Frames of an open HDF5 dataset file, read one at a time (the reader behind
+    :class:`mlpot.data.LazyDataset`; open one per process)."""
 
+    def __init__(self, path):
+        h5py = _h5()
+        self.path = str(path)
+        try:
+            self._file = h5py.File(self.path, "r")
+        except OSError as exc:
+            raise DataError(f"{self.path}: not a readable HDF5 file ({exc})") from None
+        check_file(self._file, self.path)
+        self.n_frames = int(self._file.attrs["n_frames"])
+        stored = float(self._file.attrs.get("cutoff", np.nan))
+        self.stored_cutoff = stored if np.isfinite(stored) else None
+        # dataset handles looked up once: a lookup by name costs as much as a read
+        self._columns = {name: self._file[name] for name in self._file.keys()}
 
-def _write_shard(task) -> tuple[int, str, int]:
-    k, frames, out, cutoff = task
-    path = shard_path(out, k)
-    return k, str(path), write_hdf5(frames, path, cutoff=cutoff)
+    def frame(self, k: int) -> dict:
+        try:
+            return read_hdf5_frame(self._columns, k)
+        except (KeyError, OSError, ValueError) as exc:
+            raise DataError(f"{self.path}: frame {k}: cannot be read ({exc})") from None
 
-
-def write_hdf5_shards(atoms_iter: Iterable, out, frames_per_shard: int, *, cutoff: float | None = None,
-                      workers: int = 1, progress: bool = False) -> list[tuple[str, int]]:
-    """Stream structures into shards ``OUT-00000.h5, OUT-00001.h5, ...`` of ``frames_per_shard``
-    frames each (frame order kept: shard ``k`` holds frames ``k*M .. (k+1)*M - 1``), writing up
-    to ``workers`` shards in parallel processes (neighbor lists are the costly part). At most
-    ``2 * workers`` shards are in flight, so memory stays bounded for any input size. Each shard
-    appears atomically. Returns ``[(path, n_frames), ...]`` in order."""
-    import itertools
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-
-    if frames_per_shard < 1:
-        raise DataError(f"frames per shard must be >= 1, got {frames_per_shard}")
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(desc="frames written", unit="frame", dynamic_ncols=True)
-    it = iter(atoms_iter)
-    tasks = ((k, chunk, str(out), cutoff) for k, chunk in enumerate(
-        iter(lambda: list(itertools.islice(it, frames_per_shard)), [])))
-    done: dict[int, tuple[str, int]] = {}
-
-    def record(res):
-        k, path, n = res
-        done[k] = (path, n)
-        if bar is not None:
-            bar.update(n)
-
-    try:
-        if workers <= 1:
-            for t in tasks:
-                record(_write_shard(t))
-        else:
-            import multiprocessing as mp
-
-            with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
-                pending = set()
-                for t in tasks:
-                    pending.add(pool.submit(_write_shard, t))
-                    if len(pending) >= 2 * workers:
-                        finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                        for f in finished:
-                            record(f.result())
-                for f in pending:
-                    record(f.result())
-    finally:
-        if bar is not None:
-            bar.close()
-    return [done[k] for k in sorted(done)]
+    def close(self) -> None:
+        self._file.close()

@@ -130,6 +130,8 @@ def _guess_format(path: Path) -> str:
         return "mlearn"
     if name.endswith((".h5", ".hdf5")):
         return "hdf5"
+    if name.endswith(".lmdb"):
+        return "lmdb"
     return "ase"
 
 
@@ -220,6 +222,10 @@ def iread(
         from mlpot.data.hdf5 import iter_hdf5_atoms
 
         frames = ((k, a) for k, a in enumerate(iter_hdf5_atoms(path)))
+    elif fmt == "lmdb":
+        from mlpot.data.lmdb_store import iter_lmdb_atoms
+
+        frames = ((k, a) for k, a in enumerate(iter_lmdb_atoms(path)))
     else:
         e_unit = _unit(ENERGY_UNITS, energy_unit, "energy")
         l_unit = _unit(LENGTH_UNITS, length_unit, "length")

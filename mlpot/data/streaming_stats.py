@@ -203,7 +203,7 @@ def _cutoff_key(r_max: float) -> str:
 
 
 def file_moments(path, r_max: float, log=print) -> FrameMoments:
-    """Moments of one HDF5 dataset file at cutoff ``r_max``: from the cache beside it when its
+    """Moments of one dataset file (LMDB or HDF5) at cutoff ``r_max``: from the cache beside it when its
     content hash and cutoff match, else one streaming pass (then cached)."""
     from mlpot.data.dataset import LazyDataset
     from mlpot.fileio import atomic_write_text

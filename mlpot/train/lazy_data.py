@@ -1,7 +1,8 @@
-"""Training from HDF5 dataset files without reading them into memory.
+"""Training from dataset files (LMDB or HDF5) without reading them into memory.
 
-When every file of ``data.train`` is an HDF5 dataset (``.h5``/``.hdf5``, written by
-``mlpot data convert``), :func:`prepare_lazy_splits` replaces the in-memory path of
+When every file of ``data.train`` is a dataset file (``.lmdb``, the default of
+``mlpot data convert``, or ``.h5``/``.hdf5``; :mod:`mlpot.data.store`), :func:`prepare_lazy_splits`
+replaces the in-memory path of
 :func:`mlpot.train.setup.prepare_data`:
 
 * frames stay on disk; the splits are :class:`~mlpot.data.ShardedDataset` objects that hold
@@ -27,18 +28,24 @@ import numpy as np
 
 from mlpot.errors import ConfigError, DataError
 
-__all__ = ["HDF5_SUFFIXES", "is_hdf5_source", "prepare_lazy_splits"]
+__all__ = ["HDF5_SUFFIXES", "is_lazy_source", "is_hdf5_source", "prepare_lazy_splits"]
 
 HDF5_SUFFIXES = (".h5", ".hdf5")
 
 
-def is_hdf5_source(files) -> bool:
-    """True when every file is an HDF5 dataset (by suffix); a mix with other formats is an error."""
-    flags = [str(f).lower().endswith(HDF5_SUFFIXES) for f in files]
+def is_lazy_source(files) -> bool:
+    """True when every file is a dataset file (LMDB or HDF5, by suffix); a mix with other
+    formats is an error (LMDB and HDF5 shards may be mixed)."""
+    from mlpot.data.store import dataset_format
+
+    flags = [dataset_format(f) is not None for f in files]
     if any(flags) and not all(flags):
-        raise ConfigError("config key `data.train`: mixes HDF5 dataset files with other formats; "
+        raise ConfigError("config key `data.train`: mixes dataset files (.lmdb, .h5) with other formats; "
                           "convert all of them with `mlpot data convert` (or none)")
     return bool(flags) and all(flags)
+
+
+is_hdf5_source = is_lazy_source  # the name before LMDB
 
 
 def _dtype(cfg):
@@ -86,7 +93,7 @@ def prepare_lazy_splits(cfg: dict, train_files: list, valid_spec, test_spec: dic
 
     valid = None
     if isinstance(valid_spec, str):
-        if not is_hdf5_source([valid_spec]):
+        if not is_lazy_source([valid_spec]):
             from mlpot.train.setup import _is_isolated
 
             valid = [a for a in read_frames(valid_spec, data) if not _is_isolated(a)]
@@ -123,13 +130,13 @@ def prepare_lazy_splits(cfg: dict, train_files: list, valid_spec, test_spec: dic
 
 
 def prepare_lazy_data(cfg: dict):
-    """The splits of a config whose training files are all HDF5 datasets, with the frames left on
-    disk; None when the config names other data (then :func:`mlpot.train.setup.prepare_data`)."""
+    """The splits of a config whose training files are all dataset files (LMDB or HDF5), with
+    the frames left on disk; None when the config names other data (then :func:`mlpot.train.setup.prepare_data`)."""
     from mlpot.train.setup import data_sources
 
     if cfg["data"]["synthetic"] is not None:
         return None
     train_files, valid_spec, test_spec, _ = data_sources(cfg)
-    if not is_hdf5_source(train_files):
+    if not is_lazy_source(train_files):
         return None
     return prepare_lazy_splits(cfg, train_files, valid_spec, test_spec)
