@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["ReceiverGroups", "GroupedMessagePassing", "worth_grouping"]
+__all__ = ["ReceiverGroups", "GroupedMessagePassing", "split_input_grad", "worth_grouping"]
 
 #: padded slots per node chunk (bounds the ``(slots, A, U)`` intermediates)
 SLOTS_PER_CHUNK = 2048
@@ -83,6 +83,22 @@ def worth_grouping(receiver: torch.Tensor, num_nodes: int, max_padding: float = 
         return False
     D = int(torch.bincount(receiver, minlength=num_nodes).max())
     return num_nodes * D <= max_padding * E
+
+
+def split_input_grad(gz, xsp, wp, a0, need_w, need_x, inplace, gw_out, gxs, gw_cols, gx_rows) -> None:
+    r"""From :math:`\partial z^{(p)} = \partial(x \odot w_p)` ``(c, A, U)``: :math:`\partial w_p = \sum_a
+    \partial z \odot x` (into ``gw_out`` in place, else appended to ``gw_cols``) and the sender-row
+    part :math:`\partial z \odot w_p` (added to ``gxs[:, a0:a0+A]`` in place, else to ``gx_rows[a0]``)."""
+    if need_w:
+        if inplace:
+            torch.sum(gz * xsp, 1, out=gw_out)
+        else:
+            gw_cols.append((gz * xsp).sum(1))
+    if need_x:
+        if inplace:
+            gxs[:, a0 : a0 + xsp.shape[1]].addcmul_(gz, wp)
+        else:
+            gx_rows.setdefault(a0, []).append(gz * wp)
 
 
 def _node_matrices(Ma: torch.Tensor, c: int, D: int, d: int, A: int, off: int) -> torch.Tensor:
@@ -139,16 +155,8 @@ def grouped_backward(plan, groups: ReceiverGroups, g, x, Y, w, C, need_x, need_Y
             xsp, wp = xs[:, a0 : a0 + A], wc[:, p : p + 1]
             if need_x or need_w:
                 gz = torch.bmm(Mn.transpose(1, 2), gp).reshape(c * D, A, U)  # empty slots: 0
-                if need_w:
-                    if inplace:
-                        torch.sum(gz * xsp, 1, out=gw_slots[sl, p])
-                    else:
-                        gw_cols.append((gz * xsp).sum(1))
-                if need_x:
-                    if inplace:
-                        gxs[:, a0 : a0 + A].addcmul_(gz, wp)
-                    else:
-                        gx_rows.setdefault(a0, []).append(gz * wp)
+                gw_out = gw_slots[sl, p] if (need_w and inplace) else None
+                split_input_grad(gz, xsp, wp, a0, need_w, need_x, inplace, gw_out, gxs, gw_cols, gx_rows)
             if need_Y:
                 z = (xsp * wp).reshape(c, D * A, U)
                 gMn = torch.bmm(gp, z.transpose(1, 2))  # (c, d, D * A)

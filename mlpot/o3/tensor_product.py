@@ -49,7 +49,12 @@ import torch
 from e3nn import o3
 
 from mlpot.errors import ConfigError
-from mlpot.o3.grouped_message_passing import GroupedMessagePassing, ReceiverGroups, worth_grouping
+from mlpot.o3.grouped_message_passing import (
+    GroupedMessagePassing,
+    ReceiverGroups,
+    split_input_grad,
+    worth_grouping,
+)
 from mlpot.o3.layout import channel_last_to_mul_ir, mul_ir_to_channel_last
 from mlpot.o3.message_passing import EdgeGeometry, MessageTensorProduct
 
@@ -247,16 +252,8 @@ def _mp_backward(plan, g, x, Y, w, C, sender, receiver, chunk, need_x, need_Y, n
             if need_x or need_w:
                 # R[e, a, u] = sum_k M[e, k, a] g[e, k, u]
                 R = (Mp * gsp).sum(1, keepdim=True) if A == 1 else torch.bmm(Mp.transpose(1, 2), gsp)
-                if need_w:
-                    if inplace:
-                        torch.sum(R * xsp, 1, out=gwc[:, p])
-                    else:
-                        gw_cols.append((R * xsp).sum(1))
-                if need_x:
-                    if inplace:
-                        gxs[:, a0 : a0 + A].addcmul_(R, wp)
-                    else:
-                        gx_rows.setdefault(a0, []).append(R * wp)
+                gw_out = gwc[:, p] if (need_w and inplace) else None
+                split_input_grad(R, xsp, wp, a0, need_w, need_x, inplace, gw_out, gxs, gw_cols, gx_rows)
             if need_Y:
                 gMp = torch.bmm(gsp, (xsp * wp).transpose(1, 2)).reshape(c, d * A)
                 if inplace:
