@@ -5,8 +5,12 @@ from 1k atoms to the largest that fits (mlpot/bench/model_cuda.py; needs no ASE)
 """
 import sys
 
-from mlpot.bench.model import main
-from mlpot.models.mace import tune_malloc
+from mlpot.threads import passive_openmp_waits
+
+passive_openmp_waits()  # before torch loads, as the `mlpot` command does (mlpot/threads.py)
+
+from mlpot.bench.model import main  # noqa: E402
+from mlpot.models.mace import tune_malloc  # noqa: E402
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["cuda"]:  # the GPU scaling benchmark (scripts/gpu_check.sh step 4)

@@ -5,6 +5,7 @@ import pytest
 import torch
 from e3nn import o3
 
+from mlpot.o3 import grouped_message_passing
 from mlpot.o3.message_passing import EdgeGeometry
 from mlpot.o3.tensor_product import (
     ChannelwiseTensorProduct,
@@ -66,12 +67,16 @@ def test_instructions_like_mace():
     assert sorted(ins) == [(0, 0, 0), (0, 1, 2), (0, 2, 5), (1, 0, 3), (1, 1, 1), (1, 1, 6), (1, 2, 4)]
 
 
+@pytest.mark.parametrize("grouping", ["edge", "receiver"])
 @pytest.mark.parametrize("irreps_in, lmax, target", CASES[1:])
-def test_message_passing_and_gradients(irreps_in, lmax, target):
-    """gather + product + scatter, and its first and second derivatives, equal e3nn's."""
+def test_message_passing_and_gradients(irreps_in, lmax, target, grouping, monkeypatch):
+    """gather + product + scatter, and its first and second derivatives, equal e3nn's (edge order,
+    and grouped by receiver over several node chunks)."""
+    monkeypatch.setattr(grouped_message_passing, "SLOTS_PER_CHUNK", 5)
     sh = o3.Irreps.spherical_harmonics(lmax)
     tp = ChannelwiseTensorProduct(irreps_in, sh, target)
     tp.chunk_size = 7  # several chunks
+    tp.grouping = grouping
     ref = _e3nn_reference(tp)
     N, E = 6, 23
     g = torch.Generator().manual_seed(1)
@@ -95,10 +100,12 @@ def test_message_passing_and_gradients(irreps_in, lmax, target):
         torch.testing.assert_close(p, q, atol=1e-9, rtol=1e-10)
 
 
-def test_gradgradcheck_small():
+@pytest.mark.parametrize("grouping", ["edge", "receiver"])
+def test_gradgradcheck_small(grouping):
     sh = o3.Irreps.spherical_harmonics(1)
     tp = ChannelwiseTensorProduct("1x0e+1x1o", sh, "1x0e+1x1o")
     tp.chunk_size = 2
+    tp.grouping = grouping
     N, E = 2, 3
     snd, rcv = torch.tensor([0, 1, 1]), torch.tensor([1, 0, 1])
     x = torch.randn(N, tp.irreps_in1.dim, dtype=torch.float64, requires_grad=True)

@@ -79,6 +79,16 @@ MODEL_VARIANTS = {
 }
 
 
+def default_mace_python() -> str:
+    """mace-torch's interpreter: ``.venv-mace`` in the project root, else beside the project
+    (where ``shared/`` lives; a git worktree), else the first path (reported as missing)."""
+    for base in (ROOT, ROOT.parent):
+        p = base / ".venv-mace" / "bin" / "python"
+        if p.exists():
+            return str(p)
+    return str(ROOT / ".venv-mace" / "bin" / "python")
+
+
 def shared_data() -> Path:
     return Path(os.environ.get("MLPOT_SHARED", ROOT.parent / "shared")) / "data"
 
@@ -386,8 +396,13 @@ for line in sys.stdin:
 class MaceTorchWorker:
     """The mace-torch side of :func:`side_by_side`: one subprocess for the whole run."""
 
-    def __init__(self, python: str):
+    def __init__(self, python: str, passive_waits: bool = False):
         env = dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1")
+        if env.pop("MLPOT_OMP_WAIT_SET", None):  # mlpot's entry-point default, not the user's: mace-torch
+            env.pop("OMP_WAIT_POLICY", None)      # runs in the environment the user started with
+        if passive_waits:
+            env["OMP_WAIT_POLICY"] = "PASSIVE"
+        self.omp_wait_policy = env.get("OMP_WAIT_POLICY", "default")
         self.proc = subprocess.Popen(
             [python, "-c", _MACE_WORKER, str(ROOT / "scripts")], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, text=True, env=env,
@@ -455,7 +470,8 @@ def _spread(values: list[float]) -> tuple[float, float, float]:
     return statistics.median(values), min(values), max(values)
 
 
-def side_by_side(systems, dtypes, threads, loads, repeats: int, mace_python: str, log=print) -> list[dict]:
+def side_by_side(systems, dtypes, threads, loads, repeats: int, mace_python: str, log=print,
+                 mace_passive_waits: bool = False) -> list[dict]:
     """Force-call time of an imported mace-torch model against mace-torch itself.
 
     For every system the mace-torch worker builds a random-weight ``ScaleShiftMACE``
@@ -474,7 +490,9 @@ def side_by_side(systems, dtypes, threads, loads, repeats: int, mace_python: str
     from mlpot.calculators import MLPotCalculator
     from mlpot.models.mace_import import import_mace
 
-    worker = MaceTorchWorker(mace_python)
+    worker = MaceTorchWorker(mace_python, passive_waits=mace_passive_waits)
+    log(f"# OpenMP wait policy: mlpot {os.environ.get('OMP_WAIT_POLICY', 'default')}, "
+        f"mace-torch {worker.omp_wait_policy}")
     rows = []
     try:
         for s in systems:
@@ -491,10 +509,13 @@ def side_by_side(systems, dtypes, threads, loads, repeats: int, mace_python: str
             for dtype in dtypes:
                 calc = MLPotCalculator(copy.deepcopy(master), device="cpu", dtype=dtype)
                 for nthreads in threads:
-                    for load in loads:
+                    for i, load in enumerate(loads):
                         with BusyProcess(load):
                             rows.append(_one_condition(atoms, base, rng, s, dtype, nthreads, load, repeats, calc,
-                                                       worker, torch))
+                                                       worker, torch, warm_up=i == 0))
+                        if i:
+                            rows[-1]["energy_diff_per_atom"] = rows[-2]["energy_diff_per_atom"]
+                            rows[-1]["energy"] = rows[-2]["energy"]
                         log(_format_side_row(rows[-1]))
     finally:
         worker.close()
@@ -538,7 +559,7 @@ def profile_imported(system: str, dtype: str, threads: int, mace_python: str, to
     return head + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
 
 
-def _one_condition(atoms, base, rng, s, dtype, nthreads, load, repeats, calc, worker, torch) -> dict:
+def _one_condition(atoms, base, rng, s, dtype, nthreads, load, repeats, calc, worker, torch, warm_up=True) -> dict:
     torch.set_num_threads(nthreads)
     job = {"cmd": "call", "key": s, "dtype": dtype, "threads": nthreads, "numbers": atoms.numbers.tolist(),
            "cell": atoms.cell.array.tolist(), "pbc": atoms.pbc.tolist()}
@@ -555,8 +576,10 @@ def _one_condition(atoms, base, rng, s, dtype, nthreads, load, repeats, calc, wo
         r = worker.ask(dict(job, positions=pos.tolist()))
         return r["seconds"], r["energy"]
 
-    _, e_ours = ours(base)  # warm-up, and the energy check on identical positions
-    _, e_theirs = theirs(base)
+    e_ours = e_theirs = float("nan")
+    if warm_up:  # untimed first call on each side (new thread count), and the energy check on identical positions
+        _, e_ours = ours(base)
+        _, e_theirs = theirs(base)
     t_ours, t_theirs = [], []
     for r in range(repeats):
         pos = base + 1e-3 * rng.standard_normal(base.shape)
@@ -584,7 +607,33 @@ def _format_side_row(r: dict) -> str:
             f"{r['energy_diff_per_atom']:.1e} (E {r['energy']:.4g}) |")
 
 
+TABLE_HEAD = ("| system (atoms) | dtype | threads | busy procs | mlpot s | mace-torch s | ratio of medians "
+              "| median paired ratio | abs dE/atom (eV) |\n| --- | --- | ---: | ---: | --- | --- | ---: | ---: | ---: |")
+
+
+def load_summary(rows: list[dict]) -> list[str]:
+    """Markdown lines: each side's slowdown with competing processes (median loaded / median idle)."""
+    idle = {(r["system"], r["dtype"], r["threads"]): r for r in rows if r["busy_processes"] == 0}
+    out = ["| system | dtype | threads | busy procs | mlpot slowdown | mace-torch slowdown | ratio idle -> loaded |",
+           "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
+    for r in rows:
+        base = idle.get((r["system"], r["dtype"], r["threads"]))
+        if r["busy_processes"] == 0 or base is None:
+            continue
+        out.append(f"| {r['system']} | {r['dtype']} | {r['threads']} | {r['busy_processes']} | "
+                   f"{r['mlpot_s'][0] / base['mlpot_s'][0]:.2f}x | {r['mace_torch_s'][0] / base['mace_torch_s'][0]:.2f}x | "
+                   f"{base['ratio']:.2f} -> {r['ratio']:.2f} |")
+    return out
+
+
 def side_by_side_main(argv=None) -> list[dict]:
+    """The issue-14 matrix in one command: every system x dtype x thread count x load, side by side.
+
+    Defaults give the whole matrix (aspirin, Si64, Cu256, Cu864; float64, float32; 1 and 2
+    threads; idle and one competing CPU-bound process) with 3 interleaved rounds per row, sized
+    to finish in about 12 minutes on an idle 2-core CPU; ``--markdown PATH`` writes the tables.
+    """
+    t_start = time.perf_counter()
     parser = argparse.ArgumentParser(
         prog="mlpot bench model --imported",
         description="force call of an imported mace-torch model against mace-torch, side by side")
@@ -593,14 +642,20 @@ def side_by_side_main(argv=None) -> list[dict]:
     parser.add_argument("--dtypes", default="float64,float32")
     parser.add_argument("--threads", default="1,2", help="comma list of torch thread counts (both sides)")
     parser.add_argument("--busy", default="0,1", help="comma list: competing CPU-bound processes started")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--mace-python", default=str(ROOT / ".venv-mace" / "bin" / "python"))
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds per row (median, min-max)")
+    parser.add_argument("--mace-python", default=default_mace_python())
     parser.add_argument("--json", metavar="PATH")
+    parser.add_argument("--markdown", metavar="PATH", help="also write the tables (markdown) to PATH")
+    parser.add_argument("--mace-passive-waits", action="store_true",
+                        help="run mace-torch with OMP_WAIT_POLICY=PASSIVE too (default: the environment the "
+                        "benchmark was started with; mlpot's entry points set PASSIVE, mlpot/threads.py)")
     parser.add_argument("--profile", metavar="SYSTEM", help="torch.profiler table of one imported-model force call "
                         "(first dtype and thread count of the lists)")
     args = parser.parse_args(argv)
     if not Path(args.mace_python).exists():
         raise SystemExit(f"mace-torch python not found at {args.mace_python} (--mace-python)")
+    if args.repeats < 1:
+        raise SystemExit(f"--repeats must be at least 1, got {args.repeats}")
     if args.profile:
         print(profile_imported(args.profile, args.dtypes.split(",")[0], int(args.threads.split(",")[0]),
                                args.mace_python))
@@ -609,17 +664,31 @@ def side_by_side_main(argv=None) -> list[dict]:
     for s in systems:
         if s not in SIDE_BY_SIDE_SYSTEMS:
             raise SystemExit(f"unknown system {s!r}; choose from {', '.join(SIDE_BY_SIDE_SYSTEMS)}")
-    print(f"# {os.cpu_count()} CPUs; load average at start {os.getloadavg()[0]:.1f}; "
-          f"{args.repeats} interleaved rounds per row; times: median (min-max) s")
-    print("| system (atoms) | dtype | threads | busy procs | mlpot s | mace-torch s | ratio of medians "
-          "| median paired ratio | abs dE/atom (eV) |")
-    print("| --- | --- | ---: | ---: | --- | --- | ---: | ---: | ---: |")
+    import torch
+
+    env = {k: os.environ[k] for k in ("OMP_NUM_THREADS", "GOMP_SPINCOUNT") if k in os.environ}
+    mace_wait = "PASSIVE" if args.mace_passive_waits else (
+        "default" if os.environ.get("MLPOT_OMP_WAIT_SET") else os.environ.get("OMP_WAIT_POLICY", "default"))
+    env["OpenMP wait policy"] = f"mlpot {os.environ.get('OMP_WAIT_POLICY', 'default')}, mace-torch {mace_wait}"
+    head = (f"# {os.cpu_count()} CPUs; torch {torch.__version__}; env {env}; load average at start "
+            f"{os.getloadavg()[0]:.1f}; {args.repeats} interleaved rounds per row; times: median (min-max) s")
+    print(head)
+    print(TABLE_HEAD)
     rows = side_by_side(systems, [d for d in args.dtypes.split(",") if d],
                         [int(t) for t in args.threads.split(",") if t], [int(b) for b in args.busy.split(",") if b],
-                        args.repeats, args.mace_python, log=lambda m: print(m, flush=True))
-    print(f"# load average at end {os.getloadavg()[0]:.1f}")
+                        args.repeats, args.mace_python, log=lambda m: print(m, flush=True),
+                        mace_passive_waits=args.mace_passive_waits)
+    summary = load_summary(rows)
+    total = time.perf_counter() - t_start
+    tail = f"# load average at end {os.getloadavg()[0]:.1f}; total time {total:.0f} s"
+    print("\n".join(["", "# slowdown with competing processes (loaded / idle, medians)"] + summary + [tail]))
     if args.json:
         from mlpot.fileio import atomic_write_text
 
         atomic_write_text(args.json, json.dumps(rows, indent=1))
+    if args.markdown:
+        from mlpot.fileio import atomic_write_text
+
+        lines = [head, "", TABLE_HEAD] + [_format_side_row(r) for r in rows] + ["", *summary, "", tail]
+        atomic_write_text(args.markdown, "\n".join(lines) + "\n")
     return rows

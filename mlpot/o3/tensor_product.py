@@ -48,6 +48,13 @@ import math
 import torch
 from e3nn import o3
 
+from mlpot.errors import ConfigError
+from mlpot.o3.grouped_message_passing import (
+    GroupedMessagePassing,
+    ReceiverGroups,
+    split_input_grad,
+    worth_grouping,
+)
 from mlpot.o3.layout import channel_last_to_mul_ir, mul_ir_to_channel_last
 from mlpot.o3.message_passing import EdgeGeometry, MessageTensorProduct
 
@@ -245,16 +252,8 @@ def _mp_backward(plan, g, x, Y, w, C, sender, receiver, chunk, need_x, need_Y, n
             if need_x or need_w:
                 # R[e, a, u] = sum_k M[e, k, a] g[e, k, u]
                 R = (Mp * gsp).sum(1, keepdim=True) if A == 1 else torch.bmm(Mp.transpose(1, 2), gsp)
-                if need_w:
-                    if inplace:
-                        torch.sum(R * xsp, 1, out=gwc[:, p])
-                    else:
-                        gw_cols.append((R * xsp).sum(1))
-                if need_x:
-                    if inplace:
-                        gxs[:, a0 : a0 + A].addcmul_(R, wp)
-                    else:
-                        gx_rows.setdefault(a0, []).append(R * wp)
+                gw_out = gwc[:, p] if (need_w and inplace) else None
+                split_input_grad(R, xsp, wp, a0, need_w, need_x, inplace, gw_out, gxs, gw_cols, gx_rows)
             if need_Y:
                 gMp = torch.bmm(gsp, (xsp * wp).transpose(1, 2)).reshape(c, d * A)
                 if inplace:
@@ -309,6 +308,9 @@ class ChannelwiseTensorProduct(MessageTensorProduct):
 
     #: edges per chunk in :meth:`message_passing` (bounded memory, cache-sized intermediates)
     chunk_size: int = 256
+    #: reference message passing order: ``"auto"`` (grouped by receiver when the in-degrees are
+    #: even enough, :func:`mlpot.o3.grouped_message_passing.worth_grouping`), ``"receiver"`` or ``"edge"``
+    grouping: str = "auto"
     op = "channelwise_tp"
 
     def __init__(self, irreps_in1, irreps_in2, irreps_out_target, backend: str = "reference"):
@@ -402,6 +404,14 @@ class ChannelwiseTensorProduct(MessageTensorProduct):
         E = edge_attrs.shape[0]
         w = weights.reshape(E, self.num_paths, self.channels)
         x_cl, edge_attrs = x_cl.contiguous(), edge_attrs.contiguous()
+        if self.grouping not in ("auto", "receiver", "edge"):
+            raise ConfigError(f"ChannelwiseTensorProduct.grouping must be auto, receiver or edge, not {self.grouping!r}")
+        if E and (self.grouping == "receiver" or (self.grouping == "auto" and worth_grouping(receiver, num_nodes))):
+            groups = ReceiverGroups(sender, receiver, int(num_nodes), x_cl.dtype)
+            nodes = (grad_node(x_cl), grad_node(edge_attrs), grad_node(w)) if torch.is_grad_enabled() else None
+            return GroupedMessagePassing.apply(
+                x_cl, edge_attrs, w, self._cg_paths(x_cl), self._plan, groups, nodes or (None, None, None)
+            )
         chunk = int(self.chunk_size)
         if E <= 2 * chunk:  # a small graph in one piece: fewer, larger ops
             chunk = max(E, 1)
