@@ -154,7 +154,7 @@ def test_needed_sees_which_gradients_the_running_call_uses():
     """``needed`` is the one place that reads torch's private ``_will_engine_execute_node``: a force
     call (gradient w.r.t. positions only) must skip the weight gradients. If the private API
     disappears or changes, ``needed`` falls back to True and this test fails."""
-    from mlpot.o3.tensor_product import grad_node, needed
+    from mlpot.o3.grad_needs import grad_node, needed
 
     seen = {}
 

@@ -38,6 +38,8 @@ from __future__ import annotations
 
 import torch
 
+from mlpot.o3.grad_needs import needed
+
 __all__ = ["ReceiverGroups", "GroupedMessagePassing", "split_input_grad", "worth_grouping"]
 
 #: padded slots per node chunk (bounds the ``(slots, A, U)`` intermediates)
@@ -202,8 +204,6 @@ class GroupedMessagePassing(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        from mlpot.o3.tensor_product import needed
-
         x, Y, w, C = ctx.saved_tensors
         need_x, need_Y, need_w = (needed(f, n) for f, n in zip(ctx.needs_input_grad[:3], ctx.nodes))
         if ctx.needs_input_grad[3]:

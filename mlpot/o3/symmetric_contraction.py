@@ -54,8 +54,8 @@ import torch
 from e3nn import o3
 from torch import nn
 
+from mlpot.o3.grad_needs import grad_node, needed
 from mlpot.o3.product_basis import ProductBasis
-from mlpot.o3.tensor_product import grad_node, needed
 
 __all__ = ["Contraction", "SymmetricContraction", "coupling_basis", "coupling_paths", "dense_symmetric_contraction"]
 
