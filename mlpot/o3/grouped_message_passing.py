@@ -103,6 +103,16 @@ def split_input_grad(gz, xsp, wp, a0, need_w, need_x, inplace, gw_out, gxs, gw_c
             gx_rows.setdefault(a0, []).append(gz * wp)
 
 
+def join_input_grad(plan, gx_rows: dict, like: torch.Tensor, rows: int, U: int) -> torch.Tensor:
+    """The input gradient ``(rows, A_total, U)``: the per-path terms summed per input block ``a0``,
+    zeros for a block no path reads, the blocks in input order."""
+    blocks = []
+    for a0, A in sorted({(a0, A) for _, _, _, a0, A, _ in plan.paths}):
+        terms = gx_rows.get(a0)
+        blocks.append(sum(terms) if terms else like.new_zeros(rows, A, U))
+    return torch.cat(blocks, dim=1)
+
+
 def _node_matrices(Ma: torch.Tensor, c: int, D: int, d: int, A: int, off: int) -> torch.Tensor:
     """``(c, d, D * A)``: the ``M^{(p)}`` of a node's ``D`` slots side by side."""
     return Ma[:, off : off + d * A].reshape(c, D, d, A).transpose(1, 2).reshape(c, d, D * A)
@@ -173,11 +183,7 @@ def grouped_backward(plan, groups: ReceiverGroups, g, x, Y, w, C, need_x, need_Y
             gM_slots.append(torch.cat(gM_cols, dim=1))
         if need_x:
             if not inplace:
-                blocks = []
-                for a0, A in sorted({(a0, A) for _, _, _, a0, A, _ in plan.paths}):
-                    terms = gx_rows.get(a0)
-                    blocks.append(sum(terms) if terms else xs.new_zeros(c * D, A, U))
-                gxs = torch.cat(blocks, dim=1)
+                gxs = join_input_grad(plan, gx_rows, xs, c * D, U)
                 gx = gx.index_add(0, groups.slot_sender[sl], gxs)
             else:
                 gx.index_add_(0, groups.slot_sender[sl], gxs)

@@ -53,6 +53,7 @@ from mlpot.o3.grad_needs import grad_node, needed
 from mlpot.o3.grouped_message_passing import (
     GroupedMessagePassing,
     ReceiverGroups,
+    join_input_grad,
     split_input_grad,
     worth_grouping,
 )
@@ -242,11 +243,7 @@ def _mp_backward(plan, g, x, Y, w, C, sender, receiver, chunk, need_x, need_Y, n
             gw_parts.append(torch.stack(gw_cols, dim=1))
         if need_x:
             if not inplace:
-                rows = []
-                for a0, A in sorted({(a0, A) for _, _, _, a0, A, _ in plan.paths}):
-                    terms = gx_rows.get(a0)
-                    rows.append(sum(terms) if terms else xs.new_zeros(c, A, xs.shape[2]))
-                gxs = torch.cat(rows, dim=1)
+                gxs = join_input_grad(plan, gx_rows, xs, c, xs.shape[2])
             gx.index_add_(0, sender[sl], gxs)
     if not inplace:
         if need_w:
