@@ -37,16 +37,11 @@ its name in a fresh process.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
-import os
 import re
-from pathlib import Path
 
 import torch
 
-from mlpot.errors import ConfigError
-from mlpot.fileio import atomic_write_text
-
+from ._codegen import Consts, cache_dir, import_generated, load_generated  # noqa: F401 (cache_dir: API)
 from ._runtime import LazyKernel, tl
 
 #: (BLOCK_C, num_warps, num_stages); no 1-warp config (it caps occupancy); BLOCK_C a multiple of
@@ -58,13 +53,8 @@ _GENERATOR_VERSION = 4
 #: live register rows (output rows + 2 D_in) one program holds; more output rows split into groups
 MAX_LIVE_ROWS = 64
 _NAME = re.compile(r"^_mp_(fwd|bwd)_([0-9a-f]{16})$")
-_LOADED: dict[str, object] = {}  # hash -> generated module
+_LOADED: dict[str, object] = {}  # "mp_<hash>" -> generated module
 _KERNELS: dict[str, tuple] = {}  # hash -> (forward LazyKernel, backward LazyKernel)
-
-
-def cache_dir() -> Path:
-    """Where generated kernel sources live: ``$MLPOT_CACHE/kernels`` (default ``~/.cache/mlpot``)."""
-    return Path(os.environ.get("MLPOT_CACHE", Path.home() / ".cache" / "mlpot")) / "kernels"
 
 
 # --------------------------------------------------------------------------------------- source
@@ -72,22 +62,7 @@ def _entries(table):
     return list(zip(table.a.tolist(), table.y.tolist(), table.p.tolist(), table.b.tolist(), table.coef.tolist()))
 
 
-class _Consts:
-    """Distinct coefficient magnitudes as named scalar constants of the kernel's dtype."""
-
-    def __init__(self):
-        self.names: dict[float, str] = {}
-
-    def __call__(self, value: float) -> str:
-        """The constant's name, negated for a negative value (one constant per magnitude: fewer
-        fp64 constants held in registers)."""
-        mag = abs(value)
-        if mag not in self.names:
-            self.names[mag] = f"k{len(self.names)}"
-        return self.names[mag] if value >= 0 else f"-{self.names[mag]}"
-
-    def lines(self, indent: str) -> list[str]:
-        return [f"{indent}{n} = tl.full([], {v!r}, DT)" for v, n in self.names.items()]
+_Consts = Consts
 
 
 def _paths_by_sh_block(ents, P):
@@ -281,15 +256,7 @@ def module_source(table) -> tuple[str, str]:
 
 def _import(key: str):
     """Import the generated module ``key`` from the cache (it must have been written)."""
-    if key not in _LOADED:
-        path = cache_dir() / f"mp_{key}.py"
-        spec = importlib.util.spec_from_file_location(f"{__name__}._generated_{key}", path)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        for kind in ("fwd", "bwd"):
-            getattr(mod, f"_mp_{kind}_{key}").__module__ = __name__  # found again through __getattr__
-        _LOADED[key] = mod
-    return _LOADED[key]
+    return import_generated(__name__, f"mp_{key}", (f"_mp_fwd_{key}", f"_mp_bwd_{key}"), _LOADED)
 
 
 def kernels_for(table) -> tuple[LazyKernel, LazyKernel]:
@@ -298,18 +265,7 @@ def kernels_for(table) -> tuple[LazyKernel, LazyKernel]:
     if key is None or key not in _KERNELS:
         key, src = module_source(table)
         if key not in _KERNELS:
-            path = cache_dir() / f"mp_{key}.py"
-            try:
-                current = path.read_text()
-            except OSError:
-                current = None
-            if current != src:
-                try:
-                    atomic_write_text(path, src)
-                except ConfigError as exc:
-                    raise ConfigError(f"{exc} (generated Triton kernels are cached there; set MLPOT_CACHE to a "
-                                      "writable folder)") from None
-            mod = _import(key)
+            mod = load_generated(__name__, f"mp_{key}", src, (f"_mp_fwd_{key}", f"_mp_bwd_{key}"), _LOADED)
             _KERNELS[key] = (LazyKernel(getattr(mod, f"_mp_fwd_{key}"), CONFIGS, key=["C"]),
                              LazyKernel(getattr(mod, f"_mp_bwd_{key}"), CONFIGS, key=["C"]))
         table._mp_key = key

@@ -20,120 +20,44 @@ Gradient (kernel): ``dL/dv = (I - u u^T) (sum_k gY_k dY_k/du) / r + (sum_n gR_n 
 needed when a force loss is differentiated w.r.t. positions) is built from the differentiable
 torch reference, not from a kernel.
 
-Each program handles ``BLOCK_E`` edges; rows are computed in order and written to the output,
-later rows read the earlier ones back (same thread, after a block barrier).
+Each program handles ``BLOCK_E`` edges (one per thread). The recursion is unrolled at generation
+time (one kernel source per ``lmax``, coefficients as constants of the edge dtype, see
+:mod:`mlpot.kernels._codegen`): every row lives in registers, the forward reads ``vec`` once and
+writes each row of ``Y`` and ``R`` once. The backward recomputes the rows in registers, then walks
+the recursion backwards (adjoint sweep, row ``k = D-1 .. 1``: ``Ybar_i += c u_j Ybar_k``,
+``ubar_j += c Y_i Ybar_k`` for every entry ``(i, j, c)`` of row ``k``, with ``Ybar_k`` seeded by
+``gY_k``): it reads ``vec``, ``gY`` (rows ``1..D-1``; row 0 is constant) and ``gR`` once and
+writes ``dvec`` once, with no workspace.
 """
 import functools
+import hashlib
 import math
+import re
 
 import torch
 from e3nn import o3
 
-from ._runtime import LazyKernel, check_device, next_pow2, reference_vjp, tl
+from ._codegen import HEADER, Consts, load_generated
+from ._runtime import LazyKernel, check_device, next_pow2, reference_vjp
 
-
-def _sh_fwd_kernel(vec_ptr, y_ptr, r_ptr, freq_ptr,
-                   row_ptr, col_i_ptr, col_j_ptr, coef_ptr,
-                   E, D, NB, scal_ptr, E_BUCKET,
-                   P_CUT: tl.constexpr, WITH_RADIAL: tl.constexpr, BLOCK_E: tl.constexpr):
-    """``scal = [r_max, norm]`` in the edge dtype (a Python float would be typed fp32);
-    ``E_BUCKET`` (the autotune key) is the edge count rounded up to a power of two."""
-    e = (tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)).to(tl.int64)
-    em = e < E
-    vx = tl.load(vec_ptr + e * 3 + 0, mask=em, other=1.0)
-    vy = tl.load(vec_ptr + e * 3 + 1, mask=em, other=1.0)
-    vz = tl.load(vec_ptr + e * 3 + 2, mask=em, other=1.0)
-    r = tl.sqrt(vx * vx + vy * vy + vz * vz)
-    ux = vx / r
-    uy = vy / r
-    uz = vz / r
-    tl.store(y_ptr + e * D, tl.full([BLOCK_E], 1.0, y_ptr.dtype.element_ty), mask=em)
-    for k in range(1, D):
-        tl.debug_barrier()
-        t0 = tl.load(row_ptr + k)
-        t1 = tl.load(row_ptr + k + 1)
-        acc = tl.zeros([BLOCK_E], dtype=y_ptr.dtype.element_ty)
-        for t in range(t0, t1):
-            i = tl.load(col_i_ptr + t)
-            j = tl.load(col_j_ptr + t)
-            cf = tl.load(coef_ptr + t)
-            yi = tl.load(y_ptr + e * D + i, mask=em, other=0.0)
-            uj = tl.where(j == 0, ux, tl.where(j == 1, uy, uz))
-            acc += cf * yi * uj
-        tl.store(y_ptr + e * D + k, acc, mask=em)
+# ------------------------------------------------------------------------------------ source
+_RADIAL_FWD = """
     if WITH_RADIAL:
         r_max = tl.load(scal_ptr)
         norm = tl.load(scal_ptr + 1)
         x = r / r_max
         xp = x * x * x * x * x if P_CUT == 5 else tl.exp(P_CUT * tl.log(x))
         pc = P_CUT * 1.0
-        f = 1.0 - (pc + 1.0) * (pc + 2.0) / 2.0 * xp + pc * (pc + 2.0) * xp * x \
+        f = 1.0 - (pc + 1.0) * (pc + 2.0) / 2.0 * xp + pc * (pc + 2.0) * xp * x \\
             - pc * (pc + 1.0) / 2.0 * xp * x * x
         f = tl.where(x < 1.0, f, 0.0)
         for n in range(NB):
             w = tl.load(freq_ptr + n)
             rn = norm * tl.sin(w * r) / r * f
             tl.store(r_ptr + e * NB + n, rn, mask=em)
+"""
 
-
-def _sh_bwd_kernel(vec_ptr, gy_ptr, gr_ptr, freq_ptr, gv_ptr, ws_ptr,
-                   row_ptr, col_i_ptr, col_j_ptr, coef_ptr,
-                   E, D, NB, scal_ptr, E_BUCKET,
-                   P_CUT: tl.constexpr, WITH_RADIAL: tl.constexpr, BLOCK_E: tl.constexpr):
-    """Workspace ``ws`` (E, D, 4): per row [Y, dY/dux, dY/duy, dY/duz]."""
-    e = (tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)).to(tl.int64)
-    em = e < E
-    vx = tl.load(vec_ptr + e * 3 + 0, mask=em, other=1.0)
-    vy = tl.load(vec_ptr + e * 3 + 1, mask=em, other=1.0)
-    vz = tl.load(vec_ptr + e * 3 + 2, mask=em, other=1.0)
-    r = tl.sqrt(vx * vx + vy * vy + vz * vz)
-    ux = vx / r
-    uy = vy / r
-    uz = vz / r
-    zero = tl.zeros([BLOCK_E], dtype=gv_ptr.dtype.element_ty)
-    tl.store(ws_ptr + e * D * 4, zero + 1.0, mask=em)
-    tl.store(ws_ptr + e * D * 4 + 1, zero, mask=em)
-    tl.store(ws_ptr + e * D * 4 + 2, zero, mask=em)
-    tl.store(ws_ptr + e * D * 4 + 3, zero, mask=em)
-    gx = zero
-    gyy = zero
-    gz = zero
-    for k in range(1, D):
-        tl.debug_barrier()
-        t0 = tl.load(row_ptr + k)
-        t1 = tl.load(row_ptr + k + 1)
-        a0 = zero
-        ax = zero
-        ay = zero
-        az = zero
-        for t in range(t0, t1):
-            i = tl.load(col_i_ptr + t)
-            j = tl.load(col_j_ptr + t)
-            cf = tl.load(coef_ptr + t)
-            base = ws_ptr + (e * D + i) * 4
-            yi = tl.load(base, mask=em, other=0.0)
-            dx = tl.load(base + 1, mask=em, other=0.0)
-            dy = tl.load(base + 2, mask=em, other=0.0)
-            dz = tl.load(base + 3, mask=em, other=0.0)
-            uj = tl.where(j == 0, ux, tl.where(j == 1, uy, uz))
-            a0 += cf * yi * uj
-            ax += cf * (dx * uj + tl.where(j == 0, yi, 0.0))
-            ay += cf * (dy * uj + tl.where(j == 1, yi, 0.0))
-            az += cf * (dz * uj + tl.where(j == 2, yi, 0.0))
-        base = ws_ptr + (e * D + k) * 4
-        tl.store(base, a0, mask=em)
-        tl.store(base + 1, ax, mask=em)
-        tl.store(base + 2, ay, mask=em)
-        tl.store(base + 3, az, mask=em)
-        g = tl.load(gy_ptr + e * D + k, mask=em, other=0.0)
-        gx += g * ax
-        gyy += g * ay
-        gz += g * az
-    # tangential projection and 1/r: d u / d v = (I - u u^T) / r
-    dot = gx * ux + gyy * uy + gz * uz
-    ox = (gx - dot * ux) / r
-    oy = (gyy - dot * uy) / r
-    oz = (gz - dot * uz) / r
+_RADIAL_BWD = """
     if WITH_RADIAL:
         r_max = tl.load(scal_ptr)
         norm = tl.load(scal_ptr + 1)
@@ -141,13 +65,13 @@ def _sh_bwd_kernel(vec_ptr, gy_ptr, gr_ptr, freq_ptr, gv_ptr, ws_ptr,
         pc = P_CUT * 1.0
         xpm1 = tl.exp((pc - 1.0) * tl.log(x))
         xp = xpm1 * x
-        f = 1.0 - (pc + 1.0) * (pc + 2.0) / 2.0 * xp + pc * (pc + 2.0) * xp * x \
+        f = 1.0 - (pc + 1.0) * (pc + 2.0) / 2.0 * xp + pc * (pc + 2.0) * xp * x \\
             - pc * (pc + 1.0) / 2.0 * xp * x * x
         df = -pc * (pc + 1.0) * (pc + 2.0) / 2.0 * xpm1 * (1.0 - x) * (1.0 - x) / r_max
         inside = x < 1.0
         f = tl.where(inside, f, 0.0)
         df = tl.where(inside, df, 0.0)
-        gr_tot = zero
+        gr_tot = tl.zeros([BLOCK_E], dtype=DT)
         for n in range(NB):
             w = tl.load(freq_ptr + n)
             s = tl.sin(w * r)
@@ -159,15 +83,141 @@ def _sh_bwd_kernel(vec_ptr, gy_ptr, gr_ptr, freq_ptr, gv_ptr, ws_ptr,
         ox += gr_tot * ux
         oy += gr_tot * uy
         oz += gr_tot * uz
-    tl.store(gv_ptr + e * 3 + 0, ox, mask=em)
-    tl.store(gv_ptr + e * 3 + 1, oy, mask=em)
-    tl.store(gv_ptr + e * 3 + 2, oz, mask=em)
+"""
+
+_PROLOGUE = """    e = (tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)).to(tl.int64)
+    em = e < E
+    vx = tl.load(vec_ptr + e * 3 + 0, mask=em, other=1.0)
+    vy = tl.load(vec_ptr + e * 3 + 1, mask=em, other=1.0)
+    vz = tl.load(vec_ptr + e * 3 + 2, mask=em, other=1.0)
+    r = tl.sqrt(vx * vx + vy * vy + vz * vz)
+    ux = vx / r
+    uy = vy / r
+    uz = vz / r
+"""
+
+_U = ("ux", "uy", "uz")
+
+
+def _rows(lmax: int):
+    """The recursion table as ``rows[k] = [(i, j, coef), ...]`` for ``k = 1..D-1``."""
+    ptr, ci, cj, cf = (t.tolist() for t in sh_recursion_table(lmax))
+    return {k: [(ci[t], cj[t], cf[t]) for t in range(ptr[k], ptr[k + 1])] for k in range(1, len(ptr) - 1)}
+
+
+def _forward_rows(rows, K, out) -> list[str]:
+    """``y{k}`` for every row, in order (each row from earlier rows, all in registers); row 0 is 1
+    and is folded into the constants of rows 1..3."""
+    lines = []
+    for k, ents in rows.items():
+        terms = [f"{K(c)} * {_U[j]}" if i == 0 else f"{K(c)} * y{i} * {_U[j]}" for i, j, c in ents]
+        lines.append(f"    y{k} = " + " + ".join(terms).replace("+ -", "- "))
+        if out:
+            lines.append(f"    tl.store(y_ptr + e * D + {k}, y{k}, mask=em)")
+    return lines
+
+
+def _accumulate(var: str, term: str, exists: bool) -> str:
+    if not exists:
+        return f"    {var} = {term}"
+    return f"    {var} = {var} - {term[1:]}" if term.startswith("-") else f"    {var} = {var} + {term}"
+
+
+def _sh_source(lmax: int, fwd_name: str, bwd_name: str) -> str:
+    rows = _rows(lmax)
+    D = (lmax + 1) ** 2
+    # forward
+    K = Consts()
+    body = _forward_rows(rows, K, out=True)
+    fwd = [f"def {fwd_name}(vec_ptr, y_ptr, r_ptr, freq_ptr, E, D, NB, scal_ptr, E_BUCKET,",
+           "        P_CUT: tl.constexpr, WITH_RADIAL: tl.constexpr, BLOCK_E: tl.constexpr):",
+           f'    """Generated for lmax={lmax}: the recursion unrolled, every row in registers."""',
+           "    DT = y_ptr.dtype.element_ty",
+           *K.lines("    "),
+           _PROLOGUE,
+           "    tl.store(y_ptr + e * D, tl.full([BLOCK_E], 1.0, DT), mask=em)",
+           *body]
+    # backward: recompute the rows, then the adjoint sweep k = D-1..1:
+    #   ybar[i] += c u[j] ybar[k],  ubar[j] += c y[i] ybar[k]   for every entry (i, j, c) of row k
+    K = Consts()
+    body = _forward_rows(rows, K, out=False)
+    acc: dict[int, bool] = {}  # rows i whose adjoint sum a{i} exists
+    ubar = [False, False, False]
+    adj = []
+    for k in range(D - 1, 0, -1):
+        load = f"tl.load(gy_ptr + e * D + {k}, mask=em, other=0.0)"
+        adj.append(f"    b{k} = {load} + a{k}" if acc.get(k) else f"    b{k} = {load}")
+        for i, j, c in rows[k]:
+            if i > 0:
+                adj.append(_accumulate(f"a{i}", f"{K(c)} * {_U[j]} * b{k}", acc.get(i)))
+                acc[i] = True
+            adj.append(_accumulate(f"g{j}", f"{K(c)} * b{k}" if i == 0 else f"{K(c)} * y{i} * b{k}", ubar[j]))
+            ubar[j] = True
+    zeros = [f"    g{j} = tl.zeros([BLOCK_E], dtype=DT)" for j in range(3) if not ubar[j]]
+    bwd = [f"def {bwd_name}(vec_ptr, gy_ptr, gr_ptr, freq_ptr, gv_ptr, E, D, NB, scal_ptr, E_BUCKET,",
+           "        P_CUT: tl.constexpr, WITH_RADIAL: tl.constexpr, BLOCK_E: tl.constexpr):",
+           f'    """Generated for lmax={lmax}: rows recomputed in registers, then the adjoint sweep."""',
+           "    DT = gv_ptr.dtype.element_ty",
+           *K.lines("    "),
+           _PROLOGUE,
+           *body,
+           *adj,
+           *zeros,
+           "    # tangential projection and 1/r: d u / d v = (I - u u^T) / r",
+           "    dot = g0 * ux + g1 * uy + g2 * uz",
+           "    ox = (g0 - dot * ux) / r",
+           "    oy = (g1 - dot * uy) / r",
+           "    oz = (g2 - dot * uz) / r",
+           _RADIAL_BWD,
+           "    tl.store(gv_ptr + e * 3 + 0, ox, mask=em)",
+           "    tl.store(gv_ptr + e * 3 + 1, oy, mask=em)",
+           "    tl.store(gv_ptr + e * 3 + 2, oz, mask=em)"]
+    header = ('"""Generated by mlpot.kernels.spherical_harmonics; do not edit (rewritten when it differs)."""\n'
+              + HEADER)
+    return header + "\n".join(fwd) + "\n" + _RADIAL_FWD + "\n\n" + "\n".join(bwd) + "\n"
 
 
 _CFG_E = [({"BLOCK_E": 64}, 2, 2), ({"BLOCK_E": 128}, 4, 2), ({"BLOCK_E": 256}, 4, 2)]
-# autotune key: E_BUCKET (next power of two of E), not E, so MD steps do not re-tune
-_FWD = LazyKernel(_sh_fwd_kernel, _CFG_E, key=["E_BUCKET", "D", "NB"])
-_BWD = LazyKernel(_sh_bwd_kernel, _CFG_E, key=["E_BUCKET", "D", "NB"])
+_GENERATOR_VERSION = 1
+_NAME = re.compile(r"^_sh_(fwd|bwd)_l([0-9]+)$")
+_LOADED: dict[str, object] = {}  # "sh_<hash>" -> generated module
+
+
+class _PerLmax:
+    """The LazyKernels of one direction, one generated kernel per ``lmax`` (same configs and
+    autotune key for all): ``_FWD(lmax)``. The key is E_BUCKET (next power of two of E), not E,
+    so MD steps do not re-tune."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self.configs = _CFG_E
+        self.key = ["E_BUCKET", "D", "NB"]
+        self._kernels: dict[int, LazyKernel] = {}
+
+    def __call__(self, lmax: int) -> LazyKernel:
+        if lmax not in self._kernels:
+            self._kernels[lmax] = LazyKernel(_generated(lmax, self.kind), self.configs, key=self.key)
+        return self._kernels[lmax]
+
+
+def _generated(lmax: int, kind: str):
+    names = (f"_sh_fwd_l{lmax}", f"_sh_bwd_l{lmax}")
+    src = _sh_source(lmax, *names)
+    stem = "sh_" + hashlib.sha256(repr((_GENERATOR_VERSION, src)).encode()).hexdigest()[:16]
+    return getattr(load_generated(__name__, stem, src, names, _LOADED), f"_sh_{kind}_l{lmax}")
+
+
+def __getattr__(name: str):
+    """``_sh_fwd_l<lmax>`` / ``_sh_bwd_l<lmax>``: a generated kernel (``mlpot.bench.aot`` finds it
+    by name in a fresh process)."""
+    m = _NAME.match(name)
+    if m is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return _generated(int(m.group(2)), m.group(1))
+
+
+_FWD = _PerLmax("fwd")
+_BWD = _PerLmax("bwd")
 
 
 def edge_bucket(E: int) -> int:
@@ -214,17 +264,6 @@ def sh_recursion_table(lmax: int):
             torch.tensor(cj, dtype=torch.int64), torch.tensor(cf, dtype=torch.float64))
 
 
-_TABLES: dict = {}
-
-
-def _table(lmax, device, dtype):
-    key = (lmax, str(device), dtype)
-    if key not in _TABLES:
-        ptr, ci, cj, cf = sh_recursion_table(lmax)
-        _TABLES[key] = (ptr.to(device), ci.to(device), cj.to(device), cf.to(device=device, dtype=dtype))
-    return _TABLES[key]
-
-
 def _grid(E):
     return lambda m: ((E + m["BLOCK_E"] - 1) // m["BLOCK_E"],)
 
@@ -237,11 +276,9 @@ def _forward(vec, lmax, freqs, r_max, p):
     R = torch.empty(E, NB, device=vec.device, dtype=vec.dtype)
     if E == 0:
         return Y, R
-    ptr, ci, cj, cf = _table(lmax, vec.device, vec.dtype)
     fr = freqs if with_r else Y
     scal = _scalars(r_max, math.sqrt(2.0 / r_max), vec.device, vec.dtype)
-    _FWD[_grid(E)](vec, Y, R, fr, ptr, ci, cj, cf, E, D, NB, scal, edge_bucket(E),
-                   P_CUT=p, WITH_RADIAL=with_r)
+    _FWD(lmax)[_grid(E)](vec, Y, R, fr, E, D, NB, scal, edge_bucket(E), P_CUT=p, WITH_RADIAL=with_r)
     return Y, R
 
 
@@ -250,15 +287,12 @@ def _backward(vec, gY, gR, lmax, freqs, r_max, p):
     gv = torch.empty_like(vec)
     if E == 0:
         return gv
-    ws = torch.empty(E, D, 4, device=vec.device, dtype=vec.dtype)
-    ptr, ci, cj, cf = _table(lmax, vec.device, vec.dtype)
     with_r = freqs is not None
     NB = freqs.shape[0] if with_r else 0
     gR_ = gR if with_r else gv
     fr = freqs if with_r else gv
     scal = _scalars(r_max, math.sqrt(2.0 / r_max) if with_r else 0.0, vec.device, vec.dtype)
-    _BWD[_grid(E)](vec, gY, gR_, fr, gv, ws, ptr, ci, cj, cf, E, D, NB, scal, edge_bucket(E),
-                   P_CUT=p, WITH_RADIAL=with_r)
+    _BWD(lmax)[_grid(E)](vec, gY, gR_, fr, gv, E, D, NB, scal, edge_bucket(E), P_CUT=p, WITH_RADIAL=with_r)
     return gv
 
 

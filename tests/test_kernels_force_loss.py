@@ -145,13 +145,13 @@ def test_so2_linear_force_loss():
 # ------------------------------------------------------------------------------------------------
 #: variant -> (model options, the kernels a triton model must launch)
 MACE_VARIANTS = {
-    "cg-symmetric": ({}, {"_sh_fwd_kernel", "_segment_sum_kernel", "_sc_node_kernel"}),
-    "gaunt-symmetric": ({"interaction_tp": "gaunt"}, {"_sh_fwd_kernel", "_grid_product_kernel", "_sc_node_kernel"}),
+    "cg-symmetric": ({}, {"_sh_fwd_l2", "_segment_sum_kernel", "_sc_node_kernel"}),
+    "gaunt-symmetric": ({"interaction_tp": "gaunt"}, {"_sh_fwd_l2", "_grid_product_kernel", "_sc_node_kernel"}),
     "so2-symmetric": ({"interaction_tp": "so2"},
-                      {"_sh_fwd_kernel", "_so2_node_kernel", "_so2_edge_kernel", "_sc_node_kernel"}),
-    "cg-gaunt": ({"product": "gaunt"}, {"_sh_fwd_kernel", "_segment_sum_kernel", "_grid_product_kernel"}),
+                      {"_sh_fwd_l2", "_so2_node_kernel", "_so2_edge_kernel", "_sc_node_kernel"}),
+    "cg-gaunt": ({"product": "gaunt"}, {"_sh_fwd_l2", "_segment_sum_kernel", "_grid_product_kernel"}),
     "gaunt-gaunt-fourier": ({"interaction_tp": "gaunt", "product": "gaunt", "gaunt_method": "fourier",
-                             "num_interactions": 1}, {"_sh_fwd_kernel", "_grid_product_kernel"}),
+                             "num_interactions": 1}, {"_sh_fwd_l2", "_grid_product_kernel"}),
 }
 
 
@@ -209,7 +209,7 @@ def test_escn_triton_force_training_gradients_equal_reference():
     (ref_out, ref_grads), (tri_out, tri_grads), launched = _reference_and_triton(
         "ESCN", num_layers=3, lmax=2, mmax=1, sphere_channels=3, hidden_channels=3, edge_channels=3,
         num_bessel=4, ffn_activation="gate")
-    kernels = {"_sh_fwd_kernel", "_sh_bwd_kernel", "_so2_linear_gemm_kernel", "_so2_linear_wgrad_kernel"}
+    kernels = {"_sh_fwd_l0", "_sh_bwd_l0", "_so2_linear_gemm_kernel", "_so2_linear_wgrad_kernel"}
     assert kernels <= launched, f"ESCN: kernels not launched: {sorted(kernels - launched)}"
     assert _rel_own(tri_out["energy"], ref_out["energy"]) < TOL
     assert _rel_own(tri_out["forces"], ref_out["forces"]) < TOL

@@ -159,12 +159,14 @@ def sh_costs(L, E, bytes_per=8, num_basis=8, **_) -> dict:
     from mlpot.o3.backend import kernels_module
 
     T = int(kernels_module("spherical_harmonics").sh_recursion_table(L)[1].numel())
-    # current: the recursion reads earlier rows back from the output (T loads), backward uses an
-    # (E, D, 4) workspace written and read back
-    cur_fwd = E * 3 * s + E * (D + num_basis) * s + E * T * s
-    cur_bwd = E * 3 * s * 2 + E * (D + num_basis) * s + E * D * 4 * s + E * T * 4 * s
+    # current: the recursion unrolled in registers (one generated kernel per L): the forward reads
+    # vec once and writes Y and R once; the backward recomputes Y in registers and runs the adjoint
+    # sweep: vec, gY (rows 1..D-1: row 0 is constant) and gR read once, dvec written once
+    cur_fwd = E * 3 * s + E * (D + num_basis) * s
+    cur_bwd = E * 3 * s * 2 + E * (D - 1 + num_basis) * s
     floor_fwd = E * 3 * s + E * (D + num_basis) * s
-    floor_bwd = E * 3 * s * 2 + E * (D + num_basis) * s
+    # backward operands: vec, gY (its row 0 multiplies the constant Y_0: no derivative), gR, dvec
+    floor_bwd = E * 3 * s * 2 + E * (D - 1 + num_basis) * s
     flops = E * (3 * T + 12 * num_basis + 20)
     return {"shape": f"L={L} E={E} num_basis={num_basis} recursion entries={T}",
             "current": {"fwd_bytes": cur_fwd, "bwd_bytes": cur_bwd, "fwd_flops": flops},
