@@ -26,6 +26,24 @@ def test_mp_floor_is_the_bytes_of_the_operands():
     assert cost["floor"]["fwd_flops"] == 3 * E * table.coef.numel() * C
 
 
+def test_mp_double_backward_floor_is_the_bytes_of_the_operands():
+    """Double backward of the message passing: read x, Y, w, g = dL/d out and the incoming
+    gradients ax, aY, aw (and the edge index) once; write dx, dY, dw, dg once."""
+    C, L, N, E = 4, 2, 7, 30
+    irreps_in, irreps_sh, irreps_out, ins = K.mp_layer2_shapes(C, L)
+    table = kernels_module("channelwise_tp").build_uvu_table(irreps_in, irreps_sh, irreps_out, ins)
+    x, ax, dx = (torch.empty(N, irreps_in.dim) for _ in range(3))
+    Y, aY, dY = (torch.empty(E, irreps_sh.dim) for _ in range(3))
+    w, aw, dw = (torch.empty(E, table.P * C) for _ in range(3))
+    g, dg = (torch.empty(N, o3.Irreps(irreps_out).dim) for _ in range(2))
+    idx = torch.empty(2, E, dtype=torch.int64)
+    want = sum(t.numel() * t.element_size() for t in (x, ax, dx, Y, aY, dY, w, aw, dw, g, dg, idx))
+    cost = K.mp_double_costs(C=C, L=L, N=N, E=E, bytes_per=4)
+    assert cost["floor"]["bytes"] == want
+    assert cost["floor"]["bytes"] <= cost["new"]["bytes"] <= cost["current"]["bytes"]
+    assert cost["floor"]["flops"] == 9 * 3 * E * table.coef.numel() * C
+
+
 def test_redesign_within_twice_the_floor_and_current_kernels_are_not():
     md, rows = K.table()
     assert md.startswith("MODEL, not a measurement")

@@ -89,6 +89,51 @@ def mp_costs(C, L, N, E, bytes_per=4, **_) -> dict:
     return out
 
 
+def mp_double_costs(C, L, N, E, bytes_per=4, **_) -> dict:
+    """Message-passing double backward: the backward of the first backward, as a force-training step
+    runs it (``backend: triton``: :class:`mlpot.kernels.channelwise_tp._MPBackward`'s backward; the
+    e3nn-layout reshapes around it are not counted, as in the forward row).
+
+    In a force loss every operand needs its gradient: ``x`` (earlier layers, parameters), ``Y`` and
+    ``w`` (positions, radial MLP) and ``g = dL/d out`` (it depends on the later layers' parameters),
+    and the first backward produced all of ``dx, dY, dw``, so the incoming ``(ax, aY, aw)`` are all
+    set. Current = what that backward launches: ``dg`` = three forward passes ``MP(ax, Y, w) +
+    MP(x, Y, aw) + MP(x, aY, w)``; three backward passes ``(ax, Y, w, g) -> (dY, dw)``,
+    ``(x, Y, aw, g) -> (dx, dY)``, ``(x, aY, w, g) -> (dx, dw)`` (each loads ``g[n]`` per receiver
+    and ``x[src]``, ``w[e]``, ``Y[e]`` per edge: every partial combination needs them; writes only
+    the needed edge gradients; ``dx`` through ``h`` and the segment sum, ``dY`` through the 32-channel
+    partials summed by torch); then torch adds the two terms of each of ``dx, dY, dw`` and the three
+    of ``dg`` (each add reads two tensors and writes one). Redesign: one fused receiver-outer pass
+    (``g[n]`` once per receiver; per edge ``x, ax`` at the sender and ``w, aw, Y, aY`` read once;
+    ``dw, dY, h`` written once, ``dg[n]`` written once per receiver), then the segment sum of ``h``.
+    Floor: each operand (``x, Y, w, g, ax, aY, aw``, the edge index) read once, each gradient
+    (``dx, dY, dw, dg``) written once."""
+    t = _mp_table(L)
+    s, Din, Dsh, Dout, P = bytes_per, t["D_in"], t["D_sh"], t["D_out"], t["P"]
+    mp = mp_costs(C=C, L=L, N=N, E=E, bytes_per=s)
+    nsub = -(-C // 32)
+    x_n, g_n, w_e, y_e = N * Din * C * s, N * Dout * C * s, E * P * C * s, E * Dsh * s
+    # one backward kernel pass: CSR, g once per receiver, per edge indices + x[src], w[e], Y[e]
+    reads = (N + 1) * IDX + g_n + E * 2 * IDX + E * Din * C * s + w_e + y_e
+    dy_out = E * Dsh * nsub * s + E * Dsh * nsub * s + y_e  # partials written, then read and summed
+    seg_sum = (N + 1) * IDX + E * IDX + E * Din * C * s + x_n  # sender CSR, h read, dx written
+    h_out = E * Din * C * s
+    passes = [reads + dy_out + w_e,  # (ax, Y, w, g) -> dY, dw
+              reads + h_out + dy_out + seg_sum,  # (x, Y, aw, g) -> dx, dY
+              reads + h_out + w_e + seg_sum]  # (x, aY, w, g) -> dx, dw
+    adds = 3 * x_n + 3 * y_e + 3 * w_e + 2 * 3 * g_n
+    cur = 3 * mp["current"]["fwd_bytes"] + sum(passes) + adds
+    new = ((N + 1) * IDX + g_n + E * 2 * IDX + 2 * E * Din * C * s + 2 * w_e + 2 * y_e  # reads
+           + w_e + y_e + h_out + g_n + seg_sum)  # dw, dY, h, dg; dx = segment sum of h
+    floor = 3 * x_n + 3 * y_e + 3 * w_e + 2 * g_n + E * 2 * IDX
+    # three forward products and three backward passes of two gradients each (a full backward = 3)
+    flops = 3 * mp["floor"]["fwd_flops"] + 3 * 2 * mp["floor"]["fwd_flops"]
+    return {"shape": mp["shape"],
+            "current": {"bytes": cur, "flops": flops},
+            "new": {"bytes": new, "flops": flops},
+            "floor": {"bytes": floor, "flops": flops}}
+
+
 @functools.cache
 def _sc_tables(L: int, correlation: int):
     """Entry counts of the symmetric-contraction tables (0e and 1o outputs) of MACE."""
@@ -269,6 +314,9 @@ def table(sizes=MACE_SIZES, dtype="fp32") -> tuple[str, list[dict]]:
     for d in ("fwd", "bwd"):
         rows.append(("message passing " + d, mp["shape"], mp["current"][f"{d}_bytes"], mp["new"][f"{d}_bytes"],
                      mp["floor"][f"{d}_bytes"], mp["floor"][f"{d}_flops"]))
+    mpd = mp_double_costs(bytes_per=s, **sizes)
+    rows.append(("message passing double bwd", mpd["shape"], mpd["current"]["bytes"], mpd["new"]["bytes"],
+                 mpd["floor"]["bytes"], mpd["floor"]["flops"]))
     sc = sc_costs(bytes_per=s, **sizes)
     for d in ("fwd", "dA", "dW"):
         rows.append(("symmetric contraction " + d, sc["shape"], sc["current"][f"{d}_bytes"], sc["new"][f"{d}_bytes"],
