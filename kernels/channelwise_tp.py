@@ -167,7 +167,7 @@ def _forward(plan: EdgePlan, table: TPTable, x, Y, w) -> torch.Tensor:
         return out.zero_()
     fwd, _ = MPG.kernels_for(table)
     perm, seg = plan.segments("dst")
-    for group in range(len(MPG.row_groups(table))):
+    for group in MPG.launch_groups(table, x.dtype):
         fwd[lambda m: (N, triton_cdiv(C, m["BLOCK_C"]))](out, x, Y, w, seg, perm, plan.src, C, GROUP=group)
     return out
 
@@ -190,7 +190,7 @@ def _backward(plan: EdgePlan, table: TPTable, x, Y, w, g, need: tuple) -> list:
         _, bwd = MPG.kernels_for(table)
         perm, seg = plan.segments("dst")
         ph = lambda t: g if t is None else t  # unused operand: any pointer of the dtype
-        for group in range(len(MPG.row_groups(table))):  # in order: group 0 writes, the others add
+        for group in MPG.launch_groups(table, dt):  # in order: the first group writes, the others add
             bwd[lambda m: (N, triton_cdiv(C, m["BLOCK_C"]))](
                 ph(h), ph(dw), ph(dy), g, ph(x), Y, ph(w), seg, perm, plan.src, C, nsub,
                 NEED_H=need_x, NEED_W=need_w, NEED_Y=need_y, GROUP=group)

@@ -21,8 +21,8 @@ backward, every row of ``g[n]`` stay in registers for the whole edge loop. Each 
 sum over sender segments in a fixed order: no atomics, results are bit-identical run to run. The
 ``dY`` channel sum is reduced in fixed 32-channel sub-blocks (``(E, D_sh, ceil(C/32))``
 partials, summed by torch), so it does not depend on the autotuned ``BLOCK_C``. A table with more
-output rows than registers hold (:func:`row_groups`; MACE's default layer 2, 55 rows, is one
-group) runs in row groups, one launch each and in order: each walks the edges again, and in the
+output rows than registers hold (:func:`row_groups`, fewer rows per group for fp64; MACE's
+default layer 2, 55 rows, is one group) runs in row groups, one launch each and in order: each walks the edges again, and in the
 backward group 0 writes the edge gradients and the later groups add theirs (still no atomics).
 
 Specialisation: the entries of the table are unrolled into straight-line code with the
@@ -49,9 +49,11 @@ from ._runtime import LazyKernel, tl
 CONFIGS = [({"BLOCK_C": 128}, 4, 1), ({"BLOCK_C": 64}, 2, 1), ({"BLOCK_C": 32}, 2, 1)]
 #: channels per partial sum of dY (fixed, so dY does not depend on the config)
 DY_SUB = 32
-_GENERATOR_VERSION = 4
+_GENERATOR_VERSION = 5
 #: live register rows (output rows + 2 D_in) one program holds; more output rows split into groups
 MAX_LIVE_ROWS = 64
+#: the same for 8-byte dtypes, counted as output rows + 8 D_in (see :func:`row_groups`)
+MAX_LIVE_ROWS_WIDE = 90
 _NAME = re.compile(r"^_mp_(fwd|bwd)_([0-9a-f]{16})$")
 _LOADED: dict[str, object] = {}  # "mp_<hash>" -> generated module
 _KERNELS: dict[str, tuple] = {}  # hash -> (forward LazyKernel, backward LazyKernel)
@@ -92,24 +94,50 @@ def _edge_loop_head(table) -> list[str]:
             f"        yb = y_ptr + e * {table.D_sh}"]
 
 
-def row_groups(table) -> list[list[int]]:
+def row_groups(table, wide: bool = False) -> list[list[int]]:
     """Output rows split so that one group's accumulators (forward) or gradient rows (backward)
     fit in registers: at most ``MAX_LIVE_ROWS - 2 D_in`` rows per group (MACE's default layer 2,
-    55 rows and D_in = 4, is one group). Each group walks the edges once more."""
+    55 rows and D_in = 4, is one group). Each group walks the edges once more.
+
+    ``wide`` (8-byte elements, fp64): two registers per value, and ptxas spills sooner as the
+    input rows grow (per input row the backward holds ``x_a``, ``h_a`` and the ``x_a g_b``
+    products its paths share): at most ``MAX_LIVE_ROWS_WIDE - 8 D_in`` rows per group. Calibrated
+    with ``mlpot bench aot`` (fp64, sm_80/sm_90): MACE's default layer 2 stays one group, the layer
+    2 of hidden irreps ``128x0e+128x1o+128x2e`` (D_in = 9, 71 rows) runs in 4 groups of 18 rows
+    (2 groups of 36 spilled, 3 of 24 did too)."""
     per = max(8, MAX_LIVE_ROWS - 2 * table.D_in)
+    if wide:
+        per = min(per, max(8, MAX_LIVE_ROWS_WIDE - 8 * table.D_in))
     n = max(1, -(-table.D_out // per))
     size = -(-table.D_out // n)
     return [list(range(i, min(i + size, table.D_out))) for i in range(0, table.D_out, size)]
 
 
+def _all_groups(table) -> list[tuple[list[int], bool]]:
+    """``(rows, first)`` of every ``GROUP`` id in the source: the groups of 4-byte dtypes, then,
+    when they differ, those of 8-byte dtypes (:func:`launch_groups` picks the ids to launch)."""
+    narrow, wide = row_groups(table), row_groups(table, wide=True)
+    sets = [narrow] if wide == narrow else [narrow, wide]
+    return [(rows, k == 0) for groups in sets for k, rows in enumerate(groups)]
+
+
+def launch_groups(table, dtype) -> list[int]:
+    """The ``GROUP`` ids to launch, in order, for ``dtype``."""
+    narrow, wide = row_groups(table), row_groups(table, wide=True)
+    if torch.empty((), dtype=dtype).element_size() < 8 or wide == narrow:
+        return list(range(len(narrow)))
+    return list(range(len(narrow), len(narrow) + len(wide)))
+
+
 def _grouped(groups, body_of) -> list[str]:
-    """The bodies of the row groups, each under ``if GROUP == k`` (a constexpr) when there are several."""
+    """The bodies of the row groups (``(rows, first)`` pairs), each under ``if GROUP == k`` (a
+    constexpr) when there are several."""
     if len(groups) == 1:
-        return body_of(groups[0], True)
+        return body_of(*groups[0])
     lines = []
-    for k, rows in enumerate(groups):
+    for k, (rows, first) in enumerate(groups):
         lines.append(f"    if GROUP == {k}:")
-        lines += ["    " + line for line in body_of(rows, k == 0)]
+        lines += ["    " + line for line in body_of(rows, first)]
     return lines
 
 
@@ -144,7 +172,7 @@ def _forward_source(table, name: str) -> str:
                 f"    ob = out_ptr + n * ({Dout} * C) + c",
                 *[f"    tl.store(ob + {b} * C, o{b}, mask=cm)" for b in rows]]
 
-    groups = _grouped(row_groups(table), group)
+    groups = _grouped(_all_groups(table), group)
     lines = [
         f"def {name}(out_ptr, x_ptr, y_ptr, w_ptr, seg_ptr, perm_ptr, src_ptr, C,",
         "        GROUP: tl.constexpr, BLOCK_C: tl.constexpr):",
@@ -226,7 +254,7 @@ def _backward_source(table, name: str) -> str:
                     lines += [f"            tl.store({ptr.format(i)}, {zero}, mask={mask})" for i in unused]
         return lines
 
-    groups = _grouped(row_groups(table), group)
+    groups = _grouped(_all_groups(table), group)
     lines = [
         f"def {name}(h_ptr, dw_ptr, dy_ptr, g_ptr, x_ptr, y_ptr, w_ptr, seg_ptr, perm_ptr, src_ptr, C, NSUB,",
         "        NEED_H: tl.constexpr, NEED_W: tl.constexpr, NEED_Y: tl.constexpr, GROUP: tl.constexpr,",
@@ -245,7 +273,7 @@ def _backward_source(table, name: str) -> str:
 
 def module_source(table) -> tuple[str, str]:
     """(hash, source) of the generated module for ``table``; the hash names its kernels."""
-    text = repr((_GENERATOR_VERSION, MAX_LIVE_ROWS, table.D_in, table.D_sh, table.D_out, table.P, _entries(table)))
+    text = repr((_GENERATOR_VERSION, MAX_LIVE_ROWS, MAX_LIVE_ROWS_WIDE, table.D_in, table.D_sh, table.D_out, table.P, _entries(table)))
     key = hashlib.sha256(text.encode()).hexdigest()[:16]
     fwd = _forward_source(table, f"_mp_fwd_{key}")
     bwd = _backward_source(table, f"_mp_bwd_{key}")

@@ -240,6 +240,28 @@ def test_edge_outer_mp_in_row_groups_matches_e3nn(dtype, monkeypatch):
         assert (a - b).abs().max() <= _tol(b, dtype) * 10
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_edge_outer_mp_fp64_row_groups_differ_from_fp32(dtype, monkeypatch):
+    """One source holds the row groups of both element sizes when they differ (fp64 holds fewer
+    rows per group): here fp32 runs one group and fp64 groups of 8 rows (GROUP ids 1..4), and
+    both equal e3nn in every order."""
+    monkeypatch.setattr(MPG, "MAX_LIVE_ROWS", 1000)
+    monkeypatch.setattr(MPG, "MAX_LIVE_ROWS_WIDE", 0)
+    fused, reference, ops, src, dst, gout = _mp_problem(3, 1, 2, 2, N=4, E=6, dtype=dtype, seed=14)
+    assert [len(r) for r in MPG.row_groups(fused.table)] == [29]
+    assert [len(r) for r in MPG.row_groups(fused.table, wide=True)] == [8, 8, 8, 5]
+    want_ids = [1, 2, 3, 4] if dtype == torch.float64 else [0]
+    assert MPG.launch_groups(fused.table, dtype) == want_ids
+    want = _all_orders(reference, ops, gout)
+    with RT.count_launches() as counts:
+        out = fused(*ops, src, dst)
+    assert sum(n for k, n in counts.items() if k.startswith("_mp_fwd_")) == len(want_ids)
+    assert (out - want[0]).abs().max() <= _tol(want[0], dtype)
+    got = _all_orders(lambda x, Y, w: fused(x, Y, w, src, dst), ops, gout)
+    for a, b in zip(got, want):
+        assert (a - b).abs().max() <= _tol(b, dtype) * 10
+
+
 def test_generated_kernels_are_cached_by_content(tmp_path, monkeypatch):
     """The source of a table's kernels is written once under $MLPOT_CACHE/kernels, named by its
     hash; a damaged file is rewritten; a fresh process finds a kernel by its name (as the
