@@ -80,9 +80,6 @@ _RADIAL_BWD = """
             db = norm * (w * cw * r - s) / (r * r)
             gn = tl.load(gr_ptr + e * NB + n, mask=em, other=0.0)
             gr_tot += gn * (db * f + b * df)
-        ox += gr_tot * ux
-        oy += gr_tot * uy
-        oz += gr_tot * uz
 """
 
 _PROLOGUE = """    e = (tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)).to(tl.int64)
@@ -160,6 +157,8 @@ def _sh_source(lmax: int, fwd_name: str, bwd_name: str) -> str:
            "    DT = gv_ptr.dtype.element_ty",
            *K.lines("    "),
            _PROLOGUE,
+           "    # radial part first: few values live across the sin/cos calls",
+           _RADIAL_BWD,
            *body,
            *adj,
            *zeros,
@@ -168,7 +167,10 @@ def _sh_source(lmax: int, fwd_name: str, bwd_name: str) -> str:
            "    ox = (g0 - dot * ux) / r",
            "    oy = (g1 - dot * uy) / r",
            "    oz = (g2 - dot * uz) / r",
-           _RADIAL_BWD,
+           "    if WITH_RADIAL:",
+           "        ox += gr_tot * ux",
+           "        oy += gr_tot * uy",
+           "        oz += gr_tot * uz",
            "    tl.store(gv_ptr + e * 3 + 0, ox, mask=em)",
            "    tl.store(gv_ptr + e * 3 + 1, oy, mask=em)",
            "    tl.store(gv_ptr + e * 3 + 2, oz, mask=em)"]
