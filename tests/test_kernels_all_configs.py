@@ -23,7 +23,7 @@ LAUNCHED = {
            ("symmetric_contraction", "_BLOCK_SUM")],
     "mp": [("mp_codegen", "SEGMENT_SUM"), ("mp_codegen", "CONFIGS")],  # CONFIGS: of the generated kernels
     "gaunt": [("gaunt", "_KERNEL_NARROW"), ("gaunt", "_KERNEL_WIDE")],
-    "so2": [("so2", "_NODE"), ("so2", "_EDGE")],
+    "so2": [("so2", "_NODE"), ("so2", "_EDGE"), ("so2", "_BWD"), ("mp_codegen", "SEGMENT_SUM")],
 }
 
 
