@@ -68,6 +68,8 @@ dropped). MACE's L = 3 second layer (``DAP = 16``, ``DA = 4``, ``DBP = 32``) at 
 ``gamma ~ 7e-6``. Plain TF32 (``2^-11`` per product) would exceed it about 70-fold. The
 gradients are the same kernels and obey the same bound with their own operands.
 """
+import math
+
 import torch
 
 from mlpot.o3.grad_needs import grad_node, needed
@@ -282,17 +284,20 @@ def _so2_edge_kernel(out_ptr, a_ptr, b_ptr, w_ptr, wa_ptr, wb_ptr, a_idx_ptr, b_
 
 
 def _so2_bwd_kernel(h_ptr, dw_ptr, dd_ptr, g_ptr, x_ptr, w_ptr, d_ptr, seg_ptr, perm_ptr, src_ptr,
-                    off_ptr, sgn_ptr, offl_ptr, sgnp_ptr, a_partner_ptr, b_pstd_ptr,
+                    off_ptr, sgn_ptr, offl_ptr, sgnp_ptr, a_partner_ptr, b_partner_ptr, deg_ptr,
                     a_std_ptr, a_blk_ptr, b_std_ptr, b_blk_ptr,
                     C, DA, DB, DW, stride_we, numel,
                     NEED_H: tl.constexpr, NEED_W: tl.constexpr, NEED_D: tl.constexpr,
                     DOT_PRECISION: tl.constexpr, BLOCK_C: tl.constexpr,
                     DAP: tl.constexpr, DBP: tl.constexpr, DWP: tl.constexpr):
     """The fused first backward of the depthwise forward (module doc, "Backward"): one program per
-    receiver ``n``, its edges from the receiver CSR. Per edge ``e = (s -> n)`` and channel block,
-    with ``Xr = D x[s]``, ``Gr = D g[n]``: ``NEED_W``: ``dw[e]`` (the weight-gradient entries,
-    as :func:`_so2_edge_kernel`); ``NEED_H``: ``h[e] = D^T M^T Gr`` (summed per sender afterwards);
-    ``NEED_D``: ``dD[e] = fold((M^T Gr) x[s]^T) + fold((M Xr) g[n]^T)`` over all channel blocks."""
+    receiver ``n``; per channel block ``g[n]`` is read once, then the receiver's edges (CSR) in
+    order. Per edge ``e = (s -> n)``, with ``Xr = D x[s]``, ``Gr = D g[n]``: ``NEED_W``: ``dw[e]``
+    (the weight-gradient entries of :func:`_so2_edge_kernel`, the partner rows ``Gr[t']`` taken
+    from ``Gr`` by a 0/1 permutation ``tl.dot``); ``NEED_H``: ``h[e] = D^T M^T Gr`` (summed per
+    sender afterwards); ``NEED_D``: ``dD[e] = fold((M^T Gr) x[s]^T) + fold((M Xr) g[n]^T)``,
+    written by the first channel block and accumulated in place by the next ones (the same
+    program: ordered by a barrier, only the in-block entries, degree ``deg`` of a ``D`` row)."""
     n = tl.program_id(0).to(tl.int64)
     ra = tl.arange(0, DAP)
     ram = ra < DA
@@ -306,27 +311,33 @@ def _so2_bwd_kernel(h_ptr, dw_ptr, dd_ptr, g_ptr, x_ptr, w_ptr, d_ptr, seg_ptr, 
     bmask = rbm[:, None] & rbm[None, :] & (bblk[:, None] == bblk[None, :])
     q0 = tl.load(seg_ptr + n)
     q1 = tl.load(seg_ptr + n + 1)
-    for q in range(q0, q1):
-        e = tl.load(perm_ptr + q).to(tl.int64)
-        s = tl.load(src_ptr + e)
-        da = tl.load(d_ptr + (e * DW + astd[:, None]) * DW + astd[None, :], mask=amask, other=0.0)
-        db = tl.load(d_ptr + (e * DW + bstd[:, None]) * DW + bstd[None, :], mask=bmask, other=0.0)
-        if NEED_W:
-            bpstd = tl.load(b_pstd_ptr + rb, mask=rbm, other=0)
-            dbp = tl.load(d_ptr + (e * DW + bpstd[:, None]) * DW + bstd[None, :], mask=bmask, other=0.0)
-        wbase = w_ptr + e * stride_we
+    if NEED_W:  # Gr[t'] = (Q Gr)[t] with Q[t, u] = (u == partner(t))
+        bpart = tl.load(b_partner_ptr + rb, mask=rbm, other=-1)
+        qperm = tl.where(rb[None, :] == bpart[:, None], 1.0, 0.0).to(x_ptr.dtype.element_ty)
+    if NEED_D:
+        sw = tl.arange(0, DWP)
+        swm = sw < DW
+        degw = tl.load(deg_ptr + sw, mask=swm, other=-1)
+        inblk = swm[:, None] & swm[None, :] & (degw[:, None] == degw[None, :])
+        pa = tl.where((sw[:, None] == astd[None, :]) & ram[None, :], 1.0, 0.0).to(x_ptr.dtype.element_ty)
+        pb = tl.where((sw[:, None] == bstd[None, :]) & rbm[None, :], 1.0, 0.0).to(x_ptr.dtype.element_ty)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        cm = c < C
+        gb = tl.load(g_ptr + (n * DB + rb[:, None]) * C + c[None, :], mask=rbm[:, None] & cm[None, :], other=0.0)
         if NEED_D:
-            gda = tl.zeros([DAP, DAP], dtype=dd_ptr.dtype.element_ty)
-            gdb = tl.zeros([DBP, DBP], dtype=dd_ptr.dtype.element_ty)
-        for c0 in range(0, C, BLOCK_C):
-            c = c0 + tl.arange(0, BLOCK_C)
-            cm = c < C
+            tl.debug_barrier()  # the previous channel block's dD stores are visible to every thread
+        for q in range(q0, q1):
+            e = tl.load(perm_ptr + q).to(tl.int64)
+            s = tl.load(src_ptr + e)
+            da = tl.load(d_ptr + (e * DW + astd[:, None]) * DW + astd[None, :], mask=amask, other=0.0)
+            db = tl.load(d_ptr + (e * DW + bstd[:, None]) * DW + bstd[None, :], mask=bmask, other=0.0)
+            wbase = w_ptr + e * stride_we
             xa = tl.load(x_ptr + (s * DA + ra[:, None]) * C + c[None, :], mask=ram[:, None] & cm[None, :], other=0.0)
-            gb = tl.load(g_ptr + (n * DB + rb[:, None]) * C + c[None, :], mask=rbm[:, None] & cm[None, :], other=0.0)
             xr = tl.dot(da, xa, input_precision=DOT_PRECISION)
             gr = tl.dot(db, gb, input_precision=DOT_PRECISION)
             if NEED_W:
-                grp = tl.dot(dbp, gb, input_precision=DOT_PRECISION)  # Gr at the partner rows t'
+                grp = tl.dot(qperm, gr, input_precision="ieee")  # Gr at the partner rows t'
             z = tl.zeros([DAP, BLOCK_C], dtype=x_ptr.dtype.element_ty)
             y = tl.zeros([DBP, BLOCK_C], dtype=x_ptr.dtype.element_ty)
             for r in range(DA):
@@ -351,21 +362,16 @@ def _so2_bwd_kernel(h_ptr, dw_ptr, dd_ptr, g_ptr, x_ptr, w_ptr, d_ptr, seg_ptr, 
                 h = tl.dot(tl.trans(da), z, input_precision=DOT_PRECISION)
                 tl.store(h_ptr + (e * DA + ra[:, None]) * C + c[None, :], h, mask=ram[:, None] & cm[None, :])
             if NEED_D:
-                gda += tl.dot(z, tl.trans(xa), input_precision=DOT_PRECISION)
-                gdb += tl.dot(y, tl.trans(gb), input_precision=DOT_PRECISION)
-        if NEED_D:
-            # fold block rows onto the rows of D_e: P[s, r] = (std[r] == s); dD = Pa gda Pa^T + Pb gdb Pb^T
-            gda = tl.where(amask, gda, 0.0)
-            gdb = tl.where(bmask, gdb, 0.0)
-            sw = tl.arange(0, DWP)
-            swm = sw < DW
-            pa = tl.where((sw[:, None] == astd[None, :]) & ram[None, :], 1.0, 0.0).to(dd_ptr.dtype.element_ty)
-            pb = tl.where((sw[:, None] == bstd[None, :]) & rbm[None, :], 1.0, 0.0).to(dd_ptr.dtype.element_ty)
-            folded = tl.dot(tl.dot(pa, gda, input_precision=DOT_PRECISION), tl.trans(pa), input_precision=DOT_PRECISION)
-            folded += tl.dot(tl.dot(pb, gdb, input_precision=DOT_PRECISION), tl.trans(pb),
-                             input_precision=DOT_PRECISION)
-            tl.store(dd_ptr + (e * DW + sw[:, None]) * DW + sw[None, :], folded, mask=swm[:, None] & swm[None, :])
-
+                # fold block rows onto the rows of D_e: P[s, r] = (std[r] == s); dD = Pa gda Pa^T + Pb gdb Pb^T
+                gda = tl.where(amask, tl.dot(z, tl.trans(xa), input_precision="ieee"), 0.0)
+                gdb = tl.where(bmask, tl.dot(y, tl.trans(gb), input_precision="ieee"), 0.0)
+                folded = tl.dot(tl.dot(pa, gda, input_precision="ieee"), tl.trans(pa), input_precision="ieee")
+                folded += tl.dot(tl.dot(pb, gdb, input_precision="ieee"), tl.trans(pb), input_precision="ieee")
+                dptr = dd_ptr + (e * DW + sw[:, None]) * DW + sw[None, :]
+                if c0 == 0:
+                    tl.store(dptr, folded, mask=swm[:, None] & swm[None, :])
+                else:
+                    tl.store(dptr, folded + tl.load(dptr, mask=inblk, other=0.0), mask=inblk)
 
 # Autotune configs: (BLOCK_C, BLOCK_K) and warps. BLOCK_C blocks the output channels of the node
 # kernel (and the channel loop of the edge kernel), BLOCK_K the input-channel chunks of full mode.
@@ -375,10 +381,19 @@ def _so2_bwd_kernel(h_ptr, dw_ptr, dd_ptr, g_ptr, x_ptr, w_ptr, d_ptr, seg_ptr, 
 # (32, 32) x 8 warps (sm_90) spilled 8-32 B in fp64.
 _NODE_CFG = [({"BLOCK_C": 16, "BLOCK_K": 16}, 4, 2), ({"BLOCK_C": 64, "BLOCK_K": 32}, 4, 2)]
 _EDGE_CFG = [({"BLOCK_C": 16, "BLOCK_K": 16}, 4, 2), ({"BLOCK_C": 32, "BLOCK_K": 32}, 4, 2)]
-_BWD_CFG = [({"BLOCK_C": 16}, 4, 2), ({"BLOCK_C": 32}, 4, 2)]
+# The fused backward: configs per dtype and per whether it computes the Wigner gradient (NEED_D),
+# each set compiling without spills at sm_80 and sm_90 for MACE's SO(2) layers (`mlpot bench aot
+# --model MACE:interaction_tp=so2 --only _so2_bwd`); fp64 with NEED_D spills from BLOCK_C = 32
+# (80-136 B), fp64 without it at BLOCK_C = 16 (4-32 B), fp32 at BLOCK_C <= 32 in the one-row layer.
+_BWD_CFG = {(False, False): [({"BLOCK_C": 64}, 8, 2)], (False, True): [({"BLOCK_C": 64}, 8, 2)],
+            (True, False): [({"BLOCK_C": 32}, 8, 2), ({"BLOCK_C": 64}, 8, 2)],
+            (True, True): [({"BLOCK_C": 16}, 4, 2), ({"BLOCK_C": 16}, 8, 2)]}
 _NODE = LazyKernel(_so2_node_kernel, _NODE_CFG, key=["CA", "CB", "DA", "DB"])
 _EDGE = LazyKernel(_so2_edge_kernel, _EDGE_CFG, key=["CA", "CB", "DA", "DB", "DW"])
-_BWD = LazyKernel(_so2_bwd_kernel, _BWD_CFG, key=["C", "DA", "DB", "DW"])
+# (fp64, NEED_D) -> kernel; named for the tests that run every config
+_BWD_FP32, _BWD_FP32_D, _BWD_FP64, _BWD_FP64_D = (LazyKernel(_so2_bwd_kernel, _BWD_CFG[k], key=["C", "DA", "DB", "DW"])
+                                                  for k in ((False, False), (False, True), (True, False), (True, True)))
+_BWD = {(False, False): _BWD_FP32, (False, True): _BWD_FP32_D, (True, False): _BWD_FP64, (True, True): _BWD_FP64_D}
 
 
 def _pad(n: int) -> int:
@@ -449,6 +464,7 @@ class SO2Table:
         pin = torch.arange(self.DI) - 2 * m_in  # row of (block, -m): rows of a block are m = -l..l
         pout = torch.arange(self.DO) - 2 * m_out
         self.in_partner = pin
+        self.out_partner = pout
         self.out_pstd = self.out_std - 2 * m_out
         lead = (m_in >= 0)[:, None] & (off >= 0)
         self.off_lead = torch.where(lead, off, torch.full_like(off, -1))
@@ -456,6 +472,11 @@ class SO2Table:
         if not torch.equal(torch.where(lead, off[pin][:, pout], off), off):
             raise ValueError("SO(2) table: the two entries of an m > 0 path do not share their weights")
         self._cache: dict = {}
+
+    @staticmethod
+    def deg_rows(DW: int) -> torch.Tensor:
+        """The degree ``l`` of each row of a block-diagonal Wigner matrix with ``DW`` rows."""
+        return torch.tensor([math.isqrt(i) for i in range(DW)], dtype=torch.int64)
 
     def wgrad_side(self, device, dtype):
         """``(OFF_lead, SGN, SGNP, a_partner, b_pstd, row_ptr, col_b, col_off, col_sg, col_sgp)`` of
@@ -572,10 +593,11 @@ def _fused_backward(table: SO2Table, plan: EdgePlan, w_shape, need, X, W, D, G):
     dd = torch.empty(E, DW, DW, device=dev, dtype=dt) if need_d else None
     if E > 0 and N > 0 and C > 0 and (need_x or need_w or need_d):
         off, sgn, a_std, a_blk, b_std, b_blk, *_ = table.side(False, dev, dt)
-        offl, _, sgnp, a_partner, b_pstd, *_ = table.wgrad_side(dev, dt)
+        offl, _, sgnp, a_partner, *_ = table.wgrad_side(dev, dt)
+        b_partner, deg = table.out_partner.to(dev), table.deg_rows(DW).to(dev)
         perm, seg = plan.segments("dst")
         ph = lambda t: G if t is None else t  # an output not written: any pointer of the dtype
-        _BWD[(N,)](ph(h), ph(dw), ph(dd), G, X, W, D, seg, perm, plan.src, off, sgn, offl, sgnp, a_partner, b_pstd,
+        _BWD[(dt == torch.float64, need_d)][(N,)](ph(h), ph(dw), ph(dd), G, X, W, D, seg, perm, plan.src, off, sgn, offl, sgnp, a_partner, b_partner, deg,
                    a_std, a_blk, b_std, b_blk, C, DA, DB, DW, _weight_stride(W), table.weight_numel,
                    NEED_H=need_x, NEED_W=need_w, NEED_D=need_d, DOT_PRECISION=dot_precision(dt),
                    DAP=_pad(DA), DBP=_pad(DB), DWP=_pad(DW))
