@@ -471,6 +471,12 @@ class SO2Table:
         self.sgn_partner = torch.where(lead & (m_in > 0)[:, None], sgn[pin][:, pout], torch.zeros_like(sgn))
         if not torch.equal(torch.where(lead, off[pin][:, pout], off), off):
             raise ValueError("SO(2) table: the two entries of an m > 0 path do not share their weights")
+        # depthwise: do the leading entries' weight blocks (C each) cover every weight? then the fused
+        # backward writes all of dw and needs no memset
+        covered = torch.zeros(self.weight_numel, dtype=torch.bool)
+        for o_ in self.off_lead[self.off_lead >= 0].tolist():
+            covered[o_:o_ + self.CO] = True
+        self.lead_covers_weights = bool(covered.all())
         self._cache: dict = {}
 
     @staticmethod
@@ -589,7 +595,8 @@ def _fused_backward(table: SO2Table, plan: EdgePlan, w_shape, need, X, W, D, G):
     N, E = plan.num_nodes, plan.src.shape[0]
     dev, dt = X.device, X.dtype
     h = torch.empty(E, DA, C, device=dev, dtype=dt) if need_x else None
-    dw = torch.zeros(E, table.weight_numel, device=dev, dtype=dt) if need_w else None
+    alloc = torch.empty if table.lead_covers_weights else torch.zeros
+    dw = alloc(E, table.weight_numel, device=dev, dtype=dt) if need_w else None
     dd = torch.empty(E, DW, DW, device=dev, dtype=dt) if need_d else None
     if E > 0 and N > 0 and C > 0 and (need_x or need_w or need_d):
         off, sgn, a_std, a_blk, b_std, b_blk, *_ = table.side(False, dev, dt)
@@ -602,7 +609,7 @@ def _fused_backward(table: SO2Table, plan: EdgePlan, w_shape, need, X, W, D, G):
                    NEED_H=need_x, NEED_W=need_w, NEED_D=need_d, DOT_PRECISION=dot_precision(dt),
                    DAP=_pad(DA), DBP=_pad(DB), DWP=_pad(DW))
     else:
-        for t in (h, dd):
+        for t in (h, dw, dd):
             if t is not None:
                 t.zero_()
     dx = None
