@@ -54,6 +54,21 @@ float32 as ``tf32x3`` (:func:`mlpot.kernels._runtime.dot_precision`: relative er
 ``3 * 2^-22`` per product plus float32 accumulation; tested against the float64 reference),
 float64 as ``ieee``. Tile sizes below 16 are padded to 16 (``tl.dot``'s smallest tile).
 
+Backward. The first backward of a depthwise forward (one Wigner operand, ``D_in = D_out = D``)
+is one fused receiver-outer pass (``_so2_bwd_kernel``, :class:`_SO2Backward`) over the receiver
+CSR of the forward: one program per receiver; per channel block ``g[n]`` is read once, and per
+edge ``x[src]``, the weights and the in-block Wigner tiles are read, ``Xr = D x``, ``Gr = D g`` on
+tensor cores, and the program writes ``dw[e]`` (leading entries, the partner rows ``Gr[t']`` by a
+0/1 permutation ``tl.dot``), ``h[e] = D^T M^T Gr`` and ``dD[e] = dF/dD_in + dF/dD_out`` (the
+contractions over channels and the folds onto the rows of ``D`` as exact ``ieee`` dots; the first
+channel block stores, the next ones add in place on the in-block entries, ordered by a barrier:
+one program owns the edge, no atomics). ``dx`` is ``h`` summed over each sender's edges
+(:func:`mlpot.kernels.mp_codegen.segment_sum`, sender CSR, fixed order: deterministic). The
+gradients the running backward does not use (:mod:`mlpot.o3.grad_needs`) are not computed
+(``NEED_H``/``NEED_W``/``NEED_D``). Its backward (the double backward) contracts each output with
+its incoming gradient as a partial derivative of ``F`` on the per-operand kernels above; full mode
+and forms with two different Wigner operands keep the per-operand kernels for the first backward too.
+
 Float32 error bound. Each ``tl.dot`` is ``tf32x3``: every product carries a relative error of at
 most ``u3 = 3 * 2^-22`` (the dropped tail-tail product and the rounding of the TF32 tails) and the
 sums accumulate in float32; the per-m map runs in plain float32. Composing the rotation in
