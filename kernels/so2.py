@@ -619,10 +619,11 @@ def _fused_backward(table: SO2Table, plan: EdgePlan, w_shape, need, X, W, D, G):
         b_partner, deg = table.out_partner.to(dev), table.deg_rows(DW).to(dev)
         perm, seg = plan.segments("dst")
         ph = lambda t: G if t is None else t  # an output not written: any pointer of the dtype
-        _BWD[(dt == torch.float64, need_d)][(N,)](ph(h), ph(dw), ph(dd), G, X, W, D, seg, perm, plan.src, off, sgn, offl, sgnp, a_partner, b_partner, deg,
-                   a_std, a_blk, b_std, b_blk, C, DA, DB, DW, _weight_stride(W), table.weight_numel,
-                   NEED_H=need_x, NEED_W=need_w, NEED_D=need_d, DOT_PRECISION=dot_precision(dt),
-                   DAP=_pad(DA), DBP=_pad(DB), DWP=_pad(DW))
+        kernel = _BWD[(dt == torch.float64, need_d)]
+        kernel[(N,)](ph(h), ph(dw), ph(dd), G, X, W, D, seg, perm, plan.src, off, sgn, offl, sgnp,
+                     a_partner, b_partner, deg, a_std, a_blk, b_std, b_blk, C, DA, DB, DW, _weight_stride(W),
+                     table.weight_numel, NEED_H=need_x, NEED_W=need_w, NEED_D=need_d,
+                     DOT_PRECISION=dot_precision(dt), DAP=_pad(DA), DBP=_pad(DB), DWP=_pad(DW))
     else:
         for t in (h, dw, dd):
             if t is not None:
