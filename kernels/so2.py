@@ -54,6 +54,21 @@ float32 as ``tf32x3`` (:func:`mlpot.kernels._runtime.dot_precision`: relative er
 ``3 * 2^-22`` per product plus float32 accumulation; tested against the float64 reference),
 float64 as ``ieee``. Tile sizes below 16 are padded to 16 (``tl.dot``'s smallest tile).
 
+Backward. The first backward of a depthwise forward (one Wigner operand, ``D_in = D_out = D``)
+is one fused receiver-outer pass (``_so2_bwd_kernel``, :class:`_SO2Backward`) over the receiver
+CSR of the forward: one program per receiver; per channel block ``g[n]`` is read once, and per
+edge ``x[src]``, the weights and the in-block Wigner tiles are read, ``Xr = D x``, ``Gr = D g`` on
+tensor cores, and the program writes ``dw[e]`` (leading entries, the partner rows ``Gr[t']`` by a
+0/1 permutation ``tl.dot``), ``h[e] = D^T M^T Gr`` and ``dD[e] = dF/dD_in + dF/dD_out`` (the
+contractions over channels and the folds onto the rows of ``D`` as exact ``ieee`` dots; the first
+channel block stores, the next ones add in place on the in-block entries, ordered by a barrier:
+one program owns the edge, no atomics). ``dx`` is ``h`` summed over each sender's edges
+(:func:`mlpot.kernels.mp_codegen.segment_sum`, sender CSR, fixed order: deterministic). The
+gradients the running backward does not use (:mod:`mlpot.o3.grad_needs`) are not computed
+(``NEED_H``/``NEED_W``/``NEED_D``). Its backward (the double backward) contracts each output with
+its incoming gradient as a partial derivative of ``F`` on the per-operand kernels above; full mode
+and forms with two different Wigner operands keep the per-operand kernels for the first backward too.
+
 Float32 error bound. Each ``tl.dot`` is ``tf32x3``: every product carries a relative error of at
 most ``u3 = 3 * 2^-22`` (the dropped tail-tail product and the rounding of the TF32 tails) and the
 sums accumulate in float32; the per-m map runs in plain float32. Composing the rotation in
@@ -68,8 +83,13 @@ dropped). MACE's L = 3 second layer (``DAP = 16``, ``DA = 4``, ``DBP = 32``) at 
 ``gamma ~ 7e-6``. Plain TF32 (``2^-11`` per product) would exceed it about 70-fold. The
 gradients are the same kernels and obey the same bound with their own operands.
 """
+import math
+
 import torch
 
+from mlpot.o3.grad_needs import grad_node, needed
+
+from . import mp_codegen as MPG
 from ._runtime import LazyKernel, check_device, dot_precision, multilinear_form_backward, next_pow2, tl
 from .channelwise_tp import EdgePlan
 
@@ -278,6 +298,96 @@ def _so2_edge_kernel(out_ptr, a_ptr, b_ptr, w_ptr, wa_ptr, wb_ptr, a_idx_ptr, b_
         tl.store(out_ptr + (e * DW + sw[:, None]) * DW + sw[None, :], folded, mask=swm[:, None] & swm[None, :])
 
 
+def _so2_bwd_kernel(h_ptr, dw_ptr, dd_ptr, g_ptr, x_ptr, w_ptr, d_ptr, seg_ptr, perm_ptr, src_ptr,
+                    off_ptr, sgn_ptr, offl_ptr, sgnp_ptr, a_partner_ptr, b_partner_ptr, deg_ptr,
+                    a_std_ptr, a_blk_ptr, b_std_ptr, b_blk_ptr,
+                    C, DA, DB, DW, stride_we, numel,
+                    NEED_H: tl.constexpr, NEED_W: tl.constexpr, NEED_D: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr, BLOCK_C: tl.constexpr,
+                    DAP: tl.constexpr, DBP: tl.constexpr, DWP: tl.constexpr):
+    """The fused first backward of the depthwise forward (module doc, "Backward"): one program per
+    receiver ``n``; per channel block ``g[n]`` is read once, then the receiver's edges (CSR) in
+    order. Per edge ``e = (s -> n)``, with ``Xr = D x[s]``, ``Gr = D g[n]``: ``NEED_W``: ``dw[e]``
+    (the weight-gradient entries of :func:`_so2_edge_kernel`, the partner rows ``Gr[t']`` taken
+    from ``Gr`` by a 0/1 permutation ``tl.dot``); ``NEED_H``: ``h[e] = D^T M^T Gr`` (summed per
+    sender afterwards); ``NEED_D``: ``dD[e] = fold((M^T Gr) x[s]^T) + fold((M Xr) g[n]^T)``,
+    written by the first channel block and accumulated in place by the next ones (the same
+    program: ordered by a barrier, only the in-block entries, degree ``deg`` of a ``D`` row)."""
+    n = tl.program_id(0).to(tl.int64)
+    ra = tl.arange(0, DAP)
+    ram = ra < DA
+    rb = tl.arange(0, DBP)
+    rbm = rb < DB
+    astd = tl.load(a_std_ptr + ra, mask=ram, other=0)
+    ablk = tl.load(a_blk_ptr + ra, mask=ram, other=-1)
+    bstd = tl.load(b_std_ptr + rb, mask=rbm, other=0)
+    bblk = tl.load(b_blk_ptr + rb, mask=rbm, other=-1)
+    amask = ram[:, None] & ram[None, :] & (ablk[:, None] == ablk[None, :])
+    bmask = rbm[:, None] & rbm[None, :] & (bblk[:, None] == bblk[None, :])
+    q0 = tl.load(seg_ptr + n)
+    q1 = tl.load(seg_ptr + n + 1)
+    if NEED_W:  # Gr[t'] = (Q Gr)[t] with Q[t, u] = (u == partner(t))
+        bpart = tl.load(b_partner_ptr + rb, mask=rbm, other=-1)
+        qperm = tl.where(rb[None, :] == bpart[:, None], 1.0, 0.0).to(x_ptr.dtype.element_ty)
+    if NEED_D:
+        sw = tl.arange(0, DWP)
+        swm = sw < DW
+        degw = tl.load(deg_ptr + sw, mask=swm, other=-1)
+        inblk = swm[:, None] & swm[None, :] & (degw[:, None] == degw[None, :])
+        pa = tl.where((sw[:, None] == astd[None, :]) & ram[None, :], 1.0, 0.0).to(x_ptr.dtype.element_ty)
+        pb = tl.where((sw[:, None] == bstd[None, :]) & rbm[None, :], 1.0, 0.0).to(x_ptr.dtype.element_ty)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        cm = c < C
+        gb = tl.load(g_ptr + (n * DB + rb[:, None]) * C + c[None, :], mask=rbm[:, None] & cm[None, :], other=0.0)
+        if NEED_D:
+            tl.debug_barrier()  # the previous channel block's dD stores are visible to every thread
+        for q in range(q0, q1):
+            e = tl.load(perm_ptr + q).to(tl.int64)
+            s = tl.load(src_ptr + e)
+            da = tl.load(d_ptr + (e * DW + astd[:, None]) * DW + astd[None, :], mask=amask, other=0.0)
+            db = tl.load(d_ptr + (e * DW + bstd[:, None]) * DW + bstd[None, :], mask=bmask, other=0.0)
+            wbase = w_ptr + e * stride_we
+            xa = tl.load(x_ptr + (s * DA + ra[:, None]) * C + c[None, :], mask=ram[:, None] & cm[None, :], other=0.0)
+            xr = tl.dot(da, xa, input_precision=DOT_PRECISION)
+            gr = tl.dot(db, gb, input_precision=DOT_PRECISION)
+            if NEED_W:
+                grp = tl.dot(qperm, gr, input_precision="ieee")  # Gr at the partner rows t'
+            z = tl.zeros([DAP, BLOCK_C], dtype=x_ptr.dtype.element_ty)
+            y = tl.zeros([DBP, BLOCK_C], dtype=x_ptr.dtype.element_ty)
+            for r in range(DA):
+                xrow = tl.sum(tl.where(ra[:, None] == r, xr, 0.0), axis=0)
+                sg = tl.load(sgn_ptr + r * DB + rb, mask=rbm, other=0.0)
+                if NEED_H or NEED_D:
+                    offs = tl.load(off_ptr + r * DB + rb, mask=rbm, other=-1)
+                    wcol = sg[:, None] * tl.load(wbase + offs[:, None] + c[None, :],
+                                                 mask=(offs >= 0)[:, None] & cm[None, :], other=0.0)
+                    z += tl.where(ra[:, None] == r, tl.sum(wcol * gr, axis=0)[None, :], 0.0)
+                    if NEED_D:
+                        y += wcol * xrow[None, :]
+                if NEED_W:
+                    rp = tl.load(a_partner_ptr + r)
+                    xrowp = tl.sum(tl.where(ra[:, None] == rp, xr, 0.0), axis=0)
+                    offl = tl.load(offl_ptr + r * DB + rb, mask=rbm, other=-1)
+                    sgp = tl.load(sgnp_ptr + r * DB + rb, mask=rbm, other=0.0)
+                    val = (sg[:, None] * gr) * xrow[None, :] + (sgp[:, None] * grp) * xrowp[None, :]
+                    tl.store(dw_ptr + e * numel + offl[:, None] + c[None, :], val,
+                             mask=(offl >= 0)[:, None] & cm[None, :])
+            if NEED_H:
+                h = tl.dot(tl.trans(da), z, input_precision=DOT_PRECISION)
+                tl.store(h_ptr + (e * DA + ra[:, None]) * C + c[None, :], h, mask=ram[:, None] & cm[None, :])
+            if NEED_D:
+                # fold block rows onto the rows of D_e: P[s, r] = (std[r] == s); dD = Pa gda Pa^T + Pb gdb Pb^T
+                gda = tl.where(amask, tl.dot(z, tl.trans(xa), input_precision="ieee"), 0.0)
+                gdb = tl.where(bmask, tl.dot(y, tl.trans(gb), input_precision="ieee"), 0.0)
+                folded = tl.dot(tl.dot(pa, gda, input_precision="ieee"), tl.trans(pa), input_precision="ieee")
+                folded += tl.dot(tl.dot(pb, gdb, input_precision="ieee"), tl.trans(pb), input_precision="ieee")
+                dptr = dd_ptr + (e * DW + sw[:, None]) * DW + sw[None, :]
+                if c0 == 0:
+                    tl.store(dptr, folded, mask=swm[:, None] & swm[None, :])
+                else:
+                    tl.store(dptr, folded + tl.load(dptr, mask=inblk, other=0.0), mask=inblk)
+
 # Autotune configs: (BLOCK_C, BLOCK_K) and warps. BLOCK_C blocks the output channels of the node
 # kernel (and the channel loop of the edge kernel), BLOCK_K the input-channel chunks of full mode.
 # Chosen with `mlpot bench aot --model MACE:interaction_tp=so2 --only _so2_ --max-spill-bytes 0`:
@@ -286,8 +396,19 @@ def _so2_edge_kernel(out_ptr, a_ptr, b_ptr, w_ptr, wa_ptr, wb_ptr, a_idx_ptr, b_
 # (32, 32) x 8 warps (sm_90) spilled 8-32 B in fp64.
 _NODE_CFG = [({"BLOCK_C": 16, "BLOCK_K": 16}, 4, 2), ({"BLOCK_C": 64, "BLOCK_K": 32}, 4, 2)]
 _EDGE_CFG = [({"BLOCK_C": 16, "BLOCK_K": 16}, 4, 2), ({"BLOCK_C": 32, "BLOCK_K": 32}, 4, 2)]
+# The fused backward: configs per dtype and per whether it computes the Wigner gradient (NEED_D),
+# each set compiling without spills at sm_80 and sm_90 for MACE's SO(2) layers (`mlpot bench aot
+# --model MACE:interaction_tp=so2 --only _so2_bwd`); fp64 with NEED_D spills from BLOCK_C = 32
+# (80-136 B), fp64 without it at BLOCK_C = 16 (4-32 B), fp32 at BLOCK_C <= 32 in the one-row layer.
+_BWD_CFG = {(False, False): [({"BLOCK_C": 64}, 8, 2)], (False, True): [({"BLOCK_C": 64}, 8, 2)],
+            (True, False): [({"BLOCK_C": 32}, 8, 2), ({"BLOCK_C": 64}, 8, 2)],
+            (True, True): [({"BLOCK_C": 16}, 4, 2), ({"BLOCK_C": 16}, 8, 2)]}
 _NODE = LazyKernel(_so2_node_kernel, _NODE_CFG, key=["CA", "CB", "DA", "DB"])
 _EDGE = LazyKernel(_so2_edge_kernel, _EDGE_CFG, key=["CA", "CB", "DA", "DB", "DW"])
+# (fp64, NEED_D) -> kernel; named for the tests that run every config
+_BWD_FP32, _BWD_FP32_D, _BWD_FP64, _BWD_FP64_D = (LazyKernel(_so2_bwd_kernel, _BWD_CFG[k], key=["C", "DA", "DB", "DW"])
+                                                  for k in ((False, False), (False, True), (True, False), (True, True)))
+_BWD = {(False, False): _BWD_FP32, (False, True): _BWD_FP32_D, (True, False): _BWD_FP64, (True, True): _BWD_FP64_D}
 
 
 def _pad(n: int) -> int:
@@ -358,13 +479,25 @@ class SO2Table:
         pin = torch.arange(self.DI) - 2 * m_in  # row of (block, -m): rows of a block are m = -l..l
         pout = torch.arange(self.DO) - 2 * m_out
         self.in_partner = pin
+        self.out_partner = pout
         self.out_pstd = self.out_std - 2 * m_out
         lead = (m_in >= 0)[:, None] & (off >= 0)
         self.off_lead = torch.where(lead, off, torch.full_like(off, -1))
         self.sgn_partner = torch.where(lead & (m_in > 0)[:, None], sgn[pin][:, pout], torch.zeros_like(sgn))
         if not torch.equal(torch.where(lead, off[pin][:, pout], off), off):
             raise ValueError("SO(2) table: the two entries of an m > 0 path do not share their weights")
+        # depthwise: do the leading entries' weight blocks (C each) cover every weight? then the fused
+        # backward writes all of dw and needs no memset
+        covered = torch.zeros(self.weight_numel, dtype=torch.bool)
+        for o_ in self.off_lead[self.off_lead >= 0].tolist():
+            covered[o_:o_ + self.CO] = True
+        self.lead_covers_weights = bool(covered.all())
         self._cache: dict = {}
+
+    @staticmethod
+    def deg_rows(DW: int) -> torch.Tensor:
+        """The degree ``l`` of each row of a block-diagonal Wigner matrix with ``DW`` rows."""
+        return torch.tensor([math.isqrt(i) for i in range(DW)], dtype=torch.int64)
 
     def wgrad_side(self, device, dtype):
         """``(OFF_lead, SGN, SGNP, a_partner, b_pstd, row_ptr, col_b, col_off, col_sg, col_sgp)`` of
@@ -468,6 +601,42 @@ def _edge(table: SO2Table, transpose: bool, wgrad: bool, A, B, W, Da, Db, plan: 
     return out
 
 
+def _fused_backward(table: SO2Table, plan: EdgePlan, w_shape, need, X, W, D, G):
+    """``(dx, dW, dD)`` of ``<G, forward(X, W, D)>`` (depthwise; ``D`` both rotations) from one
+    receiver-outer pass (:func:`_so2_bwd_kernel`) and the sender segment sum of its per-edge input
+    gradient; an entry is None where ``need`` (x, weights, Wigner) says it is not used."""
+    need_x, need_w, need_d = (bool(v) for v in need)
+    C, DA, DB, DW = table.CI, table.DI, table.DO, D.shape[-1]
+    N, E = plan.num_nodes, plan.src.shape[0]
+    dev, dt = X.device, X.dtype
+    h = torch.empty(E, DA, C, device=dev, dtype=dt) if need_x else None
+    alloc = torch.empty if table.lead_covers_weights else torch.zeros
+    dw = alloc(E, table.weight_numel, device=dev, dtype=dt) if need_w else None
+    dd = torch.empty(E, DW, DW, device=dev, dtype=dt) if need_d else None
+    if E > 0 and N > 0 and C > 0 and (need_x or need_w or need_d):
+        off, sgn, a_std, a_blk, b_std, b_blk, *_ = table.side(False, dev, dt)
+        offl, _, sgnp, a_partner, *_ = table.wgrad_side(dev, dt)
+        b_partner, deg = table.out_partner.to(dev), table.deg_rows(DW).to(dev)
+        perm, seg = plan.segments("dst")
+        ph = lambda t: G if t is None else t  # an output not written: any pointer of the dtype
+        kernel = _BWD[(dt == torch.float64, need_d)]
+        kernel[(N,)](ph(h), ph(dw), ph(dd), G, X, W, D, seg, perm, plan.src, off, sgn, offl, sgnp,
+                     a_partner, b_partner, deg, a_std, a_blk, b_std, b_blk, C, DA, DB, DW, _weight_stride(W),
+                     table.weight_numel, NEED_H=need_x, NEED_W=need_w, NEED_D=need_d,
+                     DOT_PRECISION=dot_precision(dt), DAP=_pad(DA), DBP=_pad(DB), DWP=_pad(DW))
+    else:
+        for t in (h, dw, dd):
+            if t is not None:
+                t.zero_()
+    dx = None
+    if need_x:
+        perm_s, seg_s = plan.segments("src")
+        dx = MPG.segment_sum(h, seg_s, perm_s, N)
+    if need_w:  # shared weights: the per-edge gradients summed over the edges
+        dw = dw.reshape(w_shape) if len(w_shape) == 2 and w_shape[0] == E else dw.sum(0).reshape(w_shape)
+    return dx, dw, dd
+
+
 _ROLES = ("x", "w", "din", "dout", "g")
 
 
@@ -483,25 +652,71 @@ def _launch(role, table, plan, w_shape, X, W, Din, Dout, G):
     return _edge(table, True, False, G, X, W, None, Din, plan, w_shape)
 
 
+def _form(table, plan, w_shape):
+    return lambda k, *ops: _SO2Form.apply(k, table, plan, w_shape, None, *ops)
+
+
 class _SO2Form(torch.autograd.Function):
     """``dF/d(role)`` of the form ``F(x, W, D_in, D_out, g)`` (module doc); the operand ``role``
     is passed as None. ``role = "g"`` is the forward. The derivative of one of them, contracted
     with ``grad``, with respect to another operand is the form's derivative with ``grad`` in place
-    of ``role`` (:func:`mlpot.kernels._runtime.multilinear_form_backward`)."""
+    of ``role`` (:func:`mlpot.kernels._runtime.multilinear_form_backward`). The first backward of
+    a depthwise forward with one Wigner operand (``D_in is D_out``) is :class:`_SO2Backward`
+    instead; ``nodes`` (:func:`mlpot.o3.grad_needs.grad_node` of x, W, D, or None) let it skip the
+    gradients the running backward does not use."""
 
     @staticmethod
-    def forward(ctx, role, table, plan, w_shape, X, W, Din, Dout, G):
+    def forward(ctx, role, table, plan, w_shape, nodes, X, W, Din, Dout, G):
+        ctx.fused = role == "g" and table.depthwise and Din is Dout
         ops = [v.contiguous() if v is not None else None for v in (X, W, Din, Dout, G)]
-        ctx.role, ctx.table, ctx.plan, ctx.w_shape = role, table, plan, w_shape
+        ctx.role, ctx.table, ctx.plan, ctx.w_shape, ctx.nodes = role, table, plan, w_shape, nodes
         ctx.save_for_backward(*ops)
         return _launch(role, table, plan, w_shape, *ops)
 
     @staticmethod
     def backward(ctx, grad):
-        grads = multilinear_form_backward(
-            _ROLES, ctx.role, ctx.saved_tensors, grad, ctx.needs_input_grad[4:],
-            lambda k, *ops: _SO2Form.apply(k, ctx.table, ctx.plan, ctx.w_shape, *ops))
-        return (None, None, None, None, *grads)
+        if ctx.fused:
+            X, W, D, _, _ = ctx.saved_tensors
+            nx, nw, nd1, nd2 = ctx.needs_input_grad[5:9]
+            nodes = ctx.nodes or (None, None, None)
+            need = (needed(nx, nodes[0]), needed(nw, nodes[1]), needed(nd1 or nd2, nodes[2]))
+            if not any(need):
+                return (None,) * 10
+            dx, dw, dd = _SO2Backward.apply(ctx.table, ctx.plan, ctx.w_shape, need, X, W, D, grad.contiguous())
+            return (None,) * 5 + (dx, dw, dd, None, None)
+        grads = multilinear_form_backward(_ROLES, ctx.role, ctx.saved_tensors, grad, ctx.needs_input_grad[5:],
+                                          _form(ctx.table, ctx.plan, ctx.w_shape))
+        return (None,) * 5 + tuple(grads)
+
+
+class _SO2Backward(torch.autograd.Function):
+    """``(dx, dW, dD) = d<g, F>/d(x, W, D)`` with ``D = D_in = D_out`` (``dD = dF/dD_in + dF/dD_out``)
+    in one pass (:func:`_fused_backward`). Its backward (the double backward) contracts each output
+    with its incoming gradient as a derivative of the form (``dD``'s gradient goes to both ``D_in``
+    and ``D_out``), on the per-operand kernels (:class:`_SO2Form`), differentiable to any order."""
+
+    @staticmethod
+    def forward(ctx, table, plan, w_shape, need, X, W, D, G):
+        ctx.table, ctx.plan, ctx.w_shape = table, plan, w_shape
+        ctx.save_for_backward(X, W, D, G)
+        return _fused_backward(table, plan, w_shape, need, X, W, D, G)
+
+    @staticmethod
+    def backward(ctx, ax, aw, ad):
+        X, W, D, G = ctx.saved_tensors
+        nx, nw, nd, ng = ctx.needs_input_grad[4:8]
+        needs = (nx, nw, nd, nd, ng)
+        acc = [None] * 5  # x, W, D_in, D_out, g
+        for role, a in (("x", ax), ("w", aw), ("din", ad), ("dout", ad)):
+            if a is None:
+                continue
+            saved = [X, W, D, D, G]
+            saved[_ROLES.index(role)] = None
+            grads = multilinear_form_backward(_ROLES, role, saved, a.contiguous(), needs,
+                                              _form(ctx.table, ctx.plan, ctx.w_shape))
+            acc = [g if s is None else (s if g is None else s + g) for s, g in zip(acc, grads)]
+        gd = acc[2] if acc[3] is None else (acc[3] if acc[2] is None else acc[2] + acc[3])
+        return None, None, None, None, acc[0], acc[1], gd, acc[4]
 
 
 def reference_so2_message_passing(x, weights, wig, src, dst, num_nodes, table: SO2Table):
@@ -529,7 +744,8 @@ def so2_message_passing(x: torch.Tensor, weights: torch.Tensor, wigner: torch.Te
         raise ValueError(f"shapes x {tuple(x.shape)}, weights {tuple(weights.shape)} do not match the plan")
     if wigner.shape[-1] < (table.lmax + 1) ** 2:
         raise ValueError(f"wigner blocks {tuple(wigner.shape)} too small for L")
-    return _SO2Form.apply("g", table, plan, tuple(weights.shape), x, weights, wigner, wigner, None)
+    nodes = (grad_node(x), grad_node(weights), grad_node(wigner)) if torch.is_grad_enabled() else None
+    return _SO2Form.apply("g", table, plan, tuple(weights.shape), nodes, x, weights, wigner, wigner, None)
 
 
 __all__ = ["SO2Table", "reference_so2_message_passing", "so2_message_passing"]

@@ -23,7 +23,8 @@ LAUNCHED = {
            ("symmetric_contraction", "_BLOCK_SUM")],
     "mp": [("mp_codegen", "SEGMENT_SUM"), ("mp_codegen", "CONFIGS")],  # CONFIGS: of the generated kernels
     "gaunt": [("gaunt", "_KERNEL_NARROW"), ("gaunt", "_KERNEL_WIDE")],
-    "so2": [("so2", "_NODE"), ("so2", "_EDGE")],
+    "so2": [("so2", "_NODE"), ("so2", "_EDGE"), ("so2", "_BWD_FP32"), ("so2", "_BWD_FP32_D"), ("so2", "_BWD_FP64"),
+            ("so2", "_BWD_FP64_D"), ("mp_codegen", "SEGMENT_SUM")],
 }
 
 

@@ -53,11 +53,13 @@ def test_gaunt_grid_product(dtype):
         assert _rel(a, b) < 10 * _tol(dtype)
 
 
-@pytest.mark.parametrize("mode,dtype", [("full", torch.float64), ("depthwise", torch.float32)])
+@pytest.mark.parametrize("mode,dtype", [("full", torch.float64), ("depthwise", torch.float32),
+                                        ("depthwise", torch.float64)])
 def test_so2_message_passing(mode, dtype, monkeypatch):
     """Values, gradients w.r.t. x, the per-edge weights and the edge vectors (through the Wigner
     blocks), and the double backward, against the reference; the kernel side runs with the torch
-    reference refusing to run, so every order is on the node and edge kernels (no fallback)."""
+    reference refusing to run, so every order is on the node and edge kernels (no fallback).
+    Depthwise: the first backward is the fused receiver-outer pass (``_so2_bwd_kernel``)."""
     from mlpot.o3 import so2 as S
     from mlpot.o3 import wigner as Wg
     from mlpot.o3.layout import mul_ir_to_channel_last
@@ -96,6 +98,9 @@ def test_so2_message_passing(mode, dtype, monkeypatch):
                                        CT.EdgePlan.build(src, dst, N), table)
         gk, hk = first_and_second(out)
     assert launched["_so2_node_kernel"] >= 2 and launched["_so2_edge_kernel"] >= 3
+    assert launched["_so2_bwd_kernel"] >= (1 if mode == "depthwise" else 0)
+    if mode == "depthwise":
+        assert launched["_segment_sum_kernel"] >= 1  # dx: the per-edge h summed per sender
     assert _rel(out, ref) < _tol(dtype)
     for a, b in zip(gk, gr):
         assert _rel(a, b) < _tol(dtype)
@@ -219,3 +224,38 @@ def test_so2_float32_within_the_stated_tf32x3_bound(mmax):
     assert exact.abs().max() > 1.0
     assert (err <= gamma * chain + 1e-30).all(), float((err / (gamma * chain + 1e-30)).max())
 
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_so2_fused_backward_skips_unused_gradients(shared):
+    """The fused depthwise backward against the reference with two channel blocks (20 channels: the
+    Wigner gradient accumulates over them), per-edge or shared weights; a force-like call (the
+    gradient of x only, weights and Wigner blocks requiring grad) launches it without the weight
+    and Wigner gradients (``NEED_W``/``NEED_D`` off), a weight-only call without ``h``."""
+    from mlpot.o3 import so2 as S
+    from mlpot.o3 import wigner as Wg
+
+    g = torch.Generator().manual_seed(3)
+    L, C, N, dt = 2, 20, 4, torch.float64
+    irreps = o3.Irreps([(C, (l, (-1) ** l)) for l in range(L + 1)])
+    plan = S.SO2Plan(irreps, irreps + o3.Irreps(f"{C}x1e"), L, mode="depthwise")
+    table = SO2K.SO2Table(plan)
+    src = torch.tensor([0, 1, 2, 3, 0, 1, 3, 2, 1])
+    dst = torch.tensor([1, 1, 0, 2, 2, 1, 1, 3, 3])
+    x = torch.randn(N, table.DI, C, generator=g, dtype=dt).requires_grad_()
+    w = torch.randn(*(() if shared else (len(src),)), plan.weight_numel, generator=g, dtype=dt).requires_grad_()
+    wig = Wg.wigner_D_blocks(L, Wg.edge_rotation(torch.randn(len(src), 3, generator=g, dtype=dt)))
+    wig.requires_grad_()
+    gout = torch.randn(N, table.DO, C, generator=g, dtype=dt)
+    ref = SO2K.reference_so2_message_passing(x, w, wig, src, dst, N, table)
+    want = torch.autograd.grad(ref, (x, w, wig), gout)
+    plan_e = CT.EdgePlan.build(src, dst, N)
+    for wrt, flags in (((x, w, wig), (True, True, True)), ((x,), (True, False, False)), ((w,), (False, True, False))):
+        with RT.record_launches() as launches:
+            got = torch.autograd.grad(SO2K.so2_message_passing(x, w, wig, plan_e, table), wrt, gout)
+        bwd = [kw for k, _, kw in launches if k.fn.__name__ == "_so2_bwd_kernel"]
+        assert len(bwd) == 1 and (bwd[0]["NEED_H"], bwd[0]["NEED_W"], bwd[0]["NEED_D"]) == flags
+        assert not any(k.fn.__name__ == "_so2_edge_kernel" for k, _, _ in launches)
+        for a, t in zip(got, wrt):
+            b = want[next(i for i, v in enumerate((x, w, wig)) if v is t)]
+            assert b.abs().max() > 0 and _rel(a, b) < _tol(dt)

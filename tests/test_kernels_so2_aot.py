@@ -4,7 +4,7 @@ needed (:mod:`mlpot.bench.aot`): no register spills, and the rotations run on te
 (``mma``, fp64 DMMA). float32 at sm_90 is in tests/test_kernels_aot.py (MACE ``interaction_tp:
 so2`` is one of ``mlpot bench aot``'s default models). Every autotune config, both dtypes and
 both archs: ``mlpot bench aot --model MACE:interaction_tp=so2 --only _so2_ --max-spill-bytes 0``
-(80 variants, 0 spills, ``mma`` in each)."""
+(104 variants with the fused backward's, 0 spills, ``mma`` in each)."""
 from __future__ import annotations
 
 import json
@@ -29,8 +29,9 @@ def test_so2_kernels_compile_without_spills_on_tensor_cores(tmp_path):
     )
     assert out.exists(), proc.stdout[-2000:] + proc.stderr[-3000:]
     rows = json.loads(out.read_text())
-    # forward and input gradient (node kernel, both orientations), weight and Wigner gradients (edge kernel)
-    assert {r["kernel"] for r in rows} == {"_so2_node_kernel", "_so2_edge_kernel"}
+    # forward (node kernel), the fused first backward, and the double backward's per-operand node and
+    # edge kernels
+    assert {r["kernel"] for r in rows} == {"_so2_node_kernel", "_so2_edge_kernel", "_so2_bwd_kernel"}
     assert {(r["arch"], r["dtype"]) for r in rows} == {("sm_80", "fp64"), ("sm_90", "fp64")}
     assert all(r["ok"] for r in rows), [(r["kernel"], r.get("error")) for r in rows if not r["ok"]]
     spills = [(r["kernel"], r["arch"], r["dtype"], r["constexprs"], r["spill_stores"], r["spill_loads"])

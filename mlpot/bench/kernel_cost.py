@@ -242,16 +242,22 @@ def _tile(n: int) -> int:
     return p
 
 
-def so2_costs(C, L, N, E, bytes_per=4, block_c=64, **_) -> dict:
+def so2_costs(C, L, N, E, bytes_per=4, block_c=64, bwd_block_c=None, **_) -> dict:
     """SO(2) message passing (MACE layer 2, depthwise, per-edge weights), forward and backward.
 
-    Current = the kernels of :mod:`mlpot.kernels.so2` at their widest autotune config
-    (``BLOCK_C = block_c``): forward node kernel per (receiver, channel block), each edge's
-    ``x[src]`` rotated once by one ``tl.dot``, the Wigner tiles (in-block entries) read once per
-    edge and channel block, every table entry reading its weights (an ``m > 0`` path's two entries
-    read the same weights); backward = the transposed node kernel (``dx``), the weight-gradient
-    edge kernel (per edge and channel block: both rotations plus the partner-row rotation) and two
-    Wigner-gradient edge kernels (``D_in``, ``D_out``; per edge, all channels, ``(DW, DW)`` written).
+    Current = the kernels of :mod:`mlpot.kernels.so2` at their widest autotune config: forward
+    node kernel per (receiver, channel block ``block_c``), each edge's ``x[src]`` rotated once by one
+    ``tl.dot``, the Wigner tiles (in-block entries) read once per edge and channel block, every
+    table entry reading its weights (an ``m > 0`` path's two entries read the same weights);
+    backward = the fused receiver-outer pass (``_so2_bwd_kernel``, all gradients needed; its own
+    widest block ``bwd_block_c``: 64 in fp32, 16 in fp64 where the Wigner gradient's registers
+    allow no more): per receiver and channel block ``g[n]`` read once; per edge and channel block
+    the two indices and the Wigner tiles (``rot_in + rot_out``); per edge ``x[src]``, the entries'
+    weights, ``dw`` and ``h`` written once over the blocks; ``dD`` (``DW x DW``, zeros outside the
+    blocks) written by the first block and read and written again on its in-block entries by each
+    further block; ``dw`` allocated without a memset (the table's leading entries cover it); then
+    ``h`` summed per sender (``mp_codegen.segment_sum``: ``h`` and a permutation index read once,
+    ``dx`` written). Double backward (not in the table) runs on the per-operand node and edge kernels.
     Redesign = one program per edge for all channels (Wigner read once per edge, weights once) and
     a single fused receiver-outer backward pass (``g[n]`` read once per receiver; per edge ``x[src]``,
     ``w``, ``D`` read once, ``dw``, ``dD`` and the per-edge input gradient ``h`` written, then ``h``
@@ -266,9 +272,17 @@ def so2_costs(C, L, N, E, bytes_per=4, block_c=64, **_) -> dict:
     # per edge and channel: both rotations on tensor cores (padded tiles), row extraction and the map
     flops_fwd = E * C * (2 * DAP * DAP + 2 * DBP * DBP + DI * (2 * DAP + 3 * DBP))
     cur_fwd = E * (DI * C + T * C + nblk * (rot_in + rot_out)) * s + E * nblk * 2 * IDX + N * DO * C * s
-    cur_dx = E * (DO * C + T * C + nblk * (rot_in + rot_out)) * s + E * nblk * 2 * IDX + N * DI * C * s
-    cur_dw = E * (DI * C + DO * C + nblk * (rot_in + 2 * rot_out) + P * C) * s + E * nblk * 2 * IDX
-    cur_dd = 2 * (E * (DI * C + DO * C + T * C + DW * DW) * s + E * 2 * IDX) + E * (rot_in + rot_out) * s
+    bb = bwd_block_c or (64 if bytes_per == 4 else 16)
+    nbb = -(-C // bb)
+    cur_bwd = (N * DO * C * s + E * nbb * (2 * IDX + (rot_in + rot_out) * s)  # g[n]; indices, D per block
+               + E * (DI * C + T * C) * s  # x[src], the entries' weights
+               + E * (P * C + DI * C) * s + E * (DW * DW + (nbb - 1) * 2 * rot_L) * s  # dw, h; dD (+ in place)
+               + E * DI * C * s + E * IDX + N * DI * C * s)  # h summed per sender
+    DWP = _tile(DW)
+    # per edge and channel: rotations of x, g, the partner rows and h; dD contractions; the map (z, y, dw);
+    # per edge and block: the folds onto the rows of D
+    flops_bwd = (E * C * (2 * (3 * DAP * DAP + 2 * DBP * DBP + DBP * DBP) + DI * (2 * DAP + 8 * DBP))
+                 + E * nbb * 2 * (DWP * DAP * (DAP + DWP) + DWP * DBP * (DBP + DWP)))
     new_fwd = E * (DI * C + P * C + rot_L) * s + E * 2 * IDX + N * DO * C * s
     new_bwd = (N * DO * C * s + E * (DI * C + P * C + rot_L) * s + E * 2 * IDX  # g[n]; x[src], w, D once
                + E * (P * C + rot_L + DI * C) * s  # dw, dD and h written
@@ -277,11 +291,10 @@ def so2_costs(C, L, N, E, bytes_per=4, block_c=64, **_) -> dict:
     floor_bwd = (N * DI * C + N * DO * C + E * P * C + E * rot_L) * s + E * 2 * IDX \
         + (N * DI * C + E * P * C + E * rot_L) * s
     shape = (f"C={C} L={L} N={N} E={E} D_in={DI} D_out={DO} weights/edge/channel={P} entries={T} "
-             f"Wigner entries/edge={rot_L} BLOCK_C={block_c}")
+             f"Wigner entries/edge={rot_L} BLOCK_C={block_c} (bwd {bb})")
     floor_flops = 2 * E * C * (rot_in + rot_out + T)
     return {"shape": shape,
-            "current": {"fwd_bytes": cur_fwd, "bwd_bytes": cur_dx + cur_dw + cur_dd,
-                        "fwd_flops": flops_fwd, "bwd_flops": 4 * flops_fwd},
+            "current": {"fwd_bytes": cur_fwd, "bwd_bytes": cur_bwd, "fwd_flops": flops_fwd, "bwd_flops": flops_bwd},
             "new": {"fwd_bytes": new_fwd, "bwd_bytes": new_bwd, "fwd_flops": flops_fwd, "bwd_flops": 4 * flops_fwd},
             "floor": {"bytes": floor_fwd, "fwd_bytes": floor_fwd, "bwd_bytes": floor_bwd,
                       "fwd_flops": floor_flops, "bwd_flops": 4 * floor_flops}}
@@ -359,8 +372,9 @@ def table(sizes=MACE_SIZES, dtype="fp32") -> tuple[str, list[dict]]:
                  f"{sc['double_bytes_per_atom_before'] / 1e6:.0f} MB/atom dense before, about "
                  f"{sc['current']['double_bytes_per_atom'] / 1e3:.0f} kB/atom now (chunked sparse). "
                  "'current' = the kernels of this commit (message passing: the edge-outer kernels generated "
-                 "per CG table); 'redesign' = issue 13's designs (A rows staged once per node block and SO(2) "
-                 "rotated once per edge are not built yet).")
+                 "per CG table; SO(2): the forward node kernel and the fused receiver-outer backward); 'redesign' = "
+                 "issue 13's designs (A rows staged once per node block and the SO(2) forward's one program per "
+                 "edge for all channels are not built yet).")
     return "\n".join(lines), out
 
 
