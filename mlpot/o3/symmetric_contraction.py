@@ -531,7 +531,9 @@ def _sc_backward(g, x, T, parents, lasts, counts, chunk, need_x, need_T, kept=No
     offs = [sum(sizes[:i]) for i in range(len(sizes))]
     gx_parts = []
     gT = torch.zeros_like(T) if need_T else None
-    TK = T.transpose(2, 3).contiguous() if need_x else None  # (S, C, R, K): dL/d(monomials) = T^T g
+    # (S, C, R, K): dL/d(monomials) = T^T g; a strided view, bmm takes it transposed (no copy of T,
+    # which is the largest tensor of a small system's call)
+    TK = T.transpose(2, 3) if need_x else None
     for i_chunk, (a, b, segs) in enumerate(_chunks(counts, chunk)):
         if kept is not None:
             buf, factors = kept[i_chunk]
