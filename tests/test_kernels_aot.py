@@ -30,7 +30,8 @@ def test_recording_without_running_sees_the_launches_of_a_real_run():
     kernels = {v["kernel"] for v in real}
     # message passing (the kernels generated per CG table, forward and backward, and the sender
     # sum of the input gradient) and the symmetric contraction
-    assert {"_segment_sum_kernel", "_sc_node_kernel"} <= kernels
+    assert "_segment_sum_kernel" in kernels
+    assert {k[:8] for k in kernels if k.startswith("_sc_")} == {"_sc_fwd_", "_sc_dA_", "_sc_dW_"}
     assert {k[:8] for k in kernels if k.startswith("_mp_")} == {"_mp_fwd_", "_mp_bwd_"}
 
 
