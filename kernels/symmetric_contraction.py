@@ -17,13 +17,22 @@ one coalesced load; MACE's ``(N, C, D)`` is a transpose at the boundary). ``W`` 
 concatenated to ``(Z, Q, C)``. Entries live in an ``int64 (T, NU_MAX)`` index table padded with ``-1``
 (a padded factor is 1).
 
-Kernels: forward and ``dL/dA`` share one node kernel (``dL/dA`` uses the derivative table, one
-entry per (entry, factor), with the upstream gradient as an extra factor). ``NU`` (factors per
-entry, a constexpr) is the table's own correlation order, not a fixed maximum. ``dL/dW`` is a
-two-pass reduction parallel over node blocks: the nodes, sorted by element, are cut into blocks
-of at most ``WEIGHT_BLOCK_NODES`` nodes of one element; pass 1 writes one partial ``(Q, C)`` sum
-per block, pass 2 adds the partial sums of each element's blocks in order (deterministic, no
-atomics). It is skipped when no weight needs a gradient (MD: forces only).
+Kernels, generated per table (straight-line code, the entries unrolled with their values as
+constants of the kernel's dtype, as :mod:`mlpot.kernels.mp_codegen` does for message passing; the
+source is cached under ``$MLPOT_CACHE/kernels`` and named by the hash of the table). The nodes,
+sorted by element, are cut into blocks of at most ``NODE_BLOCK`` nodes of one element
+(:func:`weight_blocks`). A forward program owns one block and one block of ``BLOCK_C`` channels:
+it loads the ``D`` rows of ``A`` of its nodes once (``[NODE_BLOCK, BLOCK_C]`` register tiles), then
+walks the weight rows ``q`` of its element, each loaded once, and for each the entries of ``q``,
+products of the staged rows, into the ``D_out`` output tiles. ``dL/dA`` is the same with the
+derivative entries (one per (entry, factor), equal ones merged) and the rows of the upstream
+gradient ``G`` staged too. ``dL/dW`` is a two-pass reduction: pass 1 walks a block of at most
+``WEIGHT_BLOCK_NODES`` nodes of one element in tiles of ``NODE_BLOCK`` nodes (rows of ``A`` and ``G``
+loaded once per node) into ``Q`` partial tiles and writes one ``(Q, C)`` partial sum per block;
+pass 2 adds the partial sums of each element's blocks in order (deterministic, no atomics). It is
+skipped when no weight needs a gradient (MD: forces only). ``NU`` (a constexpr of every kernel) is
+the table's correlation order (``correlation - 1`` for ``dL/dA``): the generated code has the
+exact number of factors of each entry.
 
 Double backward: :func:`sparse_symmetric_contraction`, the same sparse table in torch, over chunks
 of nodes (``DOUBLE_BACKWARD_ELEMENTS`` bounds one ``(nodes, entries, C)`` temporary); each chunk is differentiated on its own (the chunks share only
