@@ -80,8 +80,8 @@ _BLOCK_SUM = LazyKernel(_sc_block_sum_kernel, [({"BLOCK": 256}, 4, 2), ({"BLOCK"
 #: outputs are ``[NODE_BLOCK, BLOCK_C]`` register tiles), also the sub-block of the dL/dW pass 1
 NODE_BLOCK = 4
 #: (BLOCK_C, num_warps, num_stages): two elements of a ``[NODE_BLOCK, BLOCK_C]`` tile per thread
-CONFIGS = [({"BLOCK_C": 32}, 2, 1), ({"BLOCK_C": 64}, 4, 1), ({"BLOCK_C": 128}, 8, 1)]
-_GENERATOR_VERSION = 1
+CONFIGS = [({"BLOCK_C": 32}, 4, 1), ({"BLOCK_C": 64}, 8, 1)]
+_GENERATOR_VERSION = 5
 _NAME = re.compile(r"^_sc_(fwd|dA|dW)_([0-9a-f]{16})$")
 _LOADED: dict[str, object] = {}  # hash -> generated module
 _KERNELS: dict[str, dict] = {}  # hash -> {"fwd" | "dA" | "dW": LazyKernel}
@@ -98,10 +98,6 @@ def _sums(target: str, factor: str, terms: list[str]) -> list[str]:
     for i in range(0, len(terms), _TERMS):
         out.append(f"{target} += {factor}({' + '.join(terms[i:i + _TERMS])})")
     return out
-
-
-def _term(K, v, idx) -> str:
-    return f"{K(v)} * ({_product(idx)})" if idx else K(v)
 
 
 def _node_tile(indent: str) -> list[str]:
@@ -147,17 +143,23 @@ def _node_source(table, kind: str, name: str) -> str:
         rows_out = D
     used_a = {i for e in ents for i in e[2]}
     used_g = {e[1] for e in ents} if kind == "dA" else set()
-    body = []
-    for q in sorted({e[3] for e in ents}):
-        body.append(f"    w = tl.load(wb + {q} * C, mask=cm, other=0.0)[None, :]")
-        for r in sorted({e[0] for e in ents if e[3] == q}):
+    qs = sorted({e[3] for e in ents})
+    body = [f"    w{q} = tl.load(wb + {q} * C, mask=cm, other=0.0)[None, :]" for q in qs]
+    # monomial-outer, in lexicographic order: each product of staged rows is formed once, used
+    # at once by every output row (its coefficient a combination of the staged W rows, shared by
+    # the block's nodes), and consecutive monomials share their prefixes
+    for mono in sorted({e[2] for e in ents}):
+        mine = [e for e in ents if e[2] == mono]
+        if mono:
+            body.append(f"    m = {_product(mono)}")
+        for r in sorted({e[0] for e in mine}):
             if kind == "fwd":
-                terms = [_term(K, v, idx) for rr, _, idx, qq, v in ents if qq == q and rr == r]
-                body += _sums(f"    o{r}", "w * ", terms)
+                terms = [f"{K(v)} * w{q}" for rr, _, _, q, v in mine if rr == r]
+                body += _sums(f"    o{r}", "m * " if mono else "", terms)
             else:
-                for k in sorted({e[1] for e in ents if e[3] == q and e[0] == r}):
-                    terms = [_term(K, v, idx) for rr, kk, idx, qq, v in ents if qq == q and rr == r and kk == k]
-                    body += _sums(f"    o{r}", f"(w * g{k}) * ", terms)
+                for k in sorted({e[1] for e in mine if e[0] == r}):
+                    terms = [f"{K(v)} * w{q}" for rr, kk, _, q, v in mine if rr == r and kk == k]
+                    body += _sums(f"    o{r}", f"(m * g{k}) * " if mono else f"g{k} * ", terms)
     args = ("out_ptr, a_ptr, " + ("g_ptr, " if kind == "dA" else "") + "w_ptr, elem_ptr, perm_ptr, start_ptr, end_ptr")
     doc = (f"{'Forward' if kind == 'fwd' else 'dL/dA'} (generated; D={D}, D_out={Dg}, Q={Q}, {len(ents)} entries): "
            "the nodes perm[s0:s1] of one element, their rows of A" + (" and G" if kind == "dA" else "")
@@ -183,10 +185,11 @@ def _weight_source(table, name: str) -> str:
     used_a = {i for e in ents for i in e[1]}
     used_g = {e[0] for e in ents}
     body = []
-    for q in sorted({e[2] for e in ents}):
-        for k in sorted({e[0] for e in ents if e[2] == q}):
-            terms = [_term(K, v, idx) for kk, idx, qq, v in ents if qq == q and kk == k]
-            body += _sums(f"        p{q}", f"g{k} * ", terms)
+    for mono in sorted({e[1] for e in ents}):  # monomial-outer, as in the forward
+        mine = [e for e in ents if e[1] == mono]
+        body.append(f"        m = {_product(mono)}")
+        for q in sorted({e[2] for e in mine}):
+            body += [f"        p{q} += (m * g{k}) * {K(v)}" for k, _, qq, v in mine if qq == q]
     doc = (f"dL/dW pass 1 (generated; D={D}, D_out={Dg}, Q={Q}, {len(ents)} entries): "
            "part[b, q] = sum over the nodes perm[s0:s1] (one element) of sum_t val_t G[g_t] prod A[i_t]; "
            "each node's rows of A and G loaded once.")
