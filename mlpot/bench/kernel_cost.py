@@ -116,8 +116,8 @@ def sc_costs(C, L, N, correlation=3, bytes_per=4, num_elements=1, **_) -> dict:
     ``NODE_BLOCK`` nodes of one element and loads their ``D`` rows of ``A`` (and, for dA, of
     ``G``) once, the element's ``Q`` weight rows once, and writes the output rows once; dW walks
     blocks of ``WEIGHT_BLOCK_NODES`` nodes (rows of ``A`` and ``G`` once per node) and writes one
-    partial ``(Q, C)`` sum per block, which the second pass reads once. Counted with
-    ``BLOCK_C = C`` (one channel block: the per-block indices are read once)."""
+    partial ``(Q, C)`` sum per block, which the second pass reads once. Counted with the widest
+    ``BLOCK_C`` of the configs (the per-block indices are read once per channel block)."""
     s = bytes_per
     tabs = _sc_tables(L, correlation)
     D = tabs[0]["D"]
@@ -131,13 +131,15 @@ def sc_costs(C, L, N, correlation=3, bytes_per=4, num_elements=1, **_) -> dict:
     nb, wb = SC.NODE_BLOCK, SC.WEIGHT_BLOCK_NODES
     d_out, q_all = sum(t["D_out"] for t in tabs), sum(t["Q"] for t in tabs)
     blocks = N // nb + num_elements  # node blocks of one element (trailing ones empty)
-    # per node block: start, end, the NODE_BLOCK node ids, the first node's id and its element
-    idx_node = blocks * (nb + 4) * IDX
+    # per node block and channel block (the widest BLOCK_C): start, end, the NODE_BLOCK node ids,
+    # the first node's id and its element
+    nc = -(-C // max(m["BLOCK_C"] for m, _, _ in SC.CONFIGS))
+    idx_node = nc * blocks * (nb + 4) * IDX
     w_rows = blocks * q_all * C * s
     cur["fwd_bytes"] = idx_node + N * D * C * s + w_rows + N * d_out * C * s
     cur["dA_bytes"] = idx_node + N * (D + d_out) * C * s + w_rows + N * D * C * s
     wblocks = N // wb + num_elements
-    cur["dW_bytes"] = (wblocks * 2 * IDX + N * IDX + N * (D + d_out) * C * s + wblocks * q_all * C * s  # pass 1
+    cur["dW_bytes"] = (nc * (wblocks * 2 * IDX + N * IDX) + N * (D + d_out) * C * s + wblocks * q_all * C * s  # pass 1
                        + (num_elements + 1) * IDX + wblocks * q_all * C * s + num_elements * q_all * C * s)
     for t in tabs:
         cur["fwd_flops"] += N * t["T"] * (t["nu_mean"] + 1) * C
