@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -31,7 +32,8 @@ def test_recording_without_running_sees_the_launches_of_a_real_run():
     # message passing (the kernels generated per CG table, forward and backward, and the sender
     # sum of the input gradient) and the symmetric contraction
     assert "_segment_sum_kernel" in kernels
-    assert {k[:8] for k in kernels if k.startswith("_sc_")} == {"_sc_fwd_", "_sc_dA_", "_sc_dW_"}
+    generated_sc = {k.rsplit("_", 1)[0] for k in kernels if re.match(r"_sc_(fwd|dA|dW)_[0-9a-f]{16}$", k)}
+    assert generated_sc == {"_sc_fwd", "_sc_dA", "_sc_dW"}
     assert {k[:8] for k in kernels if k.startswith("_mp_")} == {"_mp_fwd_", "_mp_bwd_"}
 
 
