@@ -17,22 +17,39 @@ one coalesced load; MACE's ``(N, C, D)`` is a transpose at the boundary). ``W`` 
 concatenated to ``(Z, Q, C)``. Entries live in an ``int64 (T, NU_MAX)`` index table padded with ``-1``
 (a padded factor is 1).
 
-Kernels: forward and ``dL/dA`` share one node kernel (``dL/dA`` uses the derivative table, one
-entry per (entry, factor), with the upstream gradient as an extra factor). ``NU`` (factors per
-entry, a constexpr) is the table's own correlation order, not a fixed maximum. ``dL/dW`` is a
-two-pass reduction parallel over node blocks: the nodes, sorted by element, are cut into blocks
-of at most ``WEIGHT_BLOCK_NODES`` nodes of one element; pass 1 writes one partial ``(Q, C)`` sum
-per block, pass 2 adds the partial sums of each element's blocks in order (deterministic, no
-atomics). It is skipped when no weight needs a gradient (MD: forces only).
+Kernels, generated per table (straight-line code, the entries unrolled with their values as
+constants of the kernel's dtype, as :mod:`mlpot.kernels.mp_codegen` does for message passing; the
+source is cached under ``$MLPOT_CACHE/kernels`` and named by the hash of the table). The nodes,
+sorted by element, are cut into blocks of at most ``NODE_BLOCK`` nodes of one element
+(:func:`weight_blocks`). A forward program owns one block and one block of ``BLOCK_C`` channels:
+it loads the ``D`` rows of ``A`` of its nodes once (``[NODE_BLOCK, BLOCK_C]`` register tiles), then
+walks the weight rows ``q`` of its element, each loaded once, and for each the entries of ``q``,
+products of the staged rows, into the ``D_out`` output tiles. ``dL/dA`` is the same with the
+derivative entries (one per (entry, factor), equal ones merged) and the rows of the upstream
+gradient ``G`` staged too. ``dL/dW`` is a two-pass reduction: pass 1 walks a block of at most
+``WEIGHT_BLOCK_NODES`` nodes of one element in tiles of ``NODE_BLOCK`` nodes (rows of ``A`` and ``G``
+loaded once per node) into ``Q`` partial tiles and writes one ``(Q, C)`` partial sum per block;
+pass 2 adds the partial sums of each element's blocks in order (deterministic, no atomics). It is
+skipped when no weight needs a gradient (MD: forces only). ``NU`` (a constexpr of every kernel) is
+the table's correlation order (``correlation - 1`` for ``dL/dA``): the generated code has the
+exact number of factors of each entry.
 
 Double backward: :func:`sparse_symmetric_contraction`, the same sparse table in torch, over chunks
 of nodes (``DOUBLE_BACKWARD_ELEMENTS`` bounds one ``(nodes, entries, C)`` temporary); each chunk is differentiated on its own (the chunks share only
 the weights, whose gradients add up), so the temporaries are bounded by the chunk and the memory
 grows like the outputs, ``O(N D C)``, not like the dense ``O(N D^nu C)`` contraction.
 """
+import hashlib
+import importlib.util
+import re
+
 import torch
 
+from mlpot.errors import ConfigError
+from mlpot.fileio import atomic_write_text
+
 from ._runtime import LazyKernel, check_device, reference_vjp, tl
+from .mp_codegen import _Consts, cache_dir
 
 NU_MAX = 4
 #: nodes per block of the weight gradient's first pass (one element per block)
@@ -40,62 +57,6 @@ WEIGHT_BLOCK_NODES = 32
 #: elements of one ``(nodes, entries, channels)`` temporary of the double backward: its chunk of
 #: nodes is ``max(1, DOUBLE_BACKWARD_ELEMENTS // (entries * channels))``
 DOUBLE_BACKWARD_ELEMENTS = 1 << 22
-_CFG_C = [({"BLOCK_C": bc}, w, 2) for bc, w in ((32, 1), (64, 2), (128, 4))]
-
-
-def _sc_node_kernel(out_ptr, a_ptr, g_ptr, w_ptr, elem_ptr,
-                    row_ptr, idx_ptr, gcol_ptr, q_ptr, val_ptr,
-                    C, D, D_g, D_out, Q,
-                    NU: tl.constexpr, HAS_G: tl.constexpr, BLOCK_C: tl.constexpr):
-    """out[n, r, c] = sum_{t in row r} val_t W[z(n), q_t, c] (G[n, g_t, c]) prod_m A[n, i_tm, c]."""
-    n = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cm = c < C
-    z = tl.load(elem_ptr + n)
-    for r in range(D_out):
-        t0 = tl.load(row_ptr + r)
-        t1 = tl.load(row_ptr + r + 1)
-        acc = tl.zeros([BLOCK_C], dtype=out_ptr.dtype.element_ty)
-        for t in range(t0, t1):
-            q = tl.load(q_ptr + t)
-            v = tl.load(val_ptr + t) * tl.load(w_ptr + (z * Q + q) * C + c, mask=cm, other=0.0)
-            if HAS_G:
-                gi = tl.load(gcol_ptr + t)
-                v = v * tl.load(g_ptr + (n * D_g + gi) * C + c, mask=cm, other=0.0)
-            for m in tl.static_range(NU):
-                i = tl.load(idx_ptr + t * NU + m)
-                av = tl.load(a_ptr + (n * D + tl.maximum(i, 0)) * C + c, mask=cm, other=0.0)
-                v = v * tl.where(i >= 0, av, 1.0)
-            acc += v
-        tl.store(out_ptr + (n * D_out + r) * C + c, acc, mask=cm)
-
-
-def _sc_weight_partial_kernel(out_ptr, a_ptr, g_ptr, blk_start_ptr, blk_end_ptr, perm_ptr,
-                              row_ptr, idx_ptr, gcol_ptr, val_ptr,
-                              C, D, D_g, Q,
-                              NU: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Pass 1: out[b, q, c] = sum_{s in block b} sum_{t in row q} val_t G[n_s, g_t, c] prod_m A[n_s, i_tm, c]
-    (``n_s = perm[s]``; the nodes of a block share one element)."""
-    b = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cm = c < C
-    s0 = tl.load(blk_start_ptr + b)
-    s1 = tl.load(blk_end_ptr + b)
-    for r in range(Q):
-        t0 = tl.load(row_ptr + r)
-        t1 = tl.load(row_ptr + r + 1)
-        acc = tl.zeros([BLOCK_C], dtype=out_ptr.dtype.element_ty)
-        for s in range(s0, s1):
-            n = tl.load(perm_ptr + s)
-            for t in range(t0, t1):
-                gi = tl.load(gcol_ptr + t)
-                v = tl.load(val_ptr + t) * tl.load(g_ptr + (n * D_g + gi) * C + c, mask=cm, other=0.0)
-                for m in tl.static_range(NU):
-                    i = tl.load(idx_ptr + t * NU + m)
-                    av = tl.load(a_ptr + (n * D + tl.maximum(i, 0)) * C + c, mask=cm, other=0.0)
-                    v = v * tl.where(i >= 0, av, 1.0)
-                acc += v
-        tl.store(out_ptr + (b * Q + r) * C + c, acc, mask=cm)
 
 
 def _sc_block_sum_kernel(out_ptr, part_ptr, blk_off_ptr, QC, BLOCK: tl.constexpr):
@@ -111,9 +72,193 @@ def _sc_block_sum_kernel(out_ptr, part_ptr, blk_off_ptr, QC, BLOCK: tl.constexpr
     tl.store(out_ptr + z * QC + k, acc, mask=km)
 
 
-_NODE = LazyKernel(_sc_node_kernel, _CFG_C, key=["C", "D_out"])
-_WEIGHT = LazyKernel(_sc_weight_partial_kernel, _CFG_C, key=["C", "Q"])
 _BLOCK_SUM = LazyKernel(_sc_block_sum_kernel, [({"BLOCK": 256}, 4, 2), ({"BLOCK": 1024}, 4, 2)], key=["QC"])
+
+
+# ------------------------------------------------------------------------ generated kernels
+#: nodes of one element per program of the forward and dL/dA (their rows of ``A``, ``G`` and the
+#: outputs are ``[NODE_BLOCK, BLOCK_C]`` register tiles), also the sub-block of the dL/dW pass 1
+NODE_BLOCK = 4
+#: (BLOCK_C, num_warps, num_stages): two elements of a ``[NODE_BLOCK, BLOCK_C]`` tile per thread
+CONFIGS = [({"BLOCK_C": 32}, 4, 1), ({"BLOCK_C": 64}, 8, 1)]
+_GENERATOR_VERSION = 5
+_NAME = re.compile(r"^_sc_(fwd|dA|dW)_([0-9a-f]{16})$")
+_LOADED: dict[str, object] = {}  # hash -> generated module
+_KERNELS: dict[str, dict] = {}  # hash -> {"fwd" | "dA" | "dW": LazyKernel}
+_TERMS = 8  # terms per generated statement (bounds the depth of one expression)
+
+
+def _product(idx) -> str:
+    return " * ".join(f"a{i}" for i in idx)
+
+
+def _sums(target: str, factor: str, terms: list[str]) -> list[str]:
+    """``target += factor * (t_1 + ... )`` in statements of at most ``_TERMS`` terms."""
+    out = []
+    for i in range(0, len(terms), _TERMS):
+        out.append(f"{target} += {factor}({' + '.join(terms[i:i + _TERMS])})")
+    return out
+
+
+def _node_tile(indent: str) -> list[str]:
+    """Node ids ``n`` of the tile at positions ``s`` (masked past ``s1``) and the row pointers."""
+    return [f"{indent}nm = s < s1",
+            f"{indent}n = tl.load(perm_ptr + s, mask=nm, other=0)",
+            f"{indent}m2 = nm[:, None] & cm[None, :]",
+            f"{indent}nr = n[:, None] * C"]
+
+
+def _load_rows(indent: str, name: str, ptr: str, D: int, used) -> list[str]:
+    return [f"{indent}{name}{i} = tl.load({ptr} + (nr * {D} + ({i} * C + cc)), mask=m2, other=0.0)" for i in sorted(used)]
+
+
+def _head(name: str, args: str, doc: str, K) -> list[str]:
+    return [f"def {name}({args}, C,",
+            "        NU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):",
+            f'    """{doc}"""',
+            "    DT = a_ptr.dtype.element_ty",
+            "    b = tl.program_id(0).to(tl.int64)",
+            "    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)",
+            "    cm = c < C",
+            "    cc = c[None, :]",
+            "    s0 = tl.load(start_ptr + b)",
+            "    s1 = tl.load(end_ptr + b)",
+            *K.lines("    ")]
+
+
+def _node_source(table, kind: str, name: str) -> str:
+    """Forward (``kind == "fwd"``) or dL/dA: one program per node block of one element."""
+    K = _Consts()
+    D, Dg, Q = table.D, table.D_out, table.Q
+    if kind == "fwd":
+        ents = [(k, None, idx, q, v) for k, idx, q, v in table.entries]  # (out row, g row, factors, q, val)
+        rows_out = table.D_out
+    else:
+        merged: dict = {}  # d/dA of a repeated factor: the equal terms of its positions summed
+        for k, idx, q, v in table.entries:
+            for m in range(len(idx)):
+                key = (idx[m], k, idx[:m] + idx[m + 1:], q)
+                merged[key] = merged.get(key, 0.0) + v
+        ents = [(*key, v) for key, v in merged.items()]
+        rows_out = D
+    used_a = {i for e in ents for i in e[2]}
+    used_g = {e[1] for e in ents} if kind == "dA" else set()
+    qs = sorted({e[3] for e in ents})
+    body = [f"    w{q} = tl.load(wb + {q} * C, mask=cm, other=0.0)[None, :]" for q in qs]
+    # monomial-outer, in lexicographic order: each product of staged rows is formed once, used
+    # at once by every output row (its coefficient a combination of the staged W rows, shared by
+    # the block's nodes), and consecutive monomials share their prefixes
+    for mono in sorted({e[2] for e in ents}):
+        mine = [e for e in ents if e[2] == mono]
+        if mono:
+            body.append(f"    m = {_product(mono)}")
+        for r in sorted({e[0] for e in mine}):
+            if kind == "fwd":
+                terms = [f"{K(v)} * w{q}" for rr, _, _, q, v in mine if rr == r]
+                body += _sums(f"    o{r}", "m * " if mono else "", terms)
+            else:
+                for k in sorted({e[1] for e in mine if e[0] == r}):
+                    terms = [f"{K(v)} * w{q}" for rr, kk, _, q, v in mine if rr == r and kk == k]
+                    body += _sums(f"    o{r}", f"(m * g{k}) * " if mono else f"g{k} * ", terms)
+    args = ("out_ptr, a_ptr, " + ("g_ptr, " if kind == "dA" else "") + "w_ptr, elem_ptr, perm_ptr, start_ptr, end_ptr")
+    doc = (f"{'Forward' if kind == 'fwd' else 'dL/dA'} (generated; D={D}, D_out={Dg}, Q={Q}, {len(ents)} entries): "
+           "the nodes perm[s0:s1] of one element, their rows of A" + (" and G" if kind == "dA" else "")
+           + " loaded once, W[z] once.")
+    lines = [*_head(name, args, doc, K),
+             "    s = s0 + tl.arange(0, BLOCK_N)",
+             *_node_tile("    "),
+             "    z = tl.load(elem_ptr + tl.load(perm_ptr + s0))",
+             f"    wb = w_ptr + z * ({Q} * C) + c",
+             *_load_rows("    ", "a", "a_ptr", D, used_a),
+             *_load_rows("    ", "g", "g_ptr", Dg, used_g),
+             *[f"    o{r} = tl.zeros([BLOCK_N, BLOCK_C], dtype=DT)" for r in range(rows_out)],
+             *body,
+             *[f"    tl.store(out_ptr + (nr * {rows_out} + ({r} * C + cc)), o{r}, mask=m2)" for r in range(rows_out)]]
+    return "\n".join(lines) + "\n"
+
+
+def _weight_source(table, name: str) -> str:
+    """dL/dW pass 1: one partial (Q, C) sum per weight block, over sub-blocks of BLOCK_N nodes."""
+    K = _Consts()
+    D, Dg, Q = table.D, table.D_out, table.Q
+    ents = table.entries
+    used_a = {i for e in ents for i in e[1]}
+    used_g = {e[0] for e in ents}
+    body = []
+    for mono in sorted({e[1] for e in ents}):  # monomial-outer, as in the forward
+        mine = [e for e in ents if e[1] == mono]
+        body.append(f"        m = {_product(mono)}")
+        for q in sorted({e[2] for e in mine}):
+            body += [f"        p{q} += (m * g{k}) * {K(v)}" for k, _, qq, v in mine if qq == q]
+    doc = (f"dL/dW pass 1 (generated; D={D}, D_out={Dg}, Q={Q}, {len(ents)} entries): "
+           "part[b, q] = sum over the nodes perm[s0:s1] (one element) of sum_t val_t G[g_t] prod A[i_t]; "
+           "each node's rows of A and G loaded once.")
+    lines = [*_head(name, "part_ptr, a_ptr, g_ptr, perm_ptr, start_ptr, end_ptr", doc, K),
+             *[f"    p{q} = tl.zeros([BLOCK_N, BLOCK_C], dtype=DT)" for q in range(Q)],
+             "    for sb in range(s0, s1, BLOCK_N):",
+             "        s = sb + tl.arange(0, BLOCK_N)",
+             *_node_tile("        "),
+             *_load_rows("        ", "a", "a_ptr", D, used_a),
+             *_load_rows("        ", "g", "g_ptr", Dg, used_g),
+             *body,
+             *[f"    tl.store(part_ptr + (b * {Q} + {q}) * C + c, tl.sum(p{q}, axis=0), mask=cm)" for q in range(Q)]]
+    return "\n".join(lines) + "\n"
+
+
+def module_source(table) -> tuple[str, str]:
+    """(hash, source) of the generated module for ``table``; the hash names its kernels."""
+    text = repr((_GENERATOR_VERSION, table.D, table.D_out, table.Q, table.entries))
+    key = hashlib.sha256(text.encode()).hexdigest()[:16]
+    header = ('"""Generated by mlpot.kernels.symmetric_contraction; do not edit (rewritten when it differs)."""\n'
+              "import triton.language as tl\n\n\n")
+    srcs = [_node_source(table, "fwd", f"_sc_fwd_{key}"), _node_source(table, "dA", f"_sc_dA_{key}"),
+            _weight_source(table, f"_sc_dW_{key}")]
+    return key, header + "\n\n".join(srcs)
+
+
+def _import(key: str):
+    """Import the generated module ``key`` from the cache (it must have been written)."""
+    if key not in _LOADED:
+        path = cache_dir() / f"sc_{key}.py"
+        spec = importlib.util.spec_from_file_location(f"{__name__}._generated_{key}", path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        for kind in ("fwd", "dA", "dW"):
+            getattr(mod, f"_sc_{kind}_{key}").__module__ = __name__  # found again through __getattr__
+        _LOADED[key] = mod
+    return _LOADED[key]
+
+
+def kernels_for(table) -> dict:
+    """``{"fwd", "dA", "dW": LazyKernel}`` of ``table``, generated and written to the cache on first use."""
+    key = getattr(table, "_sc_key", None)
+    if key is None or key not in _KERNELS:
+        key, src = module_source(table)
+        if key not in _KERNELS:
+            path = cache_dir() / f"sc_{key}.py"
+            try:
+                current = path.read_text()
+            except OSError:
+                current = None
+            if current != src:
+                try:
+                    atomic_write_text(path, src)
+                except ConfigError as exc:
+                    raise ConfigError(f"{exc} (generated Triton kernels are cached there; set MLPOT_CACHE to a "
+                                      "writable folder)") from None
+            mod = _import(key)
+            _KERNELS[key] = {kind: LazyKernel(getattr(mod, f"_sc_{kind}_{key}"), CONFIGS, key=["C"])
+                             for kind in ("fwd", "dA", "dW")}
+        table._sc_key = key
+    return _KERNELS[key]
+
+
+def __getattr__(name: str):
+    """``_sc_fwd_<hash>`` / ``_sc_dA_<hash>`` / ``_sc_dW_<hash>``: a generated kernel, imported from the cache."""
+    m = _NAME.match(name)
+    if m is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(_import(m.group(2)), name)
 
 
 def _rows_csr(rows: torch.Tensor, n: int):
@@ -201,16 +346,17 @@ class SCTable:
 
 
 def _node_launch(table: SCTable, kind, A, G, W, elem, C):
-    ptr, idx, gcol, q, val = table.get(kind, A.device, A.dtype)
+    """Forward (``kind == "fwd"``, ``G`` None) or dL/dA with upstream ``G``: node blocks of one element."""
     D_out = table.D_out if kind == "fwd" else table.D
     N = A.shape[0]
     out = torch.empty(N, D_out, C, device=A.device, dtype=A.dtype)
     if N == 0 or C == 0:
         return out.zero_()
-    has_g = G is not None
-    grid = lambda m: (N, (C + m["BLOCK_C"] - 1) // m["BLOCK_C"])
-    _NODE[grid](out, A, G if has_g else A, W, elem, ptr, idx, gcol, q, val,
-                C, table.D, table.D_out, D_out, table.Q, NU=table.nu(kind), HAS_G=has_g)
+    perm, start, end, _ = weight_blocks(elem, W.shape[0], NODE_BLOCK)
+    kernel = kernels_for(table)[kind]
+    grid = lambda m: (start.shape[0], (C + m["BLOCK_C"] - 1) // m["BLOCK_C"])
+    extra = (G,) if kind == "dA" else ()
+    kernel[grid](out, A, *extra, W, elem, perm, start, end, C, NU=table.nu(kind), BLOCK_N=NODE_BLOCK)
     return out
 
 
@@ -241,15 +387,13 @@ def weight_blocks(elem: torch.Tensor, num_elements: int, block_nodes: int = WEIG
 
 
 def _weight_launch(table: SCTable, A, G, elem, num_elements, C):
-    ptr, idx, gcol, _, val = table.get("dW", A.device, A.dtype)
     out = torch.empty(num_elements, table.Q, C, device=A.device, dtype=A.dtype)
     if num_elements == 0 or C == 0 or table.Q == 0:
         return out.zero_()
     perm, start, end, blk_off = weight_blocks(elem, num_elements, WEIGHT_BLOCK_NODES)
     part = torch.empty(start.shape[0], table.Q, C, device=A.device, dtype=A.dtype)
     grid = lambda m: (start.shape[0], (C + m["BLOCK_C"] - 1) // m["BLOCK_C"])
-    _WEIGHT[grid](part, A, G, start, end, perm, ptr, idx, gcol, val, C, table.D, table.D_out, table.Q,
-                  NU=table.nu("dW"))
+    kernels_for(table)["dW"][grid](part, A, G, perm, start, end, C, NU=table.nu("dW"), BLOCK_N=NODE_BLOCK)
     QC = table.Q * C
     _BLOCK_SUM[lambda m: (num_elements, (QC + m["BLOCK"] - 1) // m["BLOCK"])](out, part, blk_off, QC)
     return out

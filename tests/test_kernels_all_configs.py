@@ -19,8 +19,7 @@ RT = kernels_module("_runtime")
 # the LazyKernels each benchmark problem launches (forward, backward and double backward)
 LAUNCHED = {
     "sh": [("spherical_harmonics", "_FWD"), ("spherical_harmonics", "_BWD")],
-    "sc": [("symmetric_contraction", "_NODE"), ("symmetric_contraction", "_WEIGHT"),
-           ("symmetric_contraction", "_BLOCK_SUM")],
+    "sc": [("symmetric_contraction", "CONFIGS"), ("symmetric_contraction", "_BLOCK_SUM")],  # CONFIGS: generated
     "mp": [("mp_codegen", "SEGMENT_SUM"), ("mp_codegen", "CONFIGS")],  # CONFIGS: of the generated kernels
     "gaunt": [("gaunt", "_KERNEL_NARROW"), ("gaunt", "_KERNEL_WIDE")],
     "so2": [("so2", "_NODE"), ("so2", "_EDGE"), ("so2", "_BWD_FP32"), ("so2", "_BWD_FP32_D"), ("so2", "_BWD_FP64"),

@@ -156,9 +156,13 @@ def _sc_tables(L: int, correlation: int):
 
 
 def sc_costs(C, L, N, correlation=3, bytes_per=4, num_elements=1, **_) -> dict:
-    """Symmetric contraction: forward, dA, dW. Current: the node kernel loads ``W`` and ``NU``
-    factors of ``A`` (``NU`` = the correlation; ``correlation - 1`` and ``G`` for dA) per entry;
-    dW over blocks of 32 nodes (two-pass)."""
+    """Symmetric contraction: forward, dA, dW. Current (kernels generated per table, all output
+    irreps as one block-diagonal table, one launch per pass): a program owns a block of
+    ``NODE_BLOCK`` nodes of one element and loads their ``D`` rows of ``A`` (and, for dA, of
+    ``G``) once, the element's ``Q`` weight rows once, and writes the output rows once; dW walks
+    blocks of ``WEIGHT_BLOCK_NODES`` nodes (rows of ``A`` and ``G`` once per node) and writes one
+    partial ``(Q, C)`` sum per block, which the second pass reads once. Counted with the widest
+    ``BLOCK_C`` of the configs (the per-block indices are read once per channel block)."""
     s = bytes_per
     tabs = _sc_tables(L, correlation)
     D = tabs[0]["D"]
@@ -166,14 +170,24 @@ def sc_costs(C, L, N, correlation=3, bytes_per=4, num_elements=1, **_) -> dict:
                     + " ".join(f"{t['ir']}: Q={t['Q']} entries={t['T']}" for t in tabs)}
     cur = {"fwd_bytes": 0, "dA_bytes": 0, "dW_bytes": 0, "fwd_flops": 0}
     new = dict(cur)
+    from mlpot.o3.backend import kernels_module
+
+    SC = kernels_module("symmetric_contraction")
+    nb, wb = SC.NODE_BLOCK, SC.WEIGHT_BLOCK_NODES
+    d_out, q_all = sum(t["D_out"] for t in tabs), sum(t["Q"] for t in tabs)
+    blocks = N // nb + num_elements  # node blocks of one element (trailing ones empty)
+    # per node block and channel block (the widest BLOCK_C): start, end, the NODE_BLOCK node ids,
+    # the first node's id and its element
+    nc = -(-C // max(m["BLOCK_C"] for m, _, _ in SC.CONFIGS))
+    idx_node = nc * blocks * (nb + 4) * IDX
+    w_rows = blocks * q_all * C * s
+    cur["fwd_bytes"] = idx_node + N * D * C * s + w_rows + N * d_out * C * s
+    cur["dA_bytes"] = idx_node + N * (D + d_out) * C * s + w_rows + N * D * C * s
+    wblocks = N // wb + num_elements
+    cur["dW_bytes"] = (nc * (wblocks * 2 * IDX + N * IDX) + N * (D + d_out) * C * s + wblocks * q_all * C * s  # pass 1
+                       + (num_elements + 1) * IDX + wblocks * q_all * C * s + num_elements * q_all * C * s)
     for t in tabs:
-        # current: per (node, entry) loads W and NU factors of A, C each
-        nu = correlation
-        cur["fwd_bytes"] += N * t["T"] * (1 + nu) * C * s + N * t["D_out"] * C * s
-        cur["dA_bytes"] += N * t["T_dA"] * (2 + max(1, nu - 1)) * C * s + N * D * C * s
-        cur["dW_bytes"] += (N * t["T"] * (1 + nu) * C * s
-                            + 2 * (N // 32 + num_elements) * t["Q"] * C * s)
-        cur["fwd_flops"] += N * t["T"] * (t["nu_mean"] + 2) * C
+        cur["fwd_flops"] += N * t["T"] * (t["nu_mean"] + 1) * C
         # redesign: NU specialised to the correlation (mean factors per entry, not 4); A rows of one
         # node block staged once (D x C) and reused by every entry; W rows once per node block
         new["fwd_bytes"] += N * (D + t["D_out"]) * C * s + (N // 64 + 1) * t["Q"] * C * s
@@ -181,8 +195,6 @@ def sc_costs(C, L, N, correlation=3, bytes_per=4, num_elements=1, **_) -> dict:
         # dW: node blocks of 64 write partial sums (pass 1), a second pass reduces them
         new["dW_bytes"] += N * (D + t["D_out"]) * C * s + 2 * (N // 64 + 1) * t["Q"] * C * s
         new["fwd_flops"] += N * t["T"] * (t["nu_mean"] + 1) * C
-    d_out = sum(t["D_out"] for t in tabs)
-    q_all = sum(t["Q"] for t in tabs)
     floor = {"fwd_bytes": N * (D + d_out) * C * s + num_elements * q_all * C * s,
              "dA_bytes": N * (D + d_out + D) * C * s + num_elements * q_all * C * s,
              "dW_bytes": N * (D + d_out) * C * s + num_elements * q_all * C * s,

@@ -401,7 +401,10 @@ class SymmetricContraction(ProductBasis):
         return cache[1:]
 
     def _triton_forward(self, node_feats: torch.Tensor, node_attrs: torch.Tensor) -> torch.Tensor:
-        """The fused kernel of :mod:`mlpot.kernels.symmetric_contraction` (same U, same weights)."""
+        """The fused kernels of :mod:`mlpot.kernels.symmetric_contraction` (same U, same weights).
+
+        All output irreps run as one table (their ``U`` block-diagonal: output rows and weight
+        columns of each irrep apart), so one launch reads the rows of ``A`` once for all of them."""
         from mlpot.o3.backend import implementation, kernels_module
 
         mod = kernels_module("symmetric_contraction")
@@ -409,21 +412,28 @@ class SymmetricContraction(ProductBasis):
         N, C, _ = node_feats.shape
         A = node_feats.transpose(1, 2).contiguous()  # (N, D, C)
         elem = node_attrs.argmax(dim=-1)
-        key = tuple((id(c.U(nu)), c.U(nu)._version) for c in self.contractions for nu in range(1, self.correlation + 1))
+        nus = range(1, self.correlation + 1)
+        key = tuple((id(c.U(nu)), c.U(nu)._version) for c in self.contractions for nu in nus)
         cache = getattr(self, "_triton_tables", None)
         if cache is None or cache[0] != key:
-            tables = [
-                mod.build_table([c.U(nu).to(node_feats.dtype) for nu in range(1, self.correlation + 1)])
-                for c in self.contractions
-            ]
-            cache = (key, tables)
+            cache = (key, mod.build_table([self._joint_U(nu).to(node_feats.dtype) for nu in nus]))
             self._triton_tables = cache
-        res = []
-        for c, table in zip(self.contractions, cache[1]):
-            Ws = [c.W(nu) for nu in range(1, self.correlation + 1)]
-            out = contract(A, elem, Ws, table)  # (N, d, C)
-            res.append(out.transpose(1, 2).reshape(N, C * c.ir_out.dim))
+        Ws = [torch.cat([c.W(nu) for c in self.contractions], dim=1) for nu in nus]
+        out = contract(A, elem, Ws, cache[1])  # (N, sum of d, C)
+        res = [o.transpose(1, 2).reshape(N, C * o.shape[1])
+               for o in torch.split(out, [c.ir_out.dim for c in self.contractions], dim=1)]
         return torch.cat(res, dim=-1)
+
+    def _joint_U(self, nu: int) -> torch.Tensor:
+        """``U_nu`` of all output irreps as one block-diagonal tensor ``(sum d, D, .., D, sum n)``."""
+        Us = [c.U(nu) for c in self.contractions]
+        rows, cols = sum(u.shape[0] for u in Us), sum(u.shape[-1] for u in Us)
+        joint = Us[0].new_zeros(rows, *Us[0].shape[1:-1], cols)
+        r = q = 0
+        for u in Us:
+            joint[r:r + u.shape[0], ..., q:q + u.shape[-1]] = u
+            r, q = r + u.shape[0], q + u.shape[-1]
+        return joint
 
     def forward(self, node_feats: torch.Tensor, node_attrs: torch.Tensor) -> torch.Tensor:
         """``node_feats (N, C, D)``, ``node_attrs (N, S)`` one-hot -> ``(N, irreps_out.dim)``."""
