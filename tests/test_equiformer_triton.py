@@ -43,7 +43,8 @@ def test_equiformer_v2_triton_equals_reference_and_launches_the_kernels():
     ref_out, ref_grads = _force_loss_gradients("reference")
     with RT.count_launches() as launched:
         tri_out, tri_grads = _force_loss_gradients("triton")
-    kernels = {"_sh_fwd_kernel", "_so2_linear_gemm_kernel", "_so2_linear_wgrad_kernel"}
+    kernels = {"_so2_linear_gemm_kernel", "_so2_linear_wgrad_kernel"}
+    assert any(k.startswith("_sh_fwd_l") for k in launched), sorted(launched)
     assert kernels <= set(launched), f"kernels not launched: {sorted(kernels - set(launched))}"
     assert _rel_own(tri_out["energy"], ref_out["energy"]) < 1e-9
     assert _rel_own(tri_out["forces"], ref_out["forces"]) < 1e-9
