@@ -149,7 +149,7 @@ MACE_VARIANTS = {
     "cg-symmetric": ({}, {"_sh_fwd_l2", "_segment_sum_kernel", "_sc_fwd_", "_sc_dA_"}),
     "gaunt-symmetric": ({"interaction_tp": "gaunt"}, {"_sh_fwd_l2", "_grid_product_kernel", "_sc_fwd_", "_sc_dA_"}),
     "so2-symmetric": ({"interaction_tp": "so2"},
-                      {"_sh_fwd_l2", "_so2_node_kernel", "_so2_edge_kernel", "_sc_fwd_", "_sc_dA_"}),
+                      {"_sh_fwd_l0", "_so2_node_kernel", "_so2_bwd_kernel", "_so2_edge_kernel", "_sc_fwd_", "_sc_dA_"}),
     "cg-gaunt": ({"product": "gaunt"}, {"_sh_fwd_l2", "_segment_sum_kernel", "_grid_product_kernel"}),
     "gaunt-gaunt-fourier": ({"interaction_tp": "gaunt", "product": "gaunt", "gaunt_method": "fourier",
                              "num_interactions": 1}, {"_sh_fwd_l2", "_grid_product_kernel"}),
