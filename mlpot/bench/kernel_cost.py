@@ -384,9 +384,10 @@ def table(sizes=MACE_SIZES, dtype="fp32") -> tuple[str, list[dict]]:
                  f"{sc['double_bytes_per_atom_before'] / 1e6:.0f} MB/atom dense before, about "
                  f"{sc['current']['double_bytes_per_atom'] / 1e3:.0f} kB/atom now (chunked sparse). "
                  "'current' = the kernels of this commit (message passing: the edge-outer kernels generated "
-                 "per CG table; SO(2): the forward node kernel and the fused receiver-outer backward); 'redesign' = "
-                 "issue 13's designs (A rows staged once per node block and the SO(2) forward's one program per "
-                 "edge for all channels are not built yet).")
+                 "per CG table; symmetric contraction: the staged kernels generated per coupling table, A, G and "
+                 "W rows loaded once per node block; SO(2): the forward node kernel and the fused receiver-outer "
+                 "backward); 'redesign' = issue 13's designs (of those, the SO(2) forward's one program per edge "
+                 "for all channels is not built: its node kernel re-reads the Wigner tiles per channel block).")
     return "\n".join(lines), out
 
 
