@@ -205,6 +205,32 @@ def launch_groups(table, kind: str, dtype) -> list[int]:
     return list(range(len(narrow), len(narrow) + len(wide)))
 
 
+def _group_entries(table, kind: str, rows) -> list:
+    """The entries of ``kind`` that row group ``rows`` computes: ``(out row, g row, factors, q,
+    val)`` for "fwd" / "dA" (``g row`` None in the forward), ``(g row, factors, q, val)`` for "dW"."""
+    rows = set(rows)
+    if kind == "dW":
+        return [e for e in table.entries if e[2] in rows]
+    if kind == "fwd":
+        return [(k, None, idx, q, v) for k, idx, q, v in table.entries if k in rows]
+    return [e for e in _dA_entries(table) if e[0] in rows]
+
+
+def group_reads(table, kind: str, dtype) -> list[tuple[int, int, int]]:
+    """Per launched row group of ``kind`` for ``dtype``: the rows of ``A``, of ``G`` and of ``W``
+    it loads per node block (the cost model counts them)."""
+    all_groups = _all_groups(table, kind)
+    out = []
+    for gid in launch_groups(table, kind, dtype):
+        ents = _group_entries(table, kind, all_groups[gid])
+        if kind == "dW":
+            out.append((len({i for e in ents for i in e[1]}), len({e[0] for e in ents}), 0))
+        else:
+            out.append((len({i for e in ents for i in e[2]}), len({e[1] for e in ents} - {None}),
+                        len({e[3] for e in ents})))
+    return out
+
+
 def _grouped(groups, body_of) -> list[str]:
     """The bodies of the row groups, each under ``if GROUP == k`` (a constexpr) when there are several."""
     if len(groups) == 1:
@@ -221,15 +247,11 @@ def _node_source(table, kind: str, name: str) -> str:
     output rows of row group ``GROUP`` (:func:`row_groups`)."""
     K = _Consts()
     D, Dg, Q = table.D, table.D_out, table.Q
-    if kind == "fwd":
-        all_ents = [(k, None, idx, q, v) for k, idx, q, v in table.entries]  # (out row, g row, factors, q, val)
-        rows_out = table.D_out
-    else:
-        all_ents = _dA_entries(table)
-        rows_out = D
+    rows_out = table.D_out if kind == "fwd" else D
+    n_ents = len(table.entries) if kind == "fwd" else len(_dA_entries(table))
 
     def group(rows):
-        ents = [e for e in all_ents if e[0] in set(rows)]
+        ents = _group_entries(table, kind, rows)
         used_a = {i for e in ents for i in e[2]}
         used_g = {e[1] for e in ents} if kind == "dA" else set()
         qs = sorted({e[3] for e in ents})
@@ -257,7 +279,7 @@ def _node_source(table, kind: str, name: str) -> str:
 
     groups = _grouped(_all_groups(table, kind), group)
     args = ("out_ptr, a_ptr, " + ("g_ptr, " if kind == "dA" else "") + "w_ptr, elem_ptr, perm_ptr, start_ptr, end_ptr")
-    doc = (f"{'Forward' if kind == 'fwd' else 'dL/dA'} (generated; D={D}, D_out={Dg}, Q={Q}, {len(all_ents)} entries): "
+    doc = (f"{'Forward' if kind == 'fwd' else 'dL/dA'} (generated; D={D}, D_out={Dg}, Q={Q}, {n_ents} entries): "
            "the nodes perm[s0:s1] of one element, their rows of A" + (" and G" if kind == "dA" else "")
            + " loaded once per row group, W[z] once.")
     lines = [*_head(name, args, doc, K),
@@ -276,7 +298,7 @@ def _weight_source(table, name: str) -> str:
     D, Dg, Q = table.D, table.D_out, table.Q
 
     def group(rows):
-        ents = [e for e in table.entries if e[2] in set(rows)]
+        ents = _group_entries(table, "dW", rows)
         used_a = {i for e in ents for i in e[1]}
         used_g = {e[0] for e in ents}
         body = []
