@@ -30,7 +30,13 @@ gradient ``G`` staged too. ``dL/dW`` is a two-pass reduction: pass 1 walks a blo
 ``WEIGHT_BLOCK_NODES`` nodes of one element in tiles of ``NODE_BLOCK`` nodes (rows of ``A`` and ``G``
 loaded once per node) into ``Q`` partial tiles and writes one ``(Q, C)`` partial sum per block;
 pass 2 adds the partial sums of each element's blocks in order (deterministic, no atomics). It is
-skipped when no weight needs a gradient (MD: forces only). ``NU`` (a constexpr of every kernel) is
+skipped when no weight needs a gradient (MD: forces only). A table with more distinct coefficients
+than registers hold (fp64: MACE's default layer 1) runs dL/dA and dL/dW pass 1 in row groups
+(:func:`row_groups`; output rows of dL/dA, weight rows of dL/dW), one launch of the ``GROUP``
+constexpr each, as :mod:`mlpot.kernels.mp_codegen` does: each group loads the rows of ``A``, ``G``
+and ``W`` its entries use again and writes only its own rows (no atomics); the groups of 8-byte
+dtypes are generated beside those of 4-byte ones in the same source (:func:`launch_groups`).
+``NU`` (a constexpr of every kernel) is
 the table's correlation order (``correlation - 1`` for ``dL/dA``): the generated code has the
 exact number of factors of each entry.
 
@@ -161,7 +167,10 @@ def row_groups(table, kind: str, wide: bool = False) -> list[list[int]]:
     constant of the generated code held in registers, two per value in fp64: MACE's default
     layer 1 (0e+1o outputs, 552 entries, ~180-260 distinct fp64 values per kernel) spilled
     620-644 B in dL/dA and 116-124 B in dL/dW as one group. Calibrated with ``mlpot bench aot``
-    (fp64 and fp32, sm_80 and sm_90; see DEVELOPERS.md)."""
+    (fp64, sm_80 and sm_90, both configs): that layer's dL/dA runs in 3 groups of <= 150 values
+    (2 groups of ~175 spilled at sm_90), its dL/dW in 2 (one of 183 spilled); fp32 is one group
+    (no spill) and MACE's layer 2 (0e only) is one group in both. The groups are balanced: the
+    fewest groups at the limit, cut at the smallest limit that needs no more."""
     if kind == "fwd":
         return [list(range(table.D_out))]
     n, consts = _group_rows(kind, table)
@@ -620,5 +629,6 @@ def build_table(Us) -> SCTable:
     return t
 
 
-__all__ = ["DOUBLE_BACKWARD_ELEMENTS", "SCTable", "build_table", "double_backward", "reference_symmetric_contraction",
-           "sparse_symmetric_contraction", "symmetric_contraction", "weight_blocks"]
+__all__ = ["DOUBLE_BACKWARD_ELEMENTS", "SCTable", "build_table", "double_backward", "group_reads", "launch_groups",
+           "reference_symmetric_contraction", "row_groups", "sparse_symmetric_contraction", "symmetric_contraction",
+           "weight_blocks"]
