@@ -173,15 +173,22 @@ def row_groups(table, kind: str, wide: bool = False) -> list[list[int]]:
     fewest groups at the limit, cut at the smallest limit that needs no more."""
     if kind == "fwd":
         return [list(range(table.D_out))]
-    n, consts = _group_rows(kind, table)
     limit = MAX_GROUP_CONSTS_WIDE[kind] if wide else MAX_GROUP_CONSTS[kind]
-    fewest = _greedy(n, consts, limit)
+    cache = getattr(table, "_cache", None)
+    key = ("row_groups", kind, limit)
+    if cache is not None and key in cache:  # launches ask on every call: computed once per table
+        return cache[key]
+    n, consts = _group_rows(kind, table)
+    groups = fewest = _greedy(n, consts, limit)
     # balanced: the smallest limit that still needs no more groups (the greedy cut is the fewest)
     for lower in range(max((len(c) for c in consts.values()), default=0), limit):
         groups = _greedy(n, consts, lower)
         if len(groups) <= len(fewest):
-            return groups
-    return fewest
+            break
+        groups = fewest
+    if cache is not None:
+        cache[key] = groups
+    return groups
 
 
 def _greedy(n: int, consts: dict, limit: int) -> list[list[int]]:
