@@ -30,7 +30,13 @@ gradient ``G`` staged too. ``dL/dW`` is a two-pass reduction: pass 1 walks a blo
 ``WEIGHT_BLOCK_NODES`` nodes of one element in tiles of ``NODE_BLOCK`` nodes (rows of ``A`` and ``G``
 loaded once per node) into ``Q`` partial tiles and writes one ``(Q, C)`` partial sum per block;
 pass 2 adds the partial sums of each element's blocks in order (deterministic, no atomics). It is
-skipped when no weight needs a gradient (MD: forces only). ``NU`` (a constexpr of every kernel) is
+skipped when no weight needs a gradient (MD: forces only). A table with more distinct coefficients
+than registers hold (fp64: MACE's default layer 1) runs dL/dA and dL/dW pass 1 in row groups
+(:func:`row_groups`; output rows of dL/dA, weight rows of dL/dW), one launch of the ``GROUP``
+constexpr each, as :mod:`mlpot.kernels.mp_codegen` does: each group loads the rows of ``A``, ``G``
+and ``W`` its entries use again and writes only its own rows (no atomics); the groups of 8-byte
+dtypes are generated beside those of 4-byte ones in the same source (:func:`launch_groups`).
+``NU`` (a constexpr of every kernel) is
 the table's correlation order (``correlation - 1`` for ``dL/dA``): the generated code has the
 exact number of factors of each entry.
 
@@ -81,11 +87,15 @@ _BLOCK_SUM = LazyKernel(_sc_block_sum_kernel, [({"BLOCK": 256}, 4, 2), ({"BLOCK"
 NODE_BLOCK = 4
 #: (BLOCK_C, num_warps, num_stages): two elements of a ``[NODE_BLOCK, BLOCK_C]`` tile per thread
 CONFIGS = [({"BLOCK_C": 32}, 4, 1), ({"BLOCK_C": 64}, 8, 1)]
-_GENERATOR_VERSION = 5
+_GENERATOR_VERSION = 6
 _NAME = re.compile(r"^_sc_(fwd|dA|dW)_([0-9a-f]{16})$")
 _LOADED: dict[str, object] = {}  # hash -> generated module
 _KERNELS: dict[str, dict] = {}  # hash -> {"fwd" | "dA" | "dW": LazyKernel}
 _TERMS = 8  # terms per generated statement (bounds the depth of one expression)
+#: most distinct coefficients (constants of the generated code) of one row group of dL/dA and
+#: dL/dW pass 1, for 4-byte and for 8-byte dtypes (:func:`row_groups`)
+MAX_GROUP_CONSTS = {"dA": 1 << 30, "dW": 1 << 30}
+MAX_GROUP_CONSTS_WIDE = {"dA": 150, "dW": 128}
 
 
 def _product(idx) -> str:
@@ -114,7 +124,7 @@ def _load_rows(indent: str, name: str, ptr: str, D: int, used) -> list[str]:
 
 def _head(name: str, args: str, doc: str, K) -> list[str]:
     return [f"def {name}({args}, C,",
-            "        NU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):",
+            "        NU: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):",
             f'    """{doc}"""',
             "    DT = a_ptr.dtype.element_ty",
             "    b = tl.program_id(0).to(tl.int64)",
@@ -126,88 +136,213 @@ def _head(name: str, args: str, doc: str, K) -> list[str]:
             *K.lines("    ")]
 
 
+def _dA_entries(table) -> list:
+    """dL/dA entries ``(out row i, g row k, other factors, q, val)``: one per (entry, factor), the
+    equal terms of a repeated factor summed."""
+    merged: dict = {}
+    for k, idx, q, v in table.entries:
+        for m in range(len(idx)):
+            key = (idx[m], k, idx[:m] + idx[m + 1:], q)
+            merged[key] = merged.get(key, 0.0) + v
+    return [(*key, v) for key, v in merged.items()]
+
+
+def _group_rows(kind: str, table) -> tuple[int, dict]:
+    """(rows, {row: set of its coefficient values}) of the rows ``kind`` splits into groups: the
+    output rows of dL/dA (``D``), the weight rows of dL/dW (``Q``)."""
+    consts: dict = {}
+    if kind == "dA":
+        for i, _, _, _, v in _dA_entries(table):
+            consts.setdefault(i, set()).add(abs(v))
+        return table.D, consts
+    for _, _, q, v in table.entries:
+        consts.setdefault(q, set()).add(abs(v))
+    return table.Q, consts
+
+
+def row_groups(table, kind: str, wide: bool = False) -> list[list[int]]:
+    """The rows of ``kind`` ("fwd": one group; "dA": output rows; "dW": weight rows) split into
+    consecutive groups, one launch each, so that a group's distinct coefficients stay at most
+    ``MAX_GROUP_CONSTS`` (``MAX_GROUP_CONSTS_WIDE`` for 8-byte dtypes). Every coefficient is a
+    constant of the generated code held in registers, two per value in fp64: MACE's default
+    layer 1 (0e+1o outputs, 552 entries, ~180-260 distinct fp64 values per kernel) spilled
+    620-644 B in dL/dA and 116-124 B in dL/dW as one group. Calibrated with ``mlpot bench aot``
+    (fp64, sm_80 and sm_90, both configs): that layer's dL/dA runs in 3 groups of <= 150 values
+    (2 groups of ~175 spilled at sm_90), its dL/dW in 2 (one of 183 spilled); fp32 is one group
+    (no spill) and MACE's layer 2 (0e only) is one group in both. The groups are balanced: the
+    fewest groups at the limit, cut at the smallest limit that needs no more."""
+    if kind == "fwd":
+        return [list(range(table.D_out))]
+    limit = MAX_GROUP_CONSTS_WIDE[kind] if wide else MAX_GROUP_CONSTS[kind]
+    cache = getattr(table, "_cache", None)
+    key = ("row_groups", kind, limit)
+    if cache is not None and key in cache:  # launches ask on every call: computed once per table
+        return cache[key]
+    n, consts = _group_rows(kind, table)
+    groups = fewest = _greedy(n, consts, limit)
+    # balanced: the smallest limit that still needs no more groups (the greedy cut is the fewest)
+    for lower in range(max((len(c) for c in consts.values()), default=0), limit):
+        groups = _greedy(n, consts, lower)
+        if len(groups) <= len(fewest):
+            break
+        groups = fewest
+    if cache is not None:
+        cache[key] = groups
+    return groups
+
+
+def _greedy(n: int, consts: dict, limit: int) -> list[list[int]]:
+    """Rows ``0..n-1`` cut into the fewest consecutive groups of at most ``limit`` distinct values
+    each (a row over the limit alone)."""
+    groups: list[list[int]] = [[]]
+    have: set = set()
+    for r in range(n):
+        mine = consts.get(r, set())
+        if groups[-1] and len(have | mine) > limit:
+            groups.append([])
+            have = set()
+        groups[-1].append(r)
+        have |= mine
+    return groups
+
+
+def _all_groups(table, kind: str) -> list[list[int]]:
+    """The rows of every ``GROUP`` id in the source of ``kind``: the groups of 4-byte dtypes, then,
+    when they differ, those of 8-byte dtypes (:func:`launch_groups` picks the ids to launch)."""
+    narrow, wide = row_groups(table, kind), row_groups(table, kind, wide=True)
+    return narrow if wide == narrow else narrow + wide
+
+
+def launch_groups(table, kind: str, dtype) -> list[int]:
+    """The ``GROUP`` ids of ``kind`` to launch for ``dtype`` (each writes its own rows of the output)."""
+    narrow, wide = row_groups(table, kind), row_groups(table, kind, wide=True)
+    if torch.empty((), dtype=dtype).element_size() < 8 or wide == narrow:
+        return list(range(len(narrow)))
+    return list(range(len(narrow), len(narrow) + len(wide)))
+
+
+def _group_entries(table, kind: str, rows) -> list:
+    """The entries of ``kind`` that row group ``rows`` computes: ``(out row, g row, factors, q,
+    val)`` for "fwd" / "dA" (``g row`` None in the forward), ``(g row, factors, q, val)`` for "dW"."""
+    rows = set(rows)
+    if kind == "dW":
+        return [e for e in table.entries if e[2] in rows]
+    if kind == "fwd":
+        return [(k, None, idx, q, v) for k, idx, q, v in table.entries if k in rows]
+    return [e for e in _dA_entries(table) if e[0] in rows]
+
+
+def group_reads(table, kind: str, dtype) -> list[tuple[int, int, int]]:
+    """Per launched row group of ``kind`` for ``dtype``: the rows of ``A``, of ``G`` and of ``W``
+    it loads per node block (the cost model counts them)."""
+    all_groups = _all_groups(table, kind)
+    out = []
+    for gid in launch_groups(table, kind, dtype):
+        ents = _group_entries(table, kind, all_groups[gid])
+        if kind == "dW":
+            out.append((len({i for e in ents for i in e[1]}), len({e[0] for e in ents}), 0))
+        else:
+            out.append((len({i for e in ents for i in e[2]}), len({e[1] for e in ents} - {None}),
+                        len({e[3] for e in ents})))
+    return out
+
+
+def _grouped(groups, body_of) -> list[str]:
+    """The bodies of the row groups, each under ``if GROUP == k`` (a constexpr) when there are several."""
+    if len(groups) == 1:
+        return body_of(groups[0])
+    lines = []
+    for k, rows in enumerate(groups):
+        lines.append(f"    if GROUP == {k}:")
+        lines += ["    " + line for line in body_of(rows)]
+    return lines
+
+
 def _node_source(table, kind: str, name: str) -> str:
-    """Forward (``kind == "fwd"``) or dL/dA: one program per node block of one element."""
+    """Forward (``kind == "fwd"``) or dL/dA: one program per node block of one element; the
+    output rows of row group ``GROUP`` (:func:`row_groups`)."""
     K = _Consts()
     D, Dg, Q = table.D, table.D_out, table.Q
-    if kind == "fwd":
-        ents = [(k, None, idx, q, v) for k, idx, q, v in table.entries]  # (out row, g row, factors, q, val)
-        rows_out = table.D_out
-    else:
-        merged: dict = {}  # d/dA of a repeated factor: the equal terms of its positions summed
-        for k, idx, q, v in table.entries:
-            for m in range(len(idx)):
-                key = (idx[m], k, idx[:m] + idx[m + 1:], q)
-                merged[key] = merged.get(key, 0.0) + v
-        ents = [(*key, v) for key, v in merged.items()]
-        rows_out = D
-    used_a = {i for e in ents for i in e[2]}
-    used_g = {e[1] for e in ents} if kind == "dA" else set()
-    qs = sorted({e[3] for e in ents})
-    body = [f"    w{q} = tl.load(wb + {q} * C, mask=cm, other=0.0)[None, :]" for q in qs]
-    # monomial-outer, in lexicographic order: each product of staged rows is formed once, used
-    # at once by every output row (its coefficient a combination of the staged W rows, shared by
-    # the block's nodes), and consecutive monomials share their prefixes
-    for mono in sorted({e[2] for e in ents}):
-        mine = [e for e in ents if e[2] == mono]
-        if mono:
-            body.append(f"    m = {_product(mono)}")
-        for r in sorted({e[0] for e in mine}):
-            if kind == "fwd":
-                terms = [f"{K(v)} * w{q}" for rr, _, _, q, v in mine if rr == r]
-                body += _sums(f"    o{r}", "m * " if mono else "", terms)
-            else:
-                for k in sorted({e[1] for e in mine if e[0] == r}):
-                    terms = [f"{K(v)} * w{q}" for rr, kk, _, q, v in mine if rr == r and kk == k]
-                    body += _sums(f"    o{r}", f"(m * g{k}) * " if mono else f"g{k} * ", terms)
+    rows_out = table.D_out if kind == "fwd" else D
+    n_ents = len(table.entries) if kind == "fwd" else len(_dA_entries(table))
+
+    def group(rows):
+        ents = _group_entries(table, kind, rows)
+        used_a = {i for e in ents for i in e[2]}
+        used_g = {e[1] for e in ents} if kind == "dA" else set()
+        qs = sorted({e[3] for e in ents})
+        body = [f"    w{q} = tl.load(wb + {q} * C, mask=cm, other=0.0)[None, :]" for q in qs]
+        # monomial-outer, in lexicographic order: each product of staged rows is formed once, used
+        # at once by every output row (its coefficient a combination of the staged W rows, shared
+        # by the block's nodes), and consecutive monomials share their prefixes
+        for mono in sorted({e[2] for e in ents}):
+            mine = [e for e in ents if e[2] == mono]
+            if mono:
+                body.append(f"    m = {_product(mono)}")
+            for r in sorted({e[0] for e in mine}):
+                if kind == "fwd":
+                    terms = [f"{K(v)} * w{q}" for rr, _, _, q, v in mine if rr == r]
+                    body += _sums(f"    o{r}", "m * " if mono else "", terms)
+                else:
+                    for k in sorted({e[1] for e in mine if e[0] == r}):
+                        terms = [f"{K(v)} * w{q}" for rr, kk, _, q, v in mine if rr == r and kk == k]
+                        body += _sums(f"    o{r}", f"(m * g{k}) * " if mono else f"g{k} * ", terms)
+        return [*_load_rows("    ", "a", "a_ptr", D, used_a),
+                *_load_rows("    ", "g", "g_ptr", Dg, used_g),
+                *[f"    o{r} = tl.zeros([BLOCK_N, BLOCK_C], dtype=DT)" for r in rows],
+                *body,
+                *[f"    tl.store(out_ptr + (nr * {rows_out} + ({r} * C + cc)), o{r}, mask=m2)" for r in rows]]
+
+    groups = _grouped(_all_groups(table, kind), group)
     args = ("out_ptr, a_ptr, " + ("g_ptr, " if kind == "dA" else "") + "w_ptr, elem_ptr, perm_ptr, start_ptr, end_ptr")
-    doc = (f"{'Forward' if kind == 'fwd' else 'dL/dA'} (generated; D={D}, D_out={Dg}, Q={Q}, {len(ents)} entries): "
+    doc = (f"{'Forward' if kind == 'fwd' else 'dL/dA'} (generated; D={D}, D_out={Dg}, Q={Q}, {n_ents} entries): "
            "the nodes perm[s0:s1] of one element, their rows of A" + (" and G" if kind == "dA" else "")
-           + " loaded once, W[z] once.")
+           + " loaded once per row group, W[z] once.")
     lines = [*_head(name, args, doc, K),
              "    s = s0 + tl.arange(0, BLOCK_N)",
              *_node_tile("    "),
              "    z = tl.load(elem_ptr + tl.load(perm_ptr + s0))",
              f"    wb = w_ptr + z * ({Q} * C) + c",
-             *_load_rows("    ", "a", "a_ptr", D, used_a),
-             *_load_rows("    ", "g", "g_ptr", Dg, used_g),
-             *[f"    o{r} = tl.zeros([BLOCK_N, BLOCK_C], dtype=DT)" for r in range(rows_out)],
-             *body,
-             *[f"    tl.store(out_ptr + (nr * {rows_out} + ({r} * C + cc)), o{r}, mask=m2)" for r in range(rows_out)]]
+             *groups]
     return "\n".join(lines) + "\n"
 
 
 def _weight_source(table, name: str) -> str:
-    """dL/dW pass 1: one partial (Q, C) sum per weight block, over sub-blocks of BLOCK_N nodes."""
+    """dL/dW pass 1: one partial (Q, C) sum per weight block, over sub-blocks of BLOCK_N nodes; the
+    weight rows of row group ``GROUP`` (:func:`row_groups`)."""
     K = _Consts()
     D, Dg, Q = table.D, table.D_out, table.Q
-    ents = table.entries
-    used_a = {i for e in ents for i in e[1]}
-    used_g = {e[0] for e in ents}
-    body = []
-    for mono in sorted({e[1] for e in ents}):  # monomial-outer, as in the forward
-        mine = [e for e in ents if e[1] == mono]
-        body.append(f"        m = {_product(mono)}")
-        for q in sorted({e[2] for e in mine}):
-            body += [f"        p{q} += (m * g{k}) * {K(v)}" for k, _, qq, v in mine if qq == q]
-    doc = (f"dL/dW pass 1 (generated; D={D}, D_out={Dg}, Q={Q}, {len(ents)} entries): "
+
+    def group(rows):
+        ents = _group_entries(table, "dW", rows)
+        used_a = {i for e in ents for i in e[1]}
+        used_g = {e[0] for e in ents}
+        body = []
+        for mono in sorted({e[1] for e in ents}):  # monomial-outer, as in the forward
+            mine = [e for e in ents if e[1] == mono]
+            body.append(f"        m = {_product(mono)}")
+            for q in sorted({e[2] for e in mine}):
+                body += [f"        p{q} += (m * g{k}) * {K(v)}" for k, _, qq, v in mine if qq == q]
+        return [*[f"    p{q} = tl.zeros([BLOCK_N, BLOCK_C], dtype=DT)" for q in rows],
+                "    for sb in range(s0, s1, BLOCK_N):",
+                "        s = sb + tl.arange(0, BLOCK_N)",
+                *_node_tile("        "),
+                *_load_rows("        ", "a", "a_ptr", D, used_a),
+                *_load_rows("        ", "g", "g_ptr", Dg, used_g),
+                *body,
+                *[f"    tl.store(part_ptr + (b * {Q} + {q}) * C + c, tl.sum(p{q}, axis=0), mask=cm)" for q in rows]]
+
+    groups = _grouped(_all_groups(table, "dW"), group)
+    doc = (f"dL/dW pass 1 (generated; D={D}, D_out={Dg}, Q={Q}, {len(table.entries)} entries): "
            "part[b, q] = sum over the nodes perm[s0:s1] (one element) of sum_t val_t G[g_t] prod A[i_t]; "
-           "each node's rows of A and G loaded once.")
-    lines = [*_head(name, "part_ptr, a_ptr, g_ptr, perm_ptr, start_ptr, end_ptr", doc, K),
-             *[f"    p{q} = tl.zeros([BLOCK_N, BLOCK_C], dtype=DT)" for q in range(Q)],
-             "    for sb in range(s0, s1, BLOCK_N):",
-             "        s = sb + tl.arange(0, BLOCK_N)",
-             *_node_tile("        "),
-             *_load_rows("        ", "a", "a_ptr", D, used_a),
-             *_load_rows("        ", "g", "g_ptr", Dg, used_g),
-             *body,
-             *[f"    tl.store(part_ptr + (b * {Q} + {q}) * C + c, tl.sum(p{q}, axis=0), mask=cm)" for q in range(Q)]]
+           "each node's rows of A and G loaded once per row group.")
+    lines = [*_head(name, "part_ptr, a_ptr, g_ptr, perm_ptr, start_ptr, end_ptr", doc, K), *groups]
     return "\n".join(lines) + "\n"
 
 
 def module_source(table) -> tuple[str, str]:
     """(hash, source) of the generated module for ``table``; the hash names its kernels."""
-    text = repr((_GENERATOR_VERSION, table.D, table.D_out, table.Q, table.entries))
+    text = repr((_GENERATOR_VERSION, MAX_GROUP_CONSTS, MAX_GROUP_CONSTS_WIDE, table.D, table.D_out, table.Q, table.entries))
     key = hashlib.sha256(text.encode()).hexdigest()[:16]
     header = ('"""Generated by mlpot.kernels.symmetric_contraction; do not edit (rewritten when it differs)."""\n'
               "import triton.language as tl\n\n\n")
@@ -356,7 +491,8 @@ def _node_launch(table: SCTable, kind, A, G, W, elem, C):
     kernel = kernels_for(table)[kind]
     grid = lambda m: (start.shape[0], (C + m["BLOCK_C"] - 1) // m["BLOCK_C"])
     extra = (G,) if kind == "dA" else ()
-    kernel[grid](out, A, *extra, W, elem, perm, start, end, C, NU=table.nu(kind), BLOCK_N=NODE_BLOCK)
+    for group in launch_groups(table, kind, A.dtype):  # each group writes its own output rows
+        kernel[grid](out, A, *extra, W, elem, perm, start, end, C, NU=table.nu(kind), GROUP=group, BLOCK_N=NODE_BLOCK)
     return out
 
 
@@ -393,7 +529,9 @@ def _weight_launch(table: SCTable, A, G, elem, num_elements, C):
     perm, start, end, blk_off = weight_blocks(elem, num_elements, WEIGHT_BLOCK_NODES)
     part = torch.empty(start.shape[0], table.Q, C, device=A.device, dtype=A.dtype)
     grid = lambda m: (start.shape[0], (C + m["BLOCK_C"] - 1) // m["BLOCK_C"])
-    kernels_for(table)["dW"][grid](part, A, G, perm, start, end, C, NU=table.nu("dW"), BLOCK_N=NODE_BLOCK)
+    for group in launch_groups(table, "dW", A.dtype):  # each group writes its own weight rows
+        kernels_for(table)["dW"][grid](part, A, G, perm, start, end, C, NU=table.nu("dW"), GROUP=group,
+                                       BLOCK_N=NODE_BLOCK)
     QC = table.Q * C
     _BLOCK_SUM[lambda m: (num_elements, (QC + m["BLOCK"] - 1) // m["BLOCK"])](out, part, blk_off, QC)
     return out
@@ -498,5 +636,6 @@ def build_table(Us) -> SCTable:
     return t
 
 
-__all__ = ["DOUBLE_BACKWARD_ELEMENTS", "SCTable", "build_table", "double_backward", "reference_symmetric_contraction",
-           "sparse_symmetric_contraction", "symmetric_contraction", "weight_blocks"]
+__all__ = ["DOUBLE_BACKWARD_ELEMENTS", "SCTable", "build_table", "double_backward", "group_reads", "launch_groups",
+           "reference_symmetric_contraction", "row_groups", "sparse_symmetric_contraction", "symmetric_contraction",
+           "weight_blocks"]

@@ -119,3 +119,32 @@ def test_edge_outer_message_passing_compiles_without_spills_at_sm80_and_sm90(tmp
     assert not spills
     assert all(0 < r["regs"] <= 255 for r in rows)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
+def test_symmetric_contraction_fp64_row_groups_compile_without_spills(tmp_path):
+    """The default MACE's symmetric-contraction gradients in fp64 at sm_80 and sm_90: the layer-1
+    table (0e + 1o outputs) holds too many distinct fp64 coefficients for one program, so dL/dA and
+    dL/dW pass 1 run in row groups (several ``GROUP`` variants of one generated kernel); first
+    autotune config, every compile succeeds and none spills."""
+    out = tmp_path / "aot_sc.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlpot.bench.aot", "--model", "MACE", "--arch", "80", "90", "--dtype", "fp64",
+         "--first-config", "--only", "_sc_(dA|dW)_", "--max-spill-bytes", "0", "--json", str(out)],
+        env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert out.exists(), proc.stdout[-2000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    groups: dict = {}
+    for r in rows:
+        group = [c for c in r["constexprs"].split() if c.startswith("GROUP=")]
+        groups.setdefault((r["kernel"], r["arch"]), set()).update(group)
+    for kind in ("_sc_dA_", "_sc_dW_"):
+        for arch in ("sm_80", "sm_90"):
+            assert max(len(g) for (k, a), g in groups.items() if k.startswith(kind) and a == arch) > 1, (kind, arch)
+    assert all(r["ok"] for r in rows), [(r["kernel"], r.get("error")) for r in rows if not r["ok"]]
+    spills = [(r["kernel"], r["arch"], r["constexprs"], r["spill_stores"], r["spill_loads"])
+              for r in rows if r["spill_stores"] or r["spill_loads"]]
+    assert not spills
+    assert all(0 < r["regs"] <= 255 for r in rows)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]

@@ -71,3 +71,25 @@ def test_sc_current_counts_the_staged_kernels():
     assert cost["current"]["fwd_bytes"] == ((N * (D + d_out) + blocks * Q) * C * s
                                             + nc * blocks * (SC.NODE_BLOCK + 4) * K.IDX)
     assert cost["floor"]["fwd_bytes"] == (N * (D + d_out) + Z * Q) * C * s
+
+
+def test_sc_current_counts_the_row_groups():
+    """dL/dA and dL/dW pass 1 of MACE's default layer 1 (L = 3) run in row groups in fp64 only:
+    fp32 counts one launch (every row of A and G, every weight row, once per node block); fp64
+    counts the rows of A and G again for each further group, so its bytes are more than twice
+    (the element size) those of fp32."""
+    SC = kernels_module("symmetric_contraction")
+    C, L, N, Z = 16, 3, 64, 2
+    tabs = K._sc_tables(L, 3)
+    D, d_out, Q = tabs[0]["D"], sum(t["D_out"] for t in tabs), sum(t["Q"] for t in tabs)
+    c32 = K.sc_costs(C=C, L=L, N=N, correlation=3, bytes_per=4, num_elements=Z)["current"]
+    c64 = K.sc_costs(C=C, L=L, N=N, correlation=3, bytes_per=8, num_elements=Z)["current"]
+    blocks = N // SC.NODE_BLOCK + Z
+    nc = -(-C // max(m["BLOCK_C"] for m, _, _ in SC.CONFIGS))
+    assert c32["dA_bytes"] == ((N * (D + d_out) + blocks * Q + N * D) * C * 4
+                               + nc * blocks * (SC.NODE_BLOCK + 4) * K.IDX)
+    reads = K._sc_joint_reads(L, 3, 8)
+    assert len(reads["dA"]) > 1 and len(reads["dW"]) > 1 and len(K._sc_joint_reads(L, 3, 4)["dA"]) == 1
+    for kind in ("dA", "dW"):
+        assert c64[f"{kind}_bytes"] > 2 * c32[f"{kind}_bytes"]
+    assert c64["fwd_bytes"] < 2 * c32["fwd_bytes"] + 1  # the forward is one launch in both

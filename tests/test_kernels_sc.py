@@ -217,3 +217,52 @@ def test_module_all_irreps_in_one_launch_every_config(dtype):
         assert kinds["_sc_fwd"] == 1 and kinds["_sc_dA"] == 2, counts
         for a, b in zip(got, want):
             assert _rel(a, b) < tol, index
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_row_groups_match_reference_every_config(dtype, monkeypatch):
+    """dL/dA and dL/dW in row groups (one launch each), with a grouping of their own for 8-byte
+    dtypes: forward, first and second derivatives against the torch reference on every config."""
+    from mlpot.o3.symmetric_contraction import SymmetricContraction
+
+    # limits low enough to group this small table in both dtypes (its fp32 coefficients, rounded,
+    # have fewer distinct values)
+    wide64 = dtype == torch.float64
+    monkeypatch.setattr(SC, "MAX_GROUP_CONSTS", {"dA": 15, "dW": 6} if wide64 else {"dA": 10, "dW": 4})
+    monkeypatch.setattr(SC, "MAX_GROUP_CONSTS_WIDE", {"dA": 9, "dW": 3} if wide64 else {"dA": 7, "dW": 2})
+    torch.manual_seed(4)
+    C, Z, N = 3, 2, 6
+    kw = dict(irreps_in=f"{C}x0e + {C}x1o", irreps_out=f"{C}x0e + {C}x1o", correlation=3, num_elements=Z)
+    ref = SymmetricContraction(**kw).to(dtype)
+    tri = SymmetricContraction(**kw, backend="triton").to(dtype)
+    tri.load_state_dict(ref.state_dict())
+    x = torch.randn(N, C, 4, dtype=dtype)
+    attrs = torch.nn.functional.one_hot(torch.tensor([1, 0, 1, 1, 0, 1]), Z).to(dtype)
+    table = SC.build_table([tri._joint_U(nu).to(dtype) for nu in (1, 2, 3)])
+    groups = {k: SC.launch_groups(table, k, dtype) for k in ("dA", "dW")}
+    for k in ("dA", "dW"):
+        narrow, wide = SC.row_groups(table, k), SC.row_groups(table, k, wide=True)
+        assert 1 < len(narrow) < len(wide)  # grouped in both dtypes, more groups for fp64
+        assert sorted(r for rows in wide for r in rows) == list(range(table.D if k == "dA" else table.Q))
+        want_ids = range(len(narrow), len(narrow) + len(wide)) if dtype == torch.float64 else range(len(narrow))
+        assert groups[k] == list(want_ids)
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+
+    def grads(model):
+        xx = x.clone().requires_grad_()
+        out = model(xx, attrs)
+        params = list(model.parameters())
+        g1 = torch.autograd.grad((out * torch.cos(out)).sum(), [xx] + params, create_graph=True)
+        g2 = torch.autograd.grad(sum((g * g).sum() for g in g1), [xx] + params)
+        return [out, *g1, *g2]
+
+    want = grads(ref)
+    for index in range(len(SC.CONFIGS)):
+        with RT.interpreter_config(index), RT.count_launches() as counts:
+            got = grads(tri)
+        kinds = Counter(k.rsplit("_", 1)[0] for k in counts.elements())
+        assert kinds["_sc_fwd"] == 1 and kinds["_sc_dA"] == 2 * len(groups["dA"]), counts
+        passes = counts["_sc_block_sum_kernel"]  # dL/dW passes: one launch per row group each
+        assert passes >= 1 and kinds["_sc_dW"] == passes * len(groups["dW"]), counts
+        for a, b in zip(got, want):
+            assert _rel(a, b) < tol, index

@@ -155,14 +155,44 @@ def _sc_tables(L: int, correlation: int):
     return res
 
 
+@functools.cache
+def _sc_joint_reads(L: int, correlation: int, bytes_per: int) -> dict:
+    """Rows of ``A``, ``G`` and ``W`` each launched row group of the kernels loads per node block
+    (:func:`group_reads`), for MACE's joint table of the 0e and 1o outputs (as the model runs it)."""
+    import torch
+    from e3nn import o3
+
+    from mlpot.o3.backend import kernels_module
+    from mlpot.o3.symmetric_contraction import coupling_basis
+
+    SC = kernels_module("symmetric_contraction")
+    irreps = o3.Irreps([(1, (l, (-1) ** l)) for l in range(L + 1)])
+    dtype = torch.float64 if bytes_per == 8 else torch.float32
+    Us = []
+    for nu in range(1, correlation + 1):
+        us = [coupling_basis(irreps, nu, ir) for ir in ("0e", "1o")]
+        joint = us[0].new_zeros(sum(u.shape[0] for u in us), *us[0].shape[1:-1], sum(u.shape[-1] for u in us))
+        r = q = 0
+        for u in us:
+            joint[r:r + u.shape[0], ..., q:q + u.shape[-1]] = u
+            r, q = r + u.shape[0], q + u.shape[-1]
+        Us.append(joint.to(dtype))
+    tab = SC.build_table(Us)
+    return {kind: SC.group_reads(tab, kind, dtype) for kind in ("fwd", "dA", "dW")}
+
+
 def sc_costs(C, L, N, correlation=3, bytes_per=4, num_elements=1, **_) -> dict:
     """Symmetric contraction: forward, dA, dW. Current (kernels generated per table, all output
     irreps as one block-diagonal table, one launch per pass): a program owns a block of
     ``NODE_BLOCK`` nodes of one element and loads their ``D`` rows of ``A`` (and, for dA, of
     ``G``) once, the element's ``Q`` weight rows once, and writes the output rows once; dW walks
     blocks of ``WEIGHT_BLOCK_NODES`` nodes (rows of ``A`` and ``G`` once per node) and writes one
-    partial ``(Q, C)`` sum per block, which the second pass reads once. Counted with the widest
-    ``BLOCK_C`` of the configs (the per-block indices are read once per channel block)."""
+    partial ``(Q, C)`` sum per block, which the second pass reads once. dA and dW pass 1 run in
+    row groups where the table's coefficients would not fit in registers (fp64: MACE's default
+    layer 1 runs dA in 3 groups, dW in 2; fp32 in one): each group is one more launch that reads
+    the rows of ``A``, ``G`` and ``W`` its entries use (:func:`_sc_joint_reads`) and the indices
+    again, and writes its own output rows. Counted with the widest ``BLOCK_C`` of the configs (the
+    per-block indices are read once per channel block)."""
     s = bytes_per
     tabs = _sc_tables(L, correlation)
     D = tabs[0]["D"]
@@ -182,9 +212,11 @@ def sc_costs(C, L, N, correlation=3, bytes_per=4, num_elements=1, **_) -> dict:
     idx_node = nc * blocks * (nb + 4) * IDX
     w_rows = blocks * q_all * C * s
     cur["fwd_bytes"] = idx_node + N * D * C * s + w_rows + N * d_out * C * s
-    cur["dA_bytes"] = idx_node + N * (D + d_out) * C * s + w_rows + N * D * C * s
+    reads = _sc_joint_reads(L, correlation, s)
+    cur["dA_bytes"] = sum(idx_node + N * (a + g) * C * s + blocks * w * C * s for a, g, w in reads["dA"]) + N * D * C * s
     wblocks = N // wb + num_elements
-    cur["dW_bytes"] = (nc * (wblocks * 2 * IDX + N * IDX) + N * (D + d_out) * C * s + wblocks * q_all * C * s  # pass 1
+    cur["dW_bytes"] = (sum(nc * (wblocks * 2 * IDX + N * IDX) + N * (a + g) * C * s for a, g, _ in reads["dW"])
+                       + wblocks * q_all * C * s  # pass 1: each group writes its weight rows of the partials
                        + (num_elements + 1) * IDX + wblocks * q_all * C * s + num_elements * q_all * C * s)
     for t in tabs:
         cur["fwd_flops"] += N * t["T"] * (t["nu_mean"] + 1) * C
