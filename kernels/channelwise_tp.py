@@ -230,7 +230,7 @@ def _tangent(plan: EdgePlan, table: TPTable, x, Y, w, g, ax, aY, aw, need: tuple
     if ng:
         gg = torch.empty(N, table.D_out, C, device=dev, dtype=dt)
         if run:
-            for group in MPG.launch_groups(table, dt):
+            for group in MPG.launch_groups(table, dt, tangent=True):
                 tfw[lambda m: (N, triton_cdiv(C, m["BLOCK_C"]))](
                     gg, x, Y, w, ph(ax), ph(aY), ph(aw), seg, perm, plan.src, C,
                     TX=tx, TY=ty, TW=tw, GROUP=group)
@@ -241,7 +241,7 @@ def _tangent(plan: EdgePlan, table: TPTable, x, Y, w, g, ax, aY, aw, need: tuple
     dw = torch.empty(E, table.P, C, device=dev, dtype=dt) if nw else None
     dy = torch.empty(E, table.D_sh, nsub, device=dev, dtype=dt) if nY else None
     if run and (nx or nY or nw):
-        for group in MPG.launch_groups(table, dt):  # in order: the first group writes, the others add
+        for group in MPG.launch_groups(table, dt, tangent=True):  # in order: the first group writes, the others add
             tbw[lambda m: (N, triton_cdiv(C, m["BLOCK_C"]))](
                 ph(h), ph(dw), ph(dy), g, x, Y, w, ph(ax), ph(aY), ph(aw), seg, perm, plan.src, C, nsub,
                 TX=tx, TY=ty, TW=tw, NEED_H=nx, NEED_W=nw, NEED_Y=nY, GROUP=group)

@@ -54,6 +54,9 @@ _GENERATOR_VERSION = 6
 MAX_LIVE_ROWS = 64
 #: the same for 8-byte dtypes, counted as output rows + 8 D_in (see :func:`row_groups`)
 MAX_LIVE_ROWS_WIDE = 90
+#: the same for the tangent kernels (fused double backward) in 8-byte dtypes: they also hold
+#: ``ax`` (and the ``ax_a g_b`` products), output rows + 8 D_in (see :func:`row_groups`)
+MAX_LIVE_ROWS_TANGENT_WIDE = 60
 _NAME = re.compile(r"^_mp_(fwd|bwd|tfw|tbw)_([0-9a-f]{16})$")
 _KINDS = ("fwd", "bwd", "tfw", "tbw")
 _LOADED: dict[str, object] = {}  # "mp_<hash>" -> generated module
@@ -95,7 +98,7 @@ def _edge_loop_head(table) -> list[str]:
             f"        yb = y_ptr + e * {table.D_sh}"]
 
 
-def row_groups(table, wide: bool = False) -> list[list[int]]:
+def row_groups(table, wide: bool = False, tangent: bool = False) -> list[list[int]]:
     """Output rows split so that one group's accumulators (forward) or gradient rows (backward)
     fit in registers: at most ``MAX_LIVE_ROWS - 2 D_in`` rows per group (MACE's default layer 2,
     55 rows and D_in = 4, is one group). Each group walks the edges once more.
@@ -105,26 +108,33 @@ def row_groups(table, wide: bool = False) -> list[list[int]]:
     products its paths share): at most ``MAX_LIVE_ROWS_WIDE - 8 D_in`` rows per group. Calibrated
     with ``mlpot bench aot`` (fp64, sm_80/sm_90): MACE's default layer 2 stays one group, the layer
     2 of hidden irreps ``128x0e+128x1o+128x2e`` (D_in = 9, 71 rows) runs in 4 groups of 18 rows
-    (2 groups of 36 spilled, 3 of 24 did too)."""
+    (2 groups of 36 spilled, 3 of 24 did too).
+
+    ``tangent`` (the tangent kernels of the fused double backward, which also hold ``ax``): with
+    ``wide``, at most ``MAX_LIVE_ROWS_TANGENT_WIDE - 8 D_in`` rows. Calibrated the same way: the
+    tangent backward of MACE's default layer 2 in one group spilled 176 B at sm_90; 2 groups
+    (28 + 27 rows) do not."""
     per = max(8, MAX_LIVE_ROWS - 2 * table.D_in)
     if wide:
         per = min(per, max(8, MAX_LIVE_ROWS_WIDE - 8 * table.D_in))
+    if wide and tangent:
+        per = min(per, max(8, MAX_LIVE_ROWS_TANGENT_WIDE - 8 * table.D_in))
     n = max(1, -(-table.D_out // per))
     size = -(-table.D_out // n)
     return [list(range(i, min(i + size, table.D_out))) for i in range(0, table.D_out, size)]
 
 
-def _all_groups(table) -> list[tuple[list[int], bool]]:
+def _all_groups(table, tangent: bool = False) -> list[tuple[list[int], bool]]:
     """``(rows, first)`` of every ``GROUP`` id in the source: the groups of 4-byte dtypes, then,
     when they differ, those of 8-byte dtypes (:func:`launch_groups` picks the ids to launch)."""
-    narrow, wide = row_groups(table), row_groups(table, wide=True)
+    narrow, wide = row_groups(table, tangent=tangent), row_groups(table, wide=True, tangent=tangent)
     sets = [narrow] if wide == narrow else [narrow, wide]
     return [(rows, k == 0) for groups in sets for k, rows in enumerate(groups)]
 
 
-def launch_groups(table, dtype) -> list[int]:
-    """The ``GROUP`` ids to launch, in order, for ``dtype``."""
-    narrow, wide = row_groups(table), row_groups(table, wide=True)
+def launch_groups(table, dtype, tangent: bool = False) -> list[int]:
+    """The ``GROUP`` ids to launch, in order, for ``dtype`` (``tangent``: of the tangent kernels)."""
+    narrow, wide = row_groups(table, tangent=tangent), row_groups(table, wide=True, tangent=tangent)
     if torch.empty((), dtype=dtype).element_size() < 8 or wide == narrow:
         return list(range(len(narrow)))
     return list(range(len(narrow), len(narrow) + len(wide)))
@@ -318,7 +328,7 @@ def _tangent_forward_source(table, name: str) -> str:
                 f"    ob = out_ptr + n * ({Dout} * C) + c",
                 *[f"    tl.store(ob + {b} * C, o{b}, mask=cm)" for b in rows]]
 
-    groups = _grouped(_all_groups(table), group)
+    groups = _grouped(_all_groups(table, tangent=True), group)
     lines = [
         f"def {name}(out_ptr, x_ptr, y_ptr, w_ptr, ax_ptr, ay_ptr, aw_ptr, seg_ptr, perm_ptr, src_ptr, C,",
         "        TX: tl.constexpr, TY: tl.constexpr, TW: tl.constexpr, GROUP: tl.constexpr, BLOCK_C: tl.constexpr):",
@@ -420,7 +430,7 @@ def _tangent_backward_source(table, name: str) -> str:
                     lines += [f"            tl.store({ptr.format(i)}, {zero}, mask={mask})" for i in unused]
         return lines
 
-    groups = _grouped(_all_groups(table), group)
+    groups = _grouped(_all_groups(table, tangent=True), group)
     lines = [
         f"def {name}(h_ptr, dw_ptr, dy_ptr, g_ptr, x_ptr, y_ptr, w_ptr, ax_ptr, ay_ptr, aw_ptr, seg_ptr, perm_ptr,",
         "        src_ptr, C, NSUB, TX: tl.constexpr, TY: tl.constexpr, TW: tl.constexpr,",
@@ -440,7 +450,7 @@ def _tangent_backward_source(table, name: str) -> str:
 
 def module_source(table) -> tuple[str, str]:
     """(hash, source) of the generated module for ``table``; the hash names its kernels."""
-    text = repr((_GENERATOR_VERSION, MAX_LIVE_ROWS, MAX_LIVE_ROWS_WIDE, table.D_in, table.D_sh, table.D_out, table.P, _entries(table)))
+    text = repr((_GENERATOR_VERSION, MAX_LIVE_ROWS, MAX_LIVE_ROWS_WIDE, MAX_LIVE_ROWS_TANGENT_WIDE, table.D_in, table.D_sh, table.D_out, table.P, _entries(table)))
     key = hashlib.sha256(text.encode()).hexdigest()[:16]
     fwd = _forward_source(table, f"_mp_fwd_{key}")
     bwd = _backward_source(table, f"_mp_bwd_{key}")

@@ -347,3 +347,25 @@ def test_fused_double_backward_in_row_groups(dtype, monkeypatch):
     assert sum(n for k, n in counts.items() if k.startswith("_mp_tfw_")) == 4
     for a, b in zip(got, want):
         assert (a - b).abs().max() <= _tol(b, dtype) * 10
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fused_double_backward_fp64_tangent_row_groups(dtype, monkeypatch):
+    """The tangent kernels have row groups of their own for 8-byte dtypes (they also hold ``ax``):
+    here only they split, into 4 groups of <= 8 rows in fp64, and both dtypes equal e3nn."""
+    monkeypatch.setattr(MPG, "MAX_LIVE_ROWS", 1000)
+    monkeypatch.setattr(MPG, "MAX_LIVE_ROWS_WIDE", 1000)
+    monkeypatch.setattr(MPG, "MAX_LIVE_ROWS_TANGENT_WIDE", 0)
+    fused, reference, ops, src, dst, gout = _mp_problem(3, 1, 2, 2, N=4, E=6, dtype=dtype, seed=25)
+    assert MPG.launch_groups(fused.table, dtype) == [0]
+    want_ids = [1, 2, 3, 4] if dtype == torch.float64 else [0]
+    assert MPG.launch_groups(fused.table, dtype, tangent=True) == want_ids
+    gen = torch.Generator().manual_seed(26)
+    cots = [torch.randn(t.shape, generator=gen, dtype=dtype) for t in ops]
+    want = _double(reference, ops, gout, cots, (0, 1, 2), (0, 1, 2), False)
+    with RT.count_launches() as counts:
+        got = _double(lambda x, Y, w: fused(x, Y, w, src, dst), ops, gout, cots, (0, 1, 2), (0, 1, 2), False)
+    assert sum(n for k, n in counts.items() if k.startswith("_mp_tbw_")) == len(want_ids)
+    assert sum(n for k, n in counts.items() if k.startswith("_mp_bwd_")) == 1
+    for a, b in zip(got, want):
+        assert (a - b).abs().max() <= _tol(b, dtype) * 10
