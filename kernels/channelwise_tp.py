@@ -22,8 +22,10 @@ and every op is its derivative w.r.t. one operand: the forward is ``dF/dB`` (B -
 gradient w.r.t. ``x`` is ``dF/dA`` with ``B := grad_out``, w.r.t. ``w`` is ``dF/dW`` and
 w.r.t. ``Y`` is ``dF/dY``. Derivatives of these are again derivatives of ``F``: the forward
 kernel computes ``dF/dB``, one backward kernel computes any of ``dF/dA``, ``dF/dW``, ``dF/dY``
-in one pass, and the double backward (:class:`_MPBackward`) is three forward and three backward
-passes on other operands, through the same two Functions (differentiable to any order).
+in one pass. The double backward (:class:`_MPBackward`) is the eps-linear part of those forms at
+``(x + eps ax, Y + eps aY, w + eps aw)``: when no graph is built (a force-training step) two fused
+tangent kernels compute it with each operand read once per pass; when a graph is built it is three
+forward and three backward passes through the same two Functions (differentiable to any order).
 
 Kernels (:mod:`mlpot.kernels.mp_codegen`): generated per CG table, the entries unrolled with their
 coefficients as constants. Loops are edge-outer: one program per receiver and channel block walks

@@ -25,6 +25,14 @@ output rows than registers hold (:func:`row_groups`, fewer rows per group for fp
 default layer 2, 55 rows, is one group) runs in row groups, one launch each and in order: each walks the edges again, and in the
 backward group 0 writes the edge gradients and the later groups add theirs (still no atomics).
 
+Tangent kernels (the fused double backward, :func:`mlpot.kernels.channelwise_tp._tangent`), with
+incoming gradients ``(ax, aY, aw)`` (constexpr flags ``TX, TY, TW``: which are set): the tangent
+forward ``dg[n] = MP(ax, Y, w) + MP(x, aY, w) + MP(x, Y, aw)`` in one pass, and the tangent backward
+(``av_{p,j} = sum_t K_t ax[s,a_t] g[n,b_t]``): ``dw[e,p] = sum_j (Y_j av + aY_j v)``, ``dY[e,j] =
+sum_c sum_p (w_p av + aw_p v)``, ``h[e,a] = sum_p (aw_p u_{p,a} + w_p au_{p,a})`` (``au`` is ``u``
+with ``aY``), in one pass; the same loop order, with ``ax[s(e)]``, ``aY[e]``, ``aw[e]`` loaded once
+per edge beside ``x, Y, w``. In 8-byte dtypes they have row groups of their own (they hold more).
+
 Specialisation: the entries of the table are unrolled into straight-line code with the
 coefficients as constants, one kernel source per table (as cuEquivariance and OpenEquivariance
 generate theirs). The coefficients are created with ``tl.full(.., dtype)`` in the kernel's dtype:

@@ -89,8 +89,8 @@ def test_model_spec_parsing():
 
 def test_edge_outer_message_passing_compiles_without_spills_at_sm80_and_sm90(tmp_path):
     """The edge-outer message-passing kernels generated for the default MACE's CG tables
-    (forward, backward, tangent forward and backward: every variant a training step launches): first autotune config, sm_80 and
-    sm_90, fp64 (twice the registers of fp32; fp32 at sm_90 is in the test above); every compile
+    (forward, backward, tangent forward and backward: every variant a training step launches):
+    first autotune config, sm_80 and sm_90, fp64 (twice the registers of fp32; fp32 at sm_90 is in the test above); every compile
     succeeds and none spills (the whole output accumulator of a receiver, and in the backward the
     whole gradient row block, stay in registers)."""
     out = tmp_path / "aot_mp.json"
