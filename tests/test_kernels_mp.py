@@ -287,3 +287,86 @@ def test_generated_kernels_are_cached_by_content(tmp_path, monkeypatch):
     assert getattr(MPG, f"_mp_bwd_{key}").__name__ == f"_mp_bwd_{key}"
     with pytest.raises(AttributeError):
         MPG._mp_fwd_nothex
+
+
+# the fused double backward (tangent forward + tangent backward, create_graph=False) against the
+# composed path (create_graph=True) and e3nn, with every subset of incoming gradients (the
+# others None) and of wanted gradients
+_SUBSETS = [(0, 1, 2), (1,), (0,), (2,), (0, 2), (1, 2)]
+
+
+def _double(fn, ops, gout, cots, used, wrt, create_graph):
+    """Gradients (zero where unused) w.r.t. ``ops[wrt]`` and ``gout`` of ``sum_{i in used} <cots[i], d<gout, fn>/d ops[i]>``:
+    the first backward's outputs not in ``used`` reach the double backward as None."""
+    gout = gout.detach().requires_grad_()
+    first = torch.autograd.grad(fn(*ops), ops, gout, create_graph=True)
+    loss = sum((cots[i] * first[i] * first[i]).sum() for i in used)  # depends on g and the operands
+    targets = [ops[i] for i in wrt] + [gout]
+    grads = torch.autograd.grad(loss, targets, create_graph=create_graph, allow_unused=True)
+    return [torch.zeros_like(t) if d is None else d.detach() for t, d in zip(targets, grads)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fused_double_backward_matches_composed_and_e3nn(dtype):
+    """Every autotune config, every subset of the incoming gradients (ax, aY, aw; the others None)
+    and two sets of wanted gradients: the fused path (no graph built: one tangent forward, one
+    tangent backward) equals the composed path (create_graph=True: first-order kernels) and the
+    e3nn reference; the fused path runs the tangent kernels and no first-order backward."""
+    fused, reference, ops, src, dst, gout = _mp_problem(40, 1, 1, 1, N=4, E=6, dtype=dtype, seed=21)
+    gen = torch.Generator().manual_seed(22)
+    cots = [torch.randn(t.shape, generator=gen, dtype=dtype) for t in ops]
+    kernel = lambda x, Y, w: fused(x, Y, w, src, dst)
+    cases = [(used, (0, 1, 2)) for used in _SUBSETS] + [((0, 1, 2), (1,)), ((1, 2), (0,))]
+    wants = {case: _double(reference, ops, gout, cots, *case, False) for case in cases}
+    for index in range(len(MPG.CONFIGS)):
+        for used, wrt in cases:
+            want = wants[used, wrt]
+            with RT.interpreter_config(index):
+                composed = _double(kernel, ops, gout, cots, used, wrt, True)
+                with RT.count_launches() as counts:
+                    got = _double(kernel, ops, gout, cots, used, wrt, False)
+            assert sum(n for k, n in counts.items() if k.startswith("_mp_tbw_")) > 0
+            assert sum(n for k, n in counts.items() if k.startswith("_mp_tfw_")) > 0
+            # one first-order backward (the first gradients), none in the double backward
+            assert sum(n for k, n in counts.items() if k.startswith("_mp_bwd_")) == 1
+            for a, b, c in zip(got, composed, want):
+                assert (a - c).abs().max() <= _tol(c, dtype) * 10, (index, used, wrt)
+                assert (b - c).abs().max() <= _tol(c, dtype) * 10, (index, used, wrt)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fused_double_backward_in_row_groups(dtype, monkeypatch):
+    """The tangent kernels in row groups (forced to 4 groups of <= 8 rows): equal to e3nn."""
+    monkeypatch.setattr(MPG, "MAX_LIVE_ROWS", 0)
+    fused, reference, ops, src, dst, gout = _mp_problem(3, 1, 2, 2, N=4, E=6, dtype=dtype, seed=23)
+    gen = torch.Generator().manual_seed(24)
+    cots = [torch.randn(t.shape, generator=gen, dtype=dtype) for t in ops]
+    want = _double(reference, ops, gout, cots, (0, 1, 2), (0, 1, 2), False)
+    with RT.count_launches() as counts:
+        got = _double(lambda x, Y, w: fused(x, Y, w, src, dst), ops, gout, cots, (0, 1, 2), (0, 1, 2), False)
+    assert sum(n for k, n in counts.items() if k.startswith("_mp_tbw_")) == 4
+    assert sum(n for k, n in counts.items() if k.startswith("_mp_tfw_")) == 4
+    for a, b in zip(got, want):
+        assert (a - b).abs().max() <= _tol(b, dtype) * 10
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fused_double_backward_fp64_tangent_row_groups(dtype, monkeypatch):
+    """The tangent kernels have row groups of their own for 8-byte dtypes (they also hold ``ax``):
+    here only they split, into 4 groups of <= 8 rows in fp64, and both dtypes equal e3nn."""
+    monkeypatch.setattr(MPG, "MAX_LIVE_ROWS", 1000)
+    monkeypatch.setattr(MPG, "MAX_LIVE_ROWS_WIDE", 1000)
+    monkeypatch.setattr(MPG, "MAX_LIVE_ROWS_TANGENT_WIDE", 0)
+    fused, reference, ops, src, dst, gout = _mp_problem(3, 1, 2, 2, N=4, E=6, dtype=dtype, seed=25)
+    assert MPG.launch_groups(fused.table, dtype) == [0]
+    want_ids = [1, 2, 3, 4] if dtype == torch.float64 else [0]
+    assert MPG.launch_groups(fused.table, dtype, tangent=True) == want_ids
+    gen = torch.Generator().manual_seed(26)
+    cots = [torch.randn(t.shape, generator=gen, dtype=dtype) for t in ops]
+    want = _double(reference, ops, gout, cots, (0, 1, 2), (0, 1, 2), False)
+    with RT.count_launches() as counts:
+        got = _double(lambda x, Y, w: fused(x, Y, w, src, dst), ops, gout, cots, (0, 1, 2), (0, 1, 2), False)
+    assert sum(n for k, n in counts.items() if k.startswith("_mp_tbw_")) == len(want_ids)
+    assert sum(n for k, n in counts.items() if k.startswith("_mp_bwd_")) == 1
+    for a, b in zip(got, want):
+        assert (a - b).abs().max() <= _tol(b, dtype) * 10

@@ -97,13 +97,14 @@ def mp_double_costs(C, L, N, E, bytes_per=4, **_) -> dict:
     In a force loss every operand needs its gradient: ``x`` (earlier layers, parameters), ``Y`` and
     ``w`` (positions, radial MLP) and ``g = dL/d out`` (it depends on the later layers' parameters),
     and the first backward produced all of ``dx, dY, dw``, so the incoming ``(ax, aY, aw)`` are all
-    set. Current = what that backward launches: ``dg`` = three forward passes ``MP(ax, Y, w) +
-    MP(x, Y, aw) + MP(x, aY, w)``; three backward passes ``(ax, Y, w, g) -> (dY, dw)``,
-    ``(x, Y, aw, g) -> (dx, dY)``, ``(x, aY, w, g) -> (dx, dw)`` (each loads ``g[n]`` per receiver
-    and ``x[src]``, ``w[e]``, ``Y[e]`` per edge: every partial combination needs them; writes only
-    the needed edge gradients; ``dx`` through ``h`` and the segment sum, ``dY`` through the 32-channel
-    partials summed by torch); then torch adds the two terms of each of ``dx, dY, dw`` and the three
-    of ``dg`` (each add reads two tensors and writes one). Redesign: one fused receiver-outer pass
+    set. Current = what that backward launches when no graph is built (the force-training step:
+    :func:`mlpot.kernels.channelwise_tp._tangent`, one row group at fp32): the tangent forward
+    (``dg = MP(ax, Y, w) + MP(x, aY, w) + MP(x, Y, aw)`` in one receiver-outer pass: CSR, per edge
+    the indices, ``x, ax`` at the sender, ``Y, aY, w, aw`` read once; ``dg[n]`` written once), then
+    the tangent backward (``g[n]`` once per receiver, per edge the same operands read once; writes
+    ``dw[e]``, ``h[e]`` and the 32-channel ``dY`` partials, which torch reads and sums), then the
+    segment sum of ``h`` into ``dx``. (Before: three forward and three backward passes and the torch
+    adds, 4.8x of the floor at fp32.) Redesign: one fused receiver-outer pass
     (``g[n]`` once per receiver; per edge ``x, ax`` at the sender and ``w, aw, Y, aY`` read once;
     ``dw, dY, h`` written once, ``dg[n]`` written once per receiver), then the segment sum of ``h``.
     Floor: each operand (``x, Y, w, g, ax, aY, aw``, the edge index) read once, each gradient
@@ -113,16 +114,14 @@ def mp_double_costs(C, L, N, E, bytes_per=4, **_) -> dict:
     mp = mp_costs(C=C, L=L, N=N, E=E, bytes_per=s)
     nsub = -(-C // 32)
     x_n, g_n, w_e, y_e = N * Din * C * s, N * Dout * C * s, E * P * C * s, E * Dsh * s
-    # one backward kernel pass: CSR, g once per receiver, per edge indices + x[src], w[e], Y[e]
-    reads = (N + 1) * IDX + g_n + E * 2 * IDX + E * Din * C * s + w_e + y_e
-    dy_out = E * Dsh * nsub * s + E * Dsh * nsub * s + y_e  # partials written, then read and summed
-    seg_sum = (N + 1) * IDX + E * IDX + E * Din * C * s + x_n  # sender CSR, h read, dx written
     h_out = E * Din * C * s
-    passes = [reads + dy_out + w_e,  # (ax, Y, w, g) -> dY, dw
-              reads + h_out + dy_out + seg_sum,  # (x, Y, aw, g) -> dx, dY
-              reads + h_out + w_e + seg_sum]  # (x, aY, w, g) -> dx, dw
-    adds = 3 * x_n + 3 * y_e + 3 * w_e + 2 * 3 * g_n
-    cur = 3 * mp["current"]["fwd_bytes"] + sum(passes) + adds
+    seg_sum = (N + 1) * IDX + E * IDX + E * Din * C * s + x_n  # sender CSR, h read, dx written
+    # per edge: indices, x and ax at the sender, w, aw, Y, aY (each pass reads them once)
+    edge_reads = E * 2 * IDX + 2 * E * Din * C * s + 2 * w_e + 2 * y_e
+    tangent_fwd = (N + 1) * IDX + edge_reads + g_n  # ... and dg written
+    dy_out = E * Dsh * nsub * s + E * Dsh * nsub * s + y_e  # partials written, then read and summed
+    tangent_bwd = (N + 1) * IDX + g_n + edge_reads + w_e + h_out + dy_out + seg_sum
+    cur = tangent_fwd + tangent_bwd
     new = ((N + 1) * IDX + g_n + E * 2 * IDX + 2 * E * Din * C * s + 2 * w_e + 2 * y_e  # reads
            + w_e + y_e + h_out + g_n + seg_sum)  # dw, dY, h, dg; dx = segment sum of h
     floor = 3 * x_n + 3 * y_e + 3 * w_e + 2 * g_n + E * 2 * IDX
