@@ -23,8 +23,8 @@ gradient w.r.t. ``x`` is ``dF/dA`` with ``B := grad_out``, w.r.t. ``w`` is ``dF/
 w.r.t. ``Y`` is ``dF/dY``. Derivatives of these are again derivatives of ``F``: the forward
 kernel computes ``dF/dB``, one backward kernel computes any of ``dF/dA``, ``dF/dW``, ``dF/dY``
 in one pass. The double backward (:class:`_MPBackward`) is the eps-linear part of those forms at
-``(x + eps ax, Y + eps aY, w + eps aw)``: when no graph is built (a force-training step) two fused
-tangent kernels compute it with each operand read once per pass; when a graph is built it is three
+``(x + eps ax, Y + eps aY, w + eps aw)``: when no graph is built (a force-training step) one fused
+tangent kernel computes it (``dg`` and the edge gradients) with each operand read once; when a graph is built it is three
 forward and three backward passes through the same two Functions (differentiable to any order).
 
 Kernels (:mod:`mlpot.kernels.mp_codegen`): generated per CG table, the entries unrolled with their
@@ -208,14 +208,14 @@ def _backward(plan: EdgePlan, table: TPTable, x, Y, w, g, need: tuple) -> list:
 
 
 def _tangent(plan: EdgePlan, table: TPTable, x, Y, w, g, ax, aY, aw, need: tuple) -> list:
-    """The double backward in two fused passes: ``[gx, gY, gw, gg]`` (None where not needed or
+    """The double backward in one fused pass: ``[gx, gY, gw, gg]`` (None where not needed or
     where no tangent contributes) of :class:`_MPBackward` with incoming gradients ``(ax, aY, aw)``
     (each may be None: zero).
 
-    ``gg = MP(ax, Y, w) + MP(x, aY, w) + MP(x, Y, aw)`` by the tangent forward (one receiver-outer
-    pass loading ``x, ax`` at the sender and ``Y, aY, w, aw`` once per edge); ``gx, gY, gw`` by the
-    tangent backward (``g[n]`` once per receiver, the same operands once per edge; it writes
-    ``h[e]``, ``dw[e]`` and the ``dY`` partials once), then the sender sum of ``h``. Which tangents
+    One receiver-outer pass of the tangent kernel (``g[n]`` once per receiver; per edge ``x, ax``
+    at the sender and ``Y, aY, w, aw`` once): it sums ``gg = MP(ax, Y, w) + MP(x, aY, w) + MP(x, Y,
+    aw)`` in registers (written once per receiver) and writes ``h[e]``, ``dw[e]`` and the ``dY``
+    partials once; then the sender sum of ``h`` gives ``gx``. Which tangents
     are set and which gradients are needed are constexpr flags: no zero tensor is read.
     """
     nx, nY, nw, ng = (bool(v) for v in need)
@@ -224,31 +224,22 @@ def _tangent(plan: EdgePlan, table: TPTable, x, Y, w, g, ax, aY, aw, need: tuple
     nx, nY, nw, ng = nx and (tw or ty), nY and (tx or tw), nw and (tx or ty), ng and (tx or ty or tw)
     N, E, C = plan.num_nodes, plan.src.shape[0], g.shape[-1]
     dev, dt = g.device, g.dtype
-    tfw, tbw = MPG.tangent_kernels_for(table)
+    tbw = MPG.tangent_kernel_for(table)
     perm, seg = plan.segments("dst")
     ph = lambda t: g if t is None else t  # unused operand: any pointer of the dtype
-    run = N > 0 and E > 0 and C > 0
-    gg = None
-    if ng:
-        gg = torch.empty(N, table.D_out, C, device=dev, dtype=dt)
-        if run:
-            for group in MPG.launch_groups(table, dt, tangent=True):
-                tfw[lambda m: (N, triton_cdiv(C, m["BLOCK_C"]))](
-                    gg, x, Y, w, ph(ax), ph(aY), ph(aw), seg, perm, plan.src, C,
-                    TX=tx, TY=ty, TW=tw, GROUP=group)
-        else:
-            gg.zero_()
     nsub = triton_cdiv(C, MPG.DY_SUB)
+    gg = torch.empty(N, table.D_out, C, device=dev, dtype=dt) if ng else None
     h = torch.empty(E, table.D_in, C, device=dev, dtype=dt) if nx else None
     dw = torch.empty(E, table.P, C, device=dev, dtype=dt) if nw else None
     dy = torch.empty(E, table.D_sh, nsub, device=dev, dtype=dt) if nY else None
-    if run and (nx or nY or nw):
-        for group in MPG.launch_groups(table, dt, tangent=True):  # in order: the first group writes, the others add
+    if N > 0 and E > 0 and C > 0 and (ng or nx or nY or nw):
+        # in order: each group writes its gg rows; the first writes h/dw/dY, the others add
+        for group in MPG.launch_groups(table, dt, tangent=True):
             tbw[lambda m: (N, triton_cdiv(C, m["BLOCK_C"]))](
-                ph(h), ph(dw), ph(dy), g, x, Y, w, ph(ax), ph(aY), ph(aw), seg, perm, plan.src, C, nsub,
-                TX=tx, TY=ty, TW=tw, NEED_H=nx, NEED_W=nw, NEED_Y=nY, GROUP=group)
+                ph(gg), ph(h), ph(dw), ph(dy), g, x, Y, w, ph(ax), ph(aY), ph(aw), seg, perm, plan.src, C, nsub,
+                TX=tx, TY=ty, TW=tw, NEED_G=ng, NEED_H=nx, NEED_W=nw, NEED_Y=nY, GROUP=group)
     else:
-        for t in (h, dw, dy):
+        for t in (gg, h, dw, dy):
             if t is not None:
                 t.zero_()
     gx = None
@@ -288,8 +279,8 @@ class _MPBackward(torch.autograd.Function):
 
     Two paths. When no graph is being built (``torch.is_grad_enabled()`` is False inside this
     backward, i.e. ``create_graph=False``: the force-training step, whose loss backward builds no
-    graph), the fused path :func:`_tangent` runs: one tangent forward for ``dg``, one tangent
-    backward for ``dx, dY, dw`` (then the sender sum), each operand read once. Otherwise (a graph
+    graph), the fused path :func:`_tangent` runs: one tangent pass for ``dg, dx, dY, dw``
+    (then the sender sum), each operand read once. Otherwise (a graph
     is built: third and higher derivatives) the composed path runs the first-order kernels through
     these two Functions (three forward and up to three backward passes), so every order stays
     differentiable. Neither path uses atomics.

@@ -25,13 +25,16 @@ output rows than registers hold (:func:`row_groups`, fewer rows per group for fp
 default layer 2, 55 rows, is one group) runs in row groups, one launch each and in order: each walks the edges again, and in the
 backward group 0 writes the edge gradients and the later groups add theirs (still no atomics).
 
-Tangent kernels (the fused double backward, :func:`mlpot.kernels.channelwise_tp._tangent`), with
-incoming gradients ``(ax, aY, aw)`` (constexpr flags ``TX, TY, TW``: which are set): the tangent
-forward ``dg[n] = MP(ax, Y, w) + MP(x, aY, w) + MP(x, Y, aw)`` in one pass, and the tangent backward
+Tangent kernel (the fused double backward, :func:`mlpot.kernels.channelwise_tp._tangent`), with
+incoming gradients ``(ax, aY, aw)`` (constexpr flags ``TX, TY, TW``: which are set), in one pass
+and the same loop order, with ``ax[s(e)]``, ``aY[e]``, ``aw[e]`` loaded once per edge beside ``x,
+Y, w``: the tangent forward ``gg[n] = MP(ax, Y, w) + MP(x, aY, w) + MP(x, Y, aw)`` (constexpr
+``NEED_G``: accumulated in registers, written once per receiver) and the tangent backward
 (``av_{p,j} = sum_t K_t ax[s,a_t] g[n,b_t]``): ``dw[e,p] = sum_j (Y_j av + aY_j v)``, ``dY[e,j] =
 sum_c sum_p (w_p av + aw_p v)``, ``h[e,a] = sum_p (aw_p u_{p,a} + w_p au_{p,a})`` (``au`` is ``u``
-with ``aY``), in one pass; the same loop order, with ``ax[s(e)]``, ``aY[e]``, ``aw[e]`` loaded once
-per edge beside ``x, Y, w``. In 8-byte dtypes they have row groups of their own (they hold more).
+with ``aY``). In row groups each group writes its own ``gg`` rows and, as in the backward, the
+first writes the edge gradients and the later add theirs. In 8-byte dtypes it has row groups of
+its own (it holds more: ``ax``, and ``gg`` beside ``g``).
 
 Specialisation: the entries of the table are unrolled into straight-line code with the
 coefficients as constants, one kernel source per table (as cuEquivariance and OpenEquivariance
@@ -57,18 +60,18 @@ from ._runtime import LazyKernel, tl
 CONFIGS = [({"BLOCK_C": 128}, 4, 1), ({"BLOCK_C": 64}, 2, 1), ({"BLOCK_C": 32}, 2, 1)]
 #: channels per partial sum of dY (fixed, so dY does not depend on the config)
 DY_SUB = 32
-_GENERATOR_VERSION = 6
+_GENERATOR_VERSION = 7
 #: live register rows (output rows + 2 D_in) one program holds; more output rows split into groups
 MAX_LIVE_ROWS = 64
 #: the same for 8-byte dtypes, counted as output rows + 8 D_in (see :func:`row_groups`)
 MAX_LIVE_ROWS_WIDE = 90
-#: the same for the tangent kernels (fused double backward) in 8-byte dtypes: they also hold
-#: ``ax`` (and the ``ax_a g_b`` products), output rows + 8 D_in (see :func:`row_groups`)
-MAX_LIVE_ROWS_TANGENT_WIDE = 60
-_NAME = re.compile(r"^_mp_(fwd|bwd|tfw|tbw)_([0-9a-f]{16})$")
-_KINDS = ("fwd", "bwd", "tfw", "tbw")
+#: the same for the tangent kernel (fused double backward) in 8-byte dtypes: it also holds ``ax``
+#: (and the ``ax_a g_b`` products) and the ``gg`` rows, output rows + 8 D_in (see :func:`row_groups`)
+MAX_LIVE_ROWS_TANGENT_WIDE = 51
+_NAME = re.compile(r"^_mp_(fwd|bwd|tbw)_([0-9a-f]{16})$")
+_KINDS = ("fwd", "bwd", "tbw")
 _LOADED: dict[str, object] = {}  # "mp_<hash>" -> generated module
-_KERNELS: dict[str, tuple] = {}  # hash -> LazyKernels (forward, backward, tangent forward, tangent backward)
+_KERNELS: dict[str, tuple] = {}  # hash -> LazyKernels (forward, backward, tangent backward)
 
 
 # --------------------------------------------------------------------------------------- source
@@ -118,10 +121,11 @@ def row_groups(table, wide: bool = False, tangent: bool = False) -> list[list[in
     2 of hidden irreps ``128x0e+128x1o+128x2e`` (D_in = 9, 71 rows) runs in 4 groups of 18 rows
     (2 groups of 36 spilled, 3 of 24 did too).
 
-    ``tangent`` (the tangent kernels of the fused double backward, which also hold ``ax``): with
-    ``wide``, at most ``MAX_LIVE_ROWS_TANGENT_WIDE - 8 D_in`` rows. Calibrated the same way: the
-    tangent backward of MACE's default layer 2 in one group spilled 176 B at sm_90; 2 groups
-    (28 + 27 rows) do not."""
+    ``tangent`` (the tangent kernel of the fused double backward, which also holds ``ax`` and
+    accumulates ``gg`` beside ``g``): with ``wide``, at most ``MAX_LIVE_ROWS_TANGENT_WIDE - 8 D_in``
+    rows. Calibrated the same way: with ``gg`` in the pass, MACE's default layer 2 in 2 groups
+    (28 + 27 rows) spilled up to 488 B at sm_90; 3 groups (19 + 18 + 18) do not. At fp32 it stays
+    one group (254 registers, no spill, sm_80/sm_90)."""
     per = max(8, MAX_LIVE_ROWS - 2 * table.D_in)
     if wide:
         per = min(per, max(8, MAX_LIVE_ROWS_WIDE - 8 * table.D_in))
@@ -298,59 +302,9 @@ def _tangent_head(table) -> list[str]:
             f"        ayb = ay_ptr + e * {table.D_sh}"]
 
 
-def _tangent_forward_source(table, name: str) -> str:
-    """``gg[n] = MP(ax, Y, w) + MP(x, aY, w) + MP(x, Y, aw)`` in one pass: the eps-linear part of
-    ``MP(x + eps ax, Y + eps aY, w + eps aw)``. ``TX, TY, TW`` (constexpr): which tangents are set."""
-    ents = _entries(table)
-    Din, Dsh, Dout, P = table.D_in, table.D_sh, table.D_out, table.P
-    K = _Consts()
-
-    def group(rows, _first):
-        mine = [t for t in ents if t[3] in rows]
-        used_a = sorted({t[0] for t in mine})
-        body = []
-        for p, pe, new_j, _ in _paths_by_sh_block(mine, P):
-            body += [f"        y{j} = tl.load(yb + {j})" for j in new_j]
-            if new_j:
-                body.append("        if TY:")
-                body += [f"            ay{j} = tl.load(ayb + {j})" for j in new_j]
-            body.append("        if TX or TY:")
-            body.append(f"            wp = tl.load(wb + {p} * C, mask=cm, other=0.0)")
-            body.append("        if TW:")
-            body.append(f"            awp = tl.load(awb + {p} * C, mask=cm, other=0.0)")
-            for b in sorted({t[3] for t in pe}):
-                mine_b = [(a, j, k) for a, j, _, bb, k in pe if bb == b]
-                body.append("        if TW:")
-                body.append(f"            o{b} += awp * ({' + '.join(f'({K(k)} * y{j}) * x{a}' for a, j, k in mine_b)})")
-                body.append("        if TY:")
-                body.append(f"            o{b} += wp * ({' + '.join(f'({K(k)} * ay{j}) * x{a}' for a, j, k in mine_b)})")
-                body.append("        if TX:")
-                body.append(f"            o{b} += wp * ({' + '.join(f'({K(k)} * y{j}) * ax{a}' for a, j, k in mine_b)})")
-        return [*[f"    o{b} = tl.zeros([BLOCK_C], dtype=DT)" for b in rows],
-                *_tangent_head(table),
-                "        if TW or TY:",
-                *[f"            x{a} = tl.load(xb + {a} * C, mask=cm, other=0.0)" for a in used_a],
-                "        if TX:",
-                *[f"            ax{a} = tl.load(axb + {a} * C, mask=cm, other=0.0)" for a in used_a],
-                *body,
-                f"    ob = out_ptr + n * ({Dout} * C) + c",
-                *[f"    tl.store(ob + {b} * C, o{b}, mask=cm)" for b in rows]]
-
-    groups = _grouped(_all_groups(table, tangent=True), group)
-    lines = [
-        f"def {name}(out_ptr, x_ptr, y_ptr, w_ptr, ax_ptr, ay_ptr, aw_ptr, seg_ptr, perm_ptr, src_ptr, C,",
-        "        TX: tl.constexpr, TY: tl.constexpr, TW: tl.constexpr, GROUP: tl.constexpr, BLOCK_C: tl.constexpr):",
-        f'    """Tangent forward, edge-outer (generated; table: D_in={Din}, D_sh={Dsh}, D_out={Dout}, P={P}, '
-        f'{len(ents)} entries): output rows of row group GROUP of MP(ax,Y,w) + MP(x,aY,w) + MP(x,Y,aw)."""',
-        "    DT = x_ptr.dtype.element_ty",
-        *_prologue(K),
-        *groups,
-    ]
-    return "\n".join(lines) + "\n"
-
-
 def _tangent_backward_source(table, name: str) -> str:
-    """The edge gradients of the three backward passes of the double backward in one pass, with
+    """``gg`` (``NEED_G``: the tangent forward, summed in registers) and the edge gradients of the
+    three backward passes of the double backward in one pass, with
     ``v_{p,j} = sum K x_a g_b`` and ``av_{p,j} = sum K ax_a g_b``: ``dw_p = sum_j (Y_j av + aY_j v)``,
     ``dY_j = sum_p (w_p av + aw_p v)``, ``h_a = sum_p (aw_p sum K Y_j g_b + w_p sum K aY_j g_b)``.
     ``NEED_*`` as in the backward, already false where no tangent contributes (host side)."""
@@ -359,8 +313,11 @@ def _tangent_backward_source(table, name: str) -> str:
     K = _Consts()
     dy_sum = f"tl.sum(tl.reshape({{}}, [BLOCK_C // {DY_SUB}, {DY_SUB}]), axis=1)"
     zero_c, zero_sub = "tl.zeros([BLOCK_C], dtype=DT)", f"tl.zeros([BLOCK_C // {DY_SUB}], dtype=DT)"
-    use_x = "(NEED_W and TY) or (NEED_Y and TW)"
-    use_ax = "TX and (NEED_W or NEED_Y)"
+    use_x = "(NEED_W and TY) or (NEED_Y and TW) or (NEED_G and (TY or TW))"
+    use_ax = "TX and (NEED_W or NEED_Y or NEED_G)"
+    use_w = "(NEED_Y and TX) or (NEED_H and TY) or (NEED_G and (TX or TY))"
+    use_g = "NEED_H or NEED_W or NEED_Y"
+    need_av, need_v = "TX and (NEED_W or NEED_Y)", "(NEED_W and TY) or (NEED_Y and TW)"
 
     def group(rows, first):
         def put(indent, ptr, value, mask):
@@ -377,21 +334,29 @@ def _tangent_backward_source(table, name: str) -> str:
                 body += [f"            ay{j} = tl.load(ayb + {j})" for j in new_j]
                 body.append("        if NEED_Y:")
                 body += [f"            dy{j} = {zero_c}" for j in new_j]
-            body.append("        if (NEED_Y and TX) or (NEED_H and TY):")
+            body.append(f"        if {use_w}:")
             body.append(f"            wp = tl.load(wb + {p} * C, mask=cm, other=0.0)")
             body.append("        if TW:")
             body.append(f"            awp = tl.load(awb + {p} * C, mask=cm, other=0.0)")
             body.append("        if NEED_W:")
             body.append(f"            dwp = {zero_c}")
+            for b in sorted({t[3] for t in pe}):  # gg, the tangent forward MP(ax,Y,w) + MP(x,aY,w) + MP(x,Y,aw)
+                pb = [(a, j, k) for a, j, _, bb, k in pe if bb == b]
+                body.append("        if NEED_G and TW:")
+                body.append(f"            o{b} += awp * ({' + '.join(f'({K(k)} * y{j}) * x{a}' for a, j, k in pb)})")
+                body.append("        if NEED_G and TY:")
+                body.append(f"            o{b} += wp * ({' + '.join(f'({K(k)} * ay{j}) * x{a}' for a, j, k in pb)})")
+                body.append("        if NEED_G and TX:")
+                body.append(f"            o{b} += wp * ({' + '.join(f'({K(k)} * y{j}) * ax{a}' for a, j, k in pb)})")
             for j in sorted({t[1] for t in pe}):
                 pj = [(a, b, k) for a, jj, _, b, k in pe if jj == j]
-                body.append(f"        if {use_ax}:")
+                body.append(f"        if {need_av}:")
                 body.append(f"            av = {' + '.join(f'{K(k)} * (ax{a} * g{b})' for a, b, k in pj)}")
                 body.append("            if NEED_W:")
                 body.append(f"                dwp += y{j} * av")
                 body.append("            if NEED_Y:")
                 body.append(f"                dy{j} += wp * av")
-                body.append(f"        if {use_x}:")
+                body.append(f"        if {need_v}:")
                 body.append(f"            v = {' + '.join(f'{K(k)} * (x{a} * g{b})' for a, b, k in pj)}")
                 body.append("            if NEED_W and TY:")
                 body.append(f"                dwp += ay{j} * v")
@@ -410,8 +375,11 @@ def _tangent_backward_source(table, name: str) -> str:
                 body += [put("            ", f"db + {j} * NSUB", dy_sum.format(f"dy{j}"), "subm") for j in done_j]
         used_a = sorted({t[0] for t in mine})
         lines = [
-            f"    gb = g_ptr + n * ({Dout} * C) + c",
-            *[f"    g{b} = tl.load(gb + {b} * C, mask=cm, other=0.0)" for b in sorted({t[3] for t in mine})],
+            f"    if {use_g}:",
+            f"        gb = g_ptr + n * ({Dout} * C) + c",
+            *[f"        g{b} = tl.load(gb + {b} * C, mask=cm, other=0.0)" for b in sorted({t[3] for t in mine})],
+            "    if NEED_G:",
+            *[f"        o{b} = {zero_c}" for b in rows],
             *_tangent_head(table),
             f"        dwb = dw_ptr + e * ({P} * C) + c",
             f"        db = dy_ptr + e * ({Dsh} * NSUB) + sub",
@@ -436,17 +404,22 @@ def _tangent_backward_source(table, name: str) -> str:
                 if unused:
                     lines.append(f"        if {flag}:")
                     lines += [f"            tl.store({ptr.format(i)}, {zero}, mask={mask})" for i in unused]
+        # gg: this group's rows, written once per receiver (the groups own disjoint rows)
+        lines += ["    if NEED_G:",
+                  f"        ob = gg_ptr + n * ({Dout} * C) + c",
+                  *[f"        tl.store(ob + {b} * C, o{b}, mask=cm)" for b in rows]]
         return lines
 
     groups = _grouped(_all_groups(table, tangent=True), group)
     lines = [
-        f"def {name}(h_ptr, dw_ptr, dy_ptr, g_ptr, x_ptr, y_ptr, w_ptr, ax_ptr, ay_ptr, aw_ptr, seg_ptr, perm_ptr,",
-        "        src_ptr, C, NSUB, TX: tl.constexpr, TY: tl.constexpr, TW: tl.constexpr,",
-        "        NEED_H: tl.constexpr, NEED_W: tl.constexpr, NEED_Y: tl.constexpr, GROUP: tl.constexpr,",
+        f"def {name}(gg_ptr, h_ptr, dw_ptr, dy_ptr, g_ptr, x_ptr, y_ptr, w_ptr, ax_ptr, ay_ptr, aw_ptr, seg_ptr,",
+        "        perm_ptr, src_ptr, C, NSUB, TX: tl.constexpr, TY: tl.constexpr, TW: tl.constexpr,",
+        "        NEED_G: tl.constexpr, NEED_H: tl.constexpr, NEED_W: tl.constexpr, NEED_Y: tl.constexpr,",
+        "        GROUP: tl.constexpr,",
         "        BLOCK_C: tl.constexpr):",
         f'    """Tangent backward, edge-outer (generated; table: D_in={Din}, D_sh={Dsh}, D_out={Dout}, P={P}, '
-        f'{len(ents)} entries): h[e], dw[e], dY partials[e] of the double backward with tangents '
-        '(ax, aY, aw), row group GROUP (group 0 writes, later groups add)."""',
+        f'{len(ents)} entries): gg[n] (NEED_G) and h[e], dw[e], dY partials[e] of the double backward '
+        'with tangents (ax, aY, aw), row group GROUP (its gg rows; h/dw/dY: group 0 writes, later groups add)."""',
         "    DT = g_ptr.dtype.element_ty",
         *_prologue(K),
         f"    sub = cb * (BLOCK_C // {DY_SUB}) + tl.arange(0, BLOCK_C // {DY_SUB})",
@@ -462,11 +435,10 @@ def module_source(table) -> tuple[str, str]:
     key = hashlib.sha256(text.encode()).hexdigest()[:16]
     fwd = _forward_source(table, f"_mp_fwd_{key}")
     bwd = _backward_source(table, f"_mp_bwd_{key}")
-    tfw = _tangent_forward_source(table, f"_mp_tfw_{key}")
     tbw = _tangent_backward_source(table, f"_mp_tbw_{key}")
     header = ('"""Generated by mlpot.kernels.mp_codegen; do not edit (rewritten when it differs)."""\n'
               "import triton.language as tl\n\n\n")
-    return key, header + "\n\n".join((fwd, bwd, tfw, tbw))
+    return key, header + "\n\n".join((fwd, bwd, tbw))
 
 
 def _import(key: str):
@@ -475,7 +447,7 @@ def _import(key: str):
 
 
 def _all_kernels(table) -> tuple:
-    """The four kernels of ``table`` (:data:`_KINDS`), generated and written to the cache on first use."""
+    """The three kernels of ``table`` (:data:`_KINDS`), generated and written to the cache on first use."""
     key = getattr(table, "_mp_key", None)
     if key is None or key not in _KERNELS:
         key, src = module_source(table)
@@ -492,13 +464,13 @@ def kernels_for(table) -> tuple[LazyKernel, LazyKernel]:
     return _all_kernels(table)[:2]
 
 
-def tangent_kernels_for(table) -> tuple[LazyKernel, LazyKernel]:
-    """(tangent forward, tangent backward) kernels of ``table`` (the fused double backward)."""
-    return _all_kernels(table)[2:]
+def tangent_kernel_for(table) -> LazyKernel:
+    """The tangent backward kernel of ``table`` (the fused double backward, ``gg`` included)."""
+    return _all_kernels(table)[2]
 
 
 def __getattr__(name: str):
-    """``_mp_{fwd,bwd,tfw,tbw}_<hash>``: a generated kernel, imported from the cache."""
+    """``_mp_{fwd,bwd,tbw}_<hash>``: a generated kernel, imported from the cache."""
     m = _NAME.match(name)
     if m is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -30,12 +30,12 @@ def test_recording_without_running_sees_the_launches_of_a_real_run():
     assert _keys(fast) == _keys(real)
     kernels = {v["kernel"] for v in real}
     # message passing (the kernels generated per CG table: forward, backward and the tangent
-    # forward / backward of the fused double backward, and the sender sum of the input gradient)
+    # kernel of the fused double backward, and the sender sum of the input gradient)
     # and the symmetric contraction (generated per coupling table)
     assert "_segment_sum_kernel" in kernels
     generated_sc = {k.rsplit("_", 1)[0] for k in kernels if re.match(r"_sc_(fwd|dA|dW)_[0-9a-f]{16}$", k)}
     assert generated_sc == {"_sc_fwd", "_sc_dA", "_sc_dW"}
-    assert {k[:8] for k in kernels if k.startswith("_mp_")} == {"_mp_fwd_", "_mp_bwd_", "_mp_tfw_", "_mp_tbw_"}
+    assert {k[:8] for k in kernels if k.startswith("_mp_")} == {"_mp_fwd_", "_mp_bwd_", "_mp_tbw_"}
 
 
 def test_default_configs_compile_for_sm90_without_spills(tmp_path):
@@ -92,7 +92,7 @@ def test_model_spec_parsing():
 
 def test_edge_outer_message_passing_compiles_without_spills_at_sm80_and_sm90(tmp_path):
     """The edge-outer message-passing kernels generated for the default MACE's CG tables
-    (forward, backward, tangent forward and backward: every variant a training step launches):
+    (forward, backward, the fused tangent kernel: every variant a training step launches):
     first autotune config, sm_80 and sm_90, fp64 (twice the registers of fp32; fp32 at sm_90 is in the test above); every compile
     succeeds and none spills (the whole output accumulator of a receiver, and in the backward the
     whole gradient row block, stay in registers)."""
@@ -106,7 +106,7 @@ def test_edge_outer_message_passing_compiles_without_spills_at_sm80_and_sm90(tmp
     assert out.exists(), proc.stdout[-2000:] + proc.stderr[-3000:]
     rows = json.loads(out.read_text())
     seen = {(r["kernel"][:8], r["arch"], r["dtype"]) for r in rows}
-    for kind in ("_mp_fwd_", "_mp_bwd_", "_mp_tfw_", "_mp_tbw_", "_segment"):
+    for kind in ("_mp_fwd_", "_mp_bwd_", "_mp_tbw_", "_segment"):
         for arch in ("sm_80", "sm_90"):
             assert (kind, arch, "fp64") in seen, (kind, arch)
     # the training step: the backward with all three gradients, and the fused double backward
@@ -114,7 +114,7 @@ def test_edge_outer_message_passing_compiles_without_spills_at_sm80_and_sm90(tmp
     flags = lambda kind: {" ".join(c for c in r["constexprs"].split() if c.startswith(("NEED_", "T")))
                           for r in rows if r["kernel"].startswith(kind)}
     assert "NEED_H=True NEED_W=True NEED_Y=True" in flags("_mp_bwd_")
-    assert "TX=True TY=True TW=True NEED_H=True NEED_W=True NEED_Y=True" in flags("_mp_tbw_")
+    assert "TX=True TY=True TW=True NEED_G=True NEED_H=True NEED_W=True NEED_Y=True" in flags("_mp_tbw_")
     assert all(r["ok"] for r in rows), [(r["kernel"], r.get("error")) for r in rows if not r["ok"]]
     spills = [(r["kernel"], r["arch"], r["dtype"], r["constexprs"], r["spill_stores"], r["spill_loads"])
               for r in rows if r["spill_stores"] or r["spill_loads"]]

@@ -58,10 +58,10 @@ def test_redesign_within_twice_the_floor_and_current_kernels_are_not():
                  "spherical harmonics bwd", "SO(2) message passing fwd", "SO(2) message passing bwd",
                  "Gaunt product fwd"):
         assert by[name]["floor_bytes"] <= by[name]["current_bytes"] <= 2.0 * by[name]["floor_bytes"], name
-    # the fused double backward (tangent forward + tangent backward): operands read twice (once per
-    # pass), within 2.5x of the floor (the composed six passes were 4.8x)
+    # the fused double backward (one tangent pass, dg included): operands read once, within 2x
+    # of the floor (the composed six passes were 4.8x, a separate tangent forward 2.2x)
     dbl = by["message passing double bwd"]
-    assert dbl["new_bytes"] <= dbl["current_bytes"] <= 2.5 * dbl["floor_bytes"]
+    assert dbl["new_bytes"] <= dbl["current_bytes"] <= 2.0 * dbl["floor_bytes"]
 
 
 def test_sc_current_counts_the_staged_kernels():

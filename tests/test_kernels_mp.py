@@ -289,7 +289,7 @@ def test_generated_kernels_are_cached_by_content(tmp_path, monkeypatch):
         MPG._mp_fwd_nothex
 
 
-# the fused double backward (tangent forward + tangent backward, create_graph=False) against the
+# the fused double backward (one tangent pass, dg included, create_graph=False) against the
 # composed path (create_graph=True) and e3nn, with every subset of incoming gradients (the
 # others None) and of wanted gradients
 _SUBSETS = [(0, 1, 2), (1,), (0,), (2,), (0, 2), (1, 2)]
@@ -309,8 +309,8 @@ def _double(fn, ops, gout, cots, used, wrt, create_graph):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_fused_double_backward_matches_composed_and_e3nn(dtype):
     """Every autotune config, every subset of the incoming gradients (ax, aY, aw; the others None)
-    and two sets of wanted gradients: the fused path (no graph built: one tangent forward, one
-    tangent backward) equals the composed path (create_graph=True: first-order kernels) and the
+    and two sets of wanted gradients: the fused path (no graph built: one fused tangent pass that
+    also accumulates gg) equals the composed path (create_graph=True: first-order kernels) and the
     e3nn reference; the fused path runs the tangent kernels and no first-order backward."""
     fused, reference, ops, src, dst, gout = _mp_problem(40, 1, 1, 1, N=4, E=6, dtype=dtype, seed=21)
     gen = torch.Generator().manual_seed(22)
@@ -325,8 +325,10 @@ def test_fused_double_backward_matches_composed_and_e3nn(dtype):
                 composed = _double(kernel, ops, gout, cots, used, wrt, True)
                 with RT.count_launches() as counts:
                     got = _double(kernel, ops, gout, cots, used, wrt, False)
-            assert sum(n for k, n in counts.items() if k.startswith("_mp_tbw_")) > 0
-            assert sum(n for k, n in counts.items() if k.startswith("_mp_tfw_")) > 0
+            # one fused tangent pass (gg included, fp64 in its row groups), no tangent forward
+            assert sum(n for k, n in counts.items() if k.startswith("_mp_tbw_")) == len(
+                MPG.launch_groups(fused.table, dtype, tangent=True))
+            assert sum(n for k, n in counts.items() if k.startswith("_mp_fwd_")) == 1
             # one first-order backward (the first gradients), none in the double backward
             assert sum(n for k, n in counts.items() if k.startswith("_mp_bwd_")) == 1
             for a, b, c in zip(got, composed, want):
@@ -336,7 +338,8 @@ def test_fused_double_backward_matches_composed_and_e3nn(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_fused_double_backward_in_row_groups(dtype, monkeypatch):
-    """The tangent kernels in row groups (forced to 4 groups of <= 8 rows): equal to e3nn."""
+    """The tangent kernel in row groups (forced to 4 groups of <= 8 rows; each writes its own gg
+    rows, the first writes h/dw/dY and the others add): equal to e3nn."""
     monkeypatch.setattr(MPG, "MAX_LIVE_ROWS", 0)
     fused, reference, ops, src, dst, gout = _mp_problem(3, 1, 2, 2, N=4, E=6, dtype=dtype, seed=23)
     gen = torch.Generator().manual_seed(24)
@@ -345,14 +348,13 @@ def test_fused_double_backward_in_row_groups(dtype, monkeypatch):
     with RT.count_launches() as counts:
         got = _double(lambda x, Y, w: fused(x, Y, w, src, dst), ops, gout, cots, (0, 1, 2), (0, 1, 2), False)
     assert sum(n for k, n in counts.items() if k.startswith("_mp_tbw_")) == 4
-    assert sum(n for k, n in counts.items() if k.startswith("_mp_tfw_")) == 4
     for a, b in zip(got, want):
         assert (a - b).abs().max() <= _tol(b, dtype) * 10
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_fused_double_backward_fp64_tangent_row_groups(dtype, monkeypatch):
-    """The tangent kernels have row groups of their own for 8-byte dtypes (they also hold ``ax``):
+    """The tangent kernel has row groups of their own for 8-byte dtypes (they also hold ``ax``):
     here only they split, into 4 groups of <= 8 rows in fp64, and both dtypes equal e3nn."""
     monkeypatch.setattr(MPG, "MAX_LIVE_ROWS", 1000)
     monkeypatch.setattr(MPG, "MAX_LIVE_ROWS_WIDE", 1000)
@@ -370,3 +372,36 @@ def test_fused_double_backward_fp64_tangent_row_groups(dtype, monkeypatch):
     assert sum(n for k, n in counts.items() if k.startswith("_mp_bwd_")) == 1
     for a, b in zip(got, want):
         assert (a - b).abs().max() <= _tol(b, dtype) * 10
+
+
+@pytest.mark.parametrize("groups", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_tangent_kernel_gg_flag(dtype, groups, monkeypatch):
+    """NEED_G of the fused tangent pass, every config, with and without row groups: gg alone (no
+    edge gradient wanted) equals MP(ax,Y,w) + MP(x,aY,w) + MP(x,Y,aw) by the forward kernel, and
+    the edge gradients are the same with and without gg (gg does not disturb them)."""
+    for name in ("MAX_LIVE_ROWS", "MAX_LIVE_ROWS_WIDE", "MAX_LIVE_ROWS_TANGENT_WIDE"):
+        monkeypatch.setattr(MPG, name, 0 if groups else 1000)
+    fused, _, ops, src, dst, _ = _mp_problem(40, 1, 2, 2, N=5, E=9, dtype=dtype, seed=27)
+    table, N, E = fused.table, 5, 9
+    assert (len(MPG.launch_groups(table, dtype, tangent=True)) > 1) == groups
+    plan = CT.EdgePlan.build(src, dst, N)
+    gen = torch.Generator().manual_seed(28)
+    rnd = lambda *shape: torch.randn(*shape, generator=gen, dtype=dtype)
+    x, ax, g = rnd(N, table.D_in, 40), rnd(N, table.D_in, 40), rnd(N, table.D_out, 40)
+    Y, aY, w, aw = rnd(E, table.D_sh), rnd(E, table.D_sh), rnd(E, table.P, 40), rnd(E, table.P, 40)
+    want = CT._forward(plan, table, ax, Y, w) + CT._forward(plan, table, x, aY, w) + CT._forward(plan, table, x, Y, aw)
+    tol = 1e-12 if dtype == torch.float64 else 1e-4
+    for index in range(len(MPG.CONFIGS)):
+        with RT.interpreter_config(index):
+            only_g = CT._tangent(plan, table, x, Y, w, g, ax, aY, aw, (False, False, False, True))
+            no_g = CT._tangent(plan, table, x, Y, w, g, ax, aY, aw, (True, True, True, False))
+            both = CT._tangent(plan, table, x, Y, w, g, ax, aY, aw, (True, True, True, True))
+            only_x = CT._tangent(plan, table, x, Y, w, g, None, None, aw, (False, False, False, True))
+        assert only_g[:3] == [None, None, None] and no_g[3] is None
+        assert (only_g[3] - want).abs().max() <= tol * want.abs().max(), index
+        assert torch.equal(only_g[3], both[3]), index
+        for a, b in zip(no_g[:3], both[:3]):
+            assert torch.equal(a, b), index
+        want_w = CT._forward(plan, table, x, Y, aw)
+        assert (only_x[3] - want_w).abs().max() <= tol * want_w.abs().max(), index

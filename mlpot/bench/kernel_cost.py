@@ -98,15 +98,14 @@ def mp_double_costs(C, L, N, E, bytes_per=4, **_) -> dict:
     ``w`` (positions, radial MLP) and ``g = dL/d out`` (it depends on the later layers' parameters),
     and the first backward produced all of ``dx, dY, dw``, so the incoming ``(ax, aY, aw)`` are all
     set. Current = what that backward launches when no graph is built (the force-training step:
-    :func:`mlpot.kernels.channelwise_tp._tangent`, one row group at fp32): the tangent forward
-    (``dg = MP(ax, Y, w) + MP(x, aY, w) + MP(x, Y, aw)`` in one receiver-outer pass: CSR, per edge
-    the indices, ``x, ax`` at the sender, ``Y, aY, w, aw`` read once; ``dg[n]`` written once), then
-    the tangent backward (``g[n]`` once per receiver, per edge the same operands read once; writes
-    ``dw[e]``, ``h[e]`` and the 32-channel ``dY`` partials, which torch reads and sums), then the
-    segment sum of ``h`` into ``dx``. (Before: three forward and three backward passes and the torch
-    adds, 4.8x of the floor at fp32.) Redesign: one fused receiver-outer pass
-    (``g[n]`` once per receiver; per edge ``x, ax`` at the sender and ``w, aw, Y, aY`` read once;
-    ``dw, dY, h`` written once, ``dg[n]`` written once per receiver), then the segment sum of ``h``.
+    :func:`mlpot.kernels.channelwise_tp._tangent`, one row group at fp32): one fused tangent pass
+    (receiver-outer: ``g[n]`` once per receiver; per edge the indices, ``x, ax`` at the sender,
+    ``Y, aY, w, aw`` read once; it accumulates ``dg[n] = MP(ax, Y, w) + MP(x, aY, w) + MP(x, Y,
+    aw)`` in registers and writes it once per receiver, and writes ``dw[e]``, ``h[e]`` and the
+    32-channel ``dY`` partials, which torch reads and sums), then the segment sum of ``h`` into
+    ``dx``. (Before: three forward and three backward passes and the torch adds, 4.8x of the floor
+    at fp32; then a separate tangent forward for ``dg`` and tangent backward, operands read twice,
+    2.2x.) Redesign: the same single pass, with ``dY`` written once per edge instead of partials.
     Floor: each operand (``x, Y, w, g, ax, aY, aw``, the edge index) read once, each gradient
     (``dx, dY, dw, dg``) written once."""
     t = _mp_table(L)
@@ -118,10 +117,9 @@ def mp_double_costs(C, L, N, E, bytes_per=4, **_) -> dict:
     seg_sum = (N + 1) * IDX + E * IDX + E * Din * C * s + x_n  # sender CSR, h read, dx written
     # per edge: indices, x and ax at the sender, w, aw, Y, aY (each pass reads them once)
     edge_reads = E * 2 * IDX + 2 * E * Din * C * s + 2 * w_e + 2 * y_e
-    tangent_fwd = (N + 1) * IDX + edge_reads + g_n  # ... and dg written
     dy_out = E * Dsh * nsub * s + E * Dsh * nsub * s + y_e  # partials written, then read and summed
-    tangent_bwd = (N + 1) * IDX + g_n + edge_reads + w_e + h_out + dy_out + seg_sum
-    cur = tangent_fwd + tangent_bwd
+    # receiver CSR, g read; dw, h, dY partials and dg written; then the segment sum
+    cur = (N + 1) * IDX + g_n + edge_reads + w_e + h_out + dy_out + g_n + seg_sum
     new = ((N + 1) * IDX + g_n + E * 2 * IDX + 2 * E * Din * C * s + 2 * w_e + 2 * y_e  # reads
            + w_e + y_e + h_out + g_n + seg_sum)  # dw, dY, h, dg; dx = segment sum of h
     floor = 3 * x_n + 3 * y_e + 3 * w_e + 2 * g_n + E * 2 * IDX
