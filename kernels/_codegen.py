@@ -5,7 +5,8 @@ Triton reads a kernel's source with ``inspect``, so a kernel generated as text m
 ``$MLPOT_CACHE/kernels/<stem>.py`` (default ``~/.cache/mlpot/kernels``) and imports it;
 :func:`import_generated` imports a file written before (``mlpot.bench.aot`` finds a generated
 kernel by its name in a fresh process through the owning module's ``__getattr__``).
-Used by :mod:`mlpot.kernels.mp_codegen` and :mod:`mlpot.kernels.spherical_harmonics`.
+Used by :mod:`mlpot.kernels.mp_codegen`, :mod:`mlpot.kernels.spherical_harmonics` and
+:mod:`mlpot.kernels.symmetric_contraction`.
 """
 from __future__ import annotations
 

@@ -46,16 +46,13 @@ the weights, whose gradients add up), so the temporaries are bounded by the chun
 grows like the outputs, ``O(N D C)``, not like the dense ``O(N D^nu C)`` contraction.
 """
 import hashlib
-import importlib.util
 import re
 
 import torch
 
-from mlpot.errors import ConfigError
-from mlpot.fileio import atomic_write_text
-
+from ._codegen import import_generated, load_generated
 from ._runtime import LazyKernel, check_device, reference_vjp, tl
-from .mp_codegen import _Consts, cache_dir
+from .mp_codegen import _Consts
 
 NU_MAX = 4
 #: nodes per block of the weight gradient's first pass (one element per block)
@@ -89,7 +86,7 @@ NODE_BLOCK = 4
 CONFIGS = [({"BLOCK_C": 32}, 4, 1), ({"BLOCK_C": 64}, 8, 1)]
 _GENERATOR_VERSION = 6
 _NAME = re.compile(r"^_sc_(fwd|dA|dW)_([0-9a-f]{16})$")
-_LOADED: dict[str, object] = {}  # hash -> generated module
+_LOADED: dict[str, object] = {}  # "sc_<hash>" -> generated module
 _KERNELS: dict[str, dict] = {}  # hash -> {"fwd" | "dA" | "dW": LazyKernel}
 _TERMS = 8  # terms per generated statement (bounds the depth of one expression)
 #: most distinct coefficients (constants of the generated code) of one row group of dL/dA and
@@ -351,17 +348,13 @@ def module_source(table) -> tuple[str, str]:
     return key, header + "\n\n".join(srcs)
 
 
+def _kernel_names(key: str) -> list[str]:
+    return [f"_sc_{kind}_{key}" for kind in ("fwd", "dA", "dW")]
+
+
 def _import(key: str):
     """Import the generated module ``key`` from the cache (it must have been written)."""
-    if key not in _LOADED:
-        path = cache_dir() / f"sc_{key}.py"
-        spec = importlib.util.spec_from_file_location(f"{__name__}._generated_{key}", path)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        for kind in ("fwd", "dA", "dW"):
-            getattr(mod, f"_sc_{kind}_{key}").__module__ = __name__  # found again through __getattr__
-        _LOADED[key] = mod
-    return _LOADED[key]
+    return import_generated(__name__, f"sc_{key}", _kernel_names(key), _LOADED)
 
 
 def kernels_for(table) -> dict:
@@ -370,18 +363,7 @@ def kernels_for(table) -> dict:
     if key is None or key not in _KERNELS:
         key, src = module_source(table)
         if key not in _KERNELS:
-            path = cache_dir() / f"sc_{key}.py"
-            try:
-                current = path.read_text()
-            except OSError:
-                current = None
-            if current != src:
-                try:
-                    atomic_write_text(path, src)
-                except ConfigError as exc:
-                    raise ConfigError(f"{exc} (generated Triton kernels are cached there; set MLPOT_CACHE to a "
-                                      "writable folder)") from None
-            mod = _import(key)
+            mod = load_generated(__name__, f"sc_{key}", src, _kernel_names(key), _LOADED)
             _KERNELS[key] = {kind: LazyKernel(getattr(mod, f"_sc_{kind}_{key}"), CONFIGS, key=["C"])
                              for kind in ("fwd", "dA", "dW")}
         table._sc_key = key
