@@ -208,6 +208,21 @@ def _forward_source(table, name: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _zero_untouched_rows(mine, used_a, Din, P, Dsh, zero_c, zero_sub) -> list[str]:
+    """Lines of a backward-type kernel's first row group (entries ``mine``) that store zeros into
+    the rows of ``h``, ``dw`` and ``dY`` its entries do not write: the later groups add into them."""
+    lines, paths = [], {t[2] for t in mine}
+    for flag, ptr, unused, zero, mask in (
+            ("NEED_H", "hb + {} * C", [a for a in range(Din) if a not in used_a], zero_c, "cm"),
+            ("NEED_W", "dwb + {} * C", [q for q in range(P) if q not in paths], zero_c, "cm"),
+            ("NEED_Y", "db + {} * NSUB", [j for j in range(Dsh) if j not in {t[1] for t in mine}],
+             zero_sub, "subm")):
+        if unused:
+            lines.append(f"        if {flag}:")
+            lines += [f"            tl.store({ptr.format(i)}, {zero}, mask={mask})" for i in unused]
+    return lines
+
+
 def _backward_source(table, name: str) -> str:
     ents = _entries(table)
     Din, Dsh, Dout, P = table.D_in, table.D_sh, table.D_out, table.P
@@ -266,15 +281,7 @@ def _backward_source(table, name: str) -> str:
             *[put("            ", f"hb + {a} * C", f"h{a}", "cm") for a in used_a],
         ]
         if first:
-            paths = {t[2] for t in mine}
-            for flag, ptr, unused, zero, mask in (
-                    ("NEED_H", "hb + {} * C", [a for a in range(Din) if a not in used_a], zero_c, "cm"),
-                    ("NEED_W", "dwb + {} * C", [q for q in range(P) if q not in paths], zero_c, "cm"),
-                    ("NEED_Y", "db + {} * NSUB", [j for j in range(Dsh) if j not in {t[1] for t in mine}],
-                     zero_sub, "subm")):
-                if unused:
-                    lines.append(f"        if {flag}:")
-                    lines += [f"            tl.store({ptr.format(i)}, {zero}, mask={mask})" for i in unused]
+            lines += _zero_untouched_rows(mine, used_a, Din, P, Dsh, zero_c, zero_sub)
         return lines
 
     groups = _grouped(_all_groups(table), group)
@@ -395,15 +402,7 @@ def _tangent_backward_source(table, name: str) -> str:
             *[put("            ", f"hb + {a} * C", f"h{a}", "cm") for a in used_a],
         ]
         if first:
-            paths = {t[2] for t in mine}
-            for flag, ptr, unused, zero, mask in (
-                    ("NEED_H", "hb + {} * C", [a for a in range(Din) if a not in used_a], zero_c, "cm"),
-                    ("NEED_W", "dwb + {} * C", [q for q in range(P) if q not in paths], zero_c, "cm"),
-                    ("NEED_Y", "db + {} * NSUB", [j for j in range(Dsh) if j not in {t[1] for t in mine}],
-                     zero_sub, "subm")):
-                if unused:
-                    lines.append(f"        if {flag}:")
-                    lines += [f"            tl.store({ptr.format(i)}, {zero}, mask={mask})" for i in unused]
+            lines += _zero_untouched_rows(mine, used_a, Din, P, Dsh, zero_c, zero_sub)
         # gg: this group's rows, written once per receiver (the groups own disjoint rows)
         lines += ["    if NEED_G:",
                   f"        ob = gg_ptr + n * ({Dout} * C) + c",
