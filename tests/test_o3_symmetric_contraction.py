@@ -174,3 +174,24 @@ def test_fast_reference_equals_the_dense_definition():
     expected = torch.cat(dense, -1)
     assert expected.abs().max() > 1e-3
     torch.testing.assert_close(sc(feats, attrs), expected, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("irreps_in, irreps_out, corr, S", CASES + [("2x0e+2x1o", "2x0e", 4, 2), ("2x0e+2x1o", "2x0e+2x1o", 1, 2)])
+def test_inference_input_gradient_equals_the_direct_contraction(irreps_in, irreps_out, corr, S):
+    """Forces in inference take the Jacobian products (:class:`_JacobianPlan`): equal to autograd
+    of mace-torch's formula, in eval mode (tables cached per species, rebuilt after a weight
+    change) and in train mode."""
+    sc = SymmetricContraction(irreps_in, irreps_out, corr, S).double()
+    x, attrs = _inputs(sc, N=9)
+    x.requires_grad_(True)
+    cot = torch.randn(9, o3.Irreps(irreps_out).dim, dtype=torch.float64)
+    for mode in ("eval", "train", "eval after a weight change"):
+        sc.train(mode == "train")
+        if mode.endswith("change"):
+            with torch.no_grad():
+                sc.contractions[0].W(corr).mul_(-2.0)
+        expected, = torch.autograd.grad((_direct(sc, x, attrs) * cot).sum(), x)
+        got, = torch.autograd.grad((sc(x, attrs) * cot).sum(), x)  # no graph: the Jacobian path
+        assert expected.abs().max() > 1e-3
+        torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-10)
+    assert set(sc._jacobian_cache[1]) == set(range(S))  # one table per species met
