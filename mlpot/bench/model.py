@@ -266,6 +266,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--no-mace-torch", action="store_true", help="skip the mace-torch side")
     parser.add_argument("--threads", type=int, default=0, help="torch threads for both sides (0: default)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="limit for the mace-torch subprocess (s)")
+    parser.add_argument("--mace-tuned-malloc", action="store_true",
+                        help="give mace-torch's process mlpot's allocator settings too (mlpot.models.mace.tune_malloc, "
+                        "which this benchmark applies to its own process as the mlpot command does)")
     parser.add_argument("--profile", metavar="SYSTEM", help="print the op profile of one mlpot force call")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     args = parser.parse_args(argv)
@@ -345,8 +348,15 @@ SIDE_BY_SIDE_SYSTEMS = ("aspirin", "si64", "cu256", "cu864")
 #       one timed atoms.get_forces() through MACECalculator (its calculator per (key, dtype) is
 #       made on first use, outside the timing).
 _MACE_WORKER = r"""
-import copy, json, sys, time
+import copy, json, os, sys, time
 reply, sys.stdout = sys.stdout, sys.stderr  # only protocol lines on stdout; mace-torch's prints go to stderr
+if os.environ.get("MLPOT_BENCH_MALLOPT"):  # --mace-tuned-malloc: mlpot's tune_malloc settings, same call
+    import ctypes
+    libc = ctypes.CDLL("libc.so.6")
+    for pair in os.environ["MLPOT_BENCH_MALLOPT"].split(","):
+        param, value = (int(v) for v in pair.split(":"))
+        if libc.mallopt(param, value) != 1:
+            raise SystemExit(f"mallopt({param}, {value}) refused")
 import numpy as np, torch
 from ase import Atoms
 from e3nn import o3
@@ -396,8 +406,14 @@ for line in sys.stdin:
 class MaceTorchWorker:
     """The mace-torch side of :func:`side_by_side`: one subprocess for the whole run."""
 
-    def __init__(self, python: str, passive_waits: bool = False):
+    def __init__(self, python: str, passive_waits: bool = False, tuned_malloc: bool = False):
         env = dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1")
+        env.pop("MLPOT_BENCH_MALLOPT", None)
+        if tuned_malloc:
+            from mlpot.models.mace import MALLOC_OPTIONS
+
+            env["MLPOT_BENCH_MALLOPT"] = ",".join(f"{p}:{v}" for p, v in MALLOC_OPTIONS)
+        self.malloc = "tuned" if tuned_malloc else "glibc default"
         if env.pop("MLPOT_OMP_WAIT_SET", None):  # mlpot's entry-point default, not the user's: mace-torch
             env.pop("OMP_WAIT_POLICY", None)      # runs in the environment the user started with
         if passive_waits:
@@ -471,7 +487,7 @@ def _spread(values: list[float]) -> tuple[float, float, float]:
 
 
 def side_by_side(systems, dtypes, threads, loads, repeats: int, mace_python: str, log=print,
-                 mace_passive_waits: bool = False) -> list[dict]:
+                 mace_passive_waits: bool = False, mace_tuned_malloc: bool = False) -> list[dict]:
     """Force-call time of an imported mace-torch model against mace-torch itself.
 
     For every system the mace-torch worker builds a random-weight ``ScaleShiftMACE``
@@ -490,9 +506,9 @@ def side_by_side(systems, dtypes, threads, loads, repeats: int, mace_python: str
     from mlpot.calculators import MLPotCalculator
     from mlpot.models.mace_import import import_mace
 
-    worker = MaceTorchWorker(mace_python, passive_waits=mace_passive_waits)
+    worker = MaceTorchWorker(mace_python, passive_waits=mace_passive_waits, tuned_malloc=mace_tuned_malloc)
     log(f"# OpenMP wait policy: mlpot {os.environ.get('OMP_WAIT_POLICY', 'default')}, "
-        f"mace-torch {worker.omp_wait_policy}")
+        f"mace-torch {worker.omp_wait_policy}; mace-torch allocator: {worker.malloc}")
     rows = []
     try:
         for s in systems:
@@ -626,6 +642,12 @@ def load_summary(rows: list[dict]) -> list[str]:
     return out
 
 
+def _malloc_tuned() -> bool:
+    import mlpot.models.mace as mace
+
+    return bool(mace._MALLOC_TUNED)
+
+
 def side_by_side_main(argv=None) -> list[dict]:
     """The issue-14 matrix in one command: every system x dtype x thread count x load, side by side.
 
@@ -649,6 +671,9 @@ def side_by_side_main(argv=None) -> list[dict]:
     parser.add_argument("--mace-passive-waits", action="store_true",
                         help="run mace-torch with OMP_WAIT_POLICY=PASSIVE too (default: the environment the "
                         "benchmark was started with; mlpot's entry points set PASSIVE, mlpot/threads.py)")
+    parser.add_argument("--mace-tuned-malloc", action="store_true",
+                        help="give mace-torch's process mlpot's allocator settings too (mlpot.models.mace.tune_malloc, "
+                        "which this benchmark applies to its own process as the mlpot command does)")
     parser.add_argument("--profile", metavar="SYSTEM", help="torch.profiler table of one imported-model force call "
                         "(first dtype and thread count of the lists)")
     args = parser.parse_args(argv)
@@ -670,6 +695,8 @@ def side_by_side_main(argv=None) -> list[dict]:
     mace_wait = "PASSIVE" if args.mace_passive_waits else (
         "default" if os.environ.get("MLPOT_OMP_WAIT_SET") else os.environ.get("OMP_WAIT_POLICY", "default"))
     env["OpenMP wait policy"] = f"mlpot {os.environ.get('OMP_WAIT_POLICY', 'default')}, mace-torch {mace_wait}"
+    env["malloc"] = f"mlpot {'tuned' if _malloc_tuned() else 'glibc default'}, mace-torch " + (
+        "tuned" if args.mace_tuned_malloc else "glibc default")
     head = (f"# {os.cpu_count()} CPUs; torch {torch.__version__}; env {env}; load average at start "
             f"{os.getloadavg()[0]:.1f}; {args.repeats} interleaved rounds per row; times: median (min-max) s")
     print(head)
@@ -677,7 +704,7 @@ def side_by_side_main(argv=None) -> list[dict]:
     rows = side_by_side(systems, [d for d in args.dtypes.split(",") if d],
                         [int(t) for t in args.threads.split(",") if t], [int(b) for b in args.busy.split(",") if b],
                         args.repeats, args.mace_python, log=lambda m: print(m, flush=True),
-                        mace_passive_waits=args.mace_passive_waits)
+                        mace_passive_waits=args.mace_passive_waits, mace_tuned_malloc=args.mace_tuned_malloc)
     summary = load_summary(rows)
     total = time.perf_counter() - t_start
     tail = f"# load average at end {os.getloadavg()[0]:.1f}; total time {total:.0f} s"

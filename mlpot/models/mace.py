@@ -93,6 +93,10 @@ INTERACTION_TPS = ("cg", "gaunt", "so2")
 _MALLOC_TUNED = False
 
 
+#: glibc ``mallopt`` settings of :func:`tune_malloc`: (M_MMAP_THRESHOLD, 1 GiB), (M_TRIM_THRESHOLD, 2 GiB - 1)
+MALLOC_OPTIONS = ((-3, 1 << 30), (-1, (1 << 31) - 1))
+
+
 def tune_malloc() -> bool:
     """Keep freed memory in the process heap instead of unmapping it (glibc only; once per process).
 
@@ -118,8 +122,7 @@ def tune_malloc() -> bool:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6")
-        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-        ok = libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) == 1 and libc.mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1) == 1
+        ok = all(libc.mallopt(param, value) == 1 for param, value in MALLOC_OPTIONS)
     except (OSError, AttributeError):
         return False
     _MALLOC_TUNED = ok
