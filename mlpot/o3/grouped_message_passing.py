@@ -163,16 +163,17 @@ def join_input_grad(plan, gx_rows: dict, like: torch.Tensor, rows: int, *tail: i
 class _Chunk:
     """The operands of the nodes ``n0:n1`` (``c`` nodes, ``c * D`` slots), see the module doc.
 
-    ``T (c, sum_p d A, D)``: node matrices; ``xs (c, A_total, D, U)``: sender features,
-    component-major; ``wn (c, D, P, U)``: weights in slot order; ``rows``: the rows of the
-    component-major ``x`` that ``xs`` holds (for the scatter of ``gx``). The per-path operands
-    are taken with one ``split``/``unbind`` per tensor, not one slice per path: when a graph is
-    built, the backward of a slice writes a zero tensor of the whole input, per path."""
+    The node matrices ``(c, sum_p d A, D)`` and the weights in slot order ``(c, D, P, U)`` are
+    held per path (:meth:`matrices`, :meth:`inputs`), the sender features ``xs (c, A_total, D,
+    U)`` (component-major) per input block; ``rows``: the rows of the component-major ``x`` that
+    ``xs`` holds (for the scatter of ``gx``). The per-path operands are taken with one
+    ``split``/``unbind`` per tensor, not one slice per path: when a graph is built, the backward
+    of a slice writes a zero tensor of the whole input, per path."""
 
     def __init__(self, plan, groups: ReceiverGroups, xt, Y, w, C, n0: int, n1: int):
         self.c, self.D = c, D = n1 - n0, groups.D
         sl = slice(n0 * D, n1 * D)
-        A, U = xt.shape[0] // groups.num_nodes, xt.shape[1]
+        Atot, U = xt.shape[0] // groups.num_nodes, xt.shape[1]
         if groups.identity:
             Ys, ws = Y[sl], w[sl]
         else:
@@ -182,9 +183,9 @@ class _Chunk:
                 Ys = Ys * groups.mask[sl]  # empty slots: M = 0
         T = (Ys @ C).view(c, D, C.shape[1]).transpose(1, 2).contiguous()
         self.T = T.split([d * A for _, _, d, _, A, _ in plan.paths], dim=1)  # plan.paths: consecutive columns
-        self.rows = groups.sender_rows(A)[n0 * A * D : n1 * A * D]
-        self.xs = xt.index_select(0, self.rows).view(c, A, D, U)
-        cuts = sorted({0, A} | {a0 for *_, a0, _, _ in plan.paths} | {a0 + Ab for *_, a0, Ab, _ in plan.paths})
+        self.rows = groups.sender_rows(Atot)[n0 * Atot * D : n1 * Atot * D]
+        self.xs = xt.index_select(0, self.rows).view(c, Atot, D, U)
+        cuts = sorted({0, Atot} | {a0 for *_, a0, _, _ in plan.paths} | {a0 + Ab for *_, a0, Ab, _ in plan.paths})
         blocks = self.xs.split([b - a for a, b in zip(cuts, cuts[1:])], dim=1)
         self.x_block = dict(zip(cuts, blocks))
         self.w = ws.view(c, D, ws.shape[1], U).unbind(2)
@@ -236,8 +237,9 @@ def grouped_backward(plan, groups: ReceiverGroups, g, x, Y, w, C, need_x, need_Y
     Atot, P = x.shape[1], w.shape[1]
     xt = _component_major(x)
     gxt = torch.zeros_like(xt) if need_x else None  # component-major
-    slot_order_w = need_w and inplace and groups.identity
-    gw_slots = (torch.empty_like(w) if slot_order_w else x.new_empty(S, P, U) if inplace else []) if need_w else None
+    gw_slots = None  # in slot order; the identity table writes gw itself
+    if need_w:
+        gw_slots = (torch.empty_like(w) if groups.identity else x.new_empty(S, P, U)) if inplace else []
     gT_nodes = (x.new_empty(N, C.shape[1], D) if inplace else []) if need_Y else None
     Amax = max(A for *_, A, _ in plan.paths)
     buf = x.new_empty(2, groups.chunk_slots() * Amax * U) if inplace else None
