@@ -180,3 +180,36 @@ def test_needed_sees_which_gradients_the_running_call_uses():
     assert seen == {"a": True, "b": False}
     torch.autograd.grad(out(), [a, b])
     assert seen == {"a": True, "b": True}
+
+
+@pytest.mark.parametrize("create_graph", [False, True])
+def test_grouped_identity_slot_table(create_graph, monkeypatch):
+    """Edges sorted by receiver with equal in-degrees: the slot table is the identity and the
+    grouped path reads ``Y``/``w`` and writes ``gY``/``gw`` in edge order, without the gathers.
+    Same values, gradients and (when the backward builds a graph) second derivatives as the same
+    graph with its edges shuffled (gathered through the slot table) and as the edge order."""
+    monkeypatch.setattr(grouped_message_passing, "SLOTS_PER_CHUNK", 7)  # several node chunks
+    sh = o3.Irreps.spherical_harmonics(2)
+    tp = ChannelwiseTensorProduct("3x0e+3x1o", sh, "3x0e+3x1o+3x2e")
+    N, deg = 5, 3
+    g = torch.Generator().manual_seed(3)
+    rcv = torch.arange(N).repeat_interleave(deg)
+    snd = torch.randint(0, N, (rcv.shape[0],), generator=g)
+    perm = torch.randperm(rcv.shape[0], generator=g)
+    assert grouped_message_passing.ReceiverGroups(snd, rcv, N, torch.float64).identity
+    assert not grouped_message_passing.ReceiverGroups(snd[perm], rcv[perm], N, torch.float64).identity
+    x = torch.randn(N, tp.irreps_in1.dim, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(rcv.shape[0], sh.dim, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(rcv.shape[0], tp.weight_numel, dtype=torch.float64, requires_grad=True)
+    results = []
+    for grouping, order in (("receiver", slice(None)), ("receiver", perm), ("edge", slice(None))):
+        tp.grouping = grouping
+        out = tp.message_passing(x, _sh_geometry(y[order]), w[order], snd[order], rcv[order], N)
+        cot = torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view_as(out)
+        grads = torch.autograd.grad((out * cot).sum(), [x, y, w], create_graph=create_graph)
+        if create_graph:
+            grads += torch.autograd.grad(sum((p * torch.sin(p)).sum() for p in grads), [x, y, w])
+        results.append((out, *grads))
+    for other in results[1:]:
+        for p, q in zip(results[0], other):
+            torch.testing.assert_close(p, q, atol=1e-12, rtol=1e-12)
