@@ -151,3 +151,22 @@ def test_compile_is_refused_not_silently_dropped(model):
     with pytest.raises(ConfigError, match="torch.compile"):
         MLPotCalculator(model, device="cpu", compile=True)
     assert MLPotCalculator(model, device="cpu", compile=False).model is not None
+
+
+@pytest.mark.parametrize("skin", [0.0, 0.6])
+def test_graph_edges_grouped_by_receiver_are_the_neighbor_list(model, skin):
+    """The calculator hands the model its edges sorted by receiver (what the grouped message
+    passing reads without a gather), and they are exactly the pairs of the neighbour list."""
+    from mlpot.data.neighbors import neighbor_list
+
+    atoms = rattled_cu((2, 2, 2))
+    calc = MLPotCalculator(model, device="cpu", dtype="float64", skin=skin)
+    for _ in range(2):  # a fresh list, then (with a skin) the reused, filtered one
+        atoms.positions += 0.01
+        g = calc.build_graph(atoms)
+        sender, receiver = g["edge_index"].numpy()
+        assert len(receiver) > 0 and np.all(np.diff(receiver) >= 0)
+        i, j, S = neighbor_list(atoms.positions, model.r_max, cell=atoms.cell.array, pbc=atoms.pbc)
+        expected = sorted(zip(i.tolist(), j.tolist(), map(tuple, S.tolist())))
+        got = sorted(zip(sender.tolist(), receiver.tolist(), map(tuple, g["unit_shifts"].long().tolist())))
+        assert got == expected

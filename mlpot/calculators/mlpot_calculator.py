@@ -11,6 +11,10 @@ and atom count are unchanged). On every call the stored candidate pairs are **fi
 length** (``|D| < r_max``), so the model sees exactly the edges a fresh build would give;
 results equal a rebuild up to the order of floating-point sums. Any change of cell, pbc,
 species or atom count forces a rebuild.
+
+The edges reach the model sorted by receiver (a stable sort, once per neighbour-list build):
+the grouped message passing (:mod:`mlpot.o3.grouped_message_passing`) then reads each node's
+edges contiguously, and in a crystal with equal in-degrees without any gather.
 """
 from __future__ import annotations
 
@@ -166,8 +170,11 @@ class MLPotCalculator(Calculator):
             i, j, S = neighbor_list(
                 atoms.positions, self.r_max + self.skin, cell=cell if pbc.any() else None, pbc=pbc
             )
+            # edges grouped by receiver (stable): the message passing reads them in that order
+            # (mlpot.o3.grouped_message_passing; with equal in-degrees it needs no gather at all)
+            order = np.argsort(j.numpy(), kind="stable")
             self._nl = {
-                "i": i.numpy(), "j": j.numpy(), "S": S.numpy(),
+                "i": i.numpy()[order], "j": j.numpy()[order], "S": S.numpy()[order],
                 "positions": atoms.positions.copy(), "numbers": atoms.numbers.copy(),
                 "cell": cell.copy(), "pbc": pbc.copy(),
             }
