@@ -178,9 +178,9 @@ def test_fast_reference_equals_the_dense_definition():
 
 @pytest.mark.parametrize("irreps_in, irreps_out, corr, S", CASES + [("2x0e+2x1o", "2x0e", 4, 2), ("2x0e+2x1o", "2x0e+2x1o", 1, 2)])
 def test_inference_input_gradient_equals_the_direct_contraction(irreps_in, irreps_out, corr, S):
-    """Forces in inference take the Jacobian products (:class:`_JacobianPlan`): equal to autograd
-    of mace-torch's formula, in eval mode (tables cached per species, rebuilt after a weight
-    change) and in train mode."""
+    """Inference (constant weights) takes the Jacobian's basis (:class:`_JacobianPlan`): the
+    output and the input gradient equal mace-torch's formula and its autograd, in eval mode
+    (tables cached per species, rebuilt after a weight change) and in train mode."""
     sc = SymmetricContraction(irreps_in, irreps_out, corr, S).double()
     x, attrs = _inputs(sc, N=9)
     x.requires_grad_(True)
@@ -191,7 +191,9 @@ def test_inference_input_gradient_equals_the_direct_contraction(irreps_in, irrep
             with torch.no_grad():
                 sc.contractions[0].W(corr).mul_(-2.0)
         expected, = torch.autograd.grad((_direct(sc, x, attrs) * cot).sum(), x)
-        got, = torch.autograd.grad((sc(x, attrs) * cot).sum(), x)  # no graph: the Jacobian path
+        out = sc(x, attrs)
+        torch.testing.assert_close(out, _direct(sc, x, attrs), atol=1e-10, rtol=1e-10)
+        got, = torch.autograd.grad((out * cot).sum(), x)  # no graph: the Jacobian path
         assert expected.abs().max() > 1e-3
         torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-10)
     assert set(sc._jacobian_cache[1]) == set(range(S))  # one table per species met

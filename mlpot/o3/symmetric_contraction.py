@@ -38,14 +38,18 @@ remove most). The monomials are built incrementally, :math:`A^{(\nu)}_m = A^{(\n
 (monomials on the leading axis, ``(M, C, n)``, so every gather copies whole contiguous rows), and
 the node output is one batched matmul per element and order, ``(C, K, M) @ (C, M, n)``. Nodes
 are sorted by element and processed in chunks inside one autograd function, which computes
-only the gradients the running ``backward``/``grad`` call uses. The input gradient of inference
-(forces, no graph) is one matrix product per element with the Jacobian's coefficients
-(:class:`_JacobianPlan`: the Jacobian of a degree-:math:`\nu` polynomial is a polynomial of
-degree :math:`\nu - 1`, so it needs only the lower monomials). Otherwise (weight gradients, or a
-graph being built for training on forces) the backward applies the chain rule through the
-monomial levels by hand with differentiable operations, reusing the forward's monomials for
-small inputs and recomputing them chunk by chunk for large ones (bounded memory). In eval mode
-the folded weights :math:`T` and the Jacobian tables are cached (the weights are then constants).
+only the gradients the running ``backward``/``grad`` call uses.
+
+With constant weights (inference) the forward and the input gradient both run on the
+monomials of degree below :math:`\nu_{max}` only (:class:`_JacobianPlan`): the Jacobian of a
+degree-:math:`\nu` polynomial has degree :math:`\nu - 1`, and the output is
+:math:`\sum_i x_i` times such a polynomial. Both are block-sparse matrix products per element
+(the blocks are the symmetry classes of the couplings), and the forward's basis is kept for the
+backward when small. Otherwise (weight gradients, or a graph being built for training on
+forces) the forward builds all monomial levels and the backward applies the chain rule through
+them by hand with differentiable operations, reusing the forward's monomials for small inputs
+and recomputing them chunk by chunk for large ones (bounded memory). In eval mode the folded
+weights :math:`T` and the per-element tables are cached (the weights are then constants).
 """
 from __future__ import annotations
 
@@ -357,8 +361,6 @@ class SymmetricContraction(ProductBasis):
         self._level_sizes = [len(levels[nu]) for nu in range(1, self.correlation + 1)]
         self._parents, self._lasts = parents, lasts
         self._plan_dev = None
-        used = {m for nu in keep for m in keep[nu]}  # rows with a coupling (not only prefixes)
-        self._jacobian = _JacobianPlan(levels, used, D, dev)
         # symmetrized couplings on the rows of every level (zero for rows that are only prefixes)
         self._usym = {}
         for nu in range(1, self.correlation + 1):
@@ -371,6 +373,12 @@ class SymmetricContraction(ProductBasis):
                 if idx:
                     full[:, idx] = Us[:, [rows[i] for i in idx]]
                 self._usym[(k, nu)] = full.to(device=dev)
+        # which rows of T each output component reads (structurally nonzero couplings)
+        row_used = torch.cat([
+            torch.cat([(self._usym[(k, nu)].abs() > 0).any(-1) for nu in range(1, self.correlation + 1)], dim=1)
+            for k in range(len(self.contractions))
+        ]).cpu()  # (K, R)
+        self._jacobian = _JacobianPlan(levels, row_used, D, dev)
 
     def _folded_weights(self, dtype, device) -> torch.Tensor:
         """:meth:`_fold_weights`, cached in eval mode (the weights are then constants: no gradient
@@ -612,10 +620,17 @@ class _JacobianPlan:
     ``R`` at correlation 3), one large matrix product instead of a rank-``K`` one, and nothing
     kept from the forward. :math:`T'` is a sparse re-indexing of :math:`T` (at most
     :math:`\nu` entries per row), cached per species in eval mode.
+
+    :math:`T'` is block-sparse: a row ``(K, i)`` reads only the monomials whose product with
+    :math:`x_i` couples to ``K`` (parity alone halves them). The rows and monomials are split
+    into the connected components of that pattern (for MACE's ``0e + 1o`` output: the two
+    parity classes, half the products), one matrix product per block.
     """
 
-    def __init__(self, levels: dict, used: set, D: int, device):
+    def __init__(self, levels: dict, row_used: torch.Tensor, D: int, device):
         nu_max = max(levels)
+        rows = [m for nu in range(1, nu_max + 1) for m in levels[nu]]
+        used = {m for r, m in enumerate(rows) if bool(row_used[:, r].any())}
         derivs = {}  # (row monomial, i) -> (derivative monomial, multiplicity)
         for nu in range(1, nu_max + 1):
             for m in levels[nu]:
@@ -632,71 +647,145 @@ class _JacobianPlan:
             sets[deg - 1] |= {m[:-1] for m in sets[deg]}
         dlevels = {1: [(i,) for i in range(D)], **{deg: sorted(v) for deg, v in sets.items()}}
         self.sizes = [len(dlevels[d]) for d in range(1, nu_max)]
-        self.parents, self.lasts = [], []
-        for deg in range(2, nu_max):
-            pos = {m: i for i, m in enumerate(dlevels[deg - 1])}
-            self.parents.append(torch.tensor([pos[m[:-1]] for m in dlevels[deg]], dtype=torch.long, device=device))
-            self.lasts.append(torch.tensor([m[-1] for m in dlevels[deg]], dtype=torch.long, device=device))
         q_of = {(): 0}
         for deg in range(1, nu_max):
             for m in dlevels[deg]:
                 q_of[m] = len(q_of)
+        # each level > 1 from rows of the basis itself: m = m[:-1] * x_{m[-1]}
+        self.parents = [torch.tensor([q_of[m[:-1]] for m in dlevels[deg]], dtype=torch.long, device=device)
+                        for deg in range(2, nu_max)]
+        self.lasts = [torch.tensor([q_of[m[-1:]] for m in dlevels[deg]], dtype=torch.long, device=device)
+                      for deg in range(2, nu_max)]
         self.Q = len(q_of)
         self.D = D
-        rows = [m for nu in range(1, nu_max + 1) for m in levels[nu]]
         row_of = {m: r for r, m in enumerate(rows)}
         src, dst, coef = [], [], []
+        K = row_used.shape[0]
+        parent = list(range(K * D + self.Q))  # union-find over Jacobian rows (K, i) and monomials q
+
+        def find(a):
+            while parent[a] != a:
+                parent[a] = parent[parent[a]]
+                a = parent[a]
+            return a
+
         for (m, i), (d, k) in sorted(derivs.items()):
             src.append(row_of[m])
             dst.append(i * self.Q + q_of[d])
             coef.append(k)
+            for kk in torch.nonzero(row_used[:, row_of[m]]).flatten().tolist():
+                parent[find(kk * D + i)] = find(K * D + q_of[d])
         self.src = torch.tensor(src, dtype=torch.long, device=device)
         self.dst = torch.tensor(dst, dtype=torch.long, device=device)
         self.coef = torch.tensor(coef, dtype=torch.float64, device=device)
+        # the forward on the same basis: monomial m_r = x_{m[-1]} * m[:-1] (one entry per row)
+        fsrc = [row_of[m] for m in rows if m in used]
+        self.fsrc = torch.tensor(fsrc, dtype=torch.long, device=device)
+        self.fdst = torch.tensor([m[-1] * self.Q + q_of[m[:-1]] for m in rows if m in used], dtype=torch.long,
+                                 device=device)
+        comps: dict[int, tuple[list, list]] = {}
+        touched = {K * D + q_of[d] for d, _ in derivs.values()} | {
+            kk * D + i for (m, i) in derivs for kk in torch.nonzero(row_used[:, row_of[m]]).flatten().tolist()}
+        for node in sorted(touched):
+            rows_b, cols_b = comps.setdefault(find(node), ([], []))
+            (rows_b if node < K * D else cols_b).append(node if node < K * D else node - K * D)
+        #: per block: Jacobian rows (flat ``K * D + i``) and monomial columns, both sorted
+        self.blocks = [(torch.tensor(r, dtype=torch.long, device=device), torch.tensor(c, dtype=torch.long, device=device))
+                       for r, c in comps.values() if r and c]
+        #: the basis rows block by block (each block's monomials a contiguous slice)
+        self.perm = torch.cat([c for _, c in self.blocks]) if self.blocks else torch.zeros(0, dtype=torch.long)
+        ends = torch.cumsum(torch.tensor([len(c) for _, c in self.blocks] or [0]), 0).tolist()
+        self.slices = [slice(e - len(c), e) for e, (_, c) in zip(ends, self.blocks)]
 
-    def table(self, Ts: torch.Tensor) -> torch.Tensor:
-        """``T_s (C, K, R)`` of one species -> :math:`T'` ``(C, K * D, Q)``."""
+    def table(self, Ts: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """``T_s (C, K, R)`` of one species -> ``(F, T')``, each a list of ``(C, rows_b, cols_b)``
+        blocks: :math:`F_{(K, i), q}` gives the output, :math:`B_K = \sum_i x_i \sum_q F_{(K, i), q} m_q`
+        (every monomial row written once as :math:`x_{last} \cdot m_{prefix}`), :math:`T'` the Jacobian."""
         C, K, R = Ts.shape
-        flat = Ts.reshape(C * K, R).index_select(1, self.src.to(Ts.device)) * self.coef.to(Ts)
-        out = Ts.new_zeros(C * K, self.D * self.Q).index_add_(1, self.dst.to(Ts.device), flat)
-        return out.reshape(C, K * self.D, self.Q)
+        dev = Ts.device
+        out = []
+        for src, dst, coef in ((self.fsrc, self.fdst, None), (self.src, self.dst, self.coef)):
+            flat = Ts.reshape(C * K, R).index_select(1, src.to(dev))
+            if coef is not None:
+                flat = flat * coef.to(Ts)
+            full = Ts.new_zeros(C * K, self.D * self.Q).index_add_(1, dst.to(dev), flat).reshape(C, K * self.D, self.Q)
+            out.append([full.index_select(1, r.to(dev)).index_select(2, c.to(dev)).contiguous() for r, c in self.blocks])
+        return out[0], out[1]
 
-    def basis(self, x_c: torch.Tensor) -> torch.Tensor:
-        """``x_c (C, D, n)`` -> the monomials ``(C, Q, n)``: 1, x, then each level from the one below."""
+    def on(self, device) -> dict:
+        """The index tensors on ``device`` (cached): ``parents``, ``lasts``, ``perm`` and per block
+        ``(K of each row, i of each row)``."""
+        key = str(device)
+        if getattr(self, "_dev", (None,))[0] != key:
+            D = self.D
+            self._dev = (key, {
+                "parents": [t.to(device) for t in self.parents], "lasts": [t.to(device) for t in self.lasts],
+                "perm": self.perm.to(device),
+                "rows": [(torch.div(r, D, rounding_mode="floor").to(device), (r % D).to(device)) for r, _ in self.blocks],
+            })
+        return self._dev[1]
+
+    def basis(self, x_c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x_c (C, D, n)`` -> the monomials ``(C, Q, n)`` (1, x, then each level from the one
+        below) and the same rows in block order (:attr:`slices`)."""
         C, D, n = x_c.shape
+        idx = self.on(x_c.device)
         buf = x_c.new_empty(C, self.Q, n)
-        buf[:, 0] = 1
-        if not self.sizes:  # correlation 1: the Jacobian is constant
-            return buf
-        buf[:, 1 : 1 + D] = x_c
-        off, prev = 1 + D, buf[:, 1 : 1 + D]
-        for par, last, r in zip(self.parents, self.lasts, self.sizes[1:]):
-            cur = buf[:, off : off + r]
-            torch.mul(prev.index_select(1, par.to(x_c.device)), x_c.index_select(1, last.to(x_c.device)), out=cur)
-            off, prev = off + r, cur
-        return buf
+        buf[:, 0].fill_(1)
+        if self.sizes:  # correlation > 1 (else the Jacobian is constant)
+            buf[:, 1 : 1 + D] = x_c
+            off = 1 + D
+            for par, last, r in zip(idx["parents"], idx["lasts"], self.sizes[1:]):
+                torch.mul(buf.index_select(1, par), buf.index_select(1, last), out=buf[:, off : off + r])
+                off += r
+        return buf, buf.index_select(1, idx["perm"])
+
+def _jacobian_chunks(x, counts, plan, K: int, kept=None, chunk_bytes: int = 8 << 20):
+    """``(species, a, b, (basis, block-ordered basis))`` over node chunks of one species each;
+    ``kept``: the bases of an earlier pass over the same chunks (else built here)."""
+    N, C, D = x.shape
+    step = max(1, chunk_bytes // max(1, C * (K * D + 2 * plan.Q) * x.element_size()))
+    start, i = 0, 0
+    for s, n_s in enumerate(counts):
+        for a in range(start, start + n_s, step):
+            b = min(a + step, start + n_s)
+            yield s, a, b, (kept[i] if kept is not None else plan.basis(x[a:b].permute(1, 2, 0)))
+            i += 1
+        start += n_s
 
 
-def _sc_backward_jacobian(g, x, counts, jacobian, chunk_bytes: int = 8 << 20):
+def _sc_forward_jacobian(x, counts, jacobian, K: int, keep: list | None = None):
+    """:func:`_sc_forward` on the Jacobian's basis (constant weights: inference): per block
+    :math:`P = F_b\, m` and :math:`B_K \mathrel{+}= \sum_{i} x_i P_{(K, i)}`. ``keep``: if a
+    list, receives the bases for the backward."""
+    plan, table = jacobian
+    N, C, D = x.shape
+    out = x.new_zeros(N, C, K)
+    rows = plan.on(x.device)["rows"]
+    for s, a, b, (basis, ordered) in _jacobian_chunks(x, counts, plan, K):
+        if keep is not None:
+            keep.append((basis, ordered))
+        x_c = basis[:, 1 : 1 + D] if plan.sizes else x[a:b].permute(1, 2, 0)  # (C, D, n)
+        out_c = out[a:b].permute(1, 2, 0)  # (C, K, n), a view: written in place
+        for Fb, sl, (k_of, i_of) in zip(table(s)[0], plan.slices, rows):
+            P = torch.bmm(Fb, ordered[:, sl])  # (C, rows_b, n)
+            out_c.index_add_(1, k_of, P.mul_(x_c.index_select(1, i_of)))
+    return out
+
+
+def _sc_backward_jacobian(g, x, counts, jacobian, kept=None):
     """The input gradient of :func:`_sc_forward` by :class:`_JacobianPlan` (no graph: inference)."""
     plan, table = jacobian
     N, C, D = x.shape
     K = g.shape[2]
-    gx = torch.empty_like(x)
-    step = max(1, chunk_bytes // max(1, C * (K * D + plan.Q) * x.element_size()))
-    start = 0
-    for s, n_s in enumerate(counts):
-        if n_s == 0:
-            continue
-        Tj = table(s)  # (C, K * D, Q)
-        for a in range(start, start + n_s, step):
-            b = min(a + step, start + n_s)
-            n = b - a
-            x_c = x[a:b].permute(1, 2, 0)  # (C, D, n)
-            J = torch.bmm(Tj, plan.basis(x_c)).view(C, K, D, n)
-            gc = g[a:b].permute(1, 2, 0).unsqueeze(2)  # (C, K, 1, n)
-            gx[a:b] = (J * gc).sum(1).permute(2, 0, 1) if K > 1 else (J[:, 0] * gc[:, 0]).permute(2, 0, 1)
-        start += n_s
+    gx = x.new_zeros(N, C, D)
+    rows = plan.on(x.device)["rows"]
+    for s, a, b, (_, ordered) in _jacobian_chunks(x, counts, plan, K, kept):
+        gc = g[a:b].permute(1, 2, 0)  # (C, K, n)
+        gx_c = gx[a:b].permute(1, 2, 0)  # (C, D, n), a view: written in place
+        for Tb, sl, (k_of, i_of) in zip(table(s)[1], plan.slices, rows):
+            J = torch.bmm(Tb, ordered[:, sl])  # (C, rows_b, n)
+            gx_c.index_add_(1, i_of, J.mul_(gc.index_select(1, k_of)))
     return gx
 
 
@@ -713,11 +802,14 @@ class _SymmetricContractionFn(torch.autograd.Function):
         ctx.save_for_backward(x, T)
         rows = x.shape[2] + sum(3 * len(p) for p in parents)
         small = rows * x.shape[0] * x.shape[1] * x.element_size() <= _SymmetricContractionFn.keep_bytes
-        # the monomials serve only a backward that needs dL/dT (the input gradient of inference
-        # takes the Jacobian products, which need nothing from here)
-        keep = [] if (small and T.requires_grad) else None
+        if not T.requires_grad:  # constant weights (inference): the Jacobian's basis and blocks
+            Q = meta[6][0].Q
+            keep = [] if 2 * Q * x.shape[0] * x.shape[1] * x.element_size() <= _SymmetricContractionFn.keep_bytes else None
+            ctx.kept, ctx.bases = None, keep
+            return _sc_forward_jacobian(x, counts, meta[6], K, keep)
+        keep = [] if small else None  # the monomials, for a backward without a graph
         out = _sc_forward(x, T, parents, lasts, counts, chunk, K, keep)
-        ctx.kept = keep
+        ctx.kept, ctx.bases = keep, None
         return out
 
     @staticmethod
@@ -726,10 +818,10 @@ class _SymmetricContractionFn(torch.autograd.Function):
         parents, lasts, counts, chunk, _, nodes, jacobian = ctx.meta
         need_x = needed(ctx.needs_input_grad[0], nodes[0])
         need_T = needed(ctx.needs_input_grad[1], nodes[1])
+        kept, bases = ctx.kept, ctx.bases
+        ctx.kept = ctx.bases = None
         if need_x and not need_T and not torch.is_grad_enabled():
-            ctx.kept = None
-            return _sc_backward_jacobian(g.contiguous(), x, counts, jacobian), None, None
-        kept = ctx.kept if not torch.is_grad_enabled() else None
+            return _sc_backward_jacobian(g.contiguous(), x, counts, jacobian, bases), None, None
+        kept = kept if not torch.is_grad_enabled() else None
         gx, gT = _sc_backward(g.contiguous(), x, T, parents, lasts, counts, chunk, need_x, need_T, kept)
-        ctx.kept = None
         return gx, gT, None
