@@ -266,6 +266,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--no-mace-torch", action="store_true", help="skip the mace-torch side")
     parser.add_argument("--threads", type=int, default=0, help="torch threads for both sides (0: default)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="limit for the mace-torch subprocess (s)")
+    parser.add_argument("--calls-per-round", type=int, default=1, metavar="K",
+                        help="each side makes K force calls back to back per round; a round's time is the median "
+                        "of calls 2..K (steady state, as in MD), K=1: the single call right after the other side's")
     parser.add_argument("--mace-tuned-malloc", action="store_true",
                         help="give mace-torch's process mlpot's allocator settings too (mlpot.models.mace.tune_malloc, "
                         "which this benchmark applies to its own process as the mlpot command does)")
@@ -344,9 +347,10 @@ SIDE_BY_SIDE_SYSTEMS = ("aspirin", "si64", "cu256", "cu864")
 #       builds a ScaleShiftMACE with random weights (torch.manual_seed(seed), float64) and writes
 #       it with scripts/export_mace.py's export() so mlpot imports the very same weights;
 #   {"cmd": "call", "key": K, "dtype": D, "threads": T, "numbers": [...], "positions": [...],
-#    "cell": [...], "pbc": [...]}  ->  {"seconds": s, "energy": e}
-#       one timed atoms.get_forces() through MACECalculator (its calculator per (key, dtype) is
-#       made on first use, outside the timing).
+#    "cell": [...], "pbc": [...], "calls": k}  ->  {"seconds": [s, ...], "energy": e}
+#       k (default 1) timed atoms.get_forces() back to back through MACECalculator (its calculator
+#       per (key, dtype) is made on first use, outside the timing); call c on the positions moved
+#       by c * 1e-4 A along x; the energy of the given positions.
 _MACE_WORKER = r"""
 import copy, json, os, sys, time
 reply, sys.stdout = sys.stdout, sys.stderr  # only protocol lines on stdout; mace-torch's prints go to stderr
@@ -394,10 +398,14 @@ for line in sys.stdin:
                                       default_dtype=job["dtype"])
         atoms = Atoms(numbers=job["numbers"], positions=job["positions"], cell=job["cell"], pbc=job["pbc"])
         atoms.calc = calcs[k]
-        t0 = time.perf_counter()
-        atoms.get_forces()
-        dt = time.perf_counter() - t0
-        print(json.dumps({"seconds": dt, "energy": float(atoms.get_potential_energy())}), file=reply, flush=True)
+        times = []
+        for c in range(job.get("calls", 1)):  # back to back, each on the structure moved by c * 1e-4 A along x
+            atoms.positions = np.asarray(job["positions"]) + [c * 1e-4, 0.0, 0.0]
+            t0 = time.perf_counter()
+            atoms.get_forces()
+            times.append(time.perf_counter() - t0)
+        atoms.positions = np.asarray(job["positions"])
+        print(json.dumps({"seconds": times, "energy": float(atoms.get_potential_energy())}), file=reply, flush=True)
     else:
         print(json.dumps({"error": "unknown command " + str(job["cmd"])}), file=reply, flush=True)
 """
@@ -487,7 +495,7 @@ def _spread(values: list[float]) -> tuple[float, float, float]:
 
 
 def side_by_side(systems, dtypes, threads, loads, repeats: int, mace_python: str, log=print,
-                 mace_passive_waits: bool = False, mace_tuned_malloc: bool = False) -> list[dict]:
+                 mace_passive_waits: bool = False, mace_tuned_malloc: bool = False, calls: int = 1) -> list[dict]:
     """Force-call time of an imported mace-torch model against mace-torch itself.
 
     For every system the mace-torch worker builds a random-weight ``ScaleShiftMACE``
@@ -528,7 +536,7 @@ def side_by_side(systems, dtypes, threads, loads, repeats: int, mace_python: str
                     for i, load in enumerate(loads):
                         with BusyProcess(load):
                             rows.append(_one_condition(atoms, base, rng, s, dtype, nthreads, load, repeats, calc,
-                                                       worker, torch, warm_up=i == 0))
+                                                       worker, torch, warm_up=i == 0, calls=calls))
                         if i:
                             rows[-1]["energy_diff_per_atom"] = rows[-2]["energy_diff_per_atom"]
                             rows[-1]["energy"] = rows[-2]["energy"]
@@ -575,27 +583,37 @@ def profile_imported(system: str, dtype: str, threads: int, mace_python: str, to
     return head + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
 
 
-def _one_condition(atoms, base, rng, s, dtype, nthreads, load, repeats, calc, worker, torch, warm_up=True) -> dict:
+def _round_time(times: list[float]) -> float:
+    """One round's time: its only call, or the median of the back-to-back calls after the first."""
+    return times[0] if len(times) == 1 else statistics.median(times[1:])
+
+
+def _one_condition(atoms, base, rng, s, dtype, nthreads, load, repeats, calc, worker, torch, warm_up=True,
+                   calls: int = 1) -> dict:
     torch.set_num_threads(nthreads)
     job = {"cmd": "call", "key": s, "dtype": dtype, "threads": nthreads, "numbers": atoms.numbers.tolist(),
            "cell": atoms.cell.array.tolist(), "pbc": atoms.pbc.tolist()}
     work = atoms.copy()
     work.calc = calc
 
-    def ours(pos):
+    def ours(pos, k=calls):
+        times = []
+        for c in range(k):  # the worker's protocol: call c on the positions moved by c * 1e-4 A along x
+            work.set_positions(pos + [c * 1e-4, 0.0, 0.0])
+            t0 = time.perf_counter()
+            work.get_forces()
+            times.append(time.perf_counter() - t0)
         work.set_positions(pos)
-        t0 = time.perf_counter()
-        work.get_forces()
-        return time.perf_counter() - t0, float(work.get_potential_energy())
+        return _round_time(times), float(work.get_potential_energy())
 
-    def theirs(pos):
-        r = worker.ask(dict(job, positions=pos.tolist()))
-        return r["seconds"], r["energy"]
+    def theirs(pos, k=calls):
+        r = worker.ask(dict(job, positions=pos.tolist(), calls=k))
+        return _round_time(r["seconds"]), r["energy"]
 
     e_ours = e_theirs = float("nan")
     if warm_up:  # untimed first call on each side (new thread count), and the energy check on identical positions
-        _, e_ours = ours(base)
-        _, e_theirs = theirs(base)
+        _, e_ours = ours(base, 1)
+        _, e_theirs = theirs(base, 1)
     t_ours, t_theirs = [], []
     for r in range(repeats):
         pos = base + 1e-3 * rng.standard_normal(base.shape)
@@ -608,7 +626,7 @@ def _one_condition(atoms, base, rng, s, dtype, nthreads, load, repeats, calc, wo
     m_ours, m_theirs = _spread(t_ours), _spread(t_theirs)
     return {
         "system": s, "atoms": len(atoms), "dtype": dtype, "threads": nthreads, "busy_processes": load,
-        "repeats": repeats, "mlpot_s": m_ours, "mace_torch_s": m_theirs, "ratio": m_ours[0] / m_theirs[0],
+        "repeats": repeats, "calls_per_round": calls, "mlpot_s": m_ours, "mace_torch_s": m_theirs, "ratio": m_ours[0] / m_theirs[0],
         "paired_ratio": statistics.median(a / b for a, b in zip(t_ours, t_theirs)),
         "energy_diff_per_atom": abs(e_ours - e_theirs) / len(atoms), "energy": e_theirs,
     }
@@ -671,6 +689,9 @@ def side_by_side_main(argv=None) -> list[dict]:
     parser.add_argument("--mace-passive-waits", action="store_true",
                         help="run mace-torch with OMP_WAIT_POLICY=PASSIVE too (default: the environment the "
                         "benchmark was started with; mlpot's entry points set PASSIVE, mlpot/threads.py)")
+    parser.add_argument("--calls-per-round", type=int, default=1, metavar="K",
+                        help="each side makes K force calls back to back per round; a round's time is the median "
+                        "of calls 2..K (steady state, as in MD), K=1: the single call right after the other side's")
     parser.add_argument("--mace-tuned-malloc", action="store_true",
                         help="give mace-torch's process mlpot's allocator settings too (mlpot.models.mace.tune_malloc, "
                         "which this benchmark applies to its own process as the mlpot command does)")
@@ -681,6 +702,8 @@ def side_by_side_main(argv=None) -> list[dict]:
         raise SystemExit(f"mace-torch python not found at {args.mace_python} (--mace-python)")
     if args.repeats < 1:
         raise SystemExit(f"--repeats must be at least 1, got {args.repeats}")
+    if args.calls_per_round < 1:
+        raise SystemExit(f"--calls-per-round must be at least 1, got {args.calls_per_round}")
     if args.profile:
         print(profile_imported(args.profile, args.dtypes.split(",")[0], int(args.threads.split(",")[0]),
                                args.mace_python))
@@ -698,13 +721,15 @@ def side_by_side_main(argv=None) -> list[dict]:
     env["malloc"] = f"mlpot {'tuned' if _malloc_tuned() else 'glibc default'}, mace-torch " + (
         "tuned" if args.mace_tuned_malloc else "glibc default")
     head = (f"# {os.cpu_count()} CPUs; torch {torch.__version__}; env {env}; load average at start "
-            f"{os.getloadavg()[0]:.1f}; {args.repeats} interleaved rounds per row; times: median (min-max) s")
+            f"{os.getloadavg()[0]:.1f}; {args.repeats} interleaved rounds per row, {args.calls_per_round} call(s) per side "
+            "per round; times: median (min-max) s")
     print(head)
     print(TABLE_HEAD)
     rows = side_by_side(systems, [d for d in args.dtypes.split(",") if d],
                         [int(t) for t in args.threads.split(",") if t], [int(b) for b in args.busy.split(",") if b],
                         args.repeats, args.mace_python, log=lambda m: print(m, flush=True),
-                        mace_passive_waits=args.mace_passive_waits, mace_tuned_malloc=args.mace_tuned_malloc)
+                        mace_passive_waits=args.mace_passive_waits, mace_tuned_malloc=args.mace_tuned_malloc,
+                        calls=args.calls_per_round)
     summary = load_summary(rows)
     total = time.perf_counter() - t_start
     tail = f"# load average at end {os.getloadavg()[0]:.1f}; total time {total:.0f} s"
