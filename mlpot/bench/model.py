@@ -266,12 +266,6 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--no-mace-torch", action="store_true", help="skip the mace-torch side")
     parser.add_argument("--threads", type=int, default=0, help="torch threads for both sides (0: default)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="limit for the mace-torch subprocess (s)")
-    parser.add_argument("--calls-per-round", type=int, default=1, metavar="K",
-                        help="each side makes K force calls back to back per round; a round's time is the median "
-                        "of calls 2..K (steady state, as in MD), K=1: the single call right after the other side's")
-    parser.add_argument("--mace-tuned-malloc", action="store_true",
-                        help="give mace-torch's process mlpot's allocator settings too (mlpot.models.mace.tune_malloc, "
-                        "which this benchmark applies to its own process as the mlpot command does)")
     parser.add_argument("--profile", metavar="SYSTEM", help="print the op profile of one mlpot force call")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     args = parser.parse_args(argv)
