@@ -5,9 +5,9 @@ from 1k atoms to the largest that fits (mlpot/bench/model_cuda.py; needs no ASE)
 """
 import sys
 
-from mlpot.threads import passive_openmp_waits
+from mlpot.threads import bounded_openmp_spin
 
-passive_openmp_waits()  # before torch loads, as the `mlpot` command does (mlpot/threads.py)
+bounded_openmp_spin()  # before torch loads, as the `mlpot` command does (mlpot/threads.py)
 
 from mlpot.bench.model import main  # noqa: E402
 from mlpot.models.mace import tune_malloc  # noqa: E402

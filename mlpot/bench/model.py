@@ -405,22 +405,36 @@ for line in sys.stdin:
 """
 
 
+def omp_setting(env) -> str:
+    """The OpenMP wait setting of an environment, as text."""
+    return ", ".join(f"{k}={env[k]}" for k in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY") if k in env) or "default"
+
+
+def mace_env(passive_waits: bool = False, tuned_malloc: bool = False) -> dict:
+    """The environment of the mace-torch worker: the one the benchmark was started with (mlpot's
+    own entry-point default removed), with ``OMP_WAIT_POLICY=PASSIVE`` on request and mlpot's
+    allocator settings on request."""
+    env = dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1")
+    env.pop("MLPOT_BENCH_MALLOPT", None)
+    if tuned_malloc:
+        from mlpot.models.mace import MALLOC_OPTIONS
+
+        env["MLPOT_BENCH_MALLOPT"] = ",".join(f"{p}:{v}" for p, v in MALLOC_OPTIONS)
+    if env.pop("MLPOT_OMP_WAIT_SET", None):  # mlpot's entry-point default (mlpot/threads.py), not the user's
+        env.pop("GOMP_SPINCOUNT", None)
+    if passive_waits:
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
+        env.pop("GOMP_SPINCOUNT", None)  # GNU OpenMP lets a spin count override PASSIVE
+    return env
+
+
 class MaceTorchWorker:
     """The mace-torch side of :func:`side_by_side`: one subprocess for the whole run."""
 
     def __init__(self, python: str, passive_waits: bool = False, tuned_malloc: bool = False):
-        env = dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1")
-        env.pop("MLPOT_BENCH_MALLOPT", None)
-        if tuned_malloc:
-            from mlpot.models.mace import MALLOC_OPTIONS
-
-            env["MLPOT_BENCH_MALLOPT"] = ",".join(f"{p}:{v}" for p, v in MALLOC_OPTIONS)
+        env = mace_env(passive_waits, tuned_malloc)
         self.malloc = "tuned" if tuned_malloc else "glibc default"
-        if env.pop("MLPOT_OMP_WAIT_SET", None):  # mlpot's entry-point default, not the user's: mace-torch
-            env.pop("OMP_WAIT_POLICY", None)      # runs in the environment the user started with
-        if passive_waits:
-            env["OMP_WAIT_POLICY"] = "PASSIVE"
-        self.omp_wait_policy = env.get("OMP_WAIT_POLICY", "default")
+        self.omp_wait_policy = omp_setting(env)
         self.proc = subprocess.Popen(
             [python, "-c", _MACE_WORKER, str(ROOT / "scripts")], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, text=True, env=env,
@@ -509,8 +523,8 @@ def side_by_side(systems, dtypes, threads, loads, repeats: int, mace_python: str
     from mlpot.models.mace_import import import_mace
 
     worker = MaceTorchWorker(mace_python, passive_waits=mace_passive_waits, tuned_malloc=mace_tuned_malloc)
-    log(f"# OpenMP wait policy: mlpot {os.environ.get('OMP_WAIT_POLICY', 'default')}, "
-        f"mace-torch {worker.omp_wait_policy}; mace-torch allocator: {worker.malloc}")
+    log(f"# OpenMP wait: mlpot {omp_setting(os.environ)}, mace-torch {worker.omp_wait_policy}; "
+        f"mace-torch allocator: {worker.malloc}")
     rows = []
     try:
         for s in systems:
@@ -681,8 +695,8 @@ def side_by_side_main(argv=None) -> list[dict]:
     parser.add_argument("--json", metavar="PATH")
     parser.add_argument("--markdown", metavar="PATH", help="also write the tables (markdown) to PATH")
     parser.add_argument("--mace-passive-waits", action="store_true",
-                        help="run mace-torch with OMP_WAIT_POLICY=PASSIVE too (default: the environment the "
-                        "benchmark was started with; mlpot's entry points set PASSIVE, mlpot/threads.py)")
+                        help="run mace-torch with OMP_WAIT_POLICY=PASSIVE (default: the environment the "
+                        "benchmark was started with; mlpot's entry points bound the spin, mlpot/threads.py)")
     parser.add_argument("--calls-per-round", type=int, default=1, metavar="K",
                         help="each side makes K force calls back to back per round; a round's time is the median "
                         "of calls 2..K (steady state, as in MD), K=1: the single call right after the other side's")
@@ -708,10 +722,9 @@ def side_by_side_main(argv=None) -> list[dict]:
             raise SystemExit(f"unknown system {s!r}; choose from {', '.join(SIDE_BY_SIDE_SYSTEMS)}")
     import torch
 
-    env = {k: os.environ[k] for k in ("OMP_NUM_THREADS", "GOMP_SPINCOUNT") if k in os.environ}
-    mace_wait = "PASSIVE" if args.mace_passive_waits else (
-        "default" if os.environ.get("MLPOT_OMP_WAIT_SET") else os.environ.get("OMP_WAIT_POLICY", "default"))
-    env["OpenMP wait policy"] = f"mlpot {os.environ.get('OMP_WAIT_POLICY', 'default')}, mace-torch {mace_wait}"
+    env = {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MLPOT_CALL_THREADS") if k in os.environ}
+    env["OpenMP wait"] = (f"mlpot {omp_setting(os.environ)}, "
+                          f"mace-torch {omp_setting(mace_env(args.mace_passive_waits))}")
     env["malloc"] = f"mlpot {'tuned' if _malloc_tuned() else 'glibc default'}, mace-torch " + (
         "tuned" if args.mace_tuned_malloc else "glibc default")
     head = (f"# {os.cpu_count()} CPUs; torch {torch.__version__}; env {env}; load average at start "

@@ -12,12 +12,16 @@ length** (``|D| < r_max``), so the model sees exactly the edges a fresh build wo
 results equal a rebuild up to the order of floating-point sums. Any change of cell, pbc,
 species or atom count forces a rebuild.
 
+Each CPU call runs with at most the threads that the machine's other runnable tasks leave cores
+for (:func:`mlpot.threads.threads_for_call`; ``MLPOT_CALL_THREADS=fixed`` keeps torch's count).
+
 The edges reach the model sorted by receiver (a stable sort, once per neighbour-list build):
 the grouped message passing (:mod:`mlpot.o3.grouped_message_passing`) then reads each node's
 edges contiguously, and in a crystal with equal in-degrees without any gather.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +49,27 @@ def resolve_dtype(dtype):
     if dtype not in _DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r}; use float32 or float64")
     return _DTYPES[dtype]
+
+
+@contextmanager
+def _call_threads(device):
+    """torch's thread count for one CPU force call: :func:`mlpot.threads.threads_for_call` (no more
+    threads than the cores other runnable tasks leave free), restored afterwards."""
+    if device.type != "cpu":
+        yield
+        return
+    from mlpot.threads import threads_for_call
+
+    requested = torch.get_num_threads()
+    n = threads_for_call(requested)
+    if n == requested:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(requested)
 
 
 def _load(model, device, dtype):
@@ -194,6 +219,26 @@ class MLPotCalculator(Calculator):
         keep = d2 < self.r_max**2
         return i[keep], j[keep], S[keep]
 
+    @staticmethod
+    def _evaluate(model, graph: dict, atomic: bool, compute_stress: bool) -> dict:
+        """One model's results for ``graph`` (numpy, float64, ASE's units and Voigt order)."""
+        if atomic:
+            out = model(dict(graph), compute_force=True, compute_stress=True, compute_atomic_stress=True)
+        else:
+            out = model(dict(graph), compute_force=True, compute_stress=compute_stress)
+        energy = float(out["energy"].detach().sum().cpu())
+        res = {
+            "energy": energy,
+            "free_energy": energy,
+            "energies": out["node_energy"].detach().cpu().double().numpy(),
+            "forces": out["forces"].detach().cpu().double().numpy(),
+        }
+        if compute_stress:
+            res["stress"] = full_3x3_to_voigt(out["stress"].detach()[0].cpu().double().numpy())
+        if atomic:
+            res["stresses"] = full_3x3_to_voigt(out["atomic_stress"].detach().cpu().double().numpy())
+        return res
+
     def _check_min_distance(self, i, j, d2) -> None:
         if self.min_distance <= 0 or len(d2) == 0:
             return
@@ -239,24 +284,8 @@ class MLPotCalculator(Calculator):
         if atomic and not periodic:
             raise PropertyNotImplementedError("per-atom stresses need a cell periodic in all three directions")
         graph = self.build_graph(atoms)
-        members = []
-        for model in self.committee or [self.model]:
-            if atomic:
-                out = model(dict(graph), compute_force=True, compute_stress=True, compute_atomic_stress=True)
-            else:
-                out = model(dict(graph), compute_force=True, compute_stress=compute_stress)
-            energy = float(out["energy"].detach().sum().cpu())
-            res = {
-                "energy": energy,
-                "free_energy": energy,
-                "energies": out["node_energy"].detach().cpu().double().numpy(),
-                "forces": out["forces"].detach().cpu().double().numpy(),
-            }
-            if compute_stress:
-                res["stress"] = full_3x3_to_voigt(out["stress"].detach()[0].cpu().double().numpy())
-            if atomic:
-                res["stresses"] = full_3x3_to_voigt(out["atomic_stress"].detach().cpu().double().numpy())
-            members.append(res)
+        with _call_threads(self.device):
+            members = [self._evaluate(model, graph, atomic, compute_stress) for model in self.committee or [self.model]]
         if self.committee is not None:
             from mlpot.calculators.committee import committee_mean_and_spread
 

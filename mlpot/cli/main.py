@@ -43,9 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mlpot.threads import passive_openmp_waits
+    from mlpot.threads import bounded_openmp_spin
 
-    passive_openmp_waits()  # before torch loads: idle OpenMP threads sleep instead of spinning (issue 14)
+    bounded_openmp_spin()  # before torch loads: idle OpenMP threads spin briefly, then sleep (mlpot/threads.py)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
