@@ -244,8 +244,9 @@ class MLPotCalculator(Calculator):
             return
         k = int(np.argmin(d2))
         if d2[k] < self.min_distance**2:
+            a, b = sorted((int(i[k]), int(j[k])))  # the same words whatever the edge order
             raise DataError(
-                f"atoms {int(i[k])} and {int(j[k])} are {np.sqrt(d2[k]):.3g} Å apart (closer than "
+                f"atoms {a} and {b} are {np.sqrt(d2[k]):.3g} Å apart (closer than "
                 f"min_distance {self.min_distance} Å)"
             )
 
