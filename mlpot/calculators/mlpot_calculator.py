@@ -197,9 +197,10 @@ class MLPotCalculator(Calculator):
             )
             # edges grouped by receiver (stable): the message passing reads them in that order
             # (mlpot.o3.grouped_message_passing; with equal in-degrees it needs no gather at all)
-            order = np.argsort(j.numpy(), kind="stable")
+            i, j, S = i.numpy(), j.numpy(), S.numpy()
+            order = np.argsort(j, kind="stable")
             self._nl = {
-                "i": i.numpy()[order], "j": j.numpy()[order], "S": S.numpy()[order],
+                "i": i[order], "j": j[order], "S": S[order],
                 "positions": atoms.positions.copy(), "numbers": atoms.numbers.copy(),
                 "cell": cell.copy(), "pbc": pbc.copy(),
             }

@@ -672,12 +672,15 @@ class _JacobianPlan:
                 a = parent[a]
             return a
 
+        touched = set()  # the Jacobian rows and monomials with a nonzero entry
         for (m, i), (d, k) in sorted(derivs.items()):
             src.append(row_of[m])
             dst.append(i * self.Q + q_of[d])
             coef.append(k)
+            col = K * D + q_of[d]
             for kk in torch.nonzero(row_used[:, row_of[m]]).flatten().tolist():
-                parent[find(kk * D + i)] = find(K * D + q_of[d])
+                parent[find(kk * D + i)] = find(col)
+                touched |= {kk * D + i, col}
         self.src = torch.tensor(src, dtype=torch.long, device=device)
         self.dst = torch.tensor(dst, dtype=torch.long, device=device)
         self.coef = torch.tensor(coef, dtype=torch.float64, device=device)
@@ -687,14 +690,12 @@ class _JacobianPlan:
         self.fdst = torch.tensor([m[-1] * self.Q + q_of[m[:-1]] for m in rows if m in used], dtype=torch.long,
                                  device=device)
         comps: dict[int, tuple[list, list]] = {}
-        touched = {K * D + q_of[d] for d, _ in derivs.values()} | {
-            kk * D + i for (m, i) in derivs for kk in torch.nonzero(row_used[:, row_of[m]]).flatten().tolist()}
         for node in sorted(touched):
             rows_b, cols_b = comps.setdefault(find(node), ([], []))
             (rows_b if node < K * D else cols_b).append(node if node < K * D else node - K * D)
         #: per block: Jacobian rows (flat ``K * D + i``) and monomial columns, both sorted
         self.blocks = [(torch.tensor(r, dtype=torch.long, device=device), torch.tensor(c, dtype=torch.long, device=device))
-                       for r, c in comps.values() if r and c]
+                       for r, c in comps.values()]
         #: the basis rows block by block (each block's monomials a contiguous slice)
         self.perm = torch.cat([c for _, c in self.blocks]) if self.blocks else torch.zeros(0, dtype=torch.long)
         ends = torch.cumsum(torch.tensor([len(c) for _, c in self.blocks] or [0]), 0).tolist()
@@ -728,9 +729,9 @@ class _JacobianPlan:
             })
         return self._dev[1]
 
-    def basis(self, x_c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def basis(self, x_c: torch.Tensor) -> torch.Tensor:
         """``x_c (C, D, n)`` -> the monomials ``(C, Q, n)`` (1, x, then each level from the one
-        below) and the same rows in block order (:attr:`slices`)."""
+        below), in block order (:attr:`slices`)."""
         C, D, n = x_c.shape
         idx = self.on(x_c.device)
         buf = x_c.new_empty(C, self.Q, n)
@@ -741,10 +742,10 @@ class _JacobianPlan:
             for par, last, r in zip(idx["parents"], idx["lasts"], self.sizes[1:]):
                 torch.mul(buf.index_select(1, par), buf.index_select(1, last), out=buf[:, off : off + r])
                 off += r
-        return buf, buf.index_select(1, idx["perm"])
+        return buf.index_select(1, idx["perm"])
 
 def _jacobian_chunks(x, counts, plan, K: int, kept=None, chunk_bytes: int = 8 << 20):
-    """``(species, a, b, (basis, block-ordered basis))`` over node chunks of one species each;
+    """``(species, a, b, basis)`` over node chunks of one species each (:meth:`_JacobianPlan.basis`);
     ``kept``: the bases of an earlier pass over the same chunks (else built here)."""
     N, C, D = x.shape
     step = max(1, chunk_bytes // max(1, C * (K * D + 2 * plan.Q) * x.element_size()))
@@ -765,10 +766,10 @@ def _sc_forward_jacobian(x, counts, jacobian, K: int, keep: list | None = None):
     N, C, D = x.shape
     out = x.new_zeros(N, C, K)
     rows = plan.on(x.device)["rows"]
-    for s, a, b, (basis, ordered) in _jacobian_chunks(x, counts, plan, K):
+    for s, a, b, ordered in _jacobian_chunks(x, counts, plan, K):
         if keep is not None:
-            keep.append((basis, ordered))
-        x_c = basis[:, 1 : 1 + D] if plan.sizes else x[a:b].permute(1, 2, 0)  # (C, D, n)
+            keep.append(ordered)
+        x_c = x[a:b].permute(1, 2, 0)  # (C, D, n)
         out_c = out[a:b].permute(1, 2, 0)  # (C, K, n), a view: written in place
         for Fb, sl, (k_of, i_of) in zip(table(s)[0], plan.slices, rows):
             P = torch.bmm(Fb, ordered[:, sl])  # (C, rows_b, n)
@@ -783,7 +784,7 @@ def _sc_backward_jacobian(g, x, counts, jacobian, kept=None):
     K = g.shape[2]
     gx = x.new_zeros(N, C, D)
     rows = plan.on(x.device)["rows"]
-    for s, a, b, (_, ordered) in _jacobian_chunks(x, counts, plan, K, kept):
+    for s, a, b, ordered in _jacobian_chunks(x, counts, plan, K, kept):
         gc = g[a:b].permute(1, 2, 0)  # (C, K, n)
         gx_c = gx[a:b].permute(1, 2, 0)  # (C, D, n), a view: written in place
         for Tb, sl, (k_of, i_of) in zip(table(s)[1], plan.slices, rows):
@@ -807,7 +808,7 @@ class _SymmetricContractionFn(torch.autograd.Function):
         small = rows * x.shape[0] * x.shape[1] * x.element_size() <= _SymmetricContractionFn.keep_bytes
         if not T.requires_grad:  # constant weights (inference): the Jacobian's basis and blocks
             Q = meta[6][0].Q
-            keep = [] if 2 * Q * x.shape[0] * x.shape[1] * x.element_size() <= _SymmetricContractionFn.keep_bytes else None
+            keep = [] if Q * x.shape[0] * x.shape[1] * x.element_size() <= _SymmetricContractionFn.keep_bytes else None
             ctx.kept, ctx.bases = None, keep
             return _sc_forward_jacobian(x, counts, meta[6], K, keep)
         keep = [] if small else None  # the monomials, for a backward without a graph
