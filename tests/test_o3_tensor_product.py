@@ -89,9 +89,12 @@ def test_message_passing_and_gradients(irreps_in, lmax, target, grouping, monkey
     b = torch.zeros(N, ref.irreps_out.dim, dtype=torch.float64).index_add(0, rcv, ref(x[snd], y, w))
     torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
     cot = torch.randn_like(a)
+    # without a graph (inference: the grouped backward reuses the forward's chunks and products)
+    g0 = torch.autograd.grad((tp.message_passing(x, _sh_geometry(y), w, snd, rcv, N) * cot).sum(), [x, y, w])
     ga = torch.autograd.grad((a * cot).sum(), [x, y, w], create_graph=True)
     gb = torch.autograd.grad((b * cot).sum(), [x, y, w], create_graph=True)
-    for p, q in zip(ga, gb):
+    for p0, p, q in zip(g0, ga, gb):
+        torch.testing.assert_close(p0, q, atol=1e-10, rtol=0)
         torch.testing.assert_close(p, q, atol=1e-10, rtol=0)
     # second order: a scalar function of the gradients (what force training differentiates)
     ha = sum((p * torch.cos(p)).sum() for p in ga)

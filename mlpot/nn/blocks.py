@@ -85,16 +85,27 @@ class _ChannelLastLinear:
             woff += mi * mo
         for j, (mul, ir) in enumerate(irreps_out):
             fan = sum(mi for _, _, mi, _ in per_out[j])
-            self.blocks.append((ir.dim, mul, per_out[j], fan ** -0.5 if fan else 1.0))
+            # rows of x read by the block, component-major: (a, term), so that the gathered
+            # (N, d * terms, U) is (N, d, terms * U) without a copy
+            rows = torch.tensor([k0 + a for a in range(ir.dim) for k0, _, _, _ in per_out[j]], dtype=torch.long)
+            self.blocks.append((ir.dim, mul, per_out[j], fan ** -0.5 if fan else 1.0, rows))
+        self._rows_dev = {}
+
+    def _rows(self, rows: torch.Tensor, device) -> torch.Tensor:
+        key = (id(rows), str(device))
+        if key not in self._rows_dev:
+            self._rows_dev[key] = rows.to(device)
+        return self._rows_dev[key]
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, scale: float) -> torch.Tensor:
         N = x.shape[0]
         outs = []
-        for d, mul, terms, alpha in self.blocks:
+        for d, mul, terms, alpha, rows in self.blocks:
             if not terms:
                 outs.append(x.new_zeros(N, mul, d))
                 continue
-            xs = torch.cat([x[:, k0 : k0 + d] for k0, _, _, _ in terms], dim=-1)  # (N, d, sum mul_in)
+            # (N, d, sum mul_in): one gather (its backward one scatter, not a zero-filled input per slice)
+            xs = x.index_select(1, self._rows(rows, x.device)).view(N, d, -1)
             W = torch.cat([weight[w0 : w0 + mi * mo].view(mi, mo) for _, w0, mi, mo in terms], dim=0)
             outs.append((xs @ (W * (alpha * scale))).transpose(1, 2))  # (N, mul, d)
         return torch.cat(outs, dim=-1)

@@ -205,20 +205,26 @@ def _component_major(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(0, 1).reshape(-1, x.shape[-1])
 
 
-def grouped_forward(plan, groups: ReceiverGroups, x, Y, w, C, inplace: bool) -> torch.Tensor:
-    """``x (N, A, U)``, ``Y (E, B)``, ``w (E, P, U)`` -> ``(num_nodes, K, U)``."""
+def grouped_forward(plan, groups: ReceiverGroups, x, Y, w, C, inplace: bool, keep: list | None = None) -> torch.Tensor:
+    """``x (N, A, U)``, ``Y (E, B)``, ``w (E, P, U)`` -> ``(num_nodes, K, U)``. ``keep``: if a
+    list, receives every chunk and its per-path products ``z`` for the backward."""
     D, U = groups.D, x.shape[-1]
     xt = _component_major(x)
     out = x.new_empty(groups.num_nodes, plan.K, U) if inplace else None
-    zbuf = x.new_empty(groups.chunk_slots() * max(A for *_, A, _ in plan.paths) * U) if inplace else None
+    reuse = inplace and keep is None
+    zbuf = x.new_empty(groups.chunk_slots() * max(A for *_, A, _ in plan.paths) * U) if reuse else None
     rows = []
     for n0, n1 in groups.chunks():
         ch = _Chunk(plan, groups, xt, Y, w, C, n0, n1)
         c = ch.c
         parts = []
+        zs = []
+        if keep is not None:
+            keep.append((ch, zs))
         for p, k0, d, a0, A, off in plan.paths:
             xsp, wp = ch.inputs(p, a0)
-            z = torch.mul(xsp, wp, out=zbuf[: c * A * D * U].view(c, A, D, U)) if inplace else xsp * wp
+            z = torch.mul(xsp, wp, out=zbuf[: c * A * D * U].view(c, A, D, U)) if reuse else xsp * wp
+            zs.append(z)
             m = torch.bmm(ch.matrices(p, d, A), z.view(c, A * D, U))
             if inplace:
                 out[n0:n1, k0 : k0 + d] = m
@@ -231,8 +237,10 @@ def grouped_forward(plan, groups: ReceiverGroups, x, Y, w, C, inplace: bool) -> 
     return torch.cat(rows) if rows else x.new_zeros(groups.num_nodes, plan.K, U)
 
 
-def grouped_backward(plan, groups: ReceiverGroups, g, x, Y, w, C, need_x, need_Y, need_w, inplace: bool):
-    """Gradients ``(gx, gY, gw)`` (None where not needed) of :func:`grouped_forward` for ``g (N, K, U)``."""
+def grouped_backward(plan, groups: ReceiverGroups, g, x, Y, w, C, need_x, need_Y, need_w, inplace: bool,
+                     kept: list | None = None):
+    """Gradients ``(gx, gY, gw)`` (None where not needed) of :func:`grouped_forward` for ``g (N, K, U)``.
+    ``kept``: the forward's chunks and products (no graph through them: only with ``inplace``)."""
     N, D, U, S = groups.num_nodes, groups.D, x.shape[-1], groups.num_nodes * groups.D
     Atot, P = x.shape[1], w.shape[1]
     xt = _component_major(x)
@@ -243,15 +251,15 @@ def grouped_backward(plan, groups: ReceiverGroups, g, x, Y, w, C, need_x, need_Y
     gT_nodes = (x.new_empty(N, C.shape[1], D) if inplace else []) if need_Y else None
     Amax = max(A for *_, A, _ in plan.paths)
     buf = x.new_empty(2, groups.chunk_slots() * Amax * U) if inplace else None
-    for n0, n1 in groups.chunks():
-        ch = _Chunk(plan, groups, xt, Y, w, C, n0, n1)
+    for i_chunk, (n0, n1) in enumerate(groups.chunks()):
+        ch, zs = kept[i_chunk] if kept is not None else (_Chunk(plan, groups, xt, Y, w, C, n0, n1), None)
         c = ch.c
         gps = g[n0:n1].split([d for _, _, d, *_ in plan.paths], dim=1)  # plan.paths: consecutive rows
         gxs = torch.zeros_like(ch.xs) if (need_x and inplace) else None
         gwn = gw_slots[n0 * D : n1 * D].view(c, D, P, U) if (need_w and inplace) else None
         gT = gT_nodes[n0:n1] if (need_Y and inplace) else None
         gx_rows, gw_cols, gT_rows = {}, [], []
-        for p, k0, d, a0, A, off in plan.paths:
+        for i_path, (p, k0, d, a0, A, off) in enumerate(plan.paths):
             Mn, gp = ch.matrices(p, d, A), gps[p]
             xsp, wp = ch.inputs(p, a0)
             if need_x or need_w:
@@ -260,7 +268,10 @@ def grouped_backward(plan, groups: ReceiverGroups, g, x, Y, w, C, need_x, need_Y
                 gw_out = gwn[:, :, p] if (need_w and inplace) else None
                 split_input_grad(gz, xsp, wp, a0, need_w, need_x, inplace, gw_out, gxs, gw_cols, gx_rows)
             if need_Y:
-                if inplace:
+                if zs is not None:
+                    z = zs[i_path]
+                    gT[:, off : off + d * A].view(c, d, A * D).copy_(torch.bmm(gp, z.view(c, A * D, U).transpose(1, 2)))
+                elif inplace:
                     z = torch.mul(xsp, wp, out=buf[1, : c * A * D * U].view(c, A, D, U))
                     gT[:, off : off + d * A].view(c, d, A * D).copy_(torch.bmm(gp, z.view(c, A * D, U).transpose(1, 2)))
                 else:
@@ -294,11 +305,18 @@ def grouped_backward(plan, groups: ReceiverGroups, g, x, Y, w, C, need_x, need_Y
 class GroupedMessagePassing(torch.autograd.Function):
     """:func:`grouped_forward` with the hand-written, recomputing :func:`grouped_backward`."""
 
+    #: keep the forward's chunks and per-path products for a backward without a graph when they
+    #: take less than this (bytes)
+    keep_bytes = 32 << 20
+
     @staticmethod
     def forward(ctx, x, Y, w, C, plan, groups, nodes):
         ctx.save_for_backward(x, Y, w, C)
         ctx.plan, ctx.groups, ctx.nodes = plan, groups, nodes
-        return grouped_forward(plan, groups, x, Y, w, C, inplace=True)
+        size = groups.num_nodes * groups.D * x.shape[-1] * x.element_size() * (
+            sum(A for *_, A, _ in plan.paths) + 2 * x.shape[1] + w.shape[1])
+        ctx.kept = [] if any(ctx.needs_input_grad[:3]) and size <= GroupedMessagePassing.keep_bytes else None
+        return grouped_forward(plan, groups, x, Y, w, C, inplace=True, keep=ctx.kept)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -306,7 +324,10 @@ class GroupedMessagePassing(torch.autograd.Function):
         need_x, need_Y, need_w = (needed(f, n) for f, n in zip(ctx.needs_input_grad[:3], ctx.nodes))
         if ctx.needs_input_grad[3]:
             raise RuntimeError("ChannelwiseTensorProduct: no gradient w.r.t. the CG coefficients")
+        inplace = not torch.is_grad_enabled()
+        kept, ctx.kept = ctx.kept, None  # (computed without a graph: not for a differentiable backward)
         gx, gY, gw = grouped_backward(
-            ctx.plan, ctx.groups, grad_out, x, Y, w, C, need_x, need_Y, need_w, inplace=not torch.is_grad_enabled()
+            ctx.plan, ctx.groups, grad_out, x, Y, w, C, need_x, need_Y, need_w, inplace=inplace,
+            kept=kept if inplace else None,
         )
         return gx, gY, gw, None, None, None, None

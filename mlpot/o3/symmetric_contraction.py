@@ -405,18 +405,23 @@ class SymmetricContraction(ProductBasis):
             out.append(torch.cat(blocks, dim=2) if len(blocks) > 1 else blocks[0])
         return torch.cat(out, dim=3) if len(out) > 1 else out[0]
 
-    def _jacobian_table(self, T: torch.Tensor, s: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """:meth:`_JacobianPlan.table` of species ``s``; cached per species in eval mode (only the
-        species a call meets are built: a many-element model keeps a few tables, not all)."""
+    def _jacobian_table(self, T: torch.Tensor, species: tuple) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """:meth:`_JacobianPlan.table` of the species batch ``species`` (their channels stacked,
+        species-major); cached per batch in eval mode (only the batches a call meets are built:
+        a many-element model keeps a few tables, not all)."""
+        def build():
+            Ts = T[species[0]] if len(species) == 1 else T.index_select(0, torch.tensor(species, device=T.device))
+            return self._jacobian.table(Ts.reshape(-1, *T.shape[2:]))
+
         if self.training:
-            return self._jacobian.table(T[s])
+            return build()
         from mlpot.nn.cache import cached_on_weights
 
         tables = cached_on_weights(self, "_jacobian_cache", lambda dtype, device: {}, T.dtype, T.device)
-        if s not in tables:
+        if species not in tables:
             with torch.no_grad():
-                tables[s] = self._jacobian.table(T[s])
-        return tables[s]
+                tables[species] = build()
+        return tables[species]
 
     def _index_plan(self, device):
         key = str(device)
@@ -661,6 +666,17 @@ class _JacobianPlan:
                       for deg in range(2, nu_max)]
         self.Q = len(q_of)
         self.D = D
+        # the basis rows of the groups are built as products of two rows of the lower levels
+        # (degrees <= low: 1, x and, at correlation 4, the squares): a row of degree <= low is
+        # itself times 1, a top-degree row its prefix times its last factor
+        low = min(max(1, nu_max - 2), nu_max - 1)
+        self.low_rows = 1 + sum(self.sizes[:low])
+        self.low_levels = max(0, low - 1)  # levels of degree >= 2 in the lower rows
+        pre, fac = list(range(self.Q)), [0] * self.Q
+        for m, q in q_of.items():
+            if len(m) > low:
+                pre[q], fac[q] = q_of[m[:-1]], q_of[m[-1:]]
+        self._pre, self._fac = torch.tensor(pre, dtype=torch.long), torch.tensor(fac, dtype=torch.long)
         row_of = {m: r for r, m in enumerate(rows)}
         src, dst, coef = [], [], []
         K = row_used.shape[0]
@@ -694,103 +710,189 @@ class _JacobianPlan:
             rows_b, cols_b = comps.setdefault(find(node), ([], []))
             (rows_b if node < K * D else cols_b).append(node if node < K * D else node - K * D)
         #: per block: Jacobian rows (flat ``K * D + i``) and monomial columns, both sorted
-        self.blocks = [(torch.tensor(r, dtype=torch.long, device=device), torch.tensor(c, dtype=torch.long, device=device))
-                       for r, c in comps.values()]
-        #: the basis rows block by block (each block's monomials a contiguous slice)
-        self.perm = torch.cat([c for _, c in self.blocks]) if self.blocks else torch.zeros(0, dtype=torch.long)
-        ends = torch.cumsum(torch.tensor([len(c) for _, c in self.blocks] or [0]), 0).tolist()
-        self.slices = [slice(e - len(c), e) for e, (_, c) in zip(ends, self.blocks)]
+        self.blocks = [(r, c) for r, c in comps.values()]
+        self.K = K
+        self.groups = self._group_blocks(device)
+
+    #: cost model of one group's batched product, in multiply-adds per channel (measured with
+    #: ``torch.bmm`` on one CPU core): a fixed cost per call, a fixed cost per matrix, and products
+    #: of fewer than 400 multiply-adds per matrix (torch's unblocked loop) cost this many times more
+    group_cost = {"call": 2000, "matrix": 1800, "nodes": 16, "small": 400, "small_factor": 20}
+
+    def _group_blocks(self, device) -> list[dict]:
+        """The blocks in groups of similar shape, each group one batched matrix product.
+
+        The blocks sorted by size are cut into runs that minimise :attr:`group_cost` (padded
+        to the largest rows x columns of the run): many small matrices cost more per matrix than
+        their products, so MACE's ``0e + 1o`` output at correlation 3 (8 blocks) runs as 2
+        groups and its ``0e`` output as 2. Per group: ``r, c`` (padded shape), ``table_index``
+        (the entries of the padded ``(K D + 1, Q + 1)`` table, whose last row and column are
+        zero), ``cols`` (basis rows, padding -> the constant monomial, which meets a zero
+        column), ``k, i`` of every row (padding -> 0, a zero row)."""
+        KD, Q, D = self.K * self.D, self.Q, self.D
+        order = sorted(self.blocks, key=lambda b: (-len(b[1]), -len(b[0])))
+        cost = self.group_cost
+
+        def run_cost(i, j):  # blocks order[i:j] as one group
+            r, c = max(len(b[0]) for b in order[i:j]), max(len(b[1]) for b in order[i:j])
+            fma = r * c * cost["nodes"]
+            per = cost["matrix"] + fma * (cost["small_factor"] if fma < cost["small"] else 1)
+            return cost["call"] + (j - i) * per
+
+        best, cut = [0.0] + [float("inf")] * len(order), [0] * (len(order) + 1)
+        for j in range(1, len(order) + 1):
+            for i in range(j):
+                if best[i] + run_cost(i, j) < best[j]:
+                    best[j], cut[j] = best[i] + run_cost(i, j), i
+        members, j = [], len(order)
+        while j > 0:
+            members.insert(0, order[cut[j]:j])
+            j = cut[j]
+        groups = []
+        for blks in members:
+            r, c = max(len(b[0]) for b in blks), max(len(b[1]) for b in blks)
+            rows = torch.full((len(blks), r), KD, dtype=torch.long)
+            cols = torch.full((len(blks), c), Q, dtype=torch.long)
+            for j, (rb, cb) in enumerate(blks):
+                rows[j, : len(rb)] = torch.tensor(rb, dtype=torch.long)
+                cols[j, : len(cb)] = torch.tensor(cb, dtype=torch.long)
+            real = rows < KD
+            groups.append({
+                "r": r, "c": c,
+                "table_index": (rows[:, :, None] * (Q + 1) + cols[:, None, :]).reshape(-1).to(device),
+                "pre": self._pre[torch.where(cols < Q, cols, 0)].reshape(-1).to(device),
+                "fac": self._fac[torch.where(cols < Q, cols, 0)].reshape(-1).to(device),
+                "k": torch.where(real, rows // D, 0).reshape(-1).to(device),
+                "i": torch.where(real, rows % D, 0).reshape(-1).to(device),
+            })
+        return groups
 
     def table(self, Ts: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """``T_s (C, K, R)`` of one species -> ``(F, T')``, each a list of ``(C, rows_b, cols_b)``
-        blocks: :math:`F_{(K, i), q}` gives the output, :math:`B_K = \sum_i x_i \sum_q F_{(K, i), q} m_q`
+        """``T (C', K, R)`` (``C'`` = species x channels of a batch) -> ``(F, T')``, each a list of
+        ``(C' * B_g, r_g, c_g)`` padded block tables per group (:meth:`_group_blocks`):
+        :math:`F_{(K, i), q}` gives the output, :math:`B_K = \sum_i x_i \sum_q F_{(K, i), q} m_q`
         (every monomial row written once as :math:`x_{last} \cdot m_{prefix}`), :math:`T'` the Jacobian."""
-        C, K, R = Ts.shape
+        Cp, K, R = Ts.shape
         dev = Ts.device
         out = []
         for src, dst, coef in ((self.fsrc, self.fdst, None), (self.src, self.dst, self.coef)):
-            flat = Ts.reshape(C * K, R).index_select(1, src.to(dev))
+            flat = Ts.reshape(Cp * K, R).index_select(1, src.to(dev))
             if coef is not None:
                 flat = flat * coef.to(Ts)
-            full = Ts.new_zeros(C * K, self.D * self.Q).index_add_(1, dst.to(dev), flat).reshape(C, K * self.D, self.Q)
-            out.append([full.index_select(1, r.to(dev)).index_select(2, c.to(dev)).contiguous() for r, c in self.blocks])
+            full = Ts.new_zeros(Cp * K, self.D * self.Q).index_add_(1, dst.to(dev), flat).reshape(Cp, K * self.D, self.Q)
+            full = torch.nn.functional.pad(full, (0, 1, 0, 1)).reshape(Cp, -1)  # zero last row and column
+            out.append([full.index_select(1, g["table_index"].to(dev)).view(-1, g["r"], g["c"]) for g in self.groups])
         return out[0], out[1]
 
     def on(self, device) -> dict:
-        """The index tensors on ``device`` (cached): ``parents``, ``lasts``, ``perm`` and per block
-        ``(K of each row, i of each row)``."""
+        """The index tensors on ``device`` (cached): ``parents``, ``lasts`` and ``groups``."""
         key = str(device)
         if getattr(self, "_dev", (None,))[0] != key:
-            D = self.D
             self._dev = (key, {
                 "parents": [t.to(device) for t in self.parents], "lasts": [t.to(device) for t in self.lasts],
-                "perm": self.perm.to(device),
-                "rows": [(torch.div(r, D, rounding_mode="floor").to(device), (r % D).to(device)) for r, _ in self.blocks],
+                "groups": [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in g.items()} for g in self.groups],
             })
         return self._dev[1]
 
-    def basis(self, x_c: torch.Tensor) -> torch.Tensor:
-        """``x_c (C, D, n)`` -> the monomials ``(C, Q, n)`` (1, x, then each level from the one
-        below), in block order (:attr:`slices`)."""
+    def basis(self, x_c: torch.Tensor) -> list[torch.Tensor]:
+        """``x_c (C', D, n)`` -> the monomials of every group of blocks, ``(C' * B_g, c_g, n)``
+        each: the lower rows (1, x, then each level from the one below, up to degree
+        ``max(1, correlation - 2)``), and each group's rows as products of two of them."""
         C, D, n = x_c.shape
         idx = self.on(x_c.device)
-        buf = x_c.new_empty(C, self.Q, n)
+        buf = x_c.new_empty(C, self.low_rows, n)
         buf[:, 0].fill_(1)
-        if self.sizes:  # correlation > 1 (else the Jacobian is constant)
+        if self.low_rows > 1:  # correlation > 1 (else the Jacobian is constant)
             buf[:, 1 : 1 + D] = x_c
             off = 1 + D
-            for par, last, r in zip(idx["parents"], idx["lasts"], self.sizes[1:]):
+            for par, last, r in list(zip(idx["parents"], idx["lasts"], self.sizes[1:]))[: self.low_levels]:
                 torch.mul(buf.index_select(1, par), buf.index_select(1, last), out=buf[:, off : off + r])
                 off += r
-        return buf.index_select(1, idx["perm"])
+        return [torch.mul(buf.index_select(1, g["pre"]), buf.index_select(1, g["fac"])).view(-1, g["c"], n)
+                for g in idx["groups"]]
 
-def _jacobian_chunks(x, counts, plan, K: int, kept=None, chunk_bytes: int = 8 << 20):
-    """``(species, a, b, basis)`` over node chunks of one species each (:meth:`_JacobianPlan.basis`);
-    ``kept``: the bases of an earlier pass over the same chunks (else built here)."""
+
+#: species are padded to a common node count and run as one batch when that adds at most this
+#: fraction of nodes (or the batch is this small anyway); else one species at a time
+SPECIES_BATCH_PADDING, SPECIES_BATCH_SMALL = 1.5, 64
+
+
+def _jacobian_items(counts: list[int], step: int, device) -> list[tuple]:
+    """Work items of the Jacobian path over the species-sorted nodes, at most ``step`` nodes each.
+
+    ``(species, a, b, None, None)``: nodes ``a:b``, all of one species (read as a slice);
+    ``(species, w, 0, gather, (pos, nodes))``: ``len(species)`` species padded to ``w`` nodes each,
+    ``gather`` the node of every padded slot (padding repeats a node of its species), ``pos`` the
+    filled slots and ``nodes`` their nodes."""
+    present = [s for s, n in enumerate(counts) if n > 0]
+    starts = [sum(counts[:s]) for s in range(len(counts))]
+    items = []
+    if not present:
+        return items
+    widest = max(counts[s] for s in present)
+    padded = len(present) * widest
+    if len(present) > 1 and (padded <= SPECIES_BATCH_PADDING * sum(counts) or padded <= SPECIES_BATCH_SMALL):
+        wstep = max(1, step // len(present))
+        for j0 in range(0, widest, wstep):
+            w = min(wstep, widest - j0)
+            t = torch.arange(w, device=device)
+            gather, pos, nodes = [], [], []
+            for b, s in enumerate(present):
+                filled = max(0, min(w, counts[s] - j0))
+                node = starts[s] + j0 + t
+                gather.append(torch.where(t < filled, node, starts[s]))
+                pos.append(b * w + t[:filled])
+                nodes.append(node[:filled])
+            items.append((tuple(present), w, 0, torch.cat(gather), (torch.cat(pos), torch.cat(nodes))))
+        return items
+    for s in present:
+        for a in range(starts[s], starts[s] + counts[s], step):
+            items.append(((s,), a, min(a + step, starts[s] + counts[s]), None, None))
+    return items
+
+
+def _jacobian_step(x: torch.Tensor, plan, chunk_bytes: int = 8 << 20) -> int:
+    """Nodes per work item: the item's basis and tables stay within ``chunk_bytes``."""
+    C = x.shape[1]
+    return max(1, chunk_bytes // max(1, C * (plan.K * plan.D + 2 * plan.Q) * x.element_size()))
+
+
+def _jacobian_pass(x, src, counts, jacobian, out_dim: int, items, bases=None, keep=None):
+    r"""One pass of :class:`_JacobianPlan` over the nodes: the forward (``src`` None:
+    :math:`B_K = \sum_i x_i (F m)_{(K, i)}`, ``(N, C, K)``) or the input gradient (``src = g``:
+    :math:`\partial x_i = \sum_K g_K (T' m)_{(K, i)}`, ``(N, C, D)``); one batched product per
+    group of blocks and work item (:func:`_jacobian_items`), species of an item batched with the
+    channels. ``bases``: the forward's per-item bases, else built here (and appended to ``keep``)."""
+    plan, tables = jacobian
     N, C, D = x.shape
-    step = max(1, chunk_bytes // max(1, C * (K * D + 2 * plan.Q) * x.element_size()))
-    start, i = 0, 0
-    for s, n_s in enumerate(counts):
-        for a in range(start, start + n_s, step):
-            b = min(a + step, start + n_s)
-            yield s, a, b, (kept[i] if kept is not None else plan.basis(x[a:b].permute(1, 2, 0)))
-            i += 1
-        start += n_s
-
-
-def _sc_forward_jacobian(x, counts, jacobian, K: int, keep: list | None = None):
-    """:func:`_sc_forward` on the Jacobian's basis (constant weights: inference): per block
-    :math:`P = F_b\, m` and :math:`B_K \mathrel{+}= \sum_{i} x_i P_{(K, i)}`. ``keep``: if a
-    list, receives the bases for the backward."""
-    plan, table = jacobian
-    N, C, D = x.shape
-    out = x.new_zeros(N, C, K)
-    rows = plan.on(x.device)["rows"]
-    for s, a, b, ordered in _jacobian_chunks(x, counts, plan, K):
+    forward = src is None
+    src = x if forward else src
+    out = x.new_zeros(N, C, out_dim)
+    groups = plan.on(x.device)["groups"]
+    for it, (species, a, b, gather, placed) in enumerate(items):
+        if gather is None:  # one species, nodes a:b: views
+            x_c, s_c = x[a:b].permute(1, 2, 0), src[a:b].permute(1, 2, 0)  # (C, ., n)
+            acc = out[a:b].permute(1, 2, 0)  # written in place
+        else:  # species padded to w = a nodes each, channels of all species in one batch
+            def batch(t):
+                return t.index_select(0, gather).view(len(species), a, C, -1).permute(0, 2, 3, 1).reshape(-1, t.shape[2], a)
+            x_c = batch(x)
+            s_c = x_c if forward else batch(src)
+            acc = x.new_zeros(x_c.shape[0], out_dim, a)
+        basis = bases[it] if bases is not None else plan.basis(x_c)
         if keep is not None:
-            keep.append(ordered)
-        x_c = x[a:b].permute(1, 2, 0)  # (C, D, n)
-        out_c = out[a:b].permute(1, 2, 0)  # (C, K, n), a view: written in place
-        for Fb, sl, (k_of, i_of) in zip(table(s)[0], plan.slices, rows):
-            P = torch.bmm(Fb, ordered[:, sl])  # (C, rows_b, n)
-            out_c.index_add_(1, k_of, P.mul_(x_c.index_select(1, i_of)))
+            keep.append(basis)
+        tabs = tables(species)[0 if forward else 1]
+        n = x_c.shape[2]
+        for g, tab, m in zip(groups, tabs, basis):
+            P = torch.bmm(tab, m).view(x_c.shape[0], -1, n)  # (C', B_g * r_g, n)
+            take, put = (g["i"], g["k"]) if forward else (g["k"], g["i"])
+            acc.index_add_(1, put, P.mul_(s_c.index_select(1, take)))
+        if gather is not None:
+            pos, nodes = placed
+            rows = acc.view(len(species), C, out_dim, a).permute(0, 3, 1, 2).reshape(-1, C, out_dim)
+            out.index_copy_(0, nodes, rows.index_select(0, pos))
     return out
-
-
-def _sc_backward_jacobian(g, x, counts, jacobian, kept=None):
-    """The input gradient of :func:`_sc_forward` by :class:`_JacobianPlan` (no graph: inference)."""
-    plan, table = jacobian
-    N, C, D = x.shape
-    K = g.shape[2]
-    gx = x.new_zeros(N, C, D)
-    rows = plan.on(x.device)["rows"]
-    for s, a, b, ordered in _jacobian_chunks(x, counts, plan, K, kept):
-        gc = g[a:b].permute(1, 2, 0)  # (C, K, n)
-        gx_c = gx[a:b].permute(1, 2, 0)  # (C, D, n), a view: written in place
-        for Tb, sl, (k_of, i_of) in zip(table(s)[1], plan.slices, rows):
-            J = torch.bmm(Tb, ordered[:, sl])  # (C, rows_b, n)
-            gx_c.index_add_(1, i_of, J.mul_(gc.index_select(1, k_of)))
-    return gx
 
 
 class _SymmetricContractionFn(torch.autograd.Function):
@@ -809,8 +911,9 @@ class _SymmetricContractionFn(torch.autograd.Function):
         if not T.requires_grad:  # constant weights (inference): the Jacobian's basis and blocks
             Q = meta[6][0].Q
             keep = [] if Q * x.shape[0] * x.shape[1] * x.element_size() <= _SymmetricContractionFn.keep_bytes else None
+            ctx.items = _jacobian_items(counts, _jacobian_step(x, meta[6][0]), x.device)
             ctx.kept, ctx.bases = None, keep
-            return _sc_forward_jacobian(x, counts, meta[6], K, keep)
+            return _jacobian_pass(x, None, counts, meta[6], K, ctx.items, keep=keep)
         keep = [] if small else None  # the monomials, for a backward without a graph
         out = _sc_forward(x, T, parents, lasts, counts, chunk, K, keep)
         ctx.kept, ctx.bases = keep, None
@@ -825,7 +928,9 @@ class _SymmetricContractionFn(torch.autograd.Function):
         kept, bases = ctx.kept, ctx.bases
         ctx.kept = ctx.bases = None
         if need_x and not need_T and not torch.is_grad_enabled():
-            return _sc_backward_jacobian(g.contiguous(), x, counts, jacobian, bases), None, None
+            items = getattr(ctx, "items", None) or _jacobian_items(counts, _jacobian_step(x, jacobian[0]), x.device)
+            ctx.items = None
+            return _jacobian_pass(x, g.contiguous(), counts, jacobian, x.shape[2], items, bases=bases), None, None
         kept = kept if not torch.is_grad_enabled() else None
         gx, gT = _sc_backward(g.contiguous(), x, T, parents, lasts, counts, chunk, need_x, need_T, kept)
         return gx, gT, None
