@@ -287,3 +287,31 @@ def test_mace_torch_options_keep_the_physics(options):
     model = tiny(**options)
     for check in ("rotation", "reflection", "forces_fd", "stress_fd"):
         mc.ALL_CHECKS[check](model, None)
+
+
+def test_radial_mlp_eval_mode_folds_the_scalings_and_keeps_the_function():
+    """:class:`mlpot.nn.radial.RadialMLP` in eval mode (scalings folded into cached weights)
+    gives e3nn's ``FullyConnectedNet`` with the same weights, and its input gradient; the cache
+    follows a weight change."""
+    from e3nn import nn as enn
+
+    from mlpot.nn.radial import radial_mlp
+
+    torch.manual_seed(0)
+    mlp = radial_mlp(8, [16, 16], 12).double()
+    ref = enn.FullyConnectedNet([8, 16, 16, 12], torch.nn.functional.silu).double()
+    ref.load_state_dict(mlp.state_dict())
+    x = torch.randn(30, 8, dtype=torch.float64, requires_grad=True)
+    mlp.eval()
+    for step in range(2):
+        out, expected = mlp(x), ref(x)
+        assert expected.abs().max() > 0.1
+        torch.testing.assert_close(out, expected, atol=1e-13, rtol=1e-13)
+        cot = torch.randn_like(out)
+        got, = torch.autograd.grad((out * cot).sum(), x)
+        want, = torch.autograd.grad((expected * cot).sum(), x)
+        torch.testing.assert_close(got, want, atol=1e-13, rtol=1e-13)
+        with torch.no_grad():  # an optimizer-like in-place update: the folded cache is rebuilt
+            for p, q in zip(mlp.parameters(), ref.parameters()):
+                p.mul_(1.5)
+                q.mul_(1.5)

@@ -221,6 +221,7 @@ def test_jacobian_work_items_give_the_direct_contraction(counts, step, layout, m
     sc = SymmetricContraction("2x0e+2x1o+2x2e", "2x0e+2x1o", 3, 3).double().eval()
     N = sum(counts)
     items = scm._jacobian_items(counts, step, torch.device("cpu"))
+    assert scm._jacobian_items(counts, step, torch.device("cpu")) is items  # cached
     covered = []
     for species, a, b, gather, placed in items:
         covered += list(range(a, b)) if gather is None else placed[1].tolist()

@@ -97,17 +97,32 @@ class _ChannelLastLinear:
             self._rows_dev[key] = rows.to(device)
         return self._rows_dev[key]
 
-    def __call__(self, x: torch.Tensor, weight: torch.Tensor, scale: float) -> torch.Tensor:
+    def _matrices(self, weight: torch.Tensor, scale: float) -> list:
+        """Per output block the ``(sum mul_in, mul_out)`` matrix, scaled (None for a block no input reaches)."""
+        return [torch.cat([weight[w0 : w0 + mi * mo].view(mi, mo) for _, w0, mi, mo in terms], dim=0) * (alpha * scale)
+                if terms else None for _, _, terms, alpha, _ in self.blocks]
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, scale: float, owner: nn.Module | None = None) -> torch.Tensor:
+        """``owner``: the module holding ``weight``; given in eval mode, the block matrices are
+        cached on it (:func:`mlpot.nn.cache.cached_on_weights`: the weights are then constants)."""
         N = x.shape[0]
+        if owner is None:
+            mats = self._matrices(weight, scale)
+        else:
+            from mlpot.nn.cache import cached_on_weights
+
+            mats = cached_on_weights(owner, "_channel_last_cache",
+                                     lambda dtype, device: [None if m is None else m.to(dtype=dtype, device=device)
+                                                            for m in self._matrices(weight, scale)],
+                                     x.dtype, x.device)
         outs = []
-        for d, mul, terms, alpha, rows in self.blocks:
-            if not terms:
+        for (d, mul, terms, alpha, rows), W in zip(self.blocks, mats):
+            if W is None:
                 outs.append(x.new_zeros(N, mul, d))
                 continue
             # (N, d, sum mul_in): one gather (its backward one scatter, not a zero-filled input per slice)
             xs = x.index_select(1, self._rows(rows, x.device)).view(N, d, -1)
-            W = torch.cat([weight[w0 : w0 + mi * mo].view(mi, mo) for _, w0, mi, mo in terms], dim=0)
-            outs.append((xs @ (W * (alpha * scale))).transpose(1, 2))  # (N, mul, d)
+            outs.append((xs @ W).transpose(1, 2))  # (N, mul, d)
         return torch.cat(outs, dim=-1)
 
 
@@ -239,8 +254,9 @@ class InteractionBlock(nn.Module):
         tp = self.conv_tp
         if self._fused_linear is not None and tp.selected_backend(node_feats.device) == "reference":
             x_cl = mul_ir_to_channel_last(node_feats, tp.irreps_in1)
-            msg = tp.message_passing_channel_last(x_cl, geometry.sh, tp_weights, sender, receiver, N)
-            return self._fused_linear(msg, self.linear.weight, 1.0 / self.avg_num_neighbors)
+            msg = tp.message_passing_channel_last(x_cl, geometry.sh, tp_weights, sender, receiver, N, cache=geometry.cache)
+            return self._fused_linear(msg, self.linear.weight, 1.0 / self.avg_num_neighbors,
+                                      owner=None if self.training else self.linear)
         message = tp.message_passing(node_feats, geometry, tp_weights, sender, receiver, N)
         return irreps_to_channels(self.linear(message) / self.avg_num_neighbors, self.irreps_out)
 

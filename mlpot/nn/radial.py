@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 
 import torch
+from e3nn import nn as enn
 from torch import nn
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "GaussianBasis",
     "MaceZBLRepulsion",
     "PolynomialCutoff",
+    "RadialMLP",
     "RadialEmbeddingBlock",
     "SoftTransform",
     "SpeciesRadialEmbeddingBlock",
@@ -146,11 +148,47 @@ class BesselRadial:
         return (int(self.freqs.shape[0]), self.r_max, self.p, self.freqs)
 
 
-def radial_mlp(num_in: int, hidden: list[int], num_out: int) -> nn.Module:
-    """mace-torch's radial MLP: ``e3nn.nn.FullyConnectedNet([num_in, *hidden, num_out], silu)``."""
-    from e3nn import nn as enn
+class RadialMLP(enn.FullyConnectedNet):
+    """e3nn's ``FullyConnectedNet`` (same parameters, same state dict, same function). In eval
+    mode the per-layer scalings (:math:`1/\sqrt{\text{fan-in}}` and the activation's
+    normalisation constant) are folded into cached weights, so a layer is one matmul and one
+    activation, forward and backward, instead of four or five operations (the weights are then
+    constants, as everywhere in eval mode: :func:`mlpot.nn.cache.cached_on_weights`)."""
 
-    return enn.FullyConnectedNet([int(num_in)] + [int(h) for h in hidden] + [int(num_out)], torch.nn.functional.silu)
+    def _folded(self, dtype, device):
+        weights, acts, carry = [], [], 1.0
+        for layer in self.children():
+            if layer.act is None:
+                scale = (layer.h_in * layer.var_in / layer.var_out) ** -0.5
+            else:
+                scale = (layer.h_in * layer.var_in) ** -0.5
+            weights.append((layer.weight * (carry * scale)).to(dtype=dtype, device=device))
+            act = layer.act
+            if act is None:
+                acts.append(None)
+                carry = 1.0
+            else:  # e3nn's normalize2mom: f(x) * cst (cst skipped when it is ~1), then * sqrt(var_out)
+                acts.append(act.f)
+                carry = (1.0 if act._is_id else act.cst) * layer.var_out ** 0.5
+        return weights, acts, carry
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            return super().forward(x)
+        from mlpot.nn.cache import cached_on_weights
+
+        weights, acts, carry = cached_on_weights(self, "_fold_cache", self._folded, x.dtype, x.device)
+        for w, act in zip(weights, acts):
+            x = x @ w
+            if act is not None:
+                x = act(x)
+        return x if carry == 1.0 else x * carry
+
+
+def radial_mlp(num_in: int, hidden: list[int], num_out: int) -> nn.Module:
+    """mace-torch's radial MLP: ``e3nn.nn.FullyConnectedNet([num_in, *hidden, num_out], silu)``
+    (:class:`RadialMLP`)."""
+    return RadialMLP([int(num_in)] + [int(h) for h in hidden] + [int(num_out)], torch.nn.functional.silu)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ at model build time.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from e3nn import o3
@@ -40,7 +40,9 @@ class EdgeGeometry:
     harmonics of the edge directions; ``radial (E, num_basis)``: radial basis times the cutoff
     envelope; ``envelope (E, 1)``: the cutoff envelope alone; ``rotation (E, 3, 3)``: edge frames (``R v = |v| y``,
     :func:`mlpot.o3.wigner.edge_rotation`); ``wigner``: ``[D^l(R_e) (E, 2l+1, 2l+1)]`` for
-    ``l = 0..L``. A field that no layer asked for is None.
+    ``l = 0..L``. A field that no layer asked for is None. ``cache``: structures of the graph
+    that every layer would otherwise rebuild (the receiver grouping of
+    :meth:`mlpot.o3.tensor_product.ChannelwiseTensorProduct.message_passing_channel_last`).
     """
 
     vectors: torch.Tensor
@@ -50,6 +52,7 @@ class EdgeGeometry:
     envelope: torch.Tensor | None = None
     rotation: torch.Tensor | None = None
     wigner: list | None = None
+    cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_edges(self) -> int:

@@ -818,6 +818,20 @@ SPECIES_BATCH_PADDING, SPECIES_BATCH_SMALL = 1.5, 64
 
 
 def _jacobian_items(counts: list[int], step: int, device) -> list[tuple]:
+    """:func:`_build_jacobian_items`, cached (an MD run meets the same species counts every step)."""
+    key = (tuple(counts), int(step), str(device))
+    items = _ITEMS_CACHE.get(key)
+    if items is None:
+        if len(_ITEMS_CACHE) >= 64:
+            _ITEMS_CACHE.clear()
+        items = _ITEMS_CACHE[key] = _build_jacobian_items(counts, step, device)
+    return items
+
+
+_ITEMS_CACHE: dict = {}
+
+
+def _build_jacobian_items(counts: list[int], step: int, device) -> list[tuple]:
     """Work items of the Jacobian path over the species-sorted nodes, at most ``step`` nodes each.
 
     ``(species, a, b, None, None)``: nodes ``a:b``, all of one species (read as a slice);

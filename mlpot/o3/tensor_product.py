@@ -256,6 +256,21 @@ def _mp_backward(plan, g, x, Y, w, C, sender, receiver, chunk, need_x, need_Y, n
     return gx, gY, gw
 
 
+def _receiver_groups(sender, receiver, num_nodes: int, dtype, only_if_worth: bool, cache: dict | None):
+    """The :class:`ReceiverGroups` of the graph (None when ``only_if_worth`` and
+    :func:`worth_grouping` says no), kept in ``cache`` for the other layers of the forward pass."""
+    key = ("receiver_groups", id(sender), id(receiver), num_nodes, dtype, only_if_worth)
+    hit = cache.get(key) if cache is not None else None
+    if hit is not None and hit[0] is sender and hit[1] is receiver:
+        return hit[2]
+    groups = None
+    if not only_if_worth or worth_grouping(receiver, num_nodes):
+        groups = ReceiverGroups(sender, receiver, num_nodes, dtype)
+    if cache is not None:
+        cache[key] = (sender, receiver, groups)  # the tensors themselves: their ids stay theirs
+    return groups
+
+
 class ChannelwiseTensorProduct(MessageTensorProduct):
     r"""e3nn's uvu ``TensorProduct`` for messages, with external per-edge weights (see module doc).
 
@@ -363,19 +378,25 @@ class ChannelwiseTensorProduct(MessageTensorProduct):
         if self.selected_backend(node_feats.device) == "triton":
             return self._triton_message_passing(node_feats, edge_attrs, weights, sender, receiver, num_nodes)
         out = self.message_passing_channel_last(
-            mul_ir_to_channel_last(node_feats, self.irreps_in1), edge_attrs, weights, sender, receiver, num_nodes
+            mul_ir_to_channel_last(node_feats, self.irreps_in1), edge_attrs, weights, sender, receiver, num_nodes,
+            cache=edge_geometry.cache,
         )
         return channel_last_to_mul_ir(out, self.irreps_out)
 
-    def message_passing_channel_last(self, x_cl, edge_attrs, weights, sender, receiver, num_nodes):
-        """Same as :meth:`message_passing` in the channel-last layout: (N, A, U) -> (num_nodes, K, U)."""
+    def message_passing_channel_last(self, x_cl, edge_attrs, weights, sender, receiver, num_nodes, cache=None):
+        """Same as :meth:`message_passing` in the channel-last layout: (N, A, U) -> (num_nodes, K, U).
+
+        ``cache``: a dict shared by the layers of one forward pass (:attr:`EdgeGeometry.cache`), which
+        keeps the receiver grouping of the graph."""
         E = edge_attrs.shape[0]
         w = weights.reshape(E, self.num_paths, self.channels)
         x_cl, edge_attrs = x_cl.contiguous(), edge_attrs.contiguous()
         if self.grouping not in ("auto", "receiver", "edge"):
             raise ConfigError(f"ChannelwiseTensorProduct.grouping must be auto, receiver or edge, not {self.grouping!r}")
-        if E and (self.grouping == "receiver" or (self.grouping == "auto" and worth_grouping(receiver, num_nodes))):
-            groups = ReceiverGroups(sender, receiver, int(num_nodes), x_cl.dtype)
+        groups = None
+        if E and self.grouping != "edge":
+            groups = _receiver_groups(sender, receiver, int(num_nodes), x_cl.dtype, self.grouping == "auto", cache)
+        if groups is not None:
             nodes = (grad_node(x_cl), grad_node(edge_attrs), grad_node(w)) if torch.is_grad_enabled() else None
             return GroupedMessagePassing.apply(
                 x_cl, edge_attrs, w, self._cg_paths(x_cl), self._plan, groups, nodes or (None, None, None)
