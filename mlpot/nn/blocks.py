@@ -121,7 +121,7 @@ class _ChannelLastLinear:
                 outs.append(x.new_zeros(N, mul, d))
                 continue
             # (N, d, sum mul_in): one gather (its backward one scatter, not a zero-filled input per slice)
-            xs = x.index_select(1, self._rows(rows, x.device)).view(N, d, -1)
+            xs = x.index_select(1, self._rows(rows, x.device)).view(N, d, len(terms) * x.shape[2])
             outs.append((xs @ W).transpose(1, 2))  # (N, mul, d)
         return torch.cat(outs, dim=-1)
 
