@@ -482,6 +482,10 @@ class SymmetricContraction(ProductBasis):
         S = self.num_elements
         K = sum(c.ir_out.dim for c in self.contractions)
         parents, lasts = self._index_plan(node_feats.device)
+        # the Jacobian path (constant weights) reads the nodes where they are; the chain-rule
+        # path wants them sorted by species
+        jac = not T.requires_grad
+        order = None
         if S == 1 or N == 0:
             counts = [N] + [0] * (S - 1)
             x = node_feats
@@ -489,23 +493,35 @@ class SymmetricContraction(ProductBasis):
             species = node_attrs.argmax(dim=-1)
             order = torch.argsort(species, stable=True)
             counts = torch.bincount(species, minlength=S).tolist()
-            x = node_feats.index_select(0, order)
+            x = node_feats if jac else node_feats.index_select(0, order)
         x = x.contiguous()
         nodes = (grad_node(x), grad_node(T)) if torch.is_grad_enabled() else (None, None)
         jacobian = (self._jacobian, lambda s: self._jacobian_table(T, s))
         out = _SymmetricContractionFn.apply(
-            x, T, (parents, lasts, counts, int(self.chunk_size), K, nodes, jacobian)
-        )  # (N, C, K), species-sorted
-        if S > 1 and N > 0:
+            x, T, (parents, lasts, counts, int(self.chunk_size), K, nodes, jacobian, order if jac else None)
+        )  # (N, C, K), in node order (species-sorted on the chain-rule path)
+        if order is not None and not jac:
             inv = torch.empty_like(order)
             inv[order] = torch.arange(N, device=order.device)
             out = out.index_select(0, inv)
-        res, off = [], 0
-        for c in self.contractions:
-            d = c.ir_out.dim
-            res.append(out[:, :, off : off + d].reshape(N, C * d))
-            off += d
-        return torch.cat(res, dim=-1)
+        if len(self.contractions) == 1:  # (N, C, d) is already e3nn's C x d layout
+            return out.reshape(N, C * K)
+        # (N, C, K) -> e3nn's layout, irrep by irrep (C x d each): one gather
+        return out.reshape(N, C * K).index_select(1, self._output_perm(C, K, node_feats.device))
+
+    def _output_perm(self, C: int, K: int, device) -> torch.Tensor:
+        """Columns of ``(N, C * K)`` in e3nn's order: per output irrep ``k``, ``c * d_k + m`` reads ``(c, off_k + m)``."""
+        key = (C, K, str(device))
+        cache = getattr(self, "_out_perm", None)
+        if cache is None or cache[0] != key:
+            cols, off = [], 0
+            for con in self.contractions:
+                d = con.ir_out.dim
+                cols += [c * K + off + m for c in range(C) for m in range(d)]
+                off += d
+            cache = (key, torch.tensor(cols, dtype=torch.long, device=device))
+            self._out_perm = cache
+        return cache[1]
 
 
 def _levels(x_t: torch.Tensor, parents, lasts, sizes, inplace: bool):
@@ -865,6 +881,23 @@ def _build_jacobian_items(counts: list[int], step: int, device) -> list[tuple]:
     return items
 
 
+def _in_node_order(items: list, order: torch.Tensor | None) -> list:
+    """:func:`_jacobian_items` (species-sorted positions) on nodes in their own order: ``order[p]``
+    is the node at sorted position ``p`` (None: the nodes are sorted; the items as they are).
+    A one-species slice becomes a gather without padding."""
+    if order is None:
+        return items
+    out = []
+    for species, a, b, gather, placed in items:
+        if gather is None:
+            nodes = order[a:b]
+            out.append((species, b - a, 0, nodes, (torch.arange(b - a, device=order.device), nodes)))
+        else:
+            pos, nodes = placed
+            out.append((species, a, 0, order.index_select(0, gather), (pos, order.index_select(0, nodes))))
+    return out
+
+
 def _jacobian_step(x: torch.Tensor, plan, chunk_bytes: int = 8 << 20) -> int:
     """Nodes per work item: the item's basis and tables stay within ``chunk_bytes``."""
     C = x.shape[1]
@@ -917,7 +950,10 @@ class _SymmetricContractionFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, T, meta):
-        parents, lasts, counts, chunk, K, _, _ = meta
+        """``meta``: ``(parents, lasts, counts, chunk, K, nodes, jacobian, order)``; ``order``
+        (Jacobian path only): the species-sorted order of the nodes of ``x`` (None: ``x`` is
+        sorted)."""
+        parents, lasts, counts, chunk, K, _, _, order = meta
         ctx.meta = meta
         ctx.save_for_backward(x, T)
         rows = x.shape[2] + sum(3 * len(p) for p in parents)
@@ -925,9 +961,11 @@ class _SymmetricContractionFn(torch.autograd.Function):
         if not T.requires_grad:  # constant weights (inference): the Jacobian's basis and blocks
             Q = meta[6][0].Q
             keep = [] if Q * x.shape[0] * x.shape[1] * x.element_size() <= _SymmetricContractionFn.keep_bytes else None
-            ctx.items = _jacobian_items(counts, _jacobian_step(x, meta[6][0]), x.device)
+            ctx.items = _in_node_order(_jacobian_items(counts, _jacobian_step(x, meta[6][0]), x.device), order)
             ctx.kept, ctx.bases = None, keep
             return _jacobian_pass(x, None, counts, meta[6], K, ctx.items, keep=keep)
+        if order is not None:
+            raise RuntimeError("_SymmetricContractionFn: unsorted nodes need constant weights (the Jacobian path)")
         keep = [] if small else None  # the monomials, for a backward without a graph
         out = _sc_forward(x, T, parents, lasts, counts, chunk, K, keep)
         ctx.kept, ctx.bases = keep, None
@@ -936,15 +974,21 @@ class _SymmetricContractionFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x, T = ctx.saved_tensors
-        parents, lasts, counts, chunk, _, nodes, jacobian = ctx.meta
+        parents, lasts, counts, chunk, _, nodes, jacobian, order = ctx.meta
         need_x = needed(ctx.needs_input_grad[0], nodes[0])
         need_T = needed(ctx.needs_input_grad[1], nodes[1])
         kept, bases = ctx.kept, ctx.bases
         ctx.kept = ctx.bases = None
         if need_x and not need_T and not torch.is_grad_enabled():
-            items = getattr(ctx, "items", None) or _jacobian_items(counts, _jacobian_step(x, jacobian[0]), x.device)
+            items = getattr(ctx, "items", None) or _in_node_order(
+                _jacobian_items(counts, _jacobian_step(x, jacobian[0]), x.device), order)
             ctx.items = None
             return _jacobian_pass(x, g.contiguous(), counts, jacobian, x.shape[2], items, bases=bases), None, None
         kept = kept if not torch.is_grad_enabled() else None
-        gx, gT = _sc_backward(g.contiguous(), x, T, parents, lasts, counts, chunk, need_x, need_T, kept)
+        g = g.contiguous()
+        if order is not None:  # the chain rule on the species-sorted nodes (a graph for second derivatives)
+            x, g, kept = x.index_select(0, order), g.index_select(0, order), None
+        gx, gT = _sc_backward(g, x, T, parents, lasts, counts, chunk, need_x, need_T, kept)
+        if order is not None and gx is not None:
+            gx = torch.zeros_like(gx).index_add(0, order, gx)
         return gx, gT, None
