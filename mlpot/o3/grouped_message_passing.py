@@ -49,9 +49,11 @@ It pays when the in-degrees are similar (crystals, molecules within the cutoff);
 degrees the padding costs more than it saves, and :func:`worth_grouping` says so.
 
 Used by :meth:`mlpot.o3.tensor_product.ChannelwiseTensorProduct.message_passing_channel_last`.
-Like the edge-order function there, the node chunks are recomputed in the backward, only the
-gradients the running ``backward``/``grad`` call uses are computed, and when a graph is being
-built (training on forces) the backward uses only differentiable operations.
+Like the edge-order function there, only the gradients the running ``backward``/``grad`` call
+uses are computed, and when a graph is being built (training on forces) the backward uses only
+differentiable operations and recomputes the node chunks. A backward without a graph (forces
+at inference) reuses the forward's chunks and per-path products when they are small
+(:attr:`GroupedMessagePassing.keep_bytes`).
 """
 from __future__ import annotations
 

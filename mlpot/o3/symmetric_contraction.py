@@ -43,9 +43,11 @@ only the gradients the running ``backward``/``grad`` call uses.
 With constant weights (inference) the forward and the input gradient both run on the
 monomials of degree below :math:`\nu_{max}` only (:class:`_JacobianPlan`): the Jacobian of a
 degree-:math:`\nu` polynomial has degree :math:`\nu - 1`, and the output is
-:math:`\sum_i x_i` times such a polynomial. Both are block-sparse matrix products per element
-(the blocks are the symmetry classes of the couplings), and the forward's basis is kept for the
-backward when small. Otherwise (weight gradients, or a graph being built for training on
+:math:`\sum_i x_i` times such a polynomial. Both are block-sparse matrix products (the blocks
+are the symmetry classes of the couplings, run in a few groups of similar shape), with the
+species of a small structure padded to a common node count and batched with the channels, the
+nodes read where they are (no sort by species); the forward's basis is kept for the backward
+when small. Otherwise (weight gradients, or a graph being built for training on
 forces) the forward builds all monomial levels and the backward applies the chain rule through
 them by hand with differentiable operations, reusing the forward's monomials for small inputs
 and recomputing them chunk by chunk for large ones (bounded memory). In eval mode the folded
@@ -648,7 +650,9 @@ class _JacobianPlan:
     :math:`x_i` couples to ``K``. The rows and monomials are split into the connected components
     of that pattern, the symmetry classes of the couplings (parity and the reflections of the
     real spherical harmonics: 8 blocks holding 13 % of the dense products for MACE's
-    ``0e + 1o`` output at correlation 3), one matrix product per block.
+    ``0e + 1o`` output at correlation 3). Many small matrix products cost more per matrix than
+    their arithmetic, so the blocks run in groups (:meth:`_group_blocks`), each padded to its
+    largest block: one batched product per group, over species x channels x blocks.
     """
 
     def __init__(self, levels: dict, row_used: torch.Tensor, D: int, device):
