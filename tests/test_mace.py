@@ -274,6 +274,33 @@ def test_building_a_model_leaves_the_allocator_alone():
     assert out.strip() == "False"
 
 
+@pytest.mark.parametrize("setting, frozen", [(None, True), ("0", False)])
+def test_the_command_freezes_the_startup_objects_unless_told_not_to(setting, frozen):
+    """The ``mlpot`` command puts the imported libraries out of the garbage collector's walks
+    (``freeze_gc``), so a full collection does not land inside a force call; ``MLPOT_FREEZE_GC=0``
+    leaves the collector alone, and importing or building a model never touches it."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import gc, io, contextlib\n"
+        "import mlpot.models.mace as m\n"
+        "m.MACE(hidden_irreps='2x0e', max_ell=1, correlation=1, num_interactions=1, atomic_numbers=[1], radial_MLP=[4])\n"
+        "assert gc.get_freeze_count() == 0\n"
+        "from mlpot.cli.main import main\n"
+        "with contextlib.redirect_stderr(io.StringIO()):\n"
+        "    assert main(['import-mace', 'no-such-export-folder', 'never-written.pt']) == 1\n"
+        "print(gc.get_freeze_count() > 0)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "MLPOT_FREEZE_GC"}
+    if setting is not None:
+        env["MLPOT_FREEZE_GC"] = setting
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == str(frozen)
+
+
 @pytest.mark.parametrize("options", [
     {"interaction_cls": "RealAgnosticResidualNonLinearInteractionBlock", "edge_irreps": "4x0e + 4x1o",
      "interaction_cls_first": "RealAgnosticAttResidualInteractionBlock"},

@@ -52,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     mod = importlib.import_module(args._module)
-    importlib.import_module("mlpot.models.mace").tune_malloc()  # process-wide allocator settings: CLI only
+    runtime = importlib.import_module("mlpot.models.mace")
+    runtime.tune_malloc()  # process-wide allocator settings: CLI only
+    runtime.freeze_gc()  # the imported libraries out of the garbage collector's walks: CLI only
     try:
         return int(mod.run(args) or 0)
     except KeyboardInterrupt:
