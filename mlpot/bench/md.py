@@ -105,8 +105,8 @@ from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
 from e3nn import o3
 from mace import modules
 from mace.calculators import MACECalculator
-import gc
-gc.freeze()  # as mlpot's side (mlpot.models.mace.freeze_gc): no full collection inside a timed step
+import atexit, gc
+gc.freeze(); atexit.register(gc.unfreeze)  # as mlpot's side (mlpot.models.mace.freeze_gc): no full collection inside a timed step
 
 job = json.loads(sys.stdin.read())
 h = job["hyper"]

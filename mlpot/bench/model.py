@@ -363,8 +363,8 @@ from mace.calculators import MACECalculator
 
 sys.path.insert(0, sys.argv[1])
 from export_mace import export
-import gc
-gc.freeze()  # as mlpot's side (mlpot.models.mace.freeze_gc): no full collection inside a timed call
+import atexit, gc
+gc.freeze(); atexit.register(gc.unfreeze)  # as mlpot's side (mlpot.models.mace.freeze_gc): no full collection inside a timed call
 
 masters, calcs = {}, {}
 for line in sys.stdin:

@@ -135,16 +135,20 @@ def freeze_gc() -> bool:
     Process-wide, so opt-in: the entry points call it once the libraries are imported. With torch,
     e3nn and ASE loaded a process holds about 330 000 objects, and a full collection walks all of
     them: about 90 ms on the CPU of BENCHMARKS.md, which lands inside a force call every few
-    calls (a 21-atom call takes 20 ms). Frozen objects are never collected (a cycle among them
-    that later becomes garbage stays in memory), which for the imported modules is what happens
-    anyway. Set ``MLPOT_FREEZE_GC=0`` to leave the collector alone. Returns whether it froze.
+    calls (a 21-atom call takes 20 ms). Frozen objects are not collected until exit (a cycle
+    among them that becomes garbage stays in memory), which for the imported modules is what
+    happens anyway. Set ``MLPOT_FREEZE_GC=0`` to leave the collector alone. Returns whether it froze.
     """
+    import atexit
     import gc
     import os
 
     if os.environ.get("MLPOT_FREEZE_GC", "1").strip().lower() in ("0", "false", "no", "off"):
         return False
     gc.freeze()
+    # back in the collector's reach at exit, so the interpreter's last collection frees them
+    # (else extension modules report the objects they still hold as leaked)
+    atexit.register(gc.unfreeze)
     return True
 
 
