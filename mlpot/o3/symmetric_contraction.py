@@ -852,7 +852,8 @@ _ITEMS_CACHE: dict = {}
 
 
 def _build_jacobian_items(counts: list[int], step: int, device) -> list[tuple]:
-    """Work items of the Jacobian path over the species-sorted nodes, at most ``step`` nodes each.
+    """Work items of the Jacobian path over the species-sorted nodes: at most ``step`` nodes each
+    for one species, at most twice that (equal widths) for species padded into one batch.
 
     ``(species, a, b, None, None)``: nodes ``a:b``, all of one species (read as a slice);
     ``(species, w, 0, gather, (pos, nodes))``: ``len(species)`` species padded to ``w`` nodes each,
@@ -866,7 +867,9 @@ def _build_jacobian_items(counts: list[int], step: int, device) -> list[tuple]:
     widest = max(counts[s] for s in present)
     padded = len(present) * widest
     if len(present) > 1 and (padded <= SPECIES_BATCH_PADDING * sum(counts) or padded <= SPECIES_BATCH_SMALL):
-        wstep = max(1, step // len(present))
+        # as few items as keep each within twice the step, of equal widths (no small remainder)
+        n_items = max(1, -(-padded // (2 * step)))
+        wstep = -(-widest // n_items)
         for j0 in range(0, widest, wstep):
             w = min(wstep, widest - j0)
             t = torch.arange(w, device=device)
