@@ -4,7 +4,7 @@ from mlpot.threads import bounded_openmp_spin
 bounded_openmp_spin()  # before torch loads, as the `mlpot` command and scripts/bench_model.py do
 
 from mlpot.bench.md import main  # noqa: E402
-from mlpot.models.mace import freeze_gc, tune_malloc  # noqa: E402
+from mlpot.runtime import freeze_gc, tune_malloc  # noqa: E402
 
 if __name__ == "__main__":
     tune_malloc()  # the allocator setting of `mlpot` and scripts/bench_model.py (process-wide: entry points only)

@@ -10,7 +10,7 @@ from mlpot.threads import bounded_openmp_spin
 bounded_openmp_spin()  # before torch loads, as the `mlpot` command does (mlpot/threads.py)
 
 from mlpot.bench.model import main  # noqa: E402
-from mlpot.models.mace import freeze_gc, tune_malloc  # noqa: E402
+from mlpot.runtime import freeze_gc, tune_malloc  # noqa: E402
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["cuda"]:  # the GPU scaling benchmark (scripts/gpu_check.sh step 4)

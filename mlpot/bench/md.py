@@ -17,7 +17,7 @@ under the project root) as a subprocess, in the same run.
     mlpot bench md --sizes 864,6912 --steps 2 --no-mace
     python scripts/bench_md.py --sizes 256 --steps 3 --force-calls 3   # s/step beside s/force call
 
-``scripts/bench_md.py`` applies :func:`mlpot.models.mace.tune_malloc` (as ``mlpot`` and
+``scripts/bench_md.py`` applies :func:`mlpot.runtime.tune_malloc` (as ``mlpot`` and
 ``scripts/bench_model.py`` do; before, it did not). ``--force-calls N`` times N plain force calls
 in the same process after the MD steps: measured that way an MD step costs one force call (the
 integrator's work is O(N) numpy), so the 2.5-5x of the 2026-11-24 MD table against the
@@ -106,7 +106,7 @@ from e3nn import o3
 from mace import modules
 from mace.calculators import MACECalculator
 import atexit, gc
-gc.freeze(); atexit.register(gc.unfreeze)  # as mlpot's side (mlpot.models.mace.freeze_gc): no full collection inside a timed step
+gc.freeze(); atexit.register(gc.unfreeze)  # as mlpot's side (mlpot.runtime.freeze_gc): no full collection inside a timed step
 
 job = json.loads(sys.stdin.read())
 h = job["hyper"]

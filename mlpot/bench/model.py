@@ -364,7 +364,7 @@ from mace.calculators import MACECalculator
 sys.path.insert(0, sys.argv[1])
 from export_mace import export
 import atexit, gc
-gc.freeze(); atexit.register(gc.unfreeze)  # as mlpot's side (mlpot.models.mace.freeze_gc): no full collection inside a timed call
+gc.freeze(); atexit.register(gc.unfreeze)  # as mlpot's side (mlpot.runtime.freeze_gc): no full collection inside a timed call
 
 masters, calcs = {}, {}
 for line in sys.stdin:
@@ -419,7 +419,7 @@ def mace_env(passive_waits: bool = False, tuned_malloc: bool = False) -> dict:
     env = dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1")
     env.pop("MLPOT_BENCH_MALLOPT", None)
     if tuned_malloc:
-        from mlpot.models.mace import MALLOC_OPTIONS
+        from mlpot.runtime import MALLOC_OPTIONS
 
         env["MLPOT_BENCH_MALLOPT"] = ",".join(f"{p}:{v}" for p, v in MALLOC_OPTIONS)
     if env.pop("MLPOT_OMP_WAIT_SET", None):  # mlpot's entry-point default (mlpot/threads.py), not the user's
@@ -671,9 +671,9 @@ def load_summary(rows: list[dict]) -> list[str]:
 
 
 def _malloc_tuned() -> bool:
-    import mlpot.models.mace as mace
+    import mlpot.runtime as runtime
 
-    return bool(mace._MALLOC_TUNED)
+    return bool(runtime._MALLOC_TUNED)
 
 
 def side_by_side_main(argv=None) -> list[dict]:
@@ -703,7 +703,7 @@ def side_by_side_main(argv=None) -> list[dict]:
                         help="each side makes K force calls back to back per round; a round's time is the median "
                         "of calls 2..K (steady state, as in MD), K=1: the single call right after the other side's")
     parser.add_argument("--mace-tuned-malloc", action="store_true",
-                        help="give mace-torch's process mlpot's allocator settings too (mlpot.models.mace.tune_malloc, "
+                        help="give mace-torch's process mlpot's allocator settings too (mlpot.runtime.tune_malloc, "
                         "which this benchmark applies to its own process as the mlpot command does)")
     parser.add_argument("--profile", metavar="SYSTEM", help="torch.profiler table of one imported-model force call "
                         "(first dtype and thread count of the lists)")

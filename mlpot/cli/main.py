@@ -52,9 +52,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     mod = importlib.import_module(args._module)
-    runtime = importlib.import_module("mlpot.models.mace")
-    runtime.tune_malloc()  # process-wide allocator settings: CLI only
-    runtime.freeze_gc()  # the imported libraries out of the garbage collector's walks: CLI only
+    from mlpot.runtime import freeze_gc, tune_malloc
+
+    importlib.import_module("mlpot.models.mace")  # torch, e3nn: loaded before the freeze below
+    tune_malloc()  # process-wide allocator settings: entry points only (mlpot/runtime.py)
+    freeze_gc()  # the imported libraries out of the garbage collector's walks: entry points only
     try:
         return int(mod.run(args) or 0)
     except KeyboardInterrupt:
