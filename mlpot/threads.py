@@ -22,7 +22,8 @@ before ``import torch``.
 
 ``MLPOT_OMP_WAIT=default`` leaves the OpenMP environment alone, ``MLPOT_CALL_THREADS=fixed`` keeps
 the thread count torch was given. An ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` the user set is
-kept. This module does not import torch.
+kept. This module does not import torch. The entry points' other process-wide settings (the
+allocator, the garbage collector) are in :mod:`mlpot.runtime`.
 """
 from __future__ import annotations
 
