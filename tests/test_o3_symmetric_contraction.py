@@ -223,11 +223,11 @@ def test_jacobian_work_items_give_the_direct_contraction(counts, step, layout, m
     items = scm._jacobian_items(counts, step, torch.device("cpu"))
     assert scm._jacobian_items(counts, step, torch.device("cpu")) is items  # cached
     covered = []
-    for species, a, b, gather, placed in items:
-        covered += list(range(a, b)) if gather is None else placed[1].tolist()
-        assert (gather is None) == (len(species) == 1)
+    for it in items:
+        covered += list(range(it.a, it.b)) if it.gather is None else it.nodes.tolist()
+        assert (it.gather is None) == (len(it.species) == 1)
     assert sorted(covered) == list(range(N))
-    assert (len(items[0][0]) > 1) == layout.startswith("species")
+    assert (len(items[0].species) > 1) == layout.startswith("species")
     monkeypatch.setattr(scm, "_jacobian_step", lambda x, plan: step)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(N, sc.num_channels, sc.D, generator=g, dtype=torch.float64, requires_grad=True)

@@ -89,12 +89,12 @@ class _ChannelLastLinear:
             # (N, d * terms, U) is (N, d, terms * U) without a copy
             rows = torch.tensor([k0 + a for a in range(ir.dim) for k0, _, _, _ in per_out[j]], dtype=torch.long)
             self.blocks.append((ir.dim, mul, per_out[j], fan ** -0.5 if fan else 1.0, rows))
-        self._rows_dev = {}
+        self._rows_dev: dict[str, list] = {}  # device -> every block's rows there
 
-    def _rows(self, rows: torch.Tensor, device) -> torch.Tensor:
-        key = (id(rows), str(device))
+    def _rows_on(self, device) -> list:
+        key = str(device)
         if key not in self._rows_dev:
-            self._rows_dev[key] = rows.to(device)
+            self._rows_dev[key] = [rows.to(device) for *_, rows in self.blocks]
         return self._rows_dev[key]
 
     def _matrices(self, weight: torch.Tensor, scale: float) -> list:
@@ -116,12 +116,12 @@ class _ChannelLastLinear:
                                                             for m in self._matrices(weight, scale)],
                                      x.dtype, x.device)
         outs = []
-        for (d, mul, terms, alpha, rows), W in zip(self.blocks, mats):
+        for (d, mul, terms, _, _), W, rows in zip(self.blocks, mats, self._rows_on(x.device)):
             if W is None:
                 outs.append(x.new_zeros(N, mul, d))
                 continue
             # (N, d, sum mul_in): one gather (its backward one scatter, not a zero-filled input per slice)
-            xs = x.index_select(1, self._rows(rows, x.device)).view(N, d, len(terms) * x.shape[2])
+            xs = x.index_select(1, rows).view(N, d, len(terms) * x.shape[2])
             outs.append((xs @ W).transpose(1, 2))  # (N, mul, d)
         return torch.cat(outs, dim=-1)
 

@@ -149,7 +149,7 @@ class BesselRadial:
 
 
 class RadialMLP(enn.FullyConnectedNet):
-    """e3nn's ``FullyConnectedNet`` (same parameters, same state dict, same function). In eval
+    r"""e3nn's ``FullyConnectedNet`` (same parameters, same state dict, same function). In eval
     mode the per-layer scalings (:math:`1/\sqrt{\text{fan-in}}` and the activation's
     normalisation constant) are folded into cached weights, so a layer is one matmul and one
     activation, forward and backward, instead of four or five operations (the weights are then

@@ -270,11 +270,8 @@ def grouped_backward(plan, groups: ReceiverGroups, g, x, Y, w, C, need_x, need_Y
                 gw_out = gwn[:, :, p] if (need_w and inplace) else None
                 split_input_grad(gz, xsp, wp, a0, need_w, need_x, inplace, gw_out, gxs, gw_cols, gx_rows)
             if need_Y:
-                if zs is not None:
-                    z = zs[i_path]
-                    gT[:, off : off + d * A].view(c, d, A * D).copy_(torch.bmm(gp, z.view(c, A * D, U).transpose(1, 2)))
-                elif inplace:
-                    z = torch.mul(xsp, wp, out=buf[1, : c * A * D * U].view(c, A, D, U))
+                if inplace:  # the forward's product, or recomputed into the buffer
+                    z = zs[i_path] if zs is not None else torch.mul(xsp, wp, out=buf[1, : c * A * D * U].view(c, A, D, U))
                     gT[:, off : off + d * A].view(c, d, A * D).copy_(torch.bmm(gp, z.view(c, A * D, U).transpose(1, 2)))
                 else:
                     z = (xsp * wp).view(c, A * D, U)

@@ -58,6 +58,7 @@ from __future__ import annotations
 import itertools
 import math
 from functools import lru_cache
+from typing import NamedTuple
 
 import torch
 from e3nn import o3
@@ -788,7 +789,7 @@ class _JacobianPlan:
         return groups
 
     def table(self, Ts: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """``T (C', K, R)`` (``C'`` = species x channels of a batch) -> ``(F, T')``, each a list of
+        r"""``T (C', K, R)`` (``C'`` = species x channels of a batch) -> ``(F, T')``, each a list of
         ``(C' * B_g, r_g, c_g)`` padded block tables per group (:meth:`_group_blocks`):
         :math:`F_{(K, i), q}` gives the output, :math:`B_K = \sum_i x_i \sum_q F_{(K, i), q} m_q`
         (every monomial row written once as :math:`x_{last} \cdot m_{prefix}`), :math:`T'` the Jacobian."""
@@ -837,7 +838,22 @@ class _JacobianPlan:
 SPECIES_BATCH_PADDING, SPECIES_BATCH_SMALL = 1.5, 64
 
 
-def _jacobian_items(counts: list[int], step: int, device) -> list[tuple]:
+class _Item(NamedTuple):
+    """A work item of the Jacobian path: ``species`` (a tuple), each padded to ``width`` nodes.
+    ``a:b``: the item's nodes when they are one slice of one species (``gather`` None); else
+    ``gather`` the node of every padded slot (padding repeats a node of its species), ``pos``
+    the filled slots and ``nodes`` their nodes."""
+
+    species: tuple
+    width: int
+    a: int = 0
+    b: int = 0
+    gather: torch.Tensor | None = None
+    pos: torch.Tensor | None = None
+    nodes: torch.Tensor | None = None
+
+
+def _jacobian_items(counts: list[int], step: int, device) -> list[_Item]:
     """:func:`_build_jacobian_items`, cached (an MD run meets the same species counts every step)."""
     key = (tuple(counts), int(step), str(device))
     items = _ITEMS_CACHE.get(key)
@@ -851,14 +867,10 @@ def _jacobian_items(counts: list[int], step: int, device) -> list[tuple]:
 _ITEMS_CACHE: dict = {}
 
 
-def _build_jacobian_items(counts: list[int], step: int, device) -> list[tuple]:
-    """Work items of the Jacobian path over the species-sorted nodes: at most ``step`` nodes each
-    for one species, at most twice that (equal widths) for species padded into one batch.
-
-    ``(species, a, b, None, None)``: nodes ``a:b``, all of one species (read as a slice);
-    ``(species, w, 0, gather, (pos, nodes))``: ``len(species)`` species padded to ``w`` nodes each,
-    ``gather`` the node of every padded slot (padding repeats a node of its species), ``pos`` the
-    filled slots and ``nodes`` their nodes."""
+def _build_jacobian_items(counts: list[int], step: int, device) -> list[_Item]:
+    """Work items (:class:`_Item`) of the Jacobian path over the species-sorted nodes: at most
+    ``step`` nodes each for one species (a slice), at most twice that (equal widths) for species
+    padded into one batch (a gather)."""
     present = [s for s, n in enumerate(counts) if n > 0]
     starts = [sum(counts[:s]) for s in range(len(counts))]
     items = []
@@ -880,28 +892,29 @@ def _build_jacobian_items(counts: list[int], step: int, device) -> list[tuple]:
                 gather.append(torch.where(t < filled, node, starts[s]))
                 pos.append(b * w + t[:filled])
                 nodes.append(node[:filled])
-            items.append((tuple(present), w, 0, torch.cat(gather), (torch.cat(pos), torch.cat(nodes))))
+            items.append(_Item(tuple(present), w, gather=torch.cat(gather), pos=torch.cat(pos), nodes=torch.cat(nodes)))
         return items
     for s in present:
         for a in range(starts[s], starts[s] + counts[s], step):
-            items.append(((s,), a, min(a + step, starts[s] + counts[s]), None, None))
+            b = min(a + step, starts[s] + counts[s])
+            items.append(_Item((s,), b - a, a=a, b=b))
     return items
 
 
-def _in_node_order(items: list, order: torch.Tensor | None) -> list:
+def _in_node_order(items: list[_Item], order: torch.Tensor | None) -> list[_Item]:
     """:func:`_jacobian_items` (species-sorted positions) on nodes in their own order: ``order[p]``
     is the node at sorted position ``p`` (None: the nodes are sorted; the items as they are).
     A one-species slice becomes a gather without padding."""
     if order is None:
         return items
     out = []
-    for species, a, b, gather, placed in items:
-        if gather is None:
-            nodes = order[a:b]
-            out.append((species, b - a, 0, nodes, (torch.arange(b - a, device=order.device), nodes)))
+    for it in items:
+        if it.gather is None:
+            nodes = order[it.a : it.b]
+            out.append(_Item(it.species, it.width, gather=nodes, pos=torch.arange(it.width, device=order.device),
+                             nodes=nodes))
         else:
-            pos, nodes = placed
-            out.append((species, a, 0, order.index_select(0, gather), (pos, order.index_select(0, nodes))))
+            out.append(it._replace(gather=order.index_select(0, it.gather), nodes=order.index_select(0, it.nodes)))
     return out
 
 
@@ -923,29 +936,28 @@ def _jacobian_pass(x, src, counts, jacobian, out_dim: int, items, bases=None, ke
     src = x if forward else src
     out = x.new_zeros(N, C, out_dim)
     groups = plan.on(x.device)["groups"]
-    for it, (species, a, b, gather, placed) in enumerate(items):
-        if gather is None:  # one species, nodes a:b: views
-            x_c, s_c = x[a:b].permute(1, 2, 0), src[a:b].permute(1, 2, 0)  # (C, ., n)
-            acc = out[a:b].permute(1, 2, 0)  # written in place
-        else:  # species padded to w = a nodes each, channels of all species in one batch
+    for i_item, item in enumerate(items):
+        S_b, w = len(item.species), item.width
+        if item.gather is None:  # one species, nodes a:b: views
+            x_c, s_c = (t[item.a : item.b].permute(1, 2, 0) for t in (x, src))  # (C, ., n)
+            acc = out[item.a : item.b].permute(1, 2, 0)  # written in place
+        else:  # species padded to w nodes each, channels of all species in one batch
             def batch(t):
-                return t.index_select(0, gather).view(len(species), a, C, -1).permute(0, 2, 3, 1).reshape(-1, t.shape[2], a)
+                return t.index_select(0, item.gather).view(S_b, w, C, -1).permute(0, 2, 3, 1).reshape(-1, t.shape[2], w)
             x_c = batch(x)
             s_c = x_c if forward else batch(src)
-            acc = x.new_zeros(x_c.shape[0], out_dim, a)
-        basis = bases[it] if bases is not None else plan.basis(x_c)
+            acc = x.new_zeros(x_c.shape[0], out_dim, w)
+        basis = bases[i_item] if bases is not None else plan.basis(x_c)
         if keep is not None:
             keep.append(basis)
-        tabs = tables(species)[0 if forward else 1]
-        n = x_c.shape[2]
+        tabs = tables(item.species)[0 if forward else 1]
         for g, tab, m in zip(groups, tabs, basis):
-            P = torch.bmm(tab, m).view(x_c.shape[0], -1, n)  # (C', B_g * r_g, n)
+            P = torch.bmm(tab, m).view(x_c.shape[0], -1, w)  # (C', B_g * r_g, n)
             take, put = (g["i"], g["k"]) if forward else (g["k"], g["i"])
             acc.index_add_(1, put, P.mul_(s_c.index_select(1, take)))
-        if gather is not None:
-            pos, nodes = placed
-            rows = acc.view(len(species), C, out_dim, a).permute(0, 3, 1, 2).reshape(-1, C, out_dim)
-            out.index_copy_(0, nodes, rows.index_select(0, pos))
+        if item.gather is not None:
+            rows = acc.view(S_b, C, out_dim, w).permute(0, 3, 1, 2).reshape(-1, C, out_dim)
+            out.index_copy_(0, item.nodes, rows.index_select(0, item.pos))
     return out
 
 
