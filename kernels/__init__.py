@@ -1,4 +1,7 @@
-"""Triton GPU kernels (installed as ``mlpot.kernels``), each tested against a torch reference.
+"""Triton GPU kernels and compiled CPU kernels (installed as ``mlpot.kernels``), each tested against a torch reference.
+
+CPU kernels: ``cpu_kernels.c`` (C, built on first use by ``cpu``; backend ``cpu``), with
+``symmetric_contraction_cpu`` (the product basis at inference).
 
 Modules: ``spherical_harmonics`` (SH + Bessel x cutoff), ``channelwise_tp`` (fused MACE message
 passing; its kernels are generated per CG table by ``mp_codegen``), ``symmetric_contraction``, ``gaunt`` (S2-grid product), ``so2`` (fused SO(2) message

@@ -19,7 +19,7 @@ def _readme_table():
     for line in body.strip().splitlines()[2:]:
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         op = cells[0].strip("`")
-        rows[op] = tuple(b for b, cell in zip(("reference", "triton"), cells[3:5]) if cell.startswith("yes"))
+        rows[op] = tuple(b for b, cell in zip(B.IMPLEMENTATIONS, cells[3:6]) if cell.startswith("yes"))
     return rows
 
 

@@ -1,14 +1,21 @@
 """The single switch between the pure-torch reference ops and the Triton fast paths.
 
-``resolve_backend(name, device)`` turns a config value (``"reference" | "triton" | "auto"``) into
-the backend an op actually runs:
+``resolve_backend(name, device)`` turns a config value (``"reference" | "triton" | "cpu" | "auto"``)
+into the backend an op actually runs:
 
 * ``reference`` is always available (CPU or GPU, any dtype): plain differentiable torch.
 * ``triton`` needs ``triton`` importable and either a CUDA device or the environment variable
   ``TRITON_INTERPRET=1`` (Triton's CPU interpreter: slow, used by the tests). Anything else is a
   :class:`mlpot.errors.ConfigError` that says what is missing.
-* ``auto`` picks ``triton`` on a CUDA device when triton imports, else ``reference``; it never
-  picks the interpreter.
+* ``cpu`` (op level) runs the compiled CPU kernels of :mod:`mlpot.kernels.cpu` on CPU tensors: it
+  needs a C compiler (built once per machine, on first use); a GPU device or a missing compiler is
+  a :class:`mlpot.errors.ConfigError` that says so.
+* ``auto`` picks ``triton`` on a CUDA device when triton imports, ``cpu`` on the CPU where an op
+  has CPU kernels that support the call (e.g. the symmetric contraction with constant weights, at
+  inference) and they build, else ``reference``; it never picks the interpreter.
+
+A model's config holds ``reference``, ``triton`` or ``auto``; ``cpu`` exists only per op (no model
+has CPU kernels for every op), so a model reaches it through ``auto``.
 
 Models keep ``backend`` in their config and pass it down to every equivariant op.
 
@@ -37,7 +44,9 @@ import torch
 
 from mlpot.errors import ConfigError
 
-BACKENDS = ("reference", "triton", "auto")
+BACKENDS = ("reference", "triton", "cpu", "auto")
+#: the backends an implementation is registered under
+IMPLEMENTATIONS = ("reference", "triton", "cpu")
 
 _log = logging.getLogger(__name__)
 
@@ -83,8 +92,8 @@ def register(op: str, backend: str, target: str, **options) -> None:
     """Register ``target`` (``"module:attribute"``) as the ``backend`` implementation of ``op``."""
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; known: {', '.join(OPS)}")
-    if backend not in ("reference", "triton"):
-        raise ValueError(f"backend {backend!r}: register 'reference' or 'triton' implementations")
+    if backend not in IMPLEMENTATIONS:
+        raise ValueError(f"backend {backend!r}: register one of {', '.join(IMPLEMENTATIONS)}")
     REGISTRY[(op, backend)] = OpImplementation(op, backend, target, {k: tuple(v) for k, v in options.items()})
 
 
@@ -94,6 +103,8 @@ register("channelwise_tp", "reference", "mlpot.o3.tensor_product:ChannelwiseTens
 register("channelwise_tp", "triton", "mlpot.kernels.channelwise_tp:FusedChannelwiseTP", layout=("uniform",))
 register("symmetric_contraction", "reference", "mlpot.o3.symmetric_contraction:SymmetricContraction.reference_forward")
 register("symmetric_contraction", "triton", "mlpot.kernels.symmetric_contraction:symmetric_contraction")
+register("symmetric_contraction", "cpu", "mlpot.kernels.symmetric_contraction_cpu:symmetric_contraction_cpu",
+         constant_weights=(True,))
 register("gaunt_product", "reference", "mlpot.o3.gaunt:grid_product")
 register("gaunt_product", "triton", "mlpot.kernels.gaunt:gaunt_product", method=("grid", "fourier"))
 register("so2_message_passing", "reference", "mlpot.o3.so2:so2_message_passing")
@@ -105,7 +116,7 @@ register("spline_radial", "reference", "mlpot.nn.spline_radial:SplineRadial")  #
 
 def supported_backends(op: str) -> tuple[str, ...]:
     """The registered backends of ``op`` (``reference`` first)."""
-    return tuple(b for b in ("reference", "triton") if (op, b) in REGISTRY)
+    return tuple(b for b in IMPLEMENTATIONS if (op, b) in REGISTRY)
 
 
 def check_backend(op: str, backend: str, **options) -> None:
@@ -140,27 +151,36 @@ _AUTO_LOGGED: set = set()
 
 
 def select_backend(op: str, backend: str, device=None, **options) -> str:
-    """Call-time dispatch: ``"reference"`` or ``"triton"`` for ``op`` on ``device``.
+    """Call-time dispatch: ``"reference"``, ``"triton"`` or ``"cpu"`` for ``op`` on ``device``.
 
     An explicit backend is checked (:func:`check_backend`, then :func:`resolve_backend` for what
     the machine offers); ``auto`` picks ``triton`` when it is registered for ``op`` with these
-    options, triton imports and ``device`` is CUDA, else ``reference``, and logs its pick once.
+    options, triton imports and ``device`` is CUDA; ``cpu`` when it is registered for ``op`` with
+    these options, ``device`` is the CPU and the CPU kernels build; else ``reference``. It logs its
+    pick once per op and device (with the reason when the CPU kernels cannot be built).
     """
     key = str(backend).strip().lower()
     check_backend(op, key, **options)
     if key != "auto":
         return resolve_backend(key, device)
-    choice = "reference"
-    if (op, "triton") in REGISTRY:
+    choice, why = "reference", ""
+    dev = _device_type(device)
+    fast = "triton" if dev == "cuda" else "cpu" if dev == "cpu" else None
+    if fast is not None and (op, fast) in REGISTRY:
         try:
-            check_backend(op, "triton", **options)
-            choice = resolve_backend("auto", device)
+            check_backend(op, fast, **options)
         except ConfigError:
-            choice = "reference"
-    tag = (op, choice, _device_type(device))
+            fast = None
+        if fast == "triton":
+            choice = resolve_backend("auto", device)
+        elif fast == "cpu":
+            why = cpu_kernels_error() or ""
+            choice = "reference" if why else "cpu"
+    tag = (op, choice, dev)
     if tag not in _AUTO_LOGGED:
         _AUTO_LOGGED.add(tag)
-        _log.info("backend auto: op %s runs on %s (device %s)", op, choice, _device_type(device))
+        _log.info("backend auto: op %s runs on %s (device %s)%s", op, choice, dev,
+                  f"; CPU kernels unavailable: {why}" if why else "")
     return choice
 
 
@@ -206,6 +226,15 @@ def _triton_import_error() -> str | None:
     return None
 
 
+def cpu_kernels_error() -> str | None:
+    """Why the compiled CPU kernels (:mod:`mlpot.kernels.cpu`) cannot run here, or None (builds them
+    on the first call)."""
+    _ensure_kernels_package()
+    from mlpot.kernels.cpu import unavailable_reason
+
+    return unavailable_reason()
+
+
 def triton_available() -> bool:
     """True when ``import triton`` works in this environment (says nothing about a GPU)."""
     return _triton_import_error() is None
@@ -225,7 +254,9 @@ def _device_type(device) -> str:
 
 
 def resolve_backend(name: str, device=None) -> str:
-    """Return ``"reference"`` or ``"triton"`` for the requested backend ``name`` on ``device``.
+    """Return ``"reference"``, ``"triton"`` or ``"cpu"`` for the requested backend ``name`` on ``device``
+    (``auto`` here is op-agnostic: ``triton`` on CUDA, else ``reference``; :func:`select_backend`
+    adds the per-op ``cpu`` choice).
 
     ``device`` may be a ``torch.device``, a string, a tensor (its device is used) or None (CPU).
     """
@@ -235,6 +266,13 @@ def resolve_backend(name: str, device=None) -> str:
     if key == "reference":
         return "reference"
     dev = _device_type(device)
+    if key == "cpu":
+        if dev != "cpu":
+            raise ConfigError(f"backend 'cpu' runs on CPU tensors (got device {dev!r}); use backend 'triton' or 'auto'")
+        why = cpu_kernels_error()
+        if why is not None:
+            raise ConfigError(f"backend 'cpu': the CPU kernels cannot be built here ({why}); use backend 'reference'")
+        return "cpu"
     if key == "auto":
         return "triton" if (dev == "cuda" and triton_available()) else "reference"
     # explicit triton

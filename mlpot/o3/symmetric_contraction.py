@@ -64,6 +64,7 @@ import torch
 from e3nn import o3
 from torch import nn
 
+from mlpot.o3.backend import implementation, select_backend
 from mlpot.o3.grad_needs import grad_node, needed
 from mlpot.o3.product_basis import ProductBasis
 
@@ -474,8 +475,15 @@ class SymmetricContraction(ProductBasis):
         N, C, D = node_feats.shape
         if D != self.D or C != self.num_channels:
             raise ValueError(f"node_feats must be (N, {self.num_channels}, {self.D}), got {tuple(node_feats.shape)}")
-        if self.backend != "reference" and self.selected_backend(node_feats.device) == "triton":
-            return self._triton_forward(node_feats, node_attrs)
+        if self.backend != "reference":
+            # the CPU kernels take constant weights only (eval mode, no grad, or frozen weights: the
+            # cases where _folded_weights needs no gradient); auto otherwise keeps the reference
+            constant = not (self.training and torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()))
+            choice = select_backend(self.op, self.backend, node_feats.device, constant_weights=constant)
+            if choice == "triton":
+                return self._triton_forward(node_feats, node_attrs)
+            if choice == "cpu":
+                return implementation(self.op, "cpu")(self, node_feats, node_attrs)
         return self.reference_forward(node_feats, node_attrs)
 
     def reference_forward(self, node_feats: torch.Tensor, node_attrs: torch.Tensor) -> torch.Tensor:
@@ -687,6 +695,8 @@ class _JacobianPlan:
                       for deg in range(2, nu_max)]
         self.Q = len(q_of)
         self.D = D
+        #: ``(K, R)`` which rows of the folded weights each output reads (structural nonzeros)
+        self.row_used = row_used
         # the basis rows of the groups are built as products of two rows of the lower levels
         # (degrees <= low: 1, x and, at correlation 4, the squares): a row of degree <= low is
         # itself times 1, a top-degree row its prefix times its last factor

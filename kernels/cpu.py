@@ -1,0 +1,139 @@
+"""The compiled CPU kernels (backend ``cpu``): ``cpu_kernels.c``, built on first use, called through ctypes.
+
+The C source ships beside this module. :func:`library` compiles it once per machine with the C
+compiler (``$CC``, else ``cc``) at ``-O3 -march=native`` into
+``$MLPOT_CACHE/kernels/cpu_kernels-<hash>.so`` (default ``~/.cache/mlpot``), the hash covering the
+source, the flags, the compiler's version and this CPU's model and flags, and written atomically
+(two processes building at once both end with a whole file). No torch headers and no build
+system are involved: the library has a plain C interface and takes data pointers, so building it
+takes well under a second.
+
+:func:`unavailable_reason` says, in one line, why the library cannot be built or loaded (None when
+it can); :mod:`mlpot.o3.backend` turns that into a :class:`~mlpot.errors.ConfigError` for an
+explicit ``cpu`` backend and into the reference path for ``auto``.
+
+ctypes releases the GIL during a call, so :func:`run_channel_blocks` splits the channels of one
+call over ``torch.get_num_threads()`` Python threads when the call is large enough.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from ._codegen import cache_dir
+
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-std=gnu11", "-Wno-psabi")
+#: channels per vector in the kernels (``LANES`` of the C source); arrays are padded to a multiple
+LANES = 16
+#: a call splits its channel blocks over threads only when it has at least this many node x channel pairs
+THREAD_MIN_WORK = 64 * 128
+
+
+def _compiler() -> str | None:
+    cc = os.environ.get("CC", "cc").split()[0]
+    return shutil.which(cc)
+
+
+def _cpu_fingerprint() -> str:
+    """The CPU model and flags (``-march=native`` code runs only on such a CPU)."""
+    text = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith(("model name", "flags", "Features")):
+                    text += line
+                if line.strip() == "":
+                    break
+    except OSError:
+        pass
+    return text
+
+
+def _build(cc: str) -> Path:
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
+    src = SOURCE.read_bytes()
+    key = hashlib.sha256(src + repr((FLAGS, version, _cpu_fingerprint())).encode()).hexdigest()[:16]
+    out = cache_dir() / f"cpu_kernels-{key}.so"
+    if out.exists():
+        return out
+    from mlpot.fileio import atomic_path
+
+    with atomic_path(out, suffix=".so") as tmp:
+        res = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True)
+        if res.returncode != 0:
+            last = (res.stderr.strip().splitlines() or ["no output"])[-1]
+            raise OSError(f"{cc} failed to build {SOURCE.name}: {last}")
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _load() -> tuple[ctypes.CDLL | None, str | None]:
+    cc = _compiler()
+    if cc is None:
+        return None, f"no C compiler ({os.environ.get('CC', 'cc')}) on PATH"
+    try:
+        lib = ctypes.CDLL(str(_build(cc)))
+    except Exception as exc:  # noqa: BLE001 - a compiler error, an unwritable cache, a bad library
+        return None, " ".join(str(exc).split())
+    if lib.mlpot_cpu_lanes() != LANES:
+        return None, f"{SOURCE.name}: LANES differs from mlpot.kernels.cpu.LANES"
+    for name in ("mlpot_sc_forward_f32", "mlpot_sc_forward_f64", "mlpot_sc_vjp_f32", "mlpot_sc_vjp_f64"):
+        getattr(lib, name).restype = ctypes.c_int
+    return lib, None
+
+
+def unavailable_reason() -> str | None:
+    """Why the CPU kernels cannot run here (one line), or None when they can."""
+    return _load()[1]
+
+
+def library() -> ctypes.CDLL:
+    """The loaded kernel library (built on first use); a RuntimeError says why when it cannot be."""
+    lib, why = _load()
+    if lib is None:
+        raise RuntimeError(f"mlpot CPU kernels unavailable: {why}")
+    return lib
+
+
+def padded_channels(C: int) -> int:
+    """``C`` rounded up to a multiple of :data:`LANES` (the row stride of the kernels' arrays)."""
+    return -(-C // LANES) * LANES
+
+
+def ptr(t: torch.Tensor) -> ctypes.c_void_p:
+    return ctypes.c_void_p(t.data_ptr())
+
+
+@functools.lru_cache(maxsize=1)
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1), thread_name_prefix="mlpot-cpu")
+
+
+if hasattr(os, "register_at_fork"):  # a forked child has none of the parent's threads: a new pool
+    os.register_at_fork(after_in_child=_pool.cache_clear)
+
+
+def run_channel_blocks(call, ldc: int, work: int) -> None:
+    """``call(c0, c1)`` over the channel range ``0:ldc``: at once, or split into equal runs of
+    whole blocks of :data:`LANES` over ``torch.get_num_threads()`` threads when ``work`` (node x
+    channel pairs) reaches :data:`THREAD_MIN_WORK`. ``call`` returns the C function's status."""
+    blocks = ldc // LANES
+    threads = min(torch.get_num_threads(), blocks) if work >= THREAD_MIN_WORK else 1
+    if threads <= 1:
+        status = [call(0, ldc)]
+    else:
+        cuts = [LANES * (blocks * t // threads) for t in range(threads + 1)]
+        futures = [_pool().submit(call, a, b) for a, b in zip(cuts, cuts[1:])]
+        status = [f.result() for f in futures]
+    if any(status):
+        raise MemoryError("mlpot CPU kernel: out of memory for its work buffer")
