@@ -35,8 +35,10 @@ SOURCE = Path(__file__).with_name("cpu_kernels.c")
 FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-std=gnu11", "-Wno-psabi")
 #: channels per vector in the kernels (``LANES`` of the C source); arrays are padded to a multiple
 LANES = 16
-#: a call splits its channel blocks over threads only when it has at least this many node x channel pairs
+#: a call splits its work over threads only when it has at least this many (node or edge) x channel pairs
 THREAD_MIN_WORK = 64 * 128
+#: the kernels of ``cpu_kernels.c`` (each as ``mlpot_<name>_f32`` and ``_f64``, returning 0 or 1: out of memory)
+KERNELS = ("sc_forward", "sc_vjp", "cw_forward", "cw_backward")
 
 
 def _compiler() -> str | None:
@@ -87,8 +89,9 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
         return None, " ".join(str(exc).split())
     if lib.mlpot_cpu_lanes() != LANES:
         return None, f"{SOURCE.name}: LANES differs from mlpot.kernels.cpu.LANES"
-    for name in ("mlpot_sc_forward_f32", "mlpot_sc_forward_f64", "mlpot_sc_vjp_f32", "mlpot_sc_vjp_f64"):
-        getattr(lib, name).restype = ctypes.c_int
+    for kernel in KERNELS:
+        for suffix in ("f32", "f64"):
+            getattr(lib, f"mlpot_{kernel}_{suffix}").restype = ctypes.c_int
     return lib, None
 
 
@@ -123,17 +126,34 @@ if hasattr(os, "register_at_fork"):  # a forked child has none of the parent's t
     os.register_at_fork(after_in_child=_pool.cache_clear)
 
 
-def run_channel_blocks(call, ldc: int, work: int) -> None:
-    """``call(c0, c1)`` over the channel range ``0:ldc``: at once, or split into equal runs of
-    whole blocks of :data:`LANES` over ``torch.get_num_threads()`` threads when ``work`` (node x
-    channel pairs) reaches :data:`THREAD_MIN_WORK`. ``call`` returns the C function's status."""
-    blocks = ldc // LANES
-    threads = min(torch.get_num_threads(), blocks) if work >= THREAD_MIN_WORK else 1
-    if threads <= 1:
-        status = [call(0, ldc)]
+def thread_count(work: int, parts: int) -> int:
+    """Threads for one call: ``torch.get_num_threads()``, at most ``parts``, 1 below :data:`THREAD_MIN_WORK`."""
+    return min(torch.get_num_threads(), parts) if work >= THREAD_MIN_WORK else 1
+
+
+def run_parts(calls) -> None:
+    """Run ``calls`` (each returns a C status) at once, or over threads when there are several."""
+    if len(calls) == 1:
+        status = [calls[0]()]
     else:
-        cuts = [LANES * (blocks * t // threads) for t in range(threads + 1)]
-        futures = [_pool().submit(call, a, b) for a, b in zip(cuts, cuts[1:])]
-        status = [f.result() for f in futures]
+        status = [f.result() for f in [_pool().submit(c) for c in calls]]
     if any(status):
         raise MemoryError("mlpot CPU kernel: out of memory for its work buffer")
+
+
+def kernel(name: str, dtype: torch.dtype):
+    """The C function ``name`` for ``dtype`` (float32 or float64; anything else a TypeError)."""
+    suffix = {torch.float32: "f32", torch.float64: "f64"}.get(dtype)
+    if suffix is None:
+        raise TypeError(f"mlpot CPU kernel {name}: float32 or float64, got {dtype}")
+    return getattr(library(), f"mlpot_{name}_{suffix}")
+
+
+def run_channel_blocks(call, ldc: int, work: int) -> None:
+    """``call(c0, c1)`` over the channel range ``0:ldc``: at once, or split into equal runs of
+    whole blocks of :data:`LANES` over :func:`thread_count` threads (``work``: node x channel
+    pairs). ``call`` returns the C function's status."""
+    blocks = ldc // LANES
+    threads = thread_count(work, blocks)
+    cuts = [LANES * (blocks * t // threads) for t in range(threads + 1)]
+    run_parts([functools.partial(call, a, b) for a, b in zip(cuts, cuts[1:])])

@@ -30,7 +30,7 @@ import ctypes
 
 import torch
 
-from .cpu import library, padded_channels, ptr, run_channel_blocks
+from .cpu import kernel, padded_channels, ptr, run_channel_blocks
 
 __all__ = ["symmetric_contraction_cpu", "vjp_torch"]
 
@@ -96,18 +96,11 @@ def _tables(ent: _Entries, T: torch.Tensor, species: list[int], ldc: int) -> dic
     return out
 
 
-def _fn(kind: str, dtype: torch.dtype):
-    suffix = {torch.float32: "f32", torch.float64: "f64"}.get(dtype)
-    if suffix is None:
-        raise TypeError(f"symmetric contraction (backend cpu): float32 or float64, got {dtype}")
-    return getattr(library(), f"mlpot_sc_{kind}_{suffix}")
-
-
 def _call(kind, x_t, species, ent, tab, K, extra_in, out):
     """One kernel call over all nodes (channel blocks split over threads when large)."""
     N, D, ldc = x_t.shape
     t = ent.tables["F" if kind == "forward" else "J"]
-    fn = _fn(kind, x_t.dtype)
+    fn = kernel(f"sc_{kind}", x_t.dtype)
     i64 = ctypes.c_int64
     args = [i64(N), i64(ldc), i64(D), i64(len(ent.par)), i64(K), ptr(x_t), ptr(species), ptr(ent.par),
             ptr(ent.last), i64(t["n"]), ptr(t["k"]), ptr(t["i"]), ptr(t["q"]), ptr(tab)]

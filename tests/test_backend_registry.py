@@ -58,13 +58,19 @@ def test_so2_kernel_layout_limit_is_a_config_error():
     SO2MessageTP("2x0e + 2x1o", 1, "0e + 1o", mmax=1, backend="triton")
 
 
-def test_auto_picks_reference_on_cpu_and_logs_once(caplog):
+def test_auto_picks_on_cpu_and_logs_once(caplog):
     B._AUTO_LOGGED.clear()
     with caplog.at_level(logging.INFO, logger="mlpot.o3.backend"):
-        assert B.select_backend("channelwise_tp", "auto", "cpu") == "reference"
-        assert B.select_backend("channelwise_tp", "auto", "cpu") == "reference"
+        assert B.select_backend("so2_linear", "auto", "cpu") == "reference"  # no CPU kernels
+        assert B.select_backend("so2_linear", "auto", "cpu") == "reference"
+        # the CPU kernels where the op has them and the call suits them (inference)
+        assert B.select_backend("channelwise_tp", "auto", "cpu", layout="uniform", training=False) == "cpu"
+        assert B.select_backend("channelwise_tp", "auto", "cpu", layout="uniform", training=True) == "reference"
+    picks = [r.getMessage() for r in caplog.records if "so2_linear" in r.getMessage()]
+    assert picks == ["backend auto: op so2_linear runs on reference (device cpu)"]
     picks = [r.getMessage() for r in caplog.records if "channelwise_tp" in r.getMessage()]
-    assert picks == ["backend auto: op channelwise_tp runs on reference (device cpu)"]
+    assert picks == ["backend auto: op channelwise_tp runs on cpu (device cpu)",
+                     "backend auto: op channelwise_tp runs on reference (device cpu)"]
 
 
 def test_model_options_validated():

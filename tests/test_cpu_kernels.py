@@ -117,9 +117,12 @@ def test_module_dispatch_under_auto(monkeypatch):
 def test_registry_choices_and_errors(monkeypatch):
     assert B.supported_backends("symmetric_contraction") == ("reference", "triton", "cpu")
     assert B.select_backend("symmetric_contraction", "auto", "cpu", constant_weights=False) == "reference"
-    assert B.select_backend("channelwise_tp", "auto", "cpu") == "reference"  # no CPU kernels for it
+    assert B.select_backend("channelwise_tp", "auto", "cpu", layout="uniform", training=True) == "reference"
+    assert B.select_backend("channelwise_tp", "auto", "cpu", layout="general", training=False) == "reference"
+    assert B.select_backend("channelwise_tp", "auto", "cpu", layout="uniform", training=False) == "cpu"
+    assert B.select_backend("so2_linear", "auto", "cpu") == "reference"  # no CPU kernels for it
     with pytest.raises(ConfigError, match="no 'cpu' backend"):
-        B.check_backend("channelwise_tp", "cpu")
+        B.check_backend("so2_linear", "cpu")
     with pytest.raises(ConfigError, match="constant_weights"):
         B.check_backend("symmetric_contraction", "cpu", constant_weights=False)
     with pytest.raises(ConfigError, match="CPU tensors"):
@@ -161,13 +164,16 @@ def test_build_is_cached_and_atomic(monkeypatch, tmp_path):
 
 
 def test_mace_auto_equals_reference(monkeypatch):
-    """A MACE under ``auto`` (the CPU kernels in its products) gives the reference's energy,
+    """A MACE under ``auto`` (the CPU kernels in its message passing and products) gives the reference's energy,
     forces and stress, float64, and its forces match finite differences."""
     from mlpot.models.mace import MACE
 
     _, sc_cpu = _kernels()
-    calls, real = [], sc_cpu.symmetric_contraction_cpu
-    monkeypatch.setattr(sc_cpu, "symmetric_contraction_cpu", lambda *a: calls.append(1) or real(*a))
+    import mlpot.kernels.channelwise_tp_cpu as cw
+
+    calls, real, real_cw = [], sc_cpu.symmetric_contraction_cpu, cw.message_passing_cpu
+    monkeypatch.setattr(sc_cpu, "symmetric_contraction_cpu", lambda *a: calls.append("sc") or real(*a))
+    monkeypatch.setattr(cw, "message_passing_cpu", lambda *a: calls.append("mp") or real_cw(*a))
     from mlpot.testing.model_checks import build_batch, check_forces_finite_difference, random_crystal
 
     cfg = dict(r_max=4.0, atomic_numbers=[1, 6, 8], hidden_irreps="8x0e+8x1o", max_ell=2, correlation=3,
@@ -179,7 +185,91 @@ def test_mace_auto_equals_reference(monkeypatch):
     graph = build_batch([atoms], ref.r_max)
     a, b = ref(graph, compute_stress=True), auto(graph, compute_stress=True)
     assert a["forces"].abs().max() > 1e-4
-    assert len(calls) == 2  # one per product layer
+    assert sorted(calls) == ["mp", "mp", "sc", "sc"]  # one each per layer
+    assert graph["edge_index"].shape[1] > 0
     for key in ("energy", "forces", "stress"):
         torch.testing.assert_close(b[key], a[key], atol=1e-10, rtol=1e-10)
     check_forces_finite_difference(auto, [atoms])
+
+
+def _mp_case(U: int, E: int, N: int, seed: int = 0):
+    from mlpot.o3.tensor_product import ChannelwiseTensorProduct
+
+    g = torch.Generator().manual_seed(seed)
+    sh = o3.Irreps.spherical_harmonics(3)
+    tp = ChannelwiseTensorProduct(f"{U}x0e+{U}x1o+{U}x2e", sh, f"{U}x0e+{U}x1o+{U}x2e+{U}x3o").double()
+    x = torch.randn(N, 9, U, generator=g, dtype=torch.float64)  # channel-last (N, A, U)
+    Y = o3.spherical_harmonics(sh, torch.randn(E, 3, generator=g, dtype=torch.float64), True, normalization="component")
+    w = torch.randn(E, tp.weight_numel, generator=g, dtype=torch.float64)
+    sender = torch.randint(0, N, (E,), generator=g)
+    receiver = torch.randint(0, N, (E,), generator=g)
+    return tp, x, Y, w, sender, receiver
+
+
+@pytest.mark.parametrize("U", [16, 5])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_channelwise_message_passing_equals_the_reference(U, dtype):
+    """Output and the gradients w.r.t. the features, the spherical harmonics and the weights
+    against the reference (grouped) message passing; a second derivative through the backward;
+    channels not a multiple of the vector width (5: padding)."""
+    _kernels()
+    from mlpot.kernels.channelwise_tp_cpu import message_passing_cpu
+
+    tp, x, Y, w, sender, receiver = _mp_case(U, E=40, N=7)
+    tol = dict(atol=1e-11, rtol=1e-11) if dtype == torch.float64 else dict(atol=5e-5, rtol=5e-5)
+    ins = [t.clone().requires_grad_(True) for t in (x, Y, w)]
+    ref = tp.message_passing_channel_last(*ins, sender, receiver, 7)
+    cot = torch.randn_like(ref)
+    g_ref = torch.autograd.grad((ref * cot).sum(), ins, create_graph=True)
+    tp_k = tp.to(dtype)
+    ins_k = [t.detach().to(dtype).requires_grad_(True) for t in ins]
+    out = message_passing_cpu(tp_k, *ins_k, sender, receiver, 7)
+    torch.testing.assert_close(out.double(), ref.detach(), **tol)
+    g = torch.autograd.grad((out * cot.to(dtype)).sum(), ins_k)
+    for a, b in zip(g, g_ref):
+        assert b.abs().max() > 1e-3
+        torch.testing.assert_close(a.double(), b.detach(), **tol)
+    tp.double()
+    if dtype == torch.float64:
+        ins_k = [t.detach().clone().requires_grad_(True) for t in ins]
+        g1 = torch.autograd.grad((message_passing_cpu(tp, *ins_k, sender, receiver, 7) * cot).sum(), ins_k,
+                                 create_graph=True)
+        h1 = torch.autograd.grad(sum((a * torch.sin(a)).sum() for a in g1), ins_k, allow_unused=True)
+        h2 = torch.autograd.grad(sum((b * torch.sin(b)).sum() for b in g_ref), ins, allow_unused=True)
+        for a, b, t in zip(h1, h2, ins):
+            a, b = (torch.zeros_like(t) if v is None else v for v in (a, b))
+            torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
+        assert h2[0] is not None and h2[0].abs().max() > 1e-3
+
+
+def test_channelwise_threads_no_edges_and_dispatch(monkeypatch):
+    """Edge ranges over two threads give the same numbers; no edges gives zeros; ``auto`` takes
+    the kernels at inference and the reference in training."""
+    _kernels()
+    import mlpot.kernels.channelwise_tp_cpu as cw
+
+    tp, x, Y, w, sender, receiver = _mp_case(16, E=900, N=60, seed=1)
+    x.requires_grad_(True)
+    res = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        out = cw.message_passing_cpu(tp, x, Y, w, sender, receiver, 60)
+        res.append((out, torch.autograd.grad(out.square().sum(), x)[0]))
+    torch.set_num_threads(1)
+    torch.testing.assert_close(res[0], res[1], atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(res[0][0], tp.message_passing_channel_last(x, Y, w, sender, receiver, 60),
+                               atol=1e-11, rtol=1e-11)
+    none = torch.zeros(0, dtype=torch.long)
+    assert not cw.message_passing_cpu(tp, x, Y[:0], w[:0], none, none, 60).any()
+    calls, real = [], cw.message_passing_cpu
+    monkeypatch.setattr(cw, "message_passing_cpu", lambda *a: calls.append(1) or real(*a))
+    tp.backend = "auto"
+    tp.eval()
+    tp.message_passing_channel_last(x, Y, w, sender, receiver, 60)
+    assert len(calls) == 1
+    tp.train()
+    tp.message_passing_channel_last(x, Y, w, sender, receiver, 60)
+    assert len(calls) == 1  # training builds a graph through the backward: the reference
+    with torch.no_grad():
+        tp.message_passing_channel_last(x, Y, w, sender, receiver, 60)
+    assert len(calls) == 2

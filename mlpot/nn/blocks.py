@@ -243,7 +243,7 @@ class InteractionBlock(nn.Module):
         """``sum_j TP(W_up h_j, G_ij, R(r_ij))``, the linear mixing and ``1 / avg_num_neighbors``,
         as ``(N, C, D)``.
 
-        With the CG product on the reference backend the messages stay channel-last and the
+        With the CG product on the reference or CPU kernels the messages stay channel-last and the
         linear mixing reads the ``o3.Linear`` weights directly (same numbers, two layout round
         trips fewer)."""
         node_feats = self.linear_up(node_feats)
@@ -252,7 +252,7 @@ class InteractionBlock(nn.Module):
             tp_weights = tp_weights * geometry.require("envelope", type(self).__name__)
         N = node_feats.shape[0]
         tp = self.conv_tp
-        if self._fused_linear is not None and tp.selected_backend(node_feats.device) == "reference":
+        if self._fused_linear is not None and tp.selected_backend(node_feats.device) != "triton":
             x_cl = mul_ir_to_channel_last(node_feats, tp.irreps_in1)
             msg = tp.message_passing_channel_last(x_cl, geometry.sh, tp_weights, sender, receiver, N, cache=geometry.cache)
             return self._fused_linear(msg, self.linear.weight, 1.0 / self.avg_num_neighbors,

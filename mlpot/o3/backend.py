@@ -101,6 +101,8 @@ register("edge_embedding", "reference", "mlpot.nn.edge_geometry:reference_edge_e
 register("edge_embedding", "triton", "mlpot.kernels.spherical_harmonics:edge_embedding")
 register("channelwise_tp", "reference", "mlpot.o3.tensor_product:ChannelwiseTensorProduct.message_passing_channel_last")
 register("channelwise_tp", "triton", "mlpot.kernels.channelwise_tp:FusedChannelwiseTP", layout=("uniform",))
+register("channelwise_tp", "cpu", "mlpot.kernels.channelwise_tp_cpu:message_passing_cpu", layout=("uniform",),
+         training=(False,))
 register("symmetric_contraction", "reference", "mlpot.o3.symmetric_contraction:SymmetricContraction.reference_forward")
 register("symmetric_contraction", "triton", "mlpot.kernels.symmetric_contraction:symmetric_contraction")
 register("symmetric_contraction", "cpu", "mlpot.kernels.symmetric_contraction_cpu:symmetric_contraction_cpu",

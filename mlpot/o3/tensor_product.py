@@ -49,6 +49,7 @@ import torch
 from e3nn import o3
 
 from mlpot.errors import ConfigError
+from mlpot.o3.backend import implementation, select_backend
 from mlpot.o3.grad_needs import grad_node, needed
 from mlpot.o3.grouped_message_passing import (
     GroupedMessagePassing,
@@ -388,6 +389,10 @@ class ChannelwiseTensorProduct(MessageTensorProduct):
 
         ``cache``: a dict shared by the layers of one forward pass (:attr:`EdgeGeometry.cache`), which
         keeps the receiver grouping of the graph."""
+        if self.backend not in ("reference", "triton"):  # auto (or cpu): the CPU kernels at inference
+            opts = dict(getattr(self, "_backend_options", {}), training=bool(self.training and torch.is_grad_enabled()))
+            if select_backend(self.op, self.backend, x_cl.device, **opts) == "cpu":
+                return implementation(self.op, "cpu")(self, x_cl, edge_attrs, weights, sender, receiver, num_nodes)
         E = edge_attrs.shape[0]
         w = weights.reshape(E, self.num_paths, self.channels)
         x_cl, edge_attrs = x_cl.contiguous(), edge_attrs.contiguous()
