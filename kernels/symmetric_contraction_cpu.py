@@ -157,10 +157,9 @@ def _species_tables(module, T, species: tuple, ldc: int) -> dict:
     def build():
         return _tables(_entries(module._jacobian, T.shape[-1]), T, list(species), ldc)
 
-    if module.training and torch.is_grad_enabled():
-        return build()
     from mlpot.nn.cache import cached_on_weights
 
+    # the weights are constants here (no gradient): cached, rebuilt after any change to them
     tables = cached_on_weights(module, "_cpu_tables", lambda dtype, device: {}, T.dtype, T.device)
     if (species, ldc) not in tables:
         with torch.no_grad():

@@ -112,6 +112,17 @@ def test_module_dispatch_under_auto(monkeypatch):
     with torch.no_grad():
         sc(x, attrs)
     assert len(calls) == 2
+    # fine-tuning with the product layer frozen: train mode, no weight gradient -> the kernels,
+    # and the force loss's graph through the backward (torch sums)
+    for p in sc.parameters():
+        p.requires_grad_(False)
+    xg = x.clone().requires_grad_(True)
+    g, = torch.autograd.grad(sc(xg, attrs).square().sum(), xg, create_graph=True)
+    assert len(calls) == 3
+    ref, = torch.autograd.grad(_direct(sc, xg, attrs).square().sum(), xg, create_graph=True)
+    torch.testing.assert_close(g, ref, atol=1e-10, rtol=1e-10)
+    h1, h2 = (torch.autograd.grad(t.sin().sum(), xg)[0] for t in (g, ref))
+    torch.testing.assert_close(h1, h2, atol=1e-9, rtol=1e-9)
 
 
 def test_registry_choices_and_errors(monkeypatch):
