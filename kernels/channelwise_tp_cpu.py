@@ -30,7 +30,7 @@ import functools
 
 import torch
 
-from .cpu import kernel, padded_channels, ptr, run_parts, thread_count
+from .cpu import LANES, kernel, padded_channels, ptr, run_parts, thread_count
 
 __all__ = ["message_passing_cpu"]
 
@@ -43,8 +43,10 @@ def _path_table(plan) -> torch.Tensor:
     return cached
 
 
-def _edge_ranges(E: int, ldc: int) -> list[tuple[int, int]]:
-    threads = thread_count(E * ldc, max(1, E))
+def _edge_ranges(E: int, ldc: int, entries: int) -> list[tuple[int, int]]:
+    """The edges cut into one equal range per thread (:func:`mlpot.kernels.cpu.thread_count` of
+    the call's vector operations: edges x matrix entries x channel blocks)."""
+    threads = thread_count(E * entries * (ldc // LANES), max(1, E))
     return [(E * t // threads, E * (t + 1) // threads) for t in range(threads)]
 
 
@@ -61,7 +63,7 @@ class _ChannelwiseCPU(torch.autograd.Function):
         ctx.save_for_backward(x, M, w, sender, receiver)
         ctx.plan, ctx.num_nodes = plan, num_nodes
         ldc, E = x.shape[2], M.shape[0]
-        ranges = _edge_ranges(E, ldc)
+        ranges = _edge_ranges(E, ldc, M.shape[1])
         outs = [x.new_zeros(num_nodes, plan.K, ldc) for _ in ranges]
         fn, head = kernel("cw_forward", x.dtype), _common(plan, x, M, w, sender, receiver)
         i64 = ctypes.c_int64
@@ -85,7 +87,7 @@ class _ChannelwiseCPU(torch.autograd.Function):
             gx, gM, gw = (next(grads) if need else None for need in (need_x, need_M, need_w))
             return gx, gM, gw, None, None, None, None
         ldc, E = x.shape[2], M.shape[0]
-        ranges = _edge_ranges(E, ldc)
+        ranges = _edge_ranges(E, ldc, M.shape[1])
         gxs = [torch.zeros_like(x) for _ in ranges] if need_x else [None] * len(ranges)
         gM = torch.empty_like(M) if need_M else None
         gw = torch.empty_like(w) if need_w else None

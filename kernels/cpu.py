@@ -35,8 +35,11 @@ SOURCE = Path(__file__).with_name("cpu_kernels.c")
 FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-std=gnu11", "-Wno-psabi")
 #: channels per vector in the kernels (``LANES`` of the C source); arrays are padded to a multiple
 LANES = 16
-#: a call splits its work over threads only when it has at least this many (node or edge) x channel pairs
-THREAD_MIN_WORK = 64 * 128
+#: a call splits its work over threads only when it has at least this many vector operations
+#: (nodes or edges x table entries x channel blocks; about 0.2 ms on one core of the benchmark
+#: machine): below that, waking a second thread costs about what it saves, and on a small
+#: machine it competes with torch's own OpenMP threads still spinning from the previous op
+THREAD_MIN_WORK = 1 << 19
 #: the kernels of ``cpu_kernels.c`` (each as ``mlpot_<name>_f32`` and ``_f64``, returning 0 or 1: out of memory)
 KERNELS = ("sc_forward", "sc_vjp", "cw_forward", "cw_backward")
 
@@ -127,7 +130,8 @@ if hasattr(os, "register_at_fork"):  # a forked child has none of the parent's t
 
 
 def thread_count(work: int, parts: int) -> int:
-    """Threads for one call: ``torch.get_num_threads()``, at most ``parts``, 1 below :data:`THREAD_MIN_WORK`."""
+    """Threads for one call of ``work`` vector operations: ``torch.get_num_threads()``, at most
+    ``parts``, 1 below :data:`THREAD_MIN_WORK`."""
     return min(torch.get_num_threads(), parts) if work >= THREAD_MIN_WORK else 1
 
 
@@ -151,8 +155,8 @@ def kernel(name: str, dtype: torch.dtype):
 
 def run_channel_blocks(call, ldc: int, work: int) -> None:
     """``call(c0, c1)`` over the channel range ``0:ldc``: at once, or split into equal runs of
-    whole blocks of :data:`LANES` over :func:`thread_count` threads (``work``: node x channel
-    pairs). ``call`` returns the C function's status."""
+    whole blocks of :data:`LANES` over :func:`thread_count` threads (``work``: vector operations).
+    ``call`` returns the C function's status."""
     blocks = ldc // LANES
     threads = thread_count(work, blocks)
     cuts = [LANES * (blocks * t // threads) for t in range(threads + 1)]

@@ -30,7 +30,7 @@ import ctypes
 
 import torch
 
-from .cpu import kernel, padded_channels, ptr, run_channel_blocks
+from .cpu import LANES, kernel, padded_channels, ptr, run_channel_blocks
 
 __all__ = ["symmetric_contraction_cpu", "vjp_torch"]
 
@@ -106,7 +106,7 @@ def _call(kind, x_t, species, ent, tab, K, extra_in, out):
             ptr(ent.last), i64(t["n"]), ptr(t["k"]), ptr(t["i"]), ptr(t["q"]), ptr(tab)]
     args += [ptr(a) for a in extra_in] + [ptr(out)]
     if N:
-        run_channel_blocks(lambda c0, c1: fn(*args, i64(c0), i64(c1)), ldc, N * ldc)
+        run_channel_blocks(lambda c0, c1: fn(*args, i64(c0), i64(c1)), ldc, N * t["n"] * (ldc // LANES))
     return out
 
 

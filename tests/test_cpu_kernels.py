@@ -67,18 +67,21 @@ def test_symmetric_contraction_equals_the_direct_contraction(irreps_in, irreps_o
             torch.testing.assert_close(h1, h2, atol=1e-9, rtol=1e-9)
 
 
-def test_symmetric_contraction_threads_and_sizes():
+def test_symmetric_contraction_threads_and_sizes(monkeypatch):
     """Channel blocks split over two threads give the same numbers; no nodes gives an empty output."""
-    _, sc_cpu = _kernels()
+    cpu, sc_cpu = _kernels()
+    monkeypatch.setattr(cpu, "THREAD_MIN_WORK", 0)  # split however small the call
     sc = SymmetricContraction("40x0e+40x1o+40x2e", "40x0e+40x1o", 3, 2).double().eval()
     x, attrs = _inputs(sc, N=300)
     x.requires_grad_(True)
-    outs = []
+    outs, parts, real = [], [], cpu.run_parts
+    monkeypatch.setattr(cpu, "run_parts", lambda calls: parts.append(len(calls)) or real(calls))
     for threads in (1, 2):
         torch.set_num_threads(threads)
         out = sc_cpu.symmetric_contraction_cpu(sc, x, attrs)
         outs.append((out, torch.autograd.grad(out.square().sum(), x)[0]))
     torch.set_num_threads(1)
+    assert parts == [1, 1, 2, 2]  # forward and backward, 1 then 2 threads
     torch.testing.assert_close(outs[0], outs[1], atol=1e-13, rtol=1e-13)
     torch.testing.assert_close(outs[0][0], _direct(sc, x, attrs), atol=1e-11, rtol=1e-11)
     empty = sc_cpu.symmetric_contraction_cpu(sc, x[:0], attrs[:0])
@@ -256,14 +259,16 @@ def test_channelwise_message_passing_equals_the_reference(U, dtype):
 def test_channelwise_threads_no_edges_and_dispatch(monkeypatch):
     """Edge ranges over two threads give the same numbers; no edges gives zeros; ``auto`` takes
     the kernels at inference and the reference in training."""
-    _kernels()
+    cpu, _ = _kernels()
     import mlpot.kernels.channelwise_tp_cpu as cw
 
+    monkeypatch.setattr(cpu, "THREAD_MIN_WORK", 0)  # split however small the call
     tp, x, Y, w, sender, receiver = _mp_case(16, E=900, N=60, seed=1)
     x.requires_grad_(True)
     res = []
     for threads in (1, 2):
         torch.set_num_threads(threads)
+        assert len(cw._edge_ranges(900, 16, 1)) == threads
         out = cw.message_passing_cpu(tp, x, Y, w, sender, receiver, 60)
         res.append((out, torch.autograd.grad(out.square().sum(), x)[0]))
     torch.set_num_threads(1)
