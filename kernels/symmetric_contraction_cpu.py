@@ -44,8 +44,9 @@ class _Entries:
     monomial) with the contributions that fill their values from the folded weights ``T``:
     ``src`` (flat ``k * R + r``), ``dst`` (entry) and ``coef``."""
 
-    def __init__(self, plan, R: int):
+    def __init__(self, plan):
         D, Q, K = plan.D, plan.Q, plan.K
+        R = plan.row_used.shape[1]
         # the kernels keep 1 and x in the first 1 + D rows even at correlation 1 (where Q = 1)
         par = torch.zeros(max(Q, 1 + D), dtype=torch.int32)
         last = torch.zeros(max(Q, 1 + D), dtype=torch.int32)
@@ -76,12 +77,11 @@ class _Entries:
             }
 
 
-def _entries(plan, R: int) -> _Entries:
-    cached = getattr(plan, "_cpu_entries", None)
-    if cached is None or cached[0] != R:
-        cached = (R, _Entries(plan, R))
-        plan._cpu_entries = cached
-    return cached[1]
+def _entries(plan) -> _Entries:
+    """:class:`_Entries` of ``plan``, built once (a plan is rebuilt whenever its couplings change)."""
+    if getattr(plan, "_cpu_entries", None) is None:
+        plan._cpu_entries = _Entries(plan)
+    return plan._cpu_entries
 
 
 def _tables(ent: _Entries, T: torch.Tensor, species: list[int], ldc: int) -> dict[str, torch.Tensor]:
@@ -155,7 +155,7 @@ class _SymmetricContractionCPU(torch.autograd.Function):
 
 def _species_tables(module, T, species: tuple, ldc: int) -> dict:
     def build():
-        return _tables(_entries(module._jacobian, T.shape[-1]), T, list(species), ldc)
+        return _tables(_entries(module._jacobian), T, list(species), ldc)
 
     from mlpot.nn.cache import cached_on_weights
 
@@ -188,21 +188,12 @@ def symmetric_contraction_cpu(module, node_feats: torch.Tensor, node_attrs: torc
         local = lut[sp]
     tables = _species_tables(module, T, tuple(present), ldc)
     x_t = torch.nn.functional.pad(node_feats.transpose(1, 2), (0, ldc - C)).contiguous()
-    out = _SymmetricContractionCPU.apply(x_t, local.contiguous(), _entries(module._jacobian, T.shape[-1]), tables, K)
+    out = _SymmetricContractionCPU.apply(x_t, local.contiguous(), _entries(module._jacobian), tables, K)
     return out.reshape(N, K * ldc).index_select(1, _output_columns(module, C, K, ldc))
 
 
 def _output_columns(module, C: int, K: int, ldc: int) -> torch.Tensor:
-    """Columns of the ``(N, K * ldc)`` kernel output in e3nn's order (per output irrep, ``c * d + m``)."""
-    key = (C, K, ldc)
-    cache = getattr(module, "_cpu_out_cols", None)
-    if cache is None or cache[0] != key:
-        cols, off = [], 0
-        for con in module.contractions:
-            d = con.ir_out.dim
-            cols += [(off + m) * ldc + c for c in range(C) for m in range(d)]
-            off += d
-        cache = (key, torch.tensor(cols, dtype=torch.long))
-        module._cpu_out_cols = cache
-    return cache[1]
-
+    """Columns of the ``(N, K * ldc)`` kernel output in e3nn's order: the module's own output
+    permutation of its ``(N, C, K)`` layout (column ``c * K + k``), read as ``k * ldc + c``."""
+    perm = module._output_perm(C, K, "cpu")
+    return (perm % K) * ldc + perm // K

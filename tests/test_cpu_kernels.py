@@ -179,7 +179,8 @@ def test_build_is_cached_and_atomic(monkeypatch, tmp_path):
 
 def test_mace_auto_equals_reference(monkeypatch):
     """A MACE under ``auto`` (the CPU kernels in its message passing and products) gives the reference's energy,
-    forces and stress, float64, and its forces match finite differences."""
+    forces and stress, float64; its forces match finite differences and it is equivariant under
+    rotations and reflections."""
     from mlpot.models.mace import MACE
 
     _, sc_cpu = _kernels()
@@ -188,7 +189,13 @@ def test_mace_auto_equals_reference(monkeypatch):
     calls, real, real_cw = [], sc_cpu.symmetric_contraction_cpu, cw.message_passing_cpu
     monkeypatch.setattr(sc_cpu, "symmetric_contraction_cpu", lambda *a: calls.append("sc") or real(*a))
     monkeypatch.setattr(cw, "message_passing_cpu", lambda *a: calls.append("mp") or real_cw(*a))
-    from mlpot.testing.model_checks import build_batch, check_forces_finite_difference, random_crystal
+    from mlpot.testing.model_checks import (
+        build_batch,
+        check_forces_finite_difference,
+        check_reflection_equivariance,
+        check_rotation_equivariance,
+        random_crystal,
+    )
 
     cfg = dict(r_max=4.0, atomic_numbers=[1, 6, 8], hidden_irreps="8x0e+8x1o", max_ell=2, correlation=3,
                num_interactions=2, MLP_irreps="4x0e", radial_MLP=[16], avg_num_neighbors=6.0)
@@ -204,6 +211,8 @@ def test_mace_auto_equals_reference(monkeypatch):
     for key in ("energy", "forces", "stress"):
         torch.testing.assert_close(b[key], a[key], atol=1e-10, rtol=1e-10)
     check_forces_finite_difference(auto, [atoms])
+    check_rotation_equivariance(auto, [atoms])
+    check_reflection_equivariance(auto, [atoms])
 
 
 def _mp_case(U: int, E: int, N: int, seed: int = 0):

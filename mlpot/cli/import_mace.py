@@ -17,8 +17,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("export_dir", help="folder written by scripts/export_mace.py")
     parser.add_argument("output", help="mlpot model file to write (e.g. model.pt)")
     parser.add_argument("--backend", default=None, choices=("reference", "triton", "auto"),
-                        help="backend stored in the model config (default: auto, the fastest per op and device; "
-                             "reference for mace-torch's radial_type / distance_transform / apply_cutoff options)")
+                        help="backend stored in the model config (default: auto, the fastest per op and device)")
     parser.add_argument("--check", action="store_true",
                         help="compare with EXPORT_DIR/reference.json (written by scripts/make_mace_fixture.py)")
 

@@ -333,8 +333,9 @@ class MACE(PotentialModel):
             self.radial_embedding = SplineBasis(self.r_max, c["num_knots"], c["num_polynomial_cutoff"])
             radial_MLP = []
         elif self._species_radial:
-            if c["backend"] != "reference":
-                raise ConfigError("MACE: radial_type / distance_transform / apply_cutoff=False need backend: reference")
+            if c["backend"] == "triton":  # auto: the radial basis in torch, the other ops on their kernels
+                raise ConfigError("MACE: radial_type / distance_transform / apply_cutoff=False have no fused edge "
+                                  "kernel: use backend reference or auto")
             self.radial_embedding = SpeciesRadialEmbeddingBlock(
                 self.r_max, c["num_bessel"], c["num_polynomial_cutoff"], c.get("radial_type", "bessel"),
                 c.get("distance_transform"), c.get("apply_cutoff", True),

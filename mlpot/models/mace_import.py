@@ -133,10 +133,8 @@ def _config_from_hparams(hp: dict) -> dict:
         "product_basis_sizes": hp["product_basis_sizes"],
         "subtract_isolated": False,
         "dtype": str(hp.get("dtype", "float64")),
-        # auto: each op on its fastest backend for the device (the CPU kernels on the CPU, Triton on
-        # CUDA); mace-torch's own radial options have no fused edge kernel and keep the reference
-        "backend": "reference" if (hp.get("radial_type", "bessel") != "bessel" or hp.get("distance_transform")
-                                   or not hp.get("apply_cutoff", True)) else "auto",
+        # each op on its fastest backend for the device (the CPU kernels on the CPU, Triton on CUDA)
+        "backend": "auto",
     }
 
 
