@@ -200,3 +200,28 @@ def test_budget_shorter_than_one_epoch_still_gets_stage_two(tmp_path, emt_cache)
     meta = torch.load(run / "model.pt", weights_only=True)["metadata"]
     assert meta["stage_two"]["epoch"] == 1 and meta["stop_reason"] == "time_limit"
     assert metrics["test"]["n_configs"] == 4
+
+
+def test_budget_cosine_never_raises_the_lr_when_epochs_speed_up():
+    """The budget's plan grows when later epochs are faster (20, 40, 80 epochs); the cosine's
+    t_max follows it only downwards within a run, so the LR keeps falling."""
+    from types import SimpleNamespace
+
+    from mlpot.train.distributed import DistInfo
+    from mlpot.train.trainer import Trainer
+
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=0.01)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=1000)
+    plans = iter([20, 40, 80, 10, 30])
+    fake = SimpleNamespace(budget=SimpleNamespace(planned_epochs=lambda elapsed: next(plans)), scheduler=sched,
+                           optimizer=opt, tr={"scheduler_params": {}, "epochs": 1000}, t_start=0.0, info=DistInfo())
+    lrs, t_max = [], []
+    for _ in range(5):
+        opt.step()
+        sched.step()
+        Trainer._budget_schedules(fake, sched.last_epoch)
+        lrs.append(opt.param_groups[0]["lr"])
+        t_max.append(sched.T_max)
+    assert t_max == [20, 20, 20, 10, 10]
+    assert all(b < a for a, b in zip(lrs, lrs[1:])), lrs

@@ -489,7 +489,12 @@ class Trainer:
         planned = ddp.gather_objects(planned, self.info)[0]
         if planned is None or planned >= self.tr["epochs"]:
             return
-        self.scheduler.T_max = max(planned, 1)
+        # within one invocation t_max only shrinks: a later, faster epoch must not raise the LR
+        # again (cos(pi e / T) is monotone in e / T: e up and T down keep the LR falling); a resumed
+        # run with a new budget plans afresh
+        previous = getattr(self, "_budget_t_max", None)
+        self._budget_t_max = max(planned if previous is None else min(planned, previous), 1)
+        self.scheduler.T_max = self._budget_t_max
         lrs = [cosine_lr(lr0, self.scheduler.eta_min, self.scheduler.last_epoch, self.scheduler.T_max)
                for lr0 in self.scheduler.base_lrs]
         for g, lr in zip(self.optimizer.param_groups, lrs):
